@@ -1,0 +1,67 @@
+"""Lepton's exception tree.
+
+Errors carry their data as attributes (``field``, ``reason``) so callers can branch on them without
+parsing text; the message says what was wrong and what to do.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "LeptonError",
+    "ProtocolError",
+    "ConfigError",
+    "BrokerConnectionError",
+    "ModelRejected",
+    "GateRefused",
+]
+
+
+class LeptonError(Exception):
+    """Base class of every error Lepton raises on purpose."""
+
+
+class ProtocolError(LeptonError, ValueError):
+    """A payload, topic or id does not follow protocol v1.
+
+    ``field`` names the offending part (e.g. ``"samples[3].x.shape"``); every decoder in
+    :mod:`lepton.protocol` raises this and nothing else on bad input.
+    """
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(f"{field}: {message}" if field else message)
+        self.field = field
+        self.detail = message
+
+
+class ConfigError(LeptonError, ValueError):
+    """A setting, path, spec or flag is wrong; raised at start-up, before anything is sent."""
+
+
+class BrokerConnectionError(LeptonError, ConnectionError):
+    """The broker could not be reached or refused the credentials."""
+
+    def __init__(self, message: str, *, url: str | None = None, reason_code: int | None = None) -> None:
+        super().__init__(message)
+        self.url = url
+        self.reason_code = reason_code
+
+
+class ModelRejected(LeptonError):
+    """A model package failed verification; the device keeps its current model.
+
+    ``reason`` is a stable machine-readable code (see :data:`lepton.protocol.REJECT_REASONS`).
+    """
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+        self.detail = message
+
+
+class GateRefused(LeptonError):
+    """The evaluation gate kept a newly trained model from being shipped."""
+
+    def __init__(self, message: str, *, new_accuracy: float, deployed_accuracy: float | None) -> None:
+        super().__init__(message)
+        self.new_accuracy = new_accuracy
+        self.deployed_accuracy = deployed_accuracy

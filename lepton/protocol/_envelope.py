@@ -1,0 +1,270 @@
+"""Payloads of protocol v1: samples envelopes (msgpack), acks (msgpack), JSON reports."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from lepton.errors import ProtocolError
+from lepton.protocol._codec import DEFAULT_MAX_TENSOR_BYTES, decode_tensor, encode_tensor
+from lepton.protocol._ids import validate_id
+
+PROTOCOL_VERSION = 1
+MAX_SEQ = 2**63 - 1
+#: Default ceiling for one whole samples payload.
+DEFAULT_MAX_PAYLOAD_BYTES = 256 * 1024 * 1024
+MAX_SAMPLES_PER_ENVELOPE = 65_536
+MAX_LABEL_CHARS = 256
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One captured sample: a feature tensor with its per-device sequence number."""
+
+    seq: int
+    ts: float
+    x: np.ndarray
+    y: int | str | None = None
+    meta: dict[str, Any] | None = field(default=None)
+
+
+@dataclass(frozen=True)
+class SamplesEnvelope:
+    device: str
+    samples: tuple[Sample, ...]
+    pipeline: str | None = None
+
+
+# ------------------------------------------------------------------------------------------------
+# samples
+# ------------------------------------------------------------------------------------------------
+def encode_samples(device: str, samples: Iterable[Sample], *, pipeline: str | None = None) -> bytes:
+    """Encode samples of one device as a protocol v1 msgpack envelope.
+
+    >>> s = Sample(seq=0, ts=1.0, x=np.zeros(4, np.float32), y=3)
+    >>> decode_samples(encode_samples("cam-1", [s])).samples[0].y
+    3
+    """
+    validate_id(device, kind="device")
+    items = []
+    for sample in samples:
+        _check_seq(sample.seq, "samples[].seq")
+        item: dict[str, Any] = {"seq": sample.seq, "ts": float(sample.ts), "x": encode_tensor(sample.x),
+                                "y": _check_label(sample.y, "samples[].y")}
+        if sample.meta:
+            item["meta"] = sample.meta
+        items.append(item)
+    if not items:
+        raise ProtocolError("an envelope carries at least one sample", field="samples")
+    body: dict[str, Any] = {"v": PROTOCOL_VERSION, "device": device, "samples": items}
+    if pipeline is not None:
+        body["pipeline"] = str(pipeline)
+    return msgpack.packb(body, use_bin_type=True)
+
+
+def _unpack(payload: bytes | bytearray | memoryview, max_bytes: int) -> Any:
+    if not isinstance(payload, (bytes, bytearray, memoryview)):
+        raise ProtocolError(f"payload must be bytes, got {type(payload).__name__}", field="payload")
+    if len(payload) > max_bytes:
+        raise ProtocolError(f"payload of {len(payload)} bytes exceeds {max_bytes}", field="payload")
+    try:
+        return msgpack.unpackb(
+            payload, raw=False, strict_map_key=True, use_list=True,
+            max_bin_len=max_bytes, max_str_len=max_bytes, max_array_len=max_bytes, max_map_len=max_bytes,
+        )
+    except Exception as exc:  # msgpack raises many unrelated types (ValueError, ExtraData, TypeError...)
+        raise ProtocolError(f"not valid msgpack ({type(exc).__name__}: {exc})", field="payload") from None
+
+
+def decode_samples_lenient(
+    payload: bytes | bytearray | memoryview,
+    *,
+    expected_device: str | None = None,
+    max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES,
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+) -> tuple[SamplesEnvelope, list[tuple[int, Any, ProtocolError]]]:
+    """Decode an envelope, keeping its good samples and returning the bad ones separately.
+
+    Returns ``(envelope_with_good_samples, [(index, raw_sample, error), ...])``. Raises ProtocolError
+    when the envelope itself (version, device, samples list) is wrong. The cloud uses this so that one
+    bad sample does not cost the good ones beside it.
+    """
+    body = _unpack(payload, max_payload_bytes)
+    if not isinstance(body, dict):
+        raise ProtocolError(f"envelope must be a map, got {type(body).__name__}", field="envelope")
+    if body.get("v") != PROTOCOL_VERSION:
+        raise ProtocolError(f"unsupported version {body.get('v')!r}, expected {PROTOCOL_VERSION}", field="v")
+    device = body.get("device")
+    validate_id(device, kind="device")
+    if expected_device is not None and device != expected_device:
+        raise ProtocolError(f"envelope device {device!r} does not match topic device {expected_device!r}",
+                            field="device")
+    pipeline = body.get("pipeline")
+    if pipeline is not None and (not isinstance(pipeline, str) or len(pipeline) > 128):
+        raise ProtocolError("pipeline must be a string of at most 128 characters", field="pipeline")
+    raw_samples = body.get("samples")
+    if not isinstance(raw_samples, list) or not raw_samples:
+        raise ProtocolError("samples must be a non-empty list", field="samples")
+    if len(raw_samples) > MAX_SAMPLES_PER_ENVELOPE:
+        raise ProtocolError(f"more than {MAX_SAMPLES_PER_ENVELOPE} samples", field="samples")
+    good: list[Sample] = []
+    bad: list[tuple[int, Any, ProtocolError]] = []
+    for i, raw in enumerate(raw_samples):
+        try:
+            good.append(_decode_sample(raw, f"samples[{i}]", max_tensor_bytes))
+        except ProtocolError as exc:
+            bad.append((i, raw, exc))
+    return SamplesEnvelope(device=device, samples=tuple(good), pipeline=pipeline), bad
+
+
+def decode_samples(
+    payload: bytes | bytearray | memoryview,
+    *,
+    expected_device: str | None = None,
+    max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES,
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+) -> SamplesEnvelope:
+    """Decode a samples envelope strictly: any bad field raises ProtocolError naming it."""
+    envelope, bad = decode_samples_lenient(
+        payload, expected_device=expected_device, max_tensor_bytes=max_tensor_bytes,
+        max_payload_bytes=max_payload_bytes,
+    )
+    if bad:
+        raise bad[0][2]
+    return envelope
+
+
+def _decode_sample(raw: Any, where: str, max_tensor_bytes: int) -> Sample:
+    if not isinstance(raw, dict):
+        raise ProtocolError(f"sample must be a map, got {type(raw).__name__}", field=where)
+    seq = raw.get("seq")
+    _check_seq(seq, f"{where}.seq")
+    ts = raw.get("ts")
+    if type(ts) not in (float, int) or not math.isfinite(ts):
+        raise ProtocolError(f"ts must be a finite number of unix seconds, got {ts!r}", field=f"{where}.ts")
+    x = decode_tensor(raw.get("x"), field=f"{where}.x", max_bytes=max_tensor_bytes)
+    y = _check_label(raw.get("y"), f"{where}.y")
+    meta = raw.get("meta")
+    if meta is not None and not isinstance(meta, dict):
+        raise ProtocolError(f"meta must be a map, got {type(meta).__name__}", field=f"{where}.meta")
+    return Sample(seq=seq, ts=float(ts), x=x, y=y, meta=meta)
+
+
+def _check_seq(seq: Any, where: str) -> None:
+    if type(seq) is not int or not 0 <= seq <= MAX_SEQ:
+        raise ProtocolError(f"seq must be an int in [0, 2**63-1], got {seq!r}", field=where)
+
+
+def _check_label(y: Any, where: str) -> int | str | None:
+    if y is None or (type(y) is int and -(2**63) <= y < 2**63):
+        return y
+    if isinstance(y, str) and len(y) <= MAX_LABEL_CHARS:
+        return y
+    raise ProtocolError(f"label must be an int, a string of <= {MAX_LABEL_CHARS} chars or nil, got {y!r:.40}",
+                        field=where)
+
+
+# ------------------------------------------------------------------------------------------------
+# acks
+# ------------------------------------------------------------------------------------------------
+def seqs_to_ranges(seqs: Iterable[int]) -> list[list[int]]:
+    """Collapse sequence numbers into sorted inclusive ``[first, last]`` ranges.
+
+    >>> seqs_to_ranges([5, 1, 2, 3, 7])
+    [[1, 3], [5, 5], [7, 7]]
+    """
+    ranges: list[list[int]] = []
+    for seq in sorted(set(seqs)):
+        if ranges and seq == ranges[-1][1] + 1:
+            ranges[-1][1] = seq
+        else:
+            ranges.append([seq, seq])
+    return ranges
+
+
+def encode_acks(ranges: Sequence[Sequence[int]]) -> bytes:
+    """Encode the acks payload ``{"v": 1, "ranges": [[first, last], ...]}`` (msgpack)."""
+    clean = []
+    for i, pair in enumerate(ranges):
+        first, last = pair
+        _check_seq(first, f"ranges[{i}][0]")
+        _check_seq(last, f"ranges[{i}][1]")
+        if last < first:
+            raise ProtocolError(f"range [{first}, {last}] is reversed", field=f"ranges[{i}]")
+        clean.append([first, last])
+    return msgpack.packb({"v": PROTOCOL_VERSION, "ranges": clean}, use_bin_type=True)
+
+
+def decode_acks(payload: bytes | bytearray | memoryview) -> list[tuple[int, int]]:
+    """Decode an acks payload into ``[(first, last), ...]`` inclusive ranges."""
+    body = _unpack(payload, 16 * 1024 * 1024)
+    if not isinstance(body, dict):
+        raise ProtocolError(f"acks must be a map, got {type(body).__name__}", field="acks")
+    if body.get("v") != PROTOCOL_VERSION:
+        raise ProtocolError(f"unsupported version {body.get('v')!r}", field="v")
+    ranges = body.get("ranges")
+    if not isinstance(ranges, list):
+        raise ProtocolError("ranges must be a list", field="ranges")
+    out = []
+    for i, pair in enumerate(ranges):
+        if not isinstance(pair, list) or len(pair) != 2:
+            raise ProtocolError("each range is [first_seq, last_seq]", field=f"ranges[{i}]")
+        _check_seq(pair[0], f"ranges[{i}][0]")
+        _check_seq(pair[1], f"ranges[{i}][1]")
+        if pair[1] < pair[0]:
+            raise ProtocolError(f"range {pair} is reversed", field=f"ranges[{i}]")
+        out.append((pair[0], pair[1]))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# JSON reports: status, telemetry, deadletter, predictions
+# ------------------------------------------------------------------------------------------------
+def encode_json(body: dict[str, Any]) -> bytes:
+    """Encode a JSON report (status, telemetry, deadletter, predictions), stamping ``v`` and ``ts``."""
+    out = {"v": PROTOCOL_VERSION, "ts": round(time.time(), 3)}
+    out.update(body)
+    return json.dumps(out, separators=(",", ":"), sort_keys=True, default=_json_default).encode()
+
+
+def decode_json(payload: bytes | bytearray | memoryview, *, field: str = "json") -> dict[str, Any]:
+    """Decode a JSON report; raise ProtocolError if it is not a JSON object of protocol v1."""
+    try:
+        body = json.loads(bytes(payload))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ProtocolError(f"not valid JSON ({exc})", field=field) from None
+    if not isinstance(body, dict):
+        raise ProtocolError("expected a JSON object", field=field)
+    if body.get("v") != PROTOCOL_VERSION:
+        raise ProtocolError(f"unsupported version {body.get('v')!r}", field=f"{field}.v")
+    return body
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+def pipeline_hash(spec: Any) -> str:
+    """Canonical hash of a preprocessing spec: sha256 of its sorted, compact JSON, first 16 hex digits.
+
+    Devices put it in every envelope; models carry it so a device refuses a model trained on other
+    features.
+
+    >>> pipeline_hash({"ops": []}) == pipeline_hash({"ops": []})
+    True
+    """
+    import hashlib
+
+    canonical = json.dumps(spec, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]

@@ -1,0 +1,215 @@
+"""Real brokers for tests and benchmarks: the embedded amqtt broker and a Mosquitto process.
+
+Both handles share one shape, so a test or benchmark runs the same code against each::
+
+    with MosquittoBroker() as broker:
+        url = broker.url("worker", "w1", fleet="f1")   # creates credentials, grants the role's topics
+        ...
+        broker.restart()                               # persistence on: sessions and queues survive
+
+Mosquitto runs the project's own ``mosquitto.conf`` with only the port and file paths rewritten, and
+users are added with the project's ``broker/add-user.sh``, so both are exercised by every test run.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from lepton.broker import BrokerSettings, EmbeddedBroker, free_port, write_password_file
+
+__all__ = ["AmqttBroker", "MosquittoBroker", "PROJECT_ROOT", "mosquitto_available", "wait_for_port"]
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def mosquitto_available() -> bool:
+    return shutil.which("mosquitto") is not None and shutil.which("mosquitto_passwd") is not None
+
+
+def wait_for_port(host: str, port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout:.0f}s")
+
+
+class _Credentials:
+    def __init__(self) -> None:
+        self._users: dict[str, str] = {}
+
+    def password(self, name: str) -> tuple[str, bool]:
+        """Return (password, created_now)."""
+        if name in self._users:
+            return self._users[name], False
+        self._users[name] = secrets.token_urlsafe(12)
+        return self._users[name], True
+
+
+class AmqttBroker:
+    """The embedded amqtt broker (in this process, its own thread) on a free port."""
+
+    kind = "amqtt"
+    supports_shared_subscriptions = False
+
+    def __init__(self, *, allow_anonymous: bool = True, workdir: str | Path | None = None) -> None:
+        self.host, self.port = "127.0.0.1", free_port()
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="lepton-amqtt-"))
+        self.password_file = self.workdir / "passwd"
+        write_password_file(self.password_file, {})
+        self._creds = _Credentials()
+        self._settings = BrokerSettings(host=self.host, port=self.port, password_file=self.password_file,
+                                        allow_anonymous=allow_anonymous)
+        self._broker: EmbeddedBroker | None = None
+
+    def url(self, role: str = "worker", name: str = "worker", *, fleet: str = "test") -> str:
+        """Broker URL with credentials for ``name`` (amqtt has no ACL: ``role``/``fleet`` are unused)."""
+        password, created = self._creds.password(name)
+        if created:
+            write_password_file(self.password_file, {name: password}, append=True)
+        return f"mqtt://{name}:{password}@{self.host}:{self.port}"
+
+    def anonymous_url(self) -> str:
+        return f"mqtt://{self.host}:{self.port}"
+
+    def start(self) -> None:
+        self._broker = EmbeddedBroker(self._settings)
+        self._broker.start()
+
+    def stop(self) -> None:
+        if self._broker is not None:
+            self._broker.stop()
+            self._broker = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def __enter__(self) -> AmqttBroker:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+class MosquittoBroker:
+    """A ``mosquitto`` process running the project's ``mosquitto.conf`` on a free loopback port."""
+
+    kind = "mosquitto"
+    supports_shared_subscriptions = True
+
+    def __init__(self, *, conf: str | Path | None = None, extra: str = "",
+                 workdir: str | Path | None = None) -> None:
+        if not mosquitto_available():
+            raise FileNotFoundError("mosquitto not found: apt-get install -y mosquitto mosquitto-clients")
+        self.host, self.port = "127.0.0.1", free_port()
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="lepton-mosquitto-"))
+        self.password_file = self.workdir / "lepton.passwd"
+        self.acl_file = self.workdir / "lepton.acl"
+        self.log_file = self.workdir / "mosquitto.log"
+        self.conf_file = self.workdir / "mosquitto.conf"
+        shutil.copy(PROJECT_ROOT / "broker" / "lepton.acl", self.acl_file)
+        self._creds = _Credentials()
+        self.conf_file.write_text(self._render(Path(conf or PROJECT_ROOT / "mosquitto.conf"), extra))
+        self._proc: subprocess.Popen | None = None
+        # Mosquitto refuses to start on an empty password file; an admin user also serves viewers.
+        self.url("viewer", "lepton-admin", fleet="test")
+
+    def _render(self, conf: Path, extra: str) -> str:
+        text = conf.read_text()
+        replacements = {
+            r"^listener 1883\s*$": f"listener {self.port} {self.host}",
+            r"^persistence_location .*$": f"persistence_location {self.workdir}/",
+            r"^password_file .*$": f"password_file {self.password_file}",
+            r"^acl_file .*$": f"acl_file {self.acl_file}",
+            r"^log_dest .*$": f"log_dest file {self.log_file}",
+        }
+        for pattern, value in replacements.items():
+            text, n = re.subn(pattern, value, text, flags=re.MULTILINE)
+            if n != 1:
+                raise ValueError(f"{conf}: expected one line matching {pattern!r}, found {n}")
+        if os.geteuid() == 0:
+            # As root, Mosquitto drops to user "mosquitto", who cannot read this temporary directory.
+            text += "\nuser root\n"
+        return text + "\n" + extra + "\n"
+
+    def url(self, role: str = "worker", name: str = "worker", *, fleet: str = "test") -> str:
+        """Create ``name`` with ``broker/add-user.sh`` (once) and return its broker URL."""
+        password, created = self._creds.password(name)
+        if created:
+            env = dict(os.environ, LEPTON_PASSWD_FILE=str(self.password_file), LEPTON_ACL_FILE=str(self.acl_file))
+            subprocess.run(["bash", str(PROJECT_ROOT / "broker" / "add-user.sh"), role, fleet, name, password],
+                           env=env, check=True, capture_output=True)
+            self.reload()
+        return f"mqtt://{name}:{password}@{self.host}:{self.port}"
+
+    def anonymous_url(self) -> str:
+        return f"mqtt://{self.host}:{self.port}"
+
+    def reload(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            marker = self.log_file.stat().st_size if self.log_file.exists() else 0
+            self._proc.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                if self.log_file.exists() and b"Reloading config" in self.log_file.read_bytes()[marker:]:
+                    break
+                time.sleep(0.02)
+            time.sleep(0.05)
+
+    def start(self) -> None:
+        self._proc = subprocess.Popen(["mosquitto", "-c", str(self.conf_file)], stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.PIPE)
+        try:
+            wait_for_port(self.host, self.port)
+        except TimeoutError:
+            self._proc.kill()
+            err = self._proc.communicate()[1].decode(errors="replace")
+            log = self.log_file.read_text(errors="replace") if self.log_file.exists() else ""
+            raise RuntimeError(f"mosquitto did not start: {err}{log[-2000:]}") from None
+
+    def stop(self) -> None:
+        """Graceful stop: Mosquitto saves its persistence database."""
+        if self._proc is not None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+            self._proc = None
+
+    def kill(self) -> None:
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.wait()
+            self._proc = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def log(self) -> str:
+        return self.log_file.read_text(errors="replace") if self.log_file.exists() else ""
+
+    def __enter__(self) -> MosquittoBroker:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)
