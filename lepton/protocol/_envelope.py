@@ -99,8 +99,7 @@ def decode_samples_lenient(
     body = _unpack(payload, max_payload_bytes)
     if not isinstance(body, dict):
         raise ProtocolError(f"envelope must be a map, got {type(body).__name__}", field="envelope")
-    if body.get("v") != PROTOCOL_VERSION:
-        raise ProtocolError(f"unsupported version {body.get('v')!r}, expected {PROTOCOL_VERSION}", field="v")
+    _check_version(body.get("v"), "v")
     device = body.get("device")
     validate_id(device, kind="device")
     if expected_device is not None and device != expected_device:
@@ -157,6 +156,12 @@ def _decode_sample(raw: Any, where: str, max_tensor_bytes: int) -> Sample:
     return Sample(seq=seq, ts=float(ts), x=x, y=y, meta=meta)
 
 
+def _check_version(v: Any, where: str) -> None:
+    # ``True == 1`` and ``1.0 == 1`` in Python, but not on the wire: a C decoder reads an int.
+    if type(v) is not int or v != PROTOCOL_VERSION:
+        raise ProtocolError(f"unsupported version {v!r}, expected the int {PROTOCOL_VERSION}", field=where)
+
+
 def _check_seq(seq: Any, where: str) -> None:
     if type(seq) is not int or not 0 <= seq <= MAX_SEQ:
         raise ProtocolError(f"seq must be an int in [0, 2**63-1], got {seq!r}", field=where)
@@ -207,8 +212,7 @@ def decode_acks(payload: bytes | bytearray | memoryview) -> list[tuple[int, int]
     body = _unpack(payload, 16 * 1024 * 1024)
     if not isinstance(body, dict):
         raise ProtocolError(f"acks must be a map, got {type(body).__name__}", field="acks")
-    if body.get("v") != PROTOCOL_VERSION:
-        raise ProtocolError(f"unsupported version {body.get('v')!r}", field="v")
+    _check_version(body.get("v"), "v")
     ranges = body.get("ranges")
     if not isinstance(ranges, list):
         raise ProtocolError("ranges must be a list", field="ranges")
@@ -238,12 +242,11 @@ def decode_json(payload: bytes | bytearray | memoryview, *, field: str = "json")
     """Decode a JSON report; raise ProtocolError if it is not a JSON object of protocol v1."""
     try:
         body = json.loads(bytes(payload))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ProtocolError(f"not valid JSON ({exc})", field=field) from None
+    except (UnicodeDecodeError, ValueError, TypeError, RecursionError) as exc:  # deep nesting: RecursionError
+        raise ProtocolError(f"not valid JSON ({type(exc).__name__}: {exc})", field=field) from None
     if not isinstance(body, dict):
         raise ProtocolError("expected a JSON object", field=field)
-    if body.get("v") != PROTOCOL_VERSION:
-        raise ProtocolError(f"unsupported version {body.get('v')!r}", field=f"{field}.v")
+    _check_version(body.get("v"), f"{field}.v")
     return body
 
 
