@@ -237,21 +237,35 @@ def parse_manifest(payload: bytes) -> tuple[ModelManifest, bytes, dict[str, Any]
             raise ValueError("chunks must be a non-empty list of sha256 hex strings")
         if len(chunks) != max(1, -(-body["size"] // body["chunk_size"])):
             raise ValueError("chunk count does not fit size / chunk_size")
+        if not all(_is_sha256(h) for h in [body["sha256"], *chunks]):
+            raise ValueError("sha256 and chunks must be 64 lowercase hex digits")
         if not isinstance(body["input"], dict) or not isinstance(body["pipeline"], dict):
             raise ValueError("input and pipeline must be objects")
+        if not isinstance(body["labels"], list):
+            raise ValueError("labels must be a list")
+        if not isinstance(body.get("metrics") or {}, dict):
+            raise ValueError("metrics must be an object")
+        created = body.get("created") or 0.0
+        if type(created) not in (int, float):
+            raise ValueError("created must be a number of unix seconds")
         signature = outer.get("signature")
         if signature is not None and not isinstance(signature, dict):
             raise ValueError("signature must be an object or null")
-    except (ValueError, UnicodeDecodeError, ProtocolError, TypeError) as exc:
+    # RecursionError: deeply nested JSON; TypeError: payload is not bytes-like
+    except (ValueError, UnicodeDecodeError, ProtocolError, TypeError, RecursionError) as exc:
         raise ModelRejected("bad_manifest", f"cannot read the model manifest: {exc}") from None
     manifest = ModelManifest(
         name=body["name"], version=body["version"], sha256=body["sha256"], size=body["size"],
         chunk_size=body["chunk_size"], chunks=tuple(chunks), input=body["input"],
         labels=tuple(body["labels"]), pipeline=body["pipeline"], metrics=body.get("metrics") or {},
-        created=float(body.get("created") or 0.0), parent=body.get("parent"),
+        created=float(created), parent=body.get("parent"),
         format=body.get("format", "onnx"), quantization=body.get("quantization", "none"), raw=body,
     )
     return manifest, signed, signature
+
+
+def _is_sha256(value: object) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
 
 
 def verify_signature(signed: bytes, signature: dict[str, Any] | None, public_key) -> str | None:
@@ -268,8 +282,11 @@ def verify_signature(signed: bytes, signature: dict[str, Any] | None, public_key
         raise ModelRejected("bad_signature", f"unsupported signature algorithm {signature.get('alg')!r}")
     if signature.get("key_id") != key_id(raw):
         raise ModelRejected("unknown_key", f"signed by key {signature.get('key_id')!r}, device trusts {key_id(raw)}")
+    sig = signature.get("sig")
+    if not isinstance(sig, str):
+        raise ModelRejected("bad_signature", "the signature's 'sig' must be a base64 string")
     try:
-        public_key.verify(base64.b64decode(signature.get("sig", ""), validate=True), signed)
+        public_key.verify(base64.b64decode(sig, validate=True), signed)
     except (InvalidSignature, ValueError):
         raise ModelRejected("bad_signature", "the manifest signature does not verify") from None
     return key_id(raw)
