@@ -40,13 +40,16 @@ class BrokerURL:
         if parts.scheme not in SCHEMES:
             raise ConfigError(f"bad broker URL {url!r}: scheme must be mqtt:// or mqtts://")
         try:
-            port = parts.port or SCHEMES[parts.scheme]
+            port = parts.port if parts.port is not None else SCHEMES[parts.scheme]
         except ValueError:
-            raise ConfigError(f"bad broker URL {url!r}: the port must be a number from 1 to 65535") from None
+            port = 0
+        if not 1 <= port <= 65535:
+            raise ConfigError(f"bad broker URL {url!r}: the port must be a number from 1 to 65535")
         if not parts.hostname:
             raise ConfigError(f"bad broker URL {url!r}: no host; write it as mqtt://host:1883")
-        if parts.path not in ("", "/"):
-            raise ConfigError(f"bad broker URL {url!r}: no path allowed; write it as mqtt://host:1883")
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise ConfigError(f"bad broker URL {url!r}: no path, query or fragment allowed; "
+                              "write it as mqtt://host:1883")
         return cls(
             host=parts.hostname,
             port=port,
