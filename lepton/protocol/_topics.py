@@ -131,6 +131,8 @@ class Topics:
         if kind == "models" and len(parts) == 6 and parts[2] == "v" and parts[4] == "chunks":
             model = validate_id(parts[1], kind="model")
             version, index = _nonneg_int(parts[3], "version"), _nonneg_int(parts[5], "chunk")
+            if version < 1:
+                raise ProtocolError(f"model version must be >= 1 in {topic!r}", field="version")
             return ParsedTopic(self.fleet, "model_chunk", model=model, version=version, chunk=index)
         if kind == "workers" and len(parts) == 3 and parts[2] == "status":
             return ParsedTopic(self.fleet, "worker_status", worker=validate_id(parts[1], kind="worker"))
@@ -140,6 +142,7 @@ class Topics:
 
 
 def _nonneg_int(text: str, field: str) -> int:
-    if not text.isdigit() or (len(text) > 1 and text[0] == "0"):
+    # isascii: str.isdigit() also accepts "١" and "²", which int() reads differently or not at all.
+    if not (text.isascii() and text.isdigit()) or (len(text) > 1 and text[0] == "0"):
         raise ProtocolError(f"{text!r} is not a non-negative integer", field=field)
     return int(text)
