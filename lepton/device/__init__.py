@@ -3,4 +3,6 @@
 Never imports torch, lightning, pyarrow or onnx: a device installs ``lepton[device]`` only.
 """
 
-__all__: list[str] = []
+from lepton.device._runtime import ModelRuntime, Prediction
+
+__all__: list[str] = ["ModelRuntime", "Prediction"]
