@@ -68,13 +68,16 @@ def make_onnx(seed: int, *, n_in: int = N_IN, n_out: int = N_OUT, hidden: int = 
     return model.SerializeToString()
 
 
+def make_keys(directory: Path):
+    """(private_key, public_key, other_private_key, public_key_path)."""
+    priv, pub = generate_keypair(directory, name="fleet")
+    other, _ = generate_keypair(directory, name="other")
+    return load_private_key(priv), load_public_key(pub), load_private_key(other), pub
+
+
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory):
-    """(private_key, public_key, other_private_key, public_key_path)."""
-    d = tmp_path_factory.mktemp("keys")
-    priv, pub = generate_keypair(d, name="fleet")
-    other, _ = generate_keypair(d, name="other")
-    return load_private_key(priv), load_public_key(pub), load_private_key(other), pub
+    return make_keys(tmp_path_factory.mktemp("keys"))
 
 
 def package(version: int, data: bytes, private_key, *, pipeline: str = PIPE, chunk_size: int = 1024,
