@@ -151,9 +151,11 @@ class MosquittoBroker:
         """Create ``name`` with ``broker/add-user.sh`` (once) and return its broker URL."""
         password, created = self._creds.password(name)
         if created:
-            env = dict(os.environ, LEPTON_PASSWD_FILE=str(self.password_file), LEPTON_ACL_FILE=str(self.acl_file))
-            subprocess.run(["bash", str(PROJECT_ROOT / "broker" / "add-user.sh"), role, fleet, name, password],
-                           env=env, check=True, capture_output=True)
+            env = dict(os.environ, LEPTON_PASSWD_FILE=str(self.password_file),
+                       LEPTON_ACL_FILE=str(self.acl_file))
+            script = str(PROJECT_ROOT / "broker" / "add-user.sh")
+            subprocess.run(["bash", script, role, fleet, name, password], env=env, check=True,
+                           capture_output=True)
             self.reload()
         return f"mqtt://{name}:{password}@{self.host}:{self.port}"
 

@@ -81,7 +81,8 @@ def decode_tensor(
         )
     if expected != len(data):
         raise ProtocolError(
-            f"shape {shape} x {dtype_name} needs {expected} bytes, data has {len(data)}", field=f"{field}.data"
+            f"shape {shape} x {dtype_name} needs {expected} bytes, data has {len(data)}",
+            field=f"{field}.data",
         )
     array = np.frombuffer(data, dtype=dtype, count=count).reshape(shape)
     if dtype_name == "bool" and count and np.any(array.view(np.uint8) > 1):

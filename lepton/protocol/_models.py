@@ -3,8 +3,8 @@
 Wire layout (see docs/protocol.md, "Model delivery"):
 
 * ``{root}/models/{model}/v/{version}/chunks/{i}`` — retained, the raw ONNX bytes of chunk ``i``;
-* ``{root}/models/{model}`` — retained, the JSON envelope
-  ``{"v": 1, "manifest": "<manifest JSON text>", "signature": {"alg": "ed25519", "key_id": hex, "sig": b64}}``.
+* ``{root}/models/{model}`` — retained, the JSON envelope ``{"v": 1, "manifest": "<manifest JSON text>",
+  "signature": {"alg": "ed25519", "key_id": hex, "sig": b64}}``.
 
 The signature covers the UTF-8 bytes of the ``manifest`` string exactly as sent, so a verifier needs
 no JSON canonicalisation. The manifest lists each chunk's sha256, so every chunk is verifiable on its
@@ -134,7 +134,8 @@ def load_public_key(path: str | Path):  # -> Ed25519PublicKey
     try:
         key = serialization.load_pem_public_key(Path(path).read_bytes())
     except FileNotFoundError:
-        raise ConfigError(f"public key {path} not found; copy the fleet's .pub file or pass --no-verify") from None
+        raise ConfigError(f"public key {path} not found; copy the fleet's .pub file or pass --no-verify"
+                          ) from None
     except ValueError as exc:
         raise ConfigError(f"{path} is not a PEM public key ({exc})") from None
     if not isinstance(key, Ed25519PublicKey):
@@ -281,7 +282,8 @@ def verify_signature(signed: bytes, signature: dict[str, Any] | None, public_key
     if signature.get("alg") != "ed25519":
         raise ModelRejected("bad_signature", f"unsupported signature algorithm {signature.get('alg')!r}")
     if signature.get("key_id") != key_id(raw):
-        raise ModelRejected("unknown_key", f"signed by key {signature.get('key_id')!r}, device trusts {key_id(raw)}")
+        raise ModelRejected("unknown_key",
+                            f"signed by key {signature.get('key_id')!r}, device trusts {key_id(raw)}")
     sig = signature.get("sig")
     if not isinstance(sig, str):
         raise ModelRejected("bad_signature", "the signature's 'sig' must be a base64 string")

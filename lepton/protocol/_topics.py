@@ -44,9 +44,11 @@ class Topics:
     def __post_init__(self) -> None:
         validate_id(self.fleet, kind="fleet")
         if not self.prefix or any(c in self.prefix for c in "+#\0") or self.prefix.startswith("$"):
-            raise ProtocolError(f"bad topic prefix {self.prefix!r}: no wildcards, no leading '$'", field="prefix")
+            raise ProtocolError(f"bad topic prefix {self.prefix!r}: no wildcards, no leading '$'",
+                                field="prefix")
         if self.prefix.startswith("/") or self.prefix.endswith("/"):
-            raise ProtocolError(f"bad topic prefix {self.prefix!r}: no leading or trailing '/'", field="prefix")
+            raise ProtocolError(f"bad topic prefix {self.prefix!r}: no leading or trailing '/'",
+                                field="prefix")
 
     @property
     def root(self) -> str:
