@@ -24,9 +24,16 @@ _TRAINING_API = {
 }
 __all__ += sorted(_TRAINING_API)
 
+# Dataset and ingest worker (issue 4); lazy as well so `import lepton.cloud` stays cheap.
+_INGEST_API = {
+    "SCHEMA": "lepton.cloud._dataset", "Dataset": "lepton.cloud._dataset", "decode_x": "lepton.cloud._dataset",
+    "samples_to_table": "lepton.cloud._dataset", "write_parquet_atomic": "lepton.cloud._dataset",
+}
+__all__ += sorted(_INGEST_API)
+
 
 def __getattr__(name: str):
-    module = _TRAINING_API.get(name)
+    module = _TRAINING_API.get(name) or _INGEST_API.get(name)
     if module is None:
         raise AttributeError(f"module 'lepton.cloud' has no attribute {name!r}")
     import importlib

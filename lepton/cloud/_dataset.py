@@ -1,0 +1,348 @@
+"""The fleet dataset: Parquet files under ``{root}/{fleet}/data/``, readable without Lepton.
+
+Contract (see ``docs/dataset.md``):
+
+- files ``{root}/{fleet}/data/*.parquet``, each written atomically: ``.name.tmp`` is written, flushed and
+  fsynced, renamed to ``name``, then the directory is fsynced. Readers ignore names starting with ``.``.
+- columns: see :data:`SCHEMA`. ``x`` holds the raw little-endian C-order bytes of the tensor, ``dtype``
+  and ``shape`` say how to view them (:func:`decode_x`).
+- each ``(device, seq)`` appears once in the dataset (the ingest worker's index guarantees it).
+
+>>> ds = Dataset("/data", "demo")              # doctest: +SKIP
+>>> table = ds.read_table(columns=["device", "seq", "label"])   # doctest: +SKIP
+
+Plain pyarrow, pandas or DuckDB read it too::
+
+    duckdb.sql("SELECT label, count(*) FROM '/data/demo/data/*.parquet' GROUP BY label")
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from lepton.errors import ConfigError
+from lepton.protocol import DTYPES, Sample, validate_id
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "COMPACT_PREFIX",
+    "Dataset",
+    "REPLACES_KEY",
+    "SCHEMA",
+    "decode_x",
+    "fsync_dir",
+    "samples_to_table",
+    "write_atomic",
+    "write_parquet_atomic",
+]
+
+#: The dataset schema. Field order is part of the contract.
+SCHEMA = pa.schema(
+    [
+        pa.field("device", pa.string(), nullable=False),
+        pa.field("seq", pa.int64(), nullable=False),
+        pa.field("ts", pa.float64(), nullable=False),  # device capture time, unix seconds
+        pa.field("label", pa.string(), nullable=True),  # int labels as decimal text ("7")
+        pa.field("dtype", pa.string(), nullable=False),  # one of lepton.protocol.DTYPES
+        pa.field("shape", pa.list_(pa.int32()), nullable=False),
+        pa.field("x", pa.binary(), nullable=False),  # raw little-endian C-order bytes
+        pa.field("pipeline", pa.string(), nullable=True),  # pipeline_hash of the device's preprocessing
+        pa.field("received_at", pa.float64(), nullable=False),  # worker receive time, unix seconds
+        pa.field("meta", pa.string(), nullable=True),  # JSON text of the sample's meta map
+    ],
+    metadata={b"lepton.schema": b"1"},
+)
+
+#: Parquet key-value metadata of a compacted file: JSON list of the file names it replaces.
+REPLACES_KEY = b"lepton.replaces"
+#: Name prefix of compacted files (only these can carry REPLACES_KEY, so readers check few footers).
+COMPACT_PREFIX = "compact-"
+DATA_DIR = "data"
+
+
+# ------------------------------------------------------------------------------------------------
+# writing
+# ------------------------------------------------------------------------------------------------
+def fsync_dir(path: str | Path) -> None:
+    """fsync a directory so a rename or unlink inside it survives a power cut."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (``.name.tmp``, fsync, rename, fsync dir)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+    return path
+
+
+def write_parquet_atomic(path: str | Path, table: pa.Table, *, metadata: dict[bytes, bytes] | None = None,
+                         sync_dir: bool = True) -> int:
+    """Write ``table`` as Parquet at ``path`` atomically; return the file's size in bytes.
+
+    ``metadata`` is added to the schema's key-value metadata (e.g. :data:`REPLACES_KEY`).
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    if metadata:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
+    with open(tmp, "wb") as fh:
+        # Samples are incompressible-ish float tensors; snappy costs little and helps labels/ids.
+        pq.write_table(table, fh, compression="snappy", row_group_size=64 * 1024)
+        fh.flush()
+        os.fsync(fh.fileno())
+        size = fh.tell()
+    os.replace(tmp, path)
+    if sync_dir:
+        fsync_dir(path.parent)
+    return size
+
+
+def _label_text(y: int | str | None) -> str | None:
+    return None if y is None else str(y)
+
+
+def samples_to_table(
+    rows: Iterable[tuple[str, str | None, Sample]], *, received_at: float | Sequence[float] | None = None
+) -> pa.Table:
+    """Build a :data:`SCHEMA` table from ``(device, pipeline, sample)`` tuples.
+
+    ``received_at`` is one time for all rows or one per row (default: now).
+    """
+    devices: list[str] = []
+    seqs: list[int] = []
+    tss: list[float] = []
+    labels: list[str | None] = []
+    dtypes: list[str] = []
+    shapes: list[list[int]] = []
+    xs: list[bytes] = []
+    pipelines: list[str | None] = []
+    metas: list[str | None] = []
+    for device, pipeline, s in rows:
+        devices.append(device)
+        seqs.append(s.seq)
+        tss.append(s.ts)
+        labels.append(_label_text(s.y))
+        x = s.x
+        dtypes.append(x.dtype.name)
+        shapes.append(list(x.shape))
+        wire = DTYPES[x.dtype.name]
+        if x.dtype != wire or not x.flags.c_contiguous:
+            x = np.ascontiguousarray(x, dtype=wire)
+        xs.append(x.tobytes())
+        pipelines.append(pipeline)
+        metas.append(None if not s.meta else json.dumps(s.meta, separators=(",", ":"), sort_keys=True,
+                                                         default=str))
+    n = len(devices)
+    if received_at is None:
+        received_at = time.time()
+    recv = [float(received_at)] * n if isinstance(received_at, (int, float)) else [float(r) for r in received_at]
+    return pa.Table.from_arrays(
+        [
+            pa.array(devices, pa.string()),
+            pa.array(seqs, pa.int64()),
+            pa.array(tss, pa.float64()),
+            pa.array(labels, pa.string()),
+            pa.array(dtypes, pa.string()),
+            pa.array(shapes, pa.list_(pa.int32())),
+            pa.array(xs, pa.binary()),
+            pa.array(pipelines, pa.string()),
+            pa.array(recv, pa.float64()),
+            pa.array(metas, pa.string()),
+        ],
+        schema=SCHEMA,
+    )
+
+
+def new_file_name(worker: str = "w", *, prefix: str = "part-") -> str:
+    """A unique, time-ordered data file name (workers of one DIR never collide)."""
+    return f"{prefix}{time.time_ns() // 1_000_000:013d}-{worker}-{uuid.uuid4().hex[:8]}.parquet"
+
+
+# ------------------------------------------------------------------------------------------------
+# reading
+# ------------------------------------------------------------------------------------------------
+def decode_x(dtype: str, shape: Sequence[int], x: bytes) -> np.ndarray:
+    """View one row's ``x`` bytes as the numpy array it was (read-only, no copy).
+
+    >>> decode_x("float32", [2], np.array([1, 2], "<f4").tobytes()).tolist()
+    [1.0, 2.0]
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}")
+    arr = np.frombuffer(x, dtype=DTYPES[dtype])
+    return arr.reshape([int(d) for d in shape])
+
+
+def replaced_by(path: Path) -> list[str]:
+    """File names a compacted file replaces (empty for an ordinary data file)."""
+    if not path.name.startswith(COMPACT_PREFIX):
+        return []
+    meta = pq.read_schema(path).metadata or {}
+    raw = meta.get(REPLACES_KEY)
+    return list(json.loads(raw)) if raw else []
+
+
+class Dataset:
+    """Read access to one fleet's dataset under ``{root}/{fleet}/``.
+
+    >>> ds = Dataset("/data", "demo")            # doctest: +SKIP
+    >>> ds.count(), ds.stats()["devices"]        # doctest: +SKIP
+    """
+
+    def __init__(self, root: str | Path, fleet: str) -> None:
+        self.root = Path(root)
+        self.fleet = validate_id(fleet, kind="fleet")
+        self.dir = self.root / fleet
+        self.data_dir = self.dir / DATA_DIR
+
+    def __repr__(self) -> str:
+        return f"Dataset(root={str(self.root)!r}, fleet={self.fleet!r})"
+
+    def files(self) -> list[Path]:
+        """Visible data files, oldest first. Sources of a compaction that is still finishing are
+        hidden once the compacted file exists, so a reader never counts a sample twice."""
+        if not self.data_dir.is_dir():
+            return []
+        names = sorted(n for n in os.listdir(self.data_dir) if n.endswith(".parquet") and not n.startswith("."))
+        hidden: set[str] = set()
+        for name in names:
+            if name.startswith(COMPACT_PREFIX):
+                try:
+                    hidden.update(replaced_by(self.data_dir / name))
+                except (OSError, pa.ArrowException, ValueError):
+                    continue
+        return [self.data_dir / n for n in names if n not in hidden]
+
+    def _existing(self) -> list[Path]:
+        return [p for p in self.files() if p.exists()]
+
+    def count(self) -> int:
+        """Number of samples (from the Parquet footers, no data read)."""
+        total = 0
+        for path in self.files():
+            try:
+                total += pq.read_metadata(path).num_rows
+            except FileNotFoundError:  # removed by a concurrent compaction: its rows live on elsewhere
+                continue
+        return total
+
+    def _filter(self, filter_pipeline: str | None):  # noqa: ANN202
+        if filter_pipeline is None:
+            return None
+        import pyarrow.compute as pc
+
+        return pc.field("pipeline") == filter_pipeline
+
+    def read_table(self, columns: Sequence[str] | None = None, filter_pipeline: str | None = None) -> pa.Table:
+        """Read the whole dataset (or some columns, or one pipeline's rows) as one Arrow table."""
+        tables = []
+        for path in self.files():
+            try:
+                t = pq.read_table(path, columns=list(columns) if columns else None,
+                                  filters=self._filter(filter_pipeline))
+            except FileNotFoundError:
+                continue
+            tables.append(t)
+        if not tables:
+            schema = SCHEMA if not columns else pa.schema([SCHEMA.field(c) for c in columns])
+            return schema.empty_table()
+        return pa.concat_tables(tables)
+
+    def iter_batches(self, batch_size: int = 4096, columns: Sequence[str] | None = None,
+                     filter_pipeline: str | None = None) -> Iterator[pa.RecordBatch]:
+        """Stream the dataset as record batches, file by file (memory stays bounded)."""
+        import pyarrow.compute as pc
+
+        for path in self.files():
+            try:
+                pf = pq.ParquetFile(path)
+            except FileNotFoundError:
+                continue
+            want = list(columns) if columns else None
+            read_cols = want
+            if filter_pipeline is not None and want is not None and "pipeline" not in want:
+                read_cols = [*want, "pipeline"]
+            for batch in pf.iter_batches(batch_size=batch_size, columns=read_cols):
+                if filter_pipeline is not None:
+                    batch = batch.filter(pc.equal(batch.column("pipeline"), filter_pipeline))
+                    if read_cols is not want:
+                        batch = batch.select(want)
+                    if batch.num_rows == 0:
+                        continue
+                yield batch
+
+    def stats(self) -> dict[str, Any]:
+        """Counts per device, label and pipeline, plus files, bytes and seq ranges per device."""
+        per_device: Counter[str] = Counter()
+        per_label: Counter[str] = Counter()
+        per_pipeline: Counter[str] = Counter()
+        total_bytes = 0
+        x_bytes = 0
+        n_files = 0
+        rows = 0
+        first_ts, last_ts = math.inf, -math.inf
+        for path in self.files():
+            try:
+                total_bytes += path.stat().st_size
+                t = pq.read_table(path, columns=["device", "label", "pipeline", "ts", "x"])
+            except FileNotFoundError:
+                continue
+            n_files += 1
+            rows += t.num_rows
+            for name, counter in (("device", per_device), ("label", per_label), ("pipeline", per_pipeline)):
+                vc = t.column(name).value_counts()
+                for item in vc.to_pylist():
+                    key = item["values"]
+                    counter["(none)" if key is None else key] += item["counts"]
+            if t.num_rows:
+                import pyarrow.compute as pc
+
+                mm = pc.min_max(t.column("ts")).as_py()
+                first_ts, last_ts = min(first_ts, mm["min"]), max(last_ts, mm["max"])
+                x_bytes += int(pc.sum(pc.binary_length(t.column("x"))).as_py() or 0)
+        return {
+            "fleet": self.fleet,
+            "root": str(self.root),
+            "samples": rows,
+            "files": n_files,
+            "bytes": total_bytes,
+            "tensor_bytes": x_bytes,
+            "devices": dict(sorted(per_device.items())),
+            "labels": dict(sorted(per_label.items())),
+            "pipelines": dict(sorted(per_pipeline.items())),
+            "first_ts": None if rows == 0 else first_ts,
+            "last_ts": None if rows == 0 else last_ts,
+        }
+
+
+def open_dataset(root: str | Path, fleet: str) -> Dataset:
+    """Like ``Dataset(root, fleet)`` but raise ConfigError naming the fix when nothing is there."""
+    ds = Dataset(root, fleet)
+    if not ds.dir.is_dir():
+        raise ConfigError(f"no dataset for fleet {fleet!r} under {root}: expected {ds.dir}/data/*.parquet; "
+                          "check --data and --fleet")
+    return ds
