@@ -1,0 +1,733 @@
+"""The device agent: capture -> preprocess -> spool -> publish in batches -> delete on end-to-end ack.
+
+Three threads, each with one job:
+
+* **capture** (the thread that calls :meth:`DeviceAgent.run`): reads the source at ``rate_hz``, runs the
+  pipeline (and the model, when one is configured), appends each sample to the spool. It never touches
+  the network, so a broker outage only makes the spool grow.
+* **publisher**: reads the spool in seq order after a cursor, packs up to ``batch_size`` samples or what
+  arrived within ``batch_ms`` into one envelope (:func:`lepton.protocol.encode_samples` with the pipeline
+  hash) and publishes it with QoS 1. A sample leaves the spool only when a range on
+  ``devices/{id}/acks`` covers it: a broker PUBACK proves nothing (Mosquitto drops silently when a queue
+  is full, amqtt does not queue anonymous sessions). After a reconnect, or when no ack made progress for
+  ``ack_timeout`` seconds, the cursor goes back to the start (go-back-N) and everything unacknowledged is
+  sent again; the cloud stores by ``(device, seq)`` exactly once, so a duplicate costs bandwidth only.
+  The number of unacknowledged samples in flight is capped by ``window``.
+* **network**: runs paho's loop and reconnects with exponential backoff and jitter, so a fleet that lost
+  its broker does not reconnect in lock-step when it comes back.
+
+The session is persistent (``clean_session=False``, client id = device id) so acks sent while the
+device was away are queued by the broker. On connect the device publishes its retained status
+(``online: true``) and re-subscribes; a Last Will (retained) says ``online: false`` if it vanishes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+
+from lepton.device._pipeline import FrameError, Pipeline
+from lepton.device._sources import Source, open_source
+from lepton.device._spool import ON_FULL_POLICIES, Spool, SpoolFull
+from lepton.errors import BrokerConnectionError, ConfigError, ProtocolError
+from lepton.protocol import (
+    DEFAULT_PREFIX,
+    BrokerURL,
+    Topics,
+    connect,
+    decode_acks,
+    encode_json,
+    encode_samples,
+    new_client,
+    validate_id,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DeviceAgent", "DeviceConfig", "RunSummary", "default_spool_dir"]
+
+
+def default_spool_dir(fleet: str, device_id: str) -> Path:
+    """``$LEPTON_HOME/spool/{fleet}/{device}``, with LEPTON_HOME defaulting to ``~/.lepton``."""
+    home = Path(os.environ.get("LEPTON_HOME") or Path.home() / ".lepton")
+    return home / "spool" / fleet / device_id
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeviceConfig:
+    """Everything a device agent needs; every field but the first three has a default that works.
+
+    ``source`` is a spec string (``camera:0``, ``video:PATH``, ``folder:PATH``, ``digits``), a Source or
+    any iterable of ``(frame, label)``. ``pipeline`` is a preset name, a ``.json``/``.toml`` path, a spec
+    dict or a Pipeline. ``limit`` stops capture after that many samples, then the agent waits until all
+    are acknowledged (at most ``drain_timeout`` seconds when set).
+    """
+
+    broker: str | BrokerURL
+    fleet: str
+    device_id: str
+    source: Any = "digits"
+    pipeline: Any = "digits"
+    rate_hz: float | None = None
+    limit: int | None = None
+    once: bool = False
+    batch_size: int = 32
+    batch_ms: float = 50.0
+    spool_dir: str | Path | None = None
+    spool_max_bytes: int = 256 * 1024 * 1024
+    on_full: str = "drop-oldest"
+    fsync: bool = False
+    ack_timeout: float = 10.0
+    window: int = 4096
+    telemetry_interval: float = 5.0
+    drain_timeout: float | None = None
+    shutdown_grace: float = 3.0
+    require_broker: bool = True
+    model: str | None = None
+    public_key: Any = None
+    verify: bool = True
+    predictions: bool = False
+    prefix: str = DEFAULT_PREFIX
+    ca_certs: str | None = None
+    keepalive: int = 30
+
+    def check(self) -> None:
+        """Raise ConfigError naming the first bad setting."""
+        for name, value in (("fleet", self.fleet), ("device", self.device_id)):
+            try:
+                validate_id(value, kind=name)
+            except ProtocolError as exc:
+                raise ConfigError(str(exc.detail)) from None
+        if self.model is not None:
+            try:
+                validate_id(self.model, kind="model")
+            except ProtocolError as exc:
+                raise ConfigError(str(exc.detail)) from None
+        if self.rate_hz is not None and not self.rate_hz > 0:
+            raise ConfigError(f"rate must be > 0 Hz, got {self.rate_hz}")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"limit must be >= 1, got {self.limit}")
+        if not 1 <= self.batch_size <= 65_536:
+            raise ConfigError(f"batch size must be in [1, 65536], got {self.batch_size}")
+        if self.batch_ms < 0:
+            raise ConfigError(f"batch-ms must be >= 0, got {self.batch_ms}")
+        if self.on_full not in ON_FULL_POLICIES:
+            raise ConfigError(f"on-full must be one of {', '.join(ON_FULL_POLICIES)}, got {self.on_full!r}")
+        if self.window < self.batch_size:
+            raise ConfigError(f"window ({self.window}) must be >= batch size ({self.batch_size})")
+        if self.ack_timeout <= 0 or self.telemetry_interval <= 0:
+            raise ConfigError("ack_timeout and telemetry_interval must be > 0 seconds")
+        if self.model is not None and self.verify and self.public_key is None:
+            raise ConfigError(
+                "--model needs --public-key FILE to verify model signatures "
+                "(or --no-verify to accept unsigned models)"
+            )
+
+
+@dataclass
+class _Counters:
+    captured: int = 0
+    published: int = 0
+    resent: int = 0
+    acked: int = 0
+    frame_errors: int = 0
+    envelopes: int = 0
+    reconnects: int = 0
+    ack_timeouts: int = 0
+    bad_acks: int = 0
+    predictions: int = 0
+    preprocess_s: float = 0.0
+    preprocess_n: int = 0
+    window_s: float = 0.0  # preprocessing time and count since the last telemetry report
+    window_n: int = 0
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """What a run did; ``ok`` is True when everything captured was acknowledged (spool empty)."""
+
+    device: str
+    fleet: str
+    captured: int
+    published: int
+    resent: int
+    acked: int
+    spool_depth: int
+    dropped: int
+    skipped: int
+    frame_errors: int
+    next_seq: int
+    pipeline: str
+    duration_s: float
+    preprocess_ms: float | None
+    stopped_by: str
+    model_version: int | None = None
+    skipped_items: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.spool_depth == 0
+
+    def as_dict(self) -> dict[str, Any]:
+        out = dict(self.__dict__)
+        out["ok"] = self.ok
+        return out
+
+
+class _Backoff:
+    """Exponential backoff with "equal jitter": half the delay fixed, half random."""
+
+    def __init__(self, base: float = 0.5, cap: float = 30.0) -> None:
+        self.base, self.cap, self.attempt = base, cap, 0
+
+    def next(self) -> float:
+        delay = min(self.cap, self.base * 2**self.attempt)
+        self.attempt += 1
+        return delay / 2 + random.uniform(0, delay / 2)
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+class DeviceAgent:
+    """An edge device: ``DeviceAgent(DeviceConfig(...)).run()`` or keyword arguments directly.
+
+    Building the agent checks everything (ids, URL, source, pipeline, spool, model key) and raises
+    ConfigError before any connection; :meth:`run` connects (BrokerConnectionError on a refused password,
+    or an unreachable broker when ``require_broker``), captures until the source ends, ``limit`` is
+    reached or :meth:`stop` is called, waits for acks, and returns a :class:`RunSummary`.
+
+        agent = DeviceAgent(broker="mqtt://cam-1:pw@localhost:1883", fleet="demo", device_id="cam-1",
+                            source="digits", pipeline="digits", limit=100)
+        summary = agent.run()
+    """
+
+    def __init__(self, config: DeviceConfig | None = None, /, **kwargs: Any) -> None:
+        config = replace(config, **kwargs) if config is not None else DeviceConfig(**kwargs)
+        config.check()
+        self.config = config
+        self.url = config.broker if isinstance(config.broker, BrokerURL) else BrokerURL.parse(config.broker)
+        self.device_id = config.device_id
+        try:
+            self.topics = Topics(fleet=config.fleet, prefix=config.prefix)
+        except ProtocolError as exc:
+            raise ConfigError(str(exc)) from None
+        self.pipeline = Pipeline.resolve(config.pipeline)
+        self.source: Source = open_source(config.source, once=config.once)
+        spool_dir = (
+            Path(config.spool_dir) if config.spool_dir else default_spool_dir(config.fleet, config.device_id)
+        )
+        self.spool = Spool(
+            spool_dir, max_bytes=config.spool_max_bytes, on_full=config.on_full, fsync=config.fsync
+        )
+        self.counters = _Counters()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._stopped_by = "running"
+        self._connected = threading.Event()
+        self._resend = threading.Event()
+        self._net_stop = threading.Event()
+        self._pub_stop = threading.Event()
+        self._backoff = _Backoff()
+        self._last_ack_progress = time.monotonic()
+        self._ever_connected = False
+        self._auth_error: str | None = None
+        self._started = time.monotonic()
+        self._threads: list[threading.Thread] = []
+        self._client: mqtt.Client | None = None
+        self.runtime: Any = None
+        try:
+            if config.model is not None:
+                self.runtime = self._make_runtime(spool_dir / "models")
+        except BaseException:
+            self.spool.close()
+            raise
+
+    # -- model runtime (issue 6), imported only when a model is configured ----------------------------
+    def _make_runtime(self, store_dir: Path) -> Any:
+        try:
+            from lepton.device._runtime import ModelRuntime
+        except ModuleNotFoundError as exc:
+            if exc.name != "lepton.device._runtime":
+                raise
+            raise ConfigError(
+                "--model needs the model runtime (lepton.device._runtime), which this build "
+                "lacks; run without --model"
+            ) from None
+        key = self.config.public_key
+        if not self.config.verify:
+            key = None
+        elif isinstance(key, (str, Path)):
+            from lepton.protocol import load_public_key
+
+            key = load_public_key(key)
+        last = self.pipeline.ops[-1] if self.pipeline.ops else None
+        shape = tuple(last["shape"]) if last and last["op"] == "reshape" and -1 not in last["shape"] else None
+        return ModelRuntime(
+            topics=self.topics,
+            model=self.config.model,
+            store_dir=store_dir,
+            public_key=key,
+            pipeline_hash=self.pipeline.hash,
+            input_shape=shape,
+            on_change=self._on_model_change,
+        )
+
+    def _on_model_change(self, _status: dict) -> None:
+        self._publish_status()
+
+    # -- reports ------------------------------------------------------------------------------------
+    def status(self, *, online: bool = True) -> dict[str, Any]:
+        """The retained status body (see docs/protocol.md, "Status")."""
+        body: dict[str, Any] = {
+            "device": self.device_id,
+            "online": online,
+            "pipeline": self.pipeline.hash,
+            "pipeline_name": self.pipeline.name,
+            "source": self.source.describe(),
+            "spool_depth": self.spool.depth,
+            "dropped": self.spool.dropped,
+            "skipped": self.source.skipped,
+            "next_seq": self.spool.next_seq,
+            "model": self.config.model,
+            "model_version": None,
+        }
+        if self.runtime is not None:
+            try:
+                body.update(self.runtime.status())
+            except Exception:  # noqa: BLE001 - a report must never take the device down
+                log.exception("device %s: model runtime status failed", self.device_id)
+        return body
+
+    def telemetry(self) -> dict[str, Any]:
+        """The periodic telemetry body (see docs/protocol.md, "Telemetry")."""
+        c = self.counters
+        with self._lock:
+            window_ms = round(1000 * c.window_s / c.window_n, 4) if c.window_n else None
+            c.window_s, c.window_n = 0.0, 0
+        body: dict[str, Any] = {
+            "device": self.device_id,
+            "captured": c.captured,
+            "published": c.published,
+            "resent": c.resent,
+            "acked": c.acked,
+            "spool_depth": self.spool.depth,
+            "spool_bytes": self.spool.bytes,
+            "dropped": self.spool.dropped,
+            "skipped": self.source.skipped,
+            "frame_errors": c.frame_errors,
+            "preprocess_ms": window_ms,
+            "preprocess_ms_mean": round(1000 * c.preprocess_s / c.preprocess_n, 4)
+            if c.preprocess_n
+            else None,
+            "reconnects": c.reconnects,
+            "ack_timeouts": c.ack_timeouts,
+            "connected": self._connected.is_set(),
+            "uptime_s": round(time.monotonic() - self._started, 1),
+        }
+        if self.runtime is not None:
+            try:
+                body.update(self.runtime.telemetry())
+            except Exception:  # noqa: BLE001
+                log.exception("device %s: model runtime telemetry failed", self.device_id)
+        return body
+
+    def _publish_status(self, *, online: bool = True) -> mqtt.MQTTMessageInfo | None:
+        client = self._client
+        if client is None or not self._connected.is_set():
+            return None
+        return client.publish(
+            self.topics.status(self.device_id), encode_json(self.status(online=online)), qos=1, retain=True
+        )
+
+    def _publish_telemetry(self) -> None:
+        client = self._client
+        if client is not None and self._connected.is_set():
+            client.publish(self.topics.telemetry(self.device_id), encode_json(self.telemetry()), qos=0)
+
+    # -- MQTT callbacks (paho's network thread) -------------------------------------------------------
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
+        if reason_code.is_failure:
+            self._auth_error = str(reason_code)
+            log.error(
+                "device %s: broker %s refused the connection: %s", self.device_id, self.url, reason_code
+            )
+            return
+        self._auth_error = None
+        if self._ever_connected:
+            self.counters.reconnects += 1
+            log.info("device %s: reconnected to %s", self.device_id, self.url)
+        self._ever_connected = True
+        self._backoff.reset()
+        client.subscribe(self.topics.acks(self.device_id), qos=1)
+        if self.runtime is not None:
+            for topic_filter, qos in self.runtime.subscriptions():
+                client.subscribe(topic_filter, qos)
+        self._connected.set()
+        self._resend.set()  # whatever was in flight may be lost: go back to the oldest unacked sample
+        self._publish_status()
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
+        if self._connected.is_set():
+            log.warning(
+                "device %s: disconnected from %s (%s); spooling until it is back",
+                self.device_id,
+                self.url,
+                reason_code,
+            )
+        self._connected.clear()
+
+    def _on_message(self, client, userdata, message) -> None:  # noqa: ANN001
+        try:
+            if message.topic == self.topics.acks(self.device_id):
+                self._handle_acks(message.payload)
+            elif self.runtime is not None:
+                if not self.runtime.handle_message(message.topic, message.payload, message.retain):
+                    log.debug("device %s: ignoring message on %s", self.device_id, message.topic)
+        except Exception:  # noqa: BLE001 - the network thread must survive anything a message does
+            log.exception("device %s: error handling a message on %s", self.device_id, message.topic)
+
+    def _handle_acks(self, payload: bytes) -> None:
+        try:
+            ranges = decode_acks(payload)
+        except ProtocolError as exc:
+            self.counters.bad_acks += 1
+            log.warning("device %s: ignoring a bad acks payload: %s", self.device_id, exc)
+            return
+        removed = self.spool.ack(ranges)
+        if removed:
+            with self._lock:
+                self.counters.acked += removed
+            self._last_ack_progress = time.monotonic()
+
+    # -- network thread -------------------------------------------------------------------------------
+    def _network_loop(self) -> None:
+        client = self._client
+        assert client is not None
+        while not self._net_stop.is_set():
+            rc = client.loop(timeout=0.2)
+            if rc == mqtt.MQTT_ERR_SUCCESS or self._net_stop.is_set():
+                continue
+            self._connected.clear()
+            if self._net_stop.wait(self._backoff.next()):
+                break
+            try:
+                client.reconnect()
+            except (OSError, ValueError) as exc:
+                log.info("device %s: broker %s unreachable (%s); retrying", self.device_id, self.url, exc)
+
+    # -- publisher thread -----------------------------------------------------------------------------
+    def _publisher_loop(self) -> None:
+        cfg, spool = self.config, self.spool
+        topic = self.topics.samples(self.device_id)
+        cursor, max_sent = -1, -1
+        next_report = time.monotonic() + cfg.telemetry_interval
+        while not self._pub_stop.is_set():
+            now = time.monotonic()
+            if now >= next_report:
+                next_report = now + cfg.telemetry_interval
+                self._publish_telemetry()
+                self._publish_status()
+            if not self._connected.is_set():
+                self._connected.wait(0.1)
+                continue
+            if self._resend.is_set():
+                self._resend.clear()
+                cursor = -1
+                self._last_ack_progress = now
+            in_flight = spool.count_through(cursor) if cursor >= 0 else 0
+            if in_flight and now - self._last_ack_progress > cfg.ack_timeout:
+                log.warning(
+                    "device %s: no ack for %.0fs with %d samples in flight; resending from the oldest",
+                    self.device_id,
+                    cfg.ack_timeout,
+                    in_flight,
+                )
+                self.counters.ack_timeouts += 1
+                cursor, self._last_ack_progress = -1, now
+                continue
+            if in_flight >= cfg.window:
+                spool.wait_for_change(0.05)
+                continue
+            rows = spool.read_after(cursor, min(cfg.batch_size, cfg.window - in_flight))
+            if not rows:
+                spool.wait_for_change(0.05)
+                continue
+            if len(rows) < cfg.batch_size and not self._stop.is_set():
+                wait = cfg.batch_ms / 1000 - (time.time() - rows[0].ts)
+                if wait > 0:  # a partial batch waits until its oldest sample is batch_ms old
+                    spool.wait_for_change(wait)
+                    continue
+            if not in_flight:
+                self._last_ack_progress = now  # the ack clock starts with the first sample in flight
+            if not self._send(topic, rows):
+                continue
+            cursor = rows[-1].seq
+            with self._lock:
+                self.counters.published += len(rows)
+                self.counters.resent += sum(1 for r in rows if r.seq <= max_sent)
+            max_sent = max(max_sent, cursor)
+
+    def _send(self, topic: str, rows: list) -> bool:
+        client = self._client
+        assert client is not None
+        start = 0
+        # Samples spooled under another pipeline (the spec changed across a restart) keep their own hash.
+        while start < len(rows):
+            end = start
+            while end < len(rows) and rows[end].pipeline == rows[start].pipeline:
+                end += 1
+            try:
+                payload = encode_samples(
+                    self.device_id, [r.to_sample() for r in rows[start:end]], pipeline=rows[start].pipeline
+                )
+            except ProtocolError as exc:  # cannot happen for what append() stored; never loop on it
+                log.error(
+                    "device %s: cannot encode seqs %d-%d: %s",
+                    self.device_id,
+                    rows[start].seq,
+                    rows[end - 1].seq,
+                    exc,
+                )
+                payload = None
+            if payload is not None:
+                info = client.publish(topic, payload, qos=1)
+                if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                    return False
+                self.counters.envelopes += 1
+            start = end
+        return True
+
+    # -- life cycle -----------------------------------------------------------------------------------
+    def _connect(self) -> None:
+        client = new_client(
+            self.url,
+            client_id=self.device_id,
+            clean_session=False,
+            max_inflight=100,
+            ca_certs=self.config.ca_certs,
+        )
+        offline = encode_json(
+            {
+                "device": self.device_id,
+                "online": False,
+                "pipeline": self.pipeline.hash,
+                "reason": "connection lost",
+            }
+        )
+        client.will_set(self.topics.status(self.device_id), offline, qos=1, retain=True)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        self._client = client
+        try:
+            connect(client, self.url, keepalive=self.config.keepalive)
+        except BrokerConnectionError as exc:
+            if exc.reason_code is not None or self.config.require_broker:
+                raise
+            log.warning(
+                "device %s: %s; capturing into the spool and retrying in the background", self.device_id, exc
+            )
+        else:
+            client.loop_stop()  # hand the socket over to our own loop with jittered reconnects
+
+    def start(self) -> None:
+        """Connect and start the network and publisher threads (run() calls this)."""
+        self._connect()
+        for name, target in (("net", self._network_loop), ("pub", self._publisher_loop)):
+            t = threading.Thread(target=target, name=f"lepton-{name}-{self.device_id}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def stop(self, reason: str = "stopped") -> None:
+        """Ask :meth:`run` to stop capturing and shut down (thread- and signal-safe)."""
+        if not self._stop.is_set():
+            self._stopped_by = reason
+            self._stop.set()
+            self.spool.interrupt()
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def run(
+        self, *, handle_signals: bool = True, on_progress: Callable[[DeviceAgent], None] | None = None
+    ) -> RunSummary:
+        """Run until the source ends, ``limit`` samples are captured, or stop()/SIGINT/SIGTERM; then drain."""
+        previous: dict[int, Any] = {}
+        if handle_signals and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                previous[sig] = signal.signal(sig, lambda s, f: self.stop(signal.Signals(s).name))
+        try:
+            self.start()
+            progress = _Ticker(on_progress)
+            self._capture(progress)
+            self._drain(progress)
+            return self._shutdown()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            self._close_quietly()
+
+    def _capture(self, progress: _Ticker) -> None:
+        cfg, c = self.config, self.counters
+        period = 1.0 / cfg.rate_hz if cfg.rate_hz else 0.0
+        next_at = time.monotonic()
+        runtime = self.runtime
+        pred_topic = self.topics.predictions(self.device_id) if cfg.predictions else None
+        for frame, label in self.source:
+            if self._stop.is_set():
+                return
+            if period:
+                delay = next_at - time.monotonic()
+                if delay > 0 and self._stop.wait(delay):
+                    return
+                next_at = max(next_at + period, time.monotonic() - 1.0)  # catch up at most 1 s
+            t0 = time.perf_counter()
+            try:
+                x = self.pipeline(frame)
+            except FrameError as exc:
+                c.frame_errors += 1
+                if c.frame_errors <= 5 or c.frame_errors % 1000 == 0:
+                    log.warning(
+                        "device %s: frame skipped (%d so far): %s", self.device_id, c.frame_errors, exc
+                    )
+                continue
+            spent = time.perf_counter() - t0
+            prediction = runtime.predict(x) if runtime is not None else None
+            if prediction is not None and label is not None:
+                runtime.record_truth(prediction, str(label))
+            try:
+                seq = self.spool.append(x, label, pipeline=self.pipeline.hash)
+            except SpoolFull:
+                return  # block policy interrupted by stop()
+            with self._lock:
+                c.captured += 1
+                c.preprocess_s += spent
+                c.preprocess_n += 1
+                c.window_s += spent
+                c.window_n += 1
+            if pred_topic is not None and prediction is not None and self._connected.is_set():
+                body = prediction.as_dict() if hasattr(prediction, "as_dict") else dict(prediction.__dict__)
+                body.update(device=self.device_id, seq=seq, truth=None if label is None else str(label))
+                self._client.publish(pred_topic, encode_json(body), qos=0)
+                c.predictions += 1
+            progress.tick(self)
+            if cfg.limit is not None and c.captured >= cfg.limit:
+                self._stopped_by = "limit"
+                return
+        if not self._stop.is_set():
+            self._stopped_by = "source ended"
+
+    def _drain(self, progress: _Ticker) -> None:
+        """Wait for every spooled sample to be acknowledged (or the grace/drain timeout after a stop)."""
+        cfg = self.config
+        interrupted = self._stop.is_set()
+        deadline = time.monotonic() + (
+            cfg.shutdown_grace if interrupted else (cfg.drain_timeout or float("inf"))
+        )
+        while self.spool.depth and time.monotonic() < deadline:
+            if not interrupted and self._stop.is_set():
+                interrupted = True
+                deadline = min(deadline, time.monotonic() + cfg.shutdown_grace)
+            self.spool.wait_for_change(0.1)
+            progress.tick(self)
+        if self.spool.depth and not interrupted and cfg.drain_timeout is not None:
+            self._stopped_by = "drain timeout"
+        progress.tick(self, force=True)
+
+    def _shutdown(self) -> RunSummary:
+        self._pub_stop.set()
+        for t in self._threads:
+            if t.name.startswith("lepton-pub"):
+                t.join(5)
+        if self._connected.is_set():
+            self._publish_telemetry()
+            info = self._publish_status(online=False)
+            if info is not None:
+                try:
+                    info.wait_for_publish(2.0)
+                except (RuntimeError, ValueError):
+                    pass
+        c = self.counters
+        summary = RunSummary(
+            device=self.device_id,
+            fleet=self.config.fleet,
+            captured=c.captured,
+            published=c.published,
+            resent=c.resent,
+            acked=c.acked,
+            spool_depth=self.spool.depth,
+            dropped=self.spool.dropped,
+            skipped=self.source.skipped,
+            frame_errors=c.frame_errors,
+            next_seq=self.spool.next_seq,
+            pipeline=self.pipeline.hash,
+            duration_s=round(time.monotonic() - self._started, 3),
+            preprocess_ms=round(1000 * c.preprocess_s / c.preprocess_n, 4) if c.preprocess_n else None,
+            stopped_by=self._stopped_by,
+            model_version=getattr(self.runtime, "version", None),
+            skipped_items=list(self.source.skipped_items),
+        )
+        return summary
+
+    def _close_quietly(self) -> None:
+        self._pub_stop.set()
+        self._net_stop.set()
+        client = self._client
+        self._connected.clear()
+        if client is not None:
+            try:
+                client.disconnect()  # a clean DISCONNECT: the broker does not send the Will
+            except Exception:  # noqa: BLE001
+                pass
+        for t in self._threads:
+            t.join(5)
+        if client is not None:
+            try:
+                client.loop_stop()
+            except Exception:  # noqa: BLE001
+                pass
+        if self.runtime is not None:
+            try:
+                self.runtime.close()
+            except Exception:  # noqa: BLE001
+                log.exception("device %s: model runtime close failed", self.device_id)
+        self.source.close()
+        self.spool.close()
+
+    def close(self) -> None:
+        """Release the spool, source and runtime without running (for an agent built but never run)."""
+        self._close_quietly()
+
+
+class _Ticker:
+    """Calls ``on_progress`` at most every 0.25 s from the capture thread."""
+
+    def __init__(self, callback: Callable[[DeviceAgent], None] | None) -> None:
+        self.callback, self.last = callback, 0.0
+
+    def tick(self, agent: DeviceAgent, *, force: bool = False) -> None:
+        if self.callback is None:
+            return
+        now = time.monotonic()
+        if force or now - self.last >= 0.25:
+            self.last = now
+            try:
+                self.callback(agent)
+            except Exception:  # noqa: BLE001
+                log.exception("progress callback failed")

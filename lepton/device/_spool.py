@@ -1,0 +1,331 @@
+"""The device's store-and-forward spool: every sample is on disk before it is published, until acked.
+
+Why SQLite in WAL mode rather than append-only segment files:
+
+* **Atomic by construction.** Allocating a seq, inserting the sample and (when full) dropping the oldest
+  happen in one transaction; a ``kill -9`` at any instant leaves either all of it or none of it. Segment
+  files need their own torn-write detection, checksums and compaction to get the same.
+* **Acks arrive out of order** (ranges from several workers, resends); deleting an arbitrary range is one
+  indexed ``DELETE`` here, where segments would need tombstones and rewriting.
+* **One file, in the standard library**, readable with the ``sqlite3`` shell when debugging a field device.
+* WAL lets the capture thread write while the publisher reads. ``synchronous=NORMAL`` (the default here)
+  survives a process crash or ``kill -9`` with nothing lost (a committed transaction is in the WAL in the
+  OS page cache); pass ``fsync=True`` for ``synchronous=FULL`` if it must also survive power loss, at the
+  price of one fsync per sample.
+
+``next_seq`` lives in the same database and only grows, so a restarted device never reuses a seq even
+when every earlier sample was acknowledged and deleted. The spool is bounded in bytes (the stored sample
+sizes); when full it either drops the oldest samples (counted, persisted, reported) or blocks capture
+until acks free room. A lock file keeps two processes from sharing one spool.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from lepton.errors import ConfigError, LeptonError
+from lepton.protocol import Sample, decode_tensor, encode_tensor
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Spool", "SpoolFull", "SpooledSample", "ON_FULL_POLICIES"]
+
+ON_FULL_POLICIES = ("drop-oldest", "block")
+DB_NAME = "spool.sqlite3"
+LOCK_NAME = "spool.lock"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS samples (
+    seq      INTEGER PRIMARY KEY,
+    ts       REAL    NOT NULL,
+    pipeline TEXT,
+    size     INTEGER NOT NULL,
+    body     BLOB    NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+INSERT OR IGNORE INTO meta(key, value) VALUES ('next_seq', 0), ('dropped', 0), ('schema', 1);
+"""
+
+
+class SpoolFull(LeptonError):
+    """``on_full="block"`` and no room appeared before the timeout (or the spool is shutting down)."""
+
+
+@dataclass(frozen=True)
+class SpooledSample:
+    """A sample as stored: ``body`` is msgpack ``{"x": TENSOR, "y": label, "meta": ...}``."""
+
+    seq: int
+    ts: float
+    pipeline: str | None
+    body: bytes
+
+    def to_sample(self) -> Sample:
+        item = msgpack.unpackb(self.body, raw=False)
+        return Sample(
+            seq=self.seq, ts=self.ts, x=decode_tensor(item["x"]), y=item.get("y"), meta=item.get("meta")
+        )
+
+
+class Spool:
+    """A bounded, crash-safe queue of samples keyed by seq.
+
+    >>> import tempfile
+    >>> with Spool(tempfile.mkdtemp(), max_bytes=1 << 20) as spool:
+    ...     spool.append(np.zeros(4, np.float32), 7), spool.append(np.ones(4, np.float32), 8)
+    ...     spool.ack([(0, 0)]), spool.depth, spool.next_seq
+    (0, 1)
+    (1, 1, 2)
+    """
+
+    def __init__(
+        self,
+        directory: str | Path,
+        *,
+        max_bytes: int = 256 * 1024 * 1024,
+        on_full: str = "drop-oldest",
+        fsync: bool = False,
+    ) -> None:
+        if on_full not in ON_FULL_POLICIES:
+            raise ConfigError(f"on_full must be one of {', '.join(ON_FULL_POLICIES)}, got {on_full!r}")
+        if not isinstance(max_bytes, int) or max_bytes < 1024:
+            raise ConfigError(f"spool max_bytes must be an int >= 1024, got {max_bytes!r}")
+        self.directory = Path(directory)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self._lock_fd = os.open(self.directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot use spool directory {str(self.directory)!r}: {exc.strerror}; "
+                "pass a writable --spool DIR"
+            ) from None
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self._lock_fd)
+            raise ConfigError(
+                f"spool {str(self.directory)!r} is in use by another device process; stop it or "
+                "pass another --spool DIR"
+            ) from None
+        self.max_bytes = max_bytes
+        self.on_full = on_full
+        self.path = self.directory / DB_NAME
+        self._cond = threading.Condition(threading.RLock())
+        self._closing = False
+        try:
+            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
+            self._db.executescript(_SCHEMA)
+            self._bytes, self._depth = self._db.execute(
+                "SELECT COALESCE(SUM(size), 0), COUNT(*) FROM samples"
+            ).fetchone()
+        except sqlite3.DatabaseError as exc:
+            os.close(self._lock_fd)
+            raise ConfigError(
+                f"spool database {str(self.path)!r} is unreadable ({exc}); move it aside to start "
+                "a fresh spool (its unacknowledged samples would be lost)"
+            ) from None
+        if self._depth:
+            log.info(
+                "spool %s: %d unacknowledged samples (%d bytes) from a previous run",
+                self.path,
+                self._depth,
+                self._bytes,
+            )
+
+    # -- counters -----------------------------------------------------------------------------------
+    def _meta(self, key: str) -> int:
+        return int(self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()[0])
+
+    @property
+    def depth(self) -> int:
+        """Samples stored and not yet acknowledged."""
+        return self._depth
+
+    @property
+    def bytes(self) -> int:
+        return self._bytes
+
+    @property
+    def next_seq(self) -> int:
+        with self._cond:
+            return self._meta("next_seq")
+
+    @property
+    def dropped(self) -> int:
+        """Samples dropped by the drop-oldest policy over the spool's whole life."""
+        with self._cond:
+            return self._meta("dropped")
+
+    def oldest_seq(self) -> int | None:
+        with self._cond:
+            row = self._db.execute("SELECT MIN(seq) FROM samples").fetchone()
+        return row[0]
+
+    # -- writing ------------------------------------------------------------------------------------
+    @staticmethod
+    def encode_body(x: np.ndarray, y: int | str | None = None, meta: dict[str, Any] | None = None) -> bytes:
+        item: dict[str, Any] = {"x": encode_tensor(x), "y": y}
+        if meta:
+            item["meta"] = meta
+        return msgpack.packb(item, use_bin_type=True)
+
+    def append(
+        self,
+        x: np.ndarray,
+        y: int | str | None = None,
+        *,
+        ts: float | None = None,
+        meta: dict[str, Any] | None = None,
+        pipeline: str | None = None,
+        timeout: float | None = None,
+    ) -> int:
+        """Store one sample and return its seq (committed to disk when this returns).
+
+        When full: ``drop-oldest`` deletes the oldest samples in the same transaction; ``block`` waits up
+        to ``timeout`` seconds (forever when None) for acks to free room, else raises SpoolFull.
+        """
+        body = self.encode_body(x, y, meta)
+        size = len(body)
+        if size > self.max_bytes:
+            raise SpoolFull(
+                f"one sample of {size} bytes exceeds the whole spool ({self.max_bytes} bytes); "
+                "raise --spool-max-mb"
+            )
+        ts = time.time() if ts is None else ts
+        with self._cond:
+            if self.on_full == "block" and self._bytes + size > self.max_bytes:
+                deadline = None if timeout is None else time.monotonic() + timeout
+                while self._bytes + size > self.max_bytes:
+                    if self._closing:
+                        raise SpoolFull("spool is closing")
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        raise SpoolFull(
+                            f"spool full ({self._bytes} of {self.max_bytes} bytes) for {timeout}s"
+                        )
+                    self._cond.wait(0.5 if left is None else min(left, 0.5))
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                dropped_now, freed = 0, 0
+                if self._bytes + size > self.max_bytes:
+                    need = self._bytes + size - self.max_bytes
+                    for seq_, sz in db.execute("SELECT seq, size FROM samples ORDER BY seq"):
+                        if freed >= need:
+                            break
+                        freed += sz
+                        dropped_now += 1
+                        last_dropped = seq_
+                    db.execute("DELETE FROM samples WHERE seq <= ?", (last_dropped,))
+                    db.execute("UPDATE meta SET value = value + ? WHERE key='dropped'", (dropped_now,))
+                seq = int(db.execute("SELECT value FROM meta WHERE key='next_seq'").fetchone()[0])
+                db.execute(
+                    "INSERT INTO samples(seq, ts, pipeline, size, body) VALUES (?, ?, ?, ?, ?)",
+                    (seq, ts, pipeline, size, body),
+                )
+                db.execute("UPDATE meta SET value = ? WHERE key='next_seq'", (seq + 1,))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            self._bytes += size - freed
+            self._depth += 1 - dropped_now
+            if dropped_now:
+                log.warning(
+                    "spool full (%d bytes): dropped the %d oldest unacknowledged samples",
+                    self.max_bytes,
+                    dropped_now,
+                )
+            self._cond.notify_all()
+            return seq
+
+    def ack(self, ranges: Iterable[Sequence[int]]) -> int:
+        """Delete the samples whose seq falls in any inclusive ``(first, last)`` range; return how many."""
+        removed = 0
+        with self._cond:
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                freed = 0
+                for first, last in ranges:
+                    n, sz = db.execute(
+                        "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM samples WHERE seq BETWEEN ? AND ?",
+                        (first, last),
+                    ).fetchone()
+                    if n:
+                        db.execute("DELETE FROM samples WHERE seq BETWEEN ? AND ?", (first, last))
+                        removed += n
+                        freed += sz
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            self._bytes -= freed
+            self._depth -= removed
+            if removed:
+                self._cond.notify_all()
+        return removed
+
+    # -- reading ------------------------------------------------------------------------------------
+    def read_after(self, seq: int, limit: int) -> list[SpooledSample]:
+        """Up to ``limit`` stored samples with a seq greater than ``seq``, oldest first."""
+        with self._cond:
+            rows = self._db.execute(
+                "SELECT seq, ts, pipeline, body FROM samples WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit)
+            ).fetchall()
+        return [SpooledSample(r[0], r[1], r[2], r[3]) for r in rows]
+
+    def count_through(self, seq: int) -> int:
+        """How many stored samples have a seq <= ``seq`` (the publisher's unacknowledged window)."""
+        with self._cond:
+            return int(self._db.execute("SELECT COUNT(*) FROM samples WHERE seq <= ?", (seq,)).fetchone()[0])
+
+    def seqs(self) -> list[int]:
+        with self._cond:
+            return [r[0] for r in self._db.execute("SELECT seq FROM samples ORDER BY seq")]
+
+    def wait_for_change(self, timeout: float) -> None:
+        """Sleep until a sample is appended or acked, or ``timeout`` passes."""
+        with self._cond:
+            self._cond.wait(timeout)
+
+    # -- life cycle ---------------------------------------------------------------------------------
+    def interrupt(self) -> None:
+        """Wake a blocked :meth:`append` so it raises SpoolFull (used at shutdown)."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            if self._db is None:
+                return
+            self._closing = True
+            self._cond.notify_all()
+            try:
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error as exc:  # a reader elsewhere: the WAL is simply kept, still consistent
+                log.debug("spool checkpoint skipped: %s", exc)
+            self._db.close()
+            self._db = None  # type: ignore[assignment]
+            os.close(self._lock_fd)
+
+    def __enter__(self) -> Spool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
