@@ -187,7 +187,8 @@ def publish_package(
     finally:
         _close(client)
     if verify:
-        package = fetch_model(burl, fleet, manifest.name, None, timeout=min(timeout, 15.0))
+        package = fetch_model(burl, fleet, manifest.name, None, timeout=min(timeout, 15.0),
+                              min_version=manifest.version)
         if package.manifest.version != manifest.version or package.manifest.sha256 != manifest.sha256:
             raise DeliveryError(f"read-back found {package.manifest.name} v{package.manifest.version}, not "
                                 f"v{manifest.version}: another publisher raced this one")
@@ -196,11 +197,13 @@ def publish_package(
                          cleared=cleared, verified=verify, seconds=time.monotonic() - started)
 
 
-def fetch_model(url: str | BrokerURL, fleet: str, model: str, public_key=None, timeout: float = 10.0
-                ) -> ModelPackage:  # noqa: ANN001
+def fetch_model(url: str | BrokerURL, fleet: str, model: str, public_key=None, timeout: float = 10.0, *,
+                min_version: int | None = None) -> ModelPackage:  # noqa: ANN001
     """Rebuild and verify the current package of ``model`` from retained messages alone.
 
     ``public_key`` is an Ed25519 public key, a path to its PEM file, or None to check hashes only.
+    With ``min_version``, older manifests are skipped and the call waits for that version (brokers
+    such as amqtt acknowledge a publish before their retained store holds it).
     Raises :class:`~lepton.errors.ModelRejected` (with its reason) for a bad package and
     :class:`DeliveryError` when no complete model arrives within ``timeout`` seconds.
     """
@@ -222,6 +225,8 @@ def fetch_model(url: str | BrokerURL, fleet: str, model: str, public_key=None, t
         except ModelRejected as exc:
             state["error"] = exc
             ready.set()
+            return
+        if min_version is not None and m.version < min_version:
             return
         if all((m.version, i) in chunks for i in range(len(m.chunks))):
             ready.set()
@@ -252,7 +257,9 @@ def fetch_model(url: str | BrokerURL, fleet: str, model: str, public_key=None, t
             with lock:
                 have = state["manifest"]
                 n = len(chunks)
-            detail = "no retained manifest" if have is None else f"the manifest and {n} chunk(s), not all"
+            detail = ("no retained manifest" if have is None
+                      else f"a manifest and {n} chunk(s), not a complete model"
+                      + (f" of v{min_version} or newer" if min_version else ""))
             raise DeliveryError(f"no complete model {model!r} on fleet {fleet!r} within {timeout:.0f}s "
                                 f"({detail}); was it published to this broker?")
     finally:

@@ -71,3 +71,20 @@ def keypair(tmp_path_factory):
     from lepton.protocol import generate_keypair
 
     return generate_keypair(tmp_path_factory.mktemp("keys"))
+
+
+@pytest.fixture(scope="session")
+def trained_digits(tmp_path_factory, digits_arrays):
+    """One digits model trained once per session (not published): (DIR, fleet, ModelVersion).
+
+    Read-only for the tests that share it; tests that change a registry make their own.
+    """
+    import uuid
+
+    from lepton.cloud import TrainConfig, train
+
+    fleet = f"s{uuid.uuid4().hex[:10]}"
+    x, y = digits_arrays
+    root = write_dataset(tmp_path_factory.mktemp("trained") / "data", fleet, x, list(y))
+    result = train(TrainConfig(data=root, fleet=fleet, model="digits", epochs=6))
+    return root, fleet, result.version

@@ -1,0 +1,107 @@
+"""A deployable retrain-and-publish loop built on lepton.cloud's public API.
+
+Every --interval seconds it counts the labelled samples of the fleet's dataset; when at least
+--min-new more have arrived since the newest registered version was trained, it trains, gates,
+signs and publishes a new version. State lives in the registry (the newest version's report says
+how many samples it saw), so a restarted trainer picks up where it left off.
+
+    python cloud_workers/trainer.py --data /srv/lepton/data --fleet demo --model digits \\
+        --broker mqtt://trainer:secret@broker:1883 --key /etc/lepton/lepton.key --interval 600
+
+--once runs one check and exits: 0 published (or nothing to do), 5 gate refused, 1 failed.
+Failures never stop the loop: it logs them and tries again at the next interval.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from lepton.cloud import Registry, TrainConfig, train
+from lepton.errors import LeptonError
+
+log = logging.getLogger("lepton.trainer")
+
+
+def labelled_samples(data: Path, fleet: str) -> int:
+    """Labelled rows in the fleet's dataset, reading only the label column."""
+    import pyarrow.parquet as pq
+
+    from lepton.cloud._data import dataset_files
+
+    total = 0
+    for path in dataset_files(data, fleet):
+        try:
+            column = pq.read_table(path, columns=["label"]).column("label")
+        except FileNotFoundError:  # compacted away since listing
+            continue
+        total += len(column) - column.null_count
+    return total
+
+
+def seen_by_newest(data: Path, model: str) -> int:
+    reg = Registry(data)
+    versions = reg.versions(model)
+    if not versions:
+        return 0
+    d = reg.get(model, versions[-1]).report.get("data") or {}
+    # Everything labelled that the newest version looked at, whichever side or pipeline.
+    return int(d.get("rows", 0)) - int(d.get("unlabelled", 0))
+
+
+def check_and_train(args: argparse.Namespace) -> int:
+    have, seen = labelled_samples(args.data, args.fleet), seen_by_newest(args.data, args.model)
+    if have - seen < args.min_new:
+        log.info("%d labelled samples, %d new since the last version (< %d): nothing to do", have, have - seen,
+                 args.min_new)
+        return 0
+    log.info("%d labelled samples, %d new: training %s", have, have - seen, args.model)
+    config = TrainConfig(data=args.data, fleet=args.fleet, model=args.model, epochs=args.epochs,
+                         publish=args.broker is not None, broker=args.broker, key=args.key,
+                         tolerance_points=args.tolerance)
+    result = train(config)
+    gate = result.report["gate"]
+    log.info("%s v%d: %s (val accuracy %.4f; %s)", args.model, result.version.version, result.status,
+             gate["new_accuracy"], gate["reason"])
+    return 5 if result.status == "refused" else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--fleet", required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--broker", default=None, help="publish here (omit to only train and register)")
+    p.add_argument("--key", type=Path, default=None)
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--tolerance", type=float, default=1.0, help="gate tolerance in accuracy points")
+    p.add_argument("--min-new", type=int, default=200, help="new labelled samples that trigger a retrain")
+    p.add_argument("--interval", type=float, default=600.0, help="seconds between checks")
+    p.add_argument("--once", action="store_true", help="check (and train) once, then exit")
+    p.add_argument("--log-level", default="INFO")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.once:
+        try:
+            return check_and_train(args)
+        except LeptonError as exc:
+            log.error("%s", exc)
+            return 1
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    while not stop.is_set():
+        try:
+            check_and_train(args)
+        except Exception:  # noqa: BLE001 - a bad round must not end the service
+            log.exception("training round failed; retrying in %.0f s", args.interval)
+        stop.wait(args.interval)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

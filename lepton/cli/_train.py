@@ -1,0 +1,148 @@
+"""lepton train: train on the fleet's dataset, export int8 ONNX, gate, sign and publish."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from lepton.cli import _exit
+from lepton.errors import ConfigError
+
+DESCRIPTION = """\
+Train a classifier on the labelled samples of one fleet's Parquet dataset (DIR/FLEET/data/*.parquet),
+with PyTorch Lightning, in this process. Then:
+
+  1. export ONNX (opset 17, dynamic batch) and check it against PyTorch on a validation batch;
+  2. quantize to int8 (static, QDQ, per-channel, calibrated on the dataset); int8 ships only if it
+     loses at most --max-int8-drop accuracy points, else fp32 ships and the report says why;
+  3. the evaluation gate: score the version deployed to this fleet with ONNX Runtime on the SAME
+     validation set; the new version passes if its accuracy >= deployed - --tolerance points;
+  4. store the version in DIR/models/NAME/VERSION/ (model.onnx, manifest.json, report.json);
+  5. with --publish (and the gate passed): sign with --key (Ed25519) and publish it as retained MQTT
+     messages, chunks first, then the manifest, then clear the superseded version's chunks.
+
+One model = one preprocessing pipeline: the pipeline with most labelled samples is used (or --pipeline),
+samples of other pipelines are left out and counted in the report. The train/validation split is a
+hash of (device, seq), so validation samples never become training data in later retrains.
+
+Exit codes: 0 trained (and published, if asked); 5 the gate refused the new version (kept on disk,
+not shipped); 2 bad flags or unusable data; 3 broker unreachable or refused; 1 other failure.
+
+examples:
+  lepton train --data ./data --fleet demo --model digits --epochs 15
+  lepton train --data ./data --fleet demo --model digits --publish \\
+      --broker mqtt://trainer:secret@localhost:1883 --key keys/lepton.key --json
+"""
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, metavar="DIR", help="dataset directory (holds FLEET/data/)")
+    parser.add_argument("--fleet", required=True, help="fleet whose samples to train on and publish to")
+    parser.add_argument("--model", required=True, metavar="NAME", help="model name (topic lepton/FLEET/models/NAME)")
+    parser.add_argument("--epochs", type=int, default=20, help="maximum epochs (early stopping on val accuracy; "
+                        "default 20)")
+    parser.add_argument("--batch-size", type=int, default=64, help="batch size (default 64)")
+    parser.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (default 0.003)")
+    parser.add_argument("--val-fraction", type=float, default=0.2, help="validation share (default 0.2)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--module", metavar="PKG.MOD:CLASS", default=None,
+                        help="your own LightningModule or nn.Module, built as Class(input_shape=, num_classes=)")
+    parser.add_argument("--pipeline", metavar="HASH", default=None,
+                        help="train on this pipeline hash (default: the one with most labelled samples)")
+    parser.add_argument("--pipeline-spec", metavar="FILE", default=None,
+                        help="JSON file with the device's preprocessing spec, put into the manifest "
+                        "(its hash selects the pipeline unless --pipeline is given)")
+    parser.add_argument("--tolerance", type=float, default=1.0, metavar="POINTS",
+                        help="gate: accept new accuracy >= deployed - POINTS percentage points (default 1.0)")
+    parser.add_argument("--max-int8-drop", type=float, default=1.0, metavar="POINTS",
+                        help="ship int8 only if it loses at most POINTS accuracy points vs fp32 (default 1.0)")
+    parser.add_argument("--no-quantize", action="store_true", help="ship the fp32 model, skip int8")
+    parser.add_argument("--publish", action="store_true", help="publish the new version if the gate passes")
+    parser.add_argument("--broker", metavar="URL", default=None, help="mqtt://user:password@host:port (with --publish)")
+    parser.add_argument("--key", metavar="FILE", default=None,
+                        help="Ed25519 private key (PEM) that signs the manifest; see `lepton keys generate`")
+    parser.add_argument("--chunk-size", type=int, default=None, metavar="BYTES",
+                        help="bytes per retained chunk message (default 98304, under AWS IoT's 128 KB)")
+    parser.add_argument("--json", action="store_true", help="print the full report as one JSON object on stdout")
+    parser.add_argument("--quiet", action="store_true", help="no progress output on stderr")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from lepton.protocol import DEFAULT_CHUNK_SIZE, pipeline_hash
+
+    data = Path(args.data)
+    if not data.is_dir():
+        raise ConfigError(f"--data {data} is not a directory; point it at the ingest worker's dataset directory")
+    spec = None
+    pipeline = args.pipeline
+    if args.pipeline_spec:
+        try:
+            spec = json.loads(Path(args.pipeline_spec).read_text())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"--pipeline-spec {args.pipeline_spec}: cannot read JSON ({exc})") from None
+        pipeline = pipeline or pipeline_hash(spec)
+    if args.key and not Path(args.key).is_file():
+        raise ConfigError(f"--key {args.key} not found; create a key pair with `lepton keys generate`")
+
+    import pytorch_lightning as pl
+
+    from lepton.cloud._export import ExportConfig
+    from lepton.cloud._training import TrainConfig, train
+
+    config = TrainConfig(
+        data=data, fleet=args.fleet, model=args.model, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        val_fraction=args.val_fraction, seed=args.seed, module=args.module, pipeline=pipeline,
+        pipeline_spec=spec, tolerance_points=args.tolerance,
+        export=ExportConfig(quantize=not args.no_quantize, max_int8_drop_points=args.max_int8_drop),
+        publish=args.publish, broker=args.broker, key=Path(args.key) if args.key else None,
+        chunk_size=args.chunk_size or DEFAULT_CHUNK_SIZE,
+        progress=not args.quiet and sys.stderr.isatty(),
+    )
+
+    class EpochLine(pl.Callback):
+        """One line per epoch on stderr when there is no terminal for a progress bar (worker logs)."""
+
+        def on_validation_end(self, trainer, pl_module):  # noqa: ANN001
+            if trainer.sanity_checking:
+                return
+            acc = trainer.callback_metrics.get("val_acc")
+            acc_text = f" val_acc {float(acc):.4f}" if acc is not None else ""
+            print(f"lepton train: epoch {trainer.current_epoch + 1}/{trainer.max_epochs}{acc_text}",
+                  file=sys.stderr, flush=True)
+
+    callbacks = [] if args.quiet or config.progress else [EpochLine()]
+    result = train(config, callbacks=callbacks)
+    report = result.report
+    if args.json:
+        print(json.dumps(report, sort_keys=True, default=str))
+    else:
+        print(_summary(report))
+    return _exit.GATE_REFUSED if result.status == "refused" else _exit.OK
+
+
+def _summary(r: dict) -> str:
+    e, g, d = r["export"], r["gate"], r["data"]
+    size = e["shipped_size_bytes"]
+    ratio = size / e["fp32_size_bytes"] if e.get("fp32_size_bytes") else 1.0
+    int8 = (f"int8 {e['int8_accuracy']:.4f}, {e.get('int8_latency_ms', 0):.3f} ms"
+            if "int8_accuracy" in e else "int8 n/a")
+    lines = [
+        f"{r['model']} v{r['version']}: {r['status']}",
+        f"  data        {d['train_samples']} train / {d['val_samples']} val, pipeline {d['pipeline']}, "
+        f"shape {d['shape']}, {len(d['labels'])} classes; left out: {d['other_pipelines']} other pipelines, "
+        f"{d['other_shapes']} other shapes, {d['unlabelled']} unlabelled",
+        f"  accuracy    fp32 {e['fp32_accuracy']:.4f} ({e['fp32_latency_ms']:.3f} ms), {int8}",
+        f"  shipped     {e['shipped']}, {size} bytes = {ratio:.2f}x fp32 ({e['reason']})",
+        f"  export      max |onnx - torch| = {e['max_abs_diff']:.2g}",
+        f"  gate        {'passed' if g['passed'] else 'REFUSED'}: {g['reason']}",
+    ]
+    if r.get("publication"):
+        p = r["publication"]
+        lines.append(f"  published   fleet {p['fleet']}, {p['chunks']} chunks, signed={p['signed']}, "
+                     f"cleared {p['cleared'] or 'nothing'}")
+    lines.append(f"  files       {r.get('training', {}).get('time_s', '?')} s of training; "
+                 f"stored in models/{r['model']}/{r['version']}/")
+    return "\n".join(lines)

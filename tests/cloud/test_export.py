@@ -1,0 +1,93 @@
+"""ONNX export and int8 quantization: every built-in network exports, int8 is small and accurate."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from lepton.cloud import (
+    Classifier,
+    DataConfig,
+    ExportConfig,
+    ExportError,
+    ParquetDataModule,
+    build_network,
+    export_and_compress,
+    export_onnx,
+)
+from lepton.cloud._nets import MLP, SmallCNN
+
+
+@pytest.mark.parametrize("shape, kind", [
+    ((1, 8, 8), SmallCNN),
+    ((8, 8), SmallCNN),
+    ((3, 64, 64), SmallCNN),
+    ((3, 224, 224), SmallCNN),
+    ((1, 28, 20), SmallCNN),
+    ((64,), MLP),
+])
+def test_builtin_network_exports_with_dynamic_batch(shape, kind):
+    torch.manual_seed(0)
+    net = build_network(shape, 7)
+    assert isinstance(net, kind)
+    net.train()
+
+    model = export_onnx(net, shape, opset=17)
+
+    assert net.training, "export must restore training mode"
+    proto = onnx.load_from_string(model)
+    assert proto.opset_import[0].version >= 17
+    x = np.random.default_rng(0).random((3, *shape), dtype=np.float32)
+    got = ort.InferenceSession(model, providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    net.eval()
+    with torch.no_grad():
+        expected = net(torch.from_numpy(x)).numpy()
+    assert got.shape == (3, 7)
+    assert np.max(np.abs(got - expected)) < 1e-4
+
+
+def test_trained_digits_ships_int8_per_channel_qdq(trained_digits):
+    _, _, version = trained_digits
+    report = version.report["export"]
+
+    assert report["shipped"] == "int8"
+    assert report["max_abs_diff"] < 1e-3
+    assert report["fp32_accuracy"] >= 0.95
+    assert report["accuracy_drop_points"] <= 1.0
+    assert report["int8_size_bytes"] <= 0.3 * report["fp32_size_bytes"]
+    proto = onnx.load_from_string(version.data())
+    ops = {n.op_type for n in proto.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    weights = {i.name: i for i in proto.graph.initializer}
+    # per-channel: the weight DequantizeLinear of every conv has one scale per output channel
+    conv_inputs = {n.input[1] for n in proto.graph.node if n.op_type == "Conv"}
+    per_channel = [n for n in proto.graph.node if n.op_type == "DequantizeLinear" and n.output[0] in conv_inputs]
+    assert per_channel and all(len(weights[n.input[1]].dims) == 1 and weights[n.input[1]].dims[0] > 1
+                               for n in per_channel)
+    assert all(weights[n.input[0]].data_type == onnx.TensorProto.INT8 for n in per_channel)
+
+
+def test_fp32_ships_with_reason_when_int8_drop_is_too_large(trained_digits):
+    root, fleet, _ = trained_digits
+    dm = ParquetDataModule(DataConfig(root=root, fleet=fleet))
+    module = Classifier(input_shape=dm.input_shape, num_classes=len(dm.labels))
+
+    result = export_and_compress(module, dm, ExportConfig(max_int8_drop_points=-100.0, latency_runs=5))
+
+    assert result.quantization == "none"
+    assert result.shipped == result.fp32
+    assert result.int8 is not None and len(result.int8) < len(result.fp32)
+    assert "shipping fp32" in result.report["reason"]
+    assert result.report["shipped_accuracy"] == result.report["fp32_accuracy"]
+
+
+def test_unexportable_model_fails_with_a_message_naming_the_fix():
+    class Spectral(torch.nn.Module):
+        def forward(self, x):
+            return torch.fft.fft(x).real
+
+    with pytest.raises(ExportError, match="--module"):
+        export_onnx(Spectral(), (1, 8, 8))
