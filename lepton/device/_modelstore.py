@@ -1,29 +1,31 @@
 """The last good model on disk, so a device that restarts without a broker serves at once.
 
-One file per model, ``{store_dir}/{model}.lepton-model``, replaced atomically (write a temporary
-file, fsync, ``os.replace``, fsync the directory): a crash leaves either the old or the new package,
-never a mix. The file holds the retained manifest payload exactly as received (so its signature can
-be checked again at start-up) followed by the ONNX bytes::
+Two kinds of files per model in ``store_dir``:
 
-    b"LEPTONPKG1\\n" | uint32 big-endian manifest length | manifest payload | onnx bytes
+* ``{model}.v{version}.onnx`` — the ONNX bytes of a version, written before it is loaded, because
+  ONNX Runtime builds a session from a file path almost without holding Python's GIL (from bytes
+  it holds it for milliseconds on a large model, which would stall inference during a swap);
+* ``{model}.manifest`` — the retained manifest payload exactly as received (so its signature can be
+  checked again at start-up). Replacing it is the commit point: it names the version whose ``.onnx``
+  is the last good model. Older ``.onnx`` files are removed after each commit.
 
-Nothing read back is trusted: the runtime verifies it like a package from the broker.
+Every write is a temporary file, fsync, ``os.replace``, fsync of the directory: a crash leaves the
+old or the new model, never a mix. Nothing read back is trusted: the runtime verifies it like a
+package from the broker.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import struct
+import re
 import tempfile
 from pathlib import Path
 
-from lepton.protocol import validate_id
+from lepton.errors import ModelRejected
+from lepton.protocol import parse_manifest, validate_id
 
 log = logging.getLogger(__name__)
-
-MAGIC = b"LEPTONPKG1\n"
-_LEN = struct.Struct(">I")
 
 
 class ModelStore:
@@ -31,26 +33,90 @@ class ModelStore:
 
     def __init__(self, directory: str | Path, model: str) -> None:
         self.directory = Path(directory)
-        self.path = self.directory / f"{validate_id(model, kind='model')}.lepton-model"
+        self.model = validate_id(model, kind="model")
+        self.manifest_path = self.directory / f"{self.model}.manifest"
+        self._onnx_name = re.compile(rf"^{re.escape(self.model)}\.v(\d+)\.onnx$")
+
+    def onnx_path(self, version: int) -> Path:
+        return self.directory / f"{self.model}.v{int(version)}.onnx"
+
+    # -- writing ----------------------------------------------------------------------------------
+    def stage(self, version: int, data: bytes) -> Path:
+        """Write a version's ONNX bytes (not yet the last good model); return the file's path."""
+        path = self.onnx_path(version)
+        self._write_atomic(path, data)
+        return path
+
+    def commit(self, manifest_payload: bytes, version: int) -> None:
+        """Make the staged ``version`` the last good model, then remove older files."""
+        self._write_atomic(self.manifest_path, manifest_payload)
+        for path in self._onnx_files():
+            if path != self.onnx_path(version):
+                self._unlink(path)
+
+    def discard(self, version: int) -> None:
+        """Remove a staged version that did not load (unless it is the committed one)."""
+        if self.committed_version() != version:
+            self._unlink(self.onnx_path(version))
 
     def save(self, manifest_payload: bytes, data: bytes) -> Path:
-        """Write the package atomically; return its path."""
+        """Stage and commit in one go (used when the bytes are already verified)."""
+        manifest, _, _ = parse_manifest(manifest_payload)
+        path = self.stage(manifest.version, data)
+        self.commit(manifest_payload, manifest.version)
+        return path
+
+    # -- reading ----------------------------------------------------------------------------------
+    def committed_version(self) -> int | None:
+        try:
+            return parse_manifest(self.manifest_path.read_bytes())[0].version
+        except (OSError, ModelRejected):
+            return None
+
+    def load(self) -> tuple[bytes, bytes, Path] | None:
+        """Return ``(manifest_payload, onnx_bytes, onnx_path)``, or None when nothing usable is stored."""
+        try:
+            payload = self.manifest_path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            log.warning("cannot read the stored manifest %s: %s", self.manifest_path, exc)
+            return None
+        try:
+            version = parse_manifest(payload)[0].version
+        except ModelRejected as exc:
+            log.warning("ignoring the stored manifest %s: %s", self.manifest_path, exc)
+            return None
+        path = self.onnx_path(version)
+        try:
+            return payload, path.read_bytes(), path
+        except OSError as exc:
+            log.warning("the stored manifest names v%d but %s is unreadable: %s", version, path, exc)
+            return None
+
+    def clear(self) -> None:
+        self._unlink(self.manifest_path)
+        for path in self._onnx_files():
+            self._unlink(path)
+
+    # -- helpers ----------------------------------------------------------------------------------
+    def _onnx_files(self) -> list[Path]:
+        try:
+            return [p for p in self.directory.iterdir() if self._onnx_name.match(p.name)]
+        except FileNotFoundError:
+            return []
+
+    def _write_atomic(self, path: Path, data: bytes) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=self.path.name + ".", suffix=".tmp", dir=self.directory)
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=self.directory)
         try:
             with os.fdopen(fd, "wb") as f:
-                f.write(MAGIC)
-                f.write(_LEN.pack(len(manifest_payload)))
-                f.write(manifest_payload)
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, self.path)
+            os.replace(tmp, path)
         except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
+            self._unlink(Path(tmp))
             raise
         try:  # make the rename itself durable
             dir_fd = os.open(self.directory, os.O_RDONLY)
@@ -60,29 +126,10 @@ class ModelStore:
                 os.close(dir_fd)
         except OSError:  # some filesystems refuse fsync on a directory; the rename is still atomic
             pass
-        return self.path
 
-    def load(self) -> tuple[bytes, bytes] | None:
-        """Return ``(manifest_payload, onnx_bytes)``, or None when there is no readable package."""
+    @staticmethod
+    def _unlink(path: Path) -> None:
         try:
-            blob = self.path.read_bytes()
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            log.warning("cannot read the stored model %s: %s", self.path, exc)
-            return None
-        head = len(MAGIC) + _LEN.size
-        if len(blob) < head or not blob.startswith(MAGIC):
-            log.warning("ignoring %s: not a Lepton model package", self.path)
-            return None
-        (n,) = _LEN.unpack_from(blob, len(MAGIC))
-        if head + n > len(blob):
-            log.warning("ignoring %s: truncated", self.path)
-            return None
-        return blob[head:head + n], blob[head + n:]
-
-    def clear(self) -> None:
-        try:
-            self.path.unlink()
+            path.unlink()
         except FileNotFoundError:
             pass

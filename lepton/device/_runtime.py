@@ -384,6 +384,7 @@ class ModelRuntime:
                     else:
                         self._on_chunk(parsed.version, parsed.chunk, payload)
                 self._check_stuck()
+                time.sleep(0)  # hand the GIL to a waiting inference thread now, not after the 5 ms interval
             except Exception:  # noqa: BLE001 - a bug here must not stop future swaps
                 log.exception("model runtime: unexpected error while handling a model message")
 
@@ -494,20 +495,35 @@ class ModelRuntime:
         version = asm.version
         try:
             package = verify_package(asm.manifest_payload, asm.chunks, public_key=self.public_key)
-            loaded = self._load(package, source="broker")
         except ModelRejected as exc:
             asm.rejected, asm.chunks = exc.reason, {}
+            self._reject(version, exc)
+            return
+        asm.chunks = {}  # the package holds the bytes now
+        path: Path | None = None
+        try:  # staged on disk first: ONNX Runtime loads a file without holding the GIL for long
+            path = self.store.stage(version, package.data)
+        except OSError as exc:
+            log.warning("model %s v%d: cannot write it to %s (%s); loading it from memory",
+                        self.model, version, self.store.directory, exc)
+        try:
+            loaded = self._load(package, source="broker", path=path)
+        except ModelRejected as exc:
+            asm.rejected = exc.reason
+            if path is not None:
+                self.store.discard(version)
             self._reject(version, exc)
             return
         current = self.version
         if current is not None and version <= current:  # cannot happen with one worker; stay safe
             self._assemblies.pop(version, None)
             return
-        try:
-            self.store.save(asm.manifest_payload, package.data)
-        except OSError as exc:  # serving matters more than the disk copy
-            log.warning("model %s v%d: cannot store it as the last good model in %s: %s",
-                        self.model, version, self.store.directory, exc)
+        if path is not None:
+            try:
+                self.store.commit(asm.manifest_payload, version)
+            except OSError as exc:  # serving matters more than the disk copy
+                log.warning("model %s v%d: cannot store it as the last good model in %s: %s",
+                            self.model, version, self.store.directory, exc)
         ready_ms = (time.monotonic() - asm.manifest_seen) * 1000.0 if asm.manifest_seen else None
         self._swap(loaded, manifest_wall=asm.manifest_wall, ready_ms=ready_ms)
         for v in [v for v in self._assemblies if v <= version]:
@@ -572,8 +588,12 @@ class ModelRuntime:
         if shape is not None and self.input_shape is not None:
             _check_shape(manifest.version, shape, self.input_shape)
 
-    def _load(self, package: ModelPackage, *, source: str) -> _Loaded:
-        """Build an InferenceSession from verified bytes and warm it up; ModelRejected("load_failed")."""
+    def _load(self, package: ModelPackage, *, source: str, path: Path | None = None) -> _Loaded:
+        """Build an InferenceSession and warm it up; raise ModelRejected("load_failed").
+
+        ``path`` is a file holding exactly ``package.data`` (already verified); loading from it keeps
+        the GIL free, so inference threads are not held up while a large model loads.
+        """
         import onnxruntime as ort
 
         manifest = package.manifest
@@ -582,7 +602,8 @@ class ModelRuntime:
             options.intra_op_num_threads = self.intra_op_threads
             options.inter_op_num_threads = 1
             options.log_severity_level = 3
-            session = ort.InferenceSession(package.data, sess_options=options, providers=self.providers)
+            session = ort.InferenceSession(str(path) if path is not None else package.data,
+                                           sess_options=options, providers=self.providers)
         except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
             raise ModelRejected("load_failed", f"ONNX Runtime cannot load v{manifest.version}: "
                                 f"{_short(exc)}") from None
@@ -629,7 +650,7 @@ class ModelRuntime:
         stored = self.store.load()
         if stored is None:
             return
-        payload, data = stored
+        payload, data, path = stored
         try:
             manifest, _, _ = parse_manifest(payload)
             chunks = {i: data[i * manifest.chunk_size:(i + 1) * manifest.chunk_size]
@@ -638,11 +659,11 @@ class ModelRuntime:
             if package.manifest.name != self.model:
                 raise ModelRejected("bad_manifest", f"the stored package is model {package.manifest.name!r}")
             self._check_compatible(package.manifest)
-            loaded = self._load(package, source="disk")
+            loaded = self._load(package, source="disk", path=path)
         except ModelRejected as exc:
-            self._error = {"reason": exc.reason, "message": f"stored model {self.store.path}: {exc.detail}",
+            self._error = {"reason": exc.reason, "message": f"stored model {path}: {exc.detail}",
                            "version": None, "ts": round(time.time(), 3)}
-            log.warning("not serving the stored model %s (%s): %s", self.store.path, exc.reason, exc.detail)
+            log.warning("not serving the stored model %s (%s): %s", path, exc.reason, exc.detail)
             return
         self._swap(loaded, manifest_wall=None, ready_ms=None)
 

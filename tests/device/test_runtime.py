@@ -384,7 +384,8 @@ def test_restart_without_a_broker_serves_the_last_good_model(tmp_path, keys, fle
         assert other_runtime.status()["model_error"]["reason"] == "unknown_key"
     finally:
         other_runtime.close()
-    path = ModelStore(store, MODEL).path
+    path = ModelStore(store, MODEL).onnx_path(2)
+    assert sorted(p.name for p in store.iterdir()) == ["digits.manifest", "digits.v2.onnx"]  # v1 removed
     blob = bytearray(path.read_bytes())
     blob[-10] ^= 0xFF
     path.write_bytes(bytes(blob))
