@@ -295,9 +295,10 @@ def _build_color_hist(p: dict[str, Any]):
 
     def run(img: np.ndarray) -> np.ndarray:
         src = _as_u8(img)
-        channels = 1 if src.ndim == 2 else src.shape[2]
+        if src.ndim == 2 or src.shape[2] == 1:  # same feature size for any frame: gray counts as B = G = R
+            src = cv2().cvtColor(src.reshape(src.shape[:2]), cv2().COLOR_GRAY2BGR)
         out = []
-        for c in range(min(channels, 3)):
+        for c in range(3):
             h = cv2().calcHist([src], [c], None, [bins], [0, 256]).ravel()
             out.append(h / max(float(h.sum()), 1.0))
         return np.concatenate(out).astype(np.float32)
@@ -386,7 +387,7 @@ OPS: dict[str, _Op] = {
         ),
         _Op(
             "color_hist",
-            "per-channel colour histogram, each summing to 1 (float32 vector)",
+            "B, G, R histograms, each summing to 1 (float32 vector of 3 x bins)",
             {"bins": (_int(2, 256), 16)},
             _build_color_hist,
         ),

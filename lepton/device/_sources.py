@@ -206,16 +206,9 @@ class DigitsSource(Source):
         if not 0 <= index < count:
             raise ConfigError(f"bad digits shard {index}/{count}: write digits:I/N with 0 <= I < N")
         self.shard = shard
-        try:
-            from sklearn.datasets import load_digits
-        except ImportError:
-            raise ConfigError(
-                "the digits source needs scikit-learn: pip install scikit-learn "
-                "(or use --source folder:PATH / video:PATH / camera:N)"
-            ) from None
-        data = load_digits()
-        self.images = np.clip(np.rint(data.images[index::count] * (255.0 / 16.0)), 0, 255).astype(np.uint8)
-        self.labels = [int(t) for t in data.target[index::count]]
+        pixels, target = _load_digits()
+        self.images = np.clip(np.rint(pixels[index::count] * (255.0 / 16.0)), 0, 255).astype(np.uint8)
+        self.labels = [int(t) for t in target[index::count]]
 
     def _one_pass(self) -> Iterator[Item]:
         yield from zip(self.images, self.labels, strict=True)
@@ -225,6 +218,33 @@ class DigitsSource(Source):
 
     def describe(self) -> str:
         return "digits" if self.shard == (0, 1) else f"digits:{self.shard[0]}/{self.shard[1]}"
+
+
+def _load_digits() -> tuple[np.ndarray, np.ndarray]:
+    """The 1797 UCI digits as (images 0..16 of shape (n, 8, 8), targets), from scikit-learn's data file.
+
+    ``sklearn.datasets`` imports pandas, which imports pyarrow when it is installed, and the edge must
+    not load pyarrow; so the CSV that ``load_digits`` reads is located without importing scikit-learn
+    and parsed with numpy (same numbers, same order). ``load_digits`` is the fallback if the file moved.
+    """
+    import gzip
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(
+            "the digits source needs scikit-learn: pip install scikit-learn "
+            "(or use --source folder:PATH / video:PATH / camera:N)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data" / "digits.csv.gz"
+    if path.is_file():
+        with gzip.open(path, "rt") as fh:
+            data = np.loadtxt(fh, delimiter=",", dtype=np.float64)
+        return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(np.int64)
+    from sklearn.datasets import load_digits  # pragma: no cover - layout of a future scikit-learn
+
+    bunch = load_digits()
+    return bunch.images, bunch.target
 
 
 class IterableSource(Source):

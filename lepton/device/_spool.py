@@ -100,8 +100,8 @@ class Spool:
     ) -> None:
         if on_full not in ON_FULL_POLICIES:
             raise ConfigError(f"on_full must be one of {', '.join(ON_FULL_POLICIES)}, got {on_full!r}")
-        if not isinstance(max_bytes, int) or max_bytes < 1024:
-            raise ConfigError(f"spool max_bytes must be an int >= 1024, got {max_bytes!r}")
+        if not isinstance(max_bytes, int) or max_bytes < 256:
+            raise ConfigError(f"spool max_bytes must be an int >= 256, got {max_bytes!r}")
         self.directory = Path(directory)
         try:
             self.directory.mkdir(parents=True, exist_ok=True)

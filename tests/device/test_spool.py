@@ -1,0 +1,145 @@
+"""The SQLite spool: ack ranges, bounds and policies, persistence of seq, and kill -9 safety."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from lepton.device import Spool, SpoolFull
+from lepton.errors import ConfigError
+
+
+def x(i: int) -> np.ndarray:
+    return np.full((1, 8, 8), i, np.float32)
+
+
+def test_append_read_ack_roundtrip(tmp_path):
+    with Spool(tmp_path) as spool:
+        seqs = [spool.append(x(i), y=i % 10, ts=1000.0 + i, pipeline="p1") for i in range(10)]
+        assert seqs == list(range(10)) and spool.depth == 10
+        rows = spool.read_after(3, limit=4)
+        assert [r.seq for r in rows] == [4, 5, 6, 7]
+        sample = rows[0].to_sample()
+        assert sample.seq == 4 and sample.y == 4 and sample.ts == 1004.0 and rows[0].pipeline == "p1"
+        np.testing.assert_array_equal(sample.x, x(4))
+        assert spool.ack([(0, 2), (5, 5), (100, 200)]) == 4  # unknown seqs are ignored
+        assert spool.ack([(0, 2)]) == 0  # a duplicate ack removes nothing
+        assert spool.seqs() == [3, 4, 6, 7, 8, 9]
+        assert spool.count_through(6) == 3
+        assert spool.depth == 6 and spool.bytes == sum(len(r.body) for r in spool.read_after(-1, 100))
+
+
+def test_seq_is_never_reused_after_everything_was_acked_and_reopened(tmp_path):
+    with Spool(tmp_path) as spool:
+        for i in range(5):
+            spool.append(x(i))
+        spool.ack([(0, 4)])
+        assert spool.depth == 0
+    with Spool(tmp_path) as spool:
+        assert spool.next_seq == 5
+        assert spool.append(x(9)) == 5
+
+
+def test_drop_oldest_keeps_the_bound_and_counts(tmp_path):
+    size = len(Spool.encode_body(x(0)))
+    with Spool(tmp_path, max_bytes=size * 10 + 5, on_full="drop-oldest") as spool:
+        for i in range(25):
+            spool.append(x(i))
+        assert spool.depth == 10 and spool.bytes <= spool.max_bytes
+        assert spool.seqs() == list(range(15, 25))
+        assert spool.dropped == 15
+    with Spool(tmp_path, max_bytes=size * 10 + 5) as spool:
+        assert spool.dropped == 15  # persisted, so status keeps reporting it
+
+
+def test_block_policy_waits_for_acks(tmp_path):
+    size = len(Spool.encode_body(x(0)))
+    with Spool(tmp_path, max_bytes=size * 3, on_full="block") as spool:
+        for i in range(3):
+            spool.append(x(i))
+        with pytest.raises(SpoolFull):
+            spool.append(x(3), timeout=0.2)
+        done = []
+        t = threading.Thread(target=lambda: done.append(spool.append(x(3))))
+        t.start()
+        time.sleep(0.2)
+        assert not done  # still blocked: nothing acked
+        spool.ack([(0, 0)])
+        t.join(5)
+        assert done == [3] and spool.dropped == 0 and spool.seqs() == [1, 2, 3]
+        blocked = threading.Thread(target=lambda: pytest.raises(SpoolFull, spool.append, x(4)))
+        blocked.start()
+        spool.interrupt()  # shutdown wakes a blocked capture
+        blocked.join(5)
+        assert not blocked.is_alive()
+
+
+def test_one_process_per_spool(tmp_path):
+    with Spool(tmp_path):
+        with pytest.raises(ConfigError, match="in use by another device process"):
+            Spool(tmp_path)
+    Spool(tmp_path).close()  # released on close
+
+
+def test_bad_settings_and_unreadable_database(tmp_path):
+    with pytest.raises(ConfigError, match="on_full"):
+        Spool(tmp_path, on_full="drop-newest")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "spool.sqlite3").write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(ConfigError, match="move it aside"):
+        Spool(tmp_path / "bad")
+    with Spool(tmp_path / "small", max_bytes=1024) as spool:
+        with pytest.raises(SpoolFull, match="exceeds the whole spool"):
+            spool.append(np.zeros(4096, np.float32))
+
+
+WRITER = textwrap.dedent("""
+    import sys, numpy as np
+    from lepton.device import Spool
+    spool = Spool(sys.argv[1])
+    i = 0
+    while True:
+        seq = spool.append(np.full(64, i, np.float32), y=i, ts=float(i))
+        print(seq, flush=True)
+        if seq % 3 == 0 and seq:
+            spool.ack([(seq - 1, seq - 1)])  # acks arrive while capturing; a kill may land anywhere
+        i += 1
+""")
+
+
+@pytest.mark.slow
+def test_kill_9_while_writing_loses_nothing_committed_and_never_reuses_a_seq(tmp_path):
+    committed: list[int] = []
+    for round_ in range(3):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(tmp_path)], stdout=subprocess.PIPE, text=True
+        )
+        lines = []
+        deadline = time.monotonic() + 30
+        while len(lines) < 300 + 100 * round_ and time.monotonic() < deadline:
+            lines.append(int(proc.stdout.readline()))
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        rest = proc.stdout.read().split()
+        printed = lines + [int(s) for s in rest]
+        assert printed == list(range(printed[0], printed[0] + len(printed)))
+        if committed:
+            assert printed[0] > committed[-1]  # the restarted writer continued after the last seq
+        committed.extend(printed)
+        with Spool(tmp_path) as spool:
+            stored = set(spool.seqs())
+            acked = {s - 1 for s in committed if s % 3 == 0 and s}  # what the writer may have deleted
+            # Every seq printed (= committed) is either still stored or was acked by the writer itself.
+            assert set(committed) - acked <= stored
+            assert spool.next_seq > committed[-1]
+            for row in spool.read_after(-1, 5):
+                sample = row.to_sample()
+                assert sample.x.shape == (64,) and float(sample.x[0]) == sample.y
