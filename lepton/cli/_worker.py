@@ -1,0 +1,115 @@
+"""lepton worker: the cloud ingest worker (device samples -> exactly-once Parquet dataset)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+
+from lepton.cli import _exit
+
+DESCRIPTION = """\
+Subscribe to every device's samples of a fleet and store them exactly once as Parquet under
+DIR/FLEET/data/ (schema: docs/dataset.md). A message is acknowledged to the broker only after all its
+samples are fsynced and committed to the index (DIR/FLEET/index.sqlite), or dead-lettered: bad
+messages and bad samples are reported on lepton/FLEET/deadletter and kept in DIR/FLEET/quarantine/.
+After each write the worker publishes the stored seq ranges on devices/ID/acks, so devices can delete
+their spool. Its status (retained, Last Will) is on lepton/FLEET/workers/NAME/status.
+
+--group NAME splits the stream between several workers with a shared subscription ($share/NAME/...;
+Mosquitto, EMQX, VerneMQ; not the embedded amqtt broker). Workers of a group must use the same --data
+folder (the index is shared through SQLite locking; use a local filesystem) and distinct --name.
+
+--train-every N / --train-interval S start `python -m lepton train --data DIR --fleet F --model NAME`
+as a separate process when N new labelled samples arrived (or S seconds passed with new ones); one
+run at a time, output in DIR/FLEET/train.log. --train-arg passes extra flags (repeat it).
+
+Runs until SIGINT/SIGTERM, then writes what it received and exits 0.
+
+environment: LEPTON_BROKER, LEPTON_FLEET, LEPTON_DATA provide defaults for --broker, --fleet, --data.
+
+examples:
+  lepton worker --broker mqtt://w1:secret@localhost:1883 --fleet f1 --data ./data
+  lepton worker --broker mqtt://w2:secret@localhost:1883 --fleet f1 --data ./data --group ingest --name w2
+  lepton worker ... --train-every 500 --model digits --key model.key --train-publish --train-arg=--epochs=5
+"""
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    env = os.environ
+    parser.add_argument("--broker", default=env.get("LEPTON_BROKER"), metavar="URL",
+                        help="broker URL mqtt://user:password@host:1883 (env LEPTON_BROKER)")
+    parser.add_argument("--fleet", default=env.get("LEPTON_FLEET"), help="fleet name (env LEPTON_FLEET)")
+    parser.add_argument("--data", default=env.get("LEPTON_DATA"), metavar="DIR",
+                        help="dataset root; files go to DIR/FLEET/data (env LEPTON_DATA)")
+    parser.add_argument("--name", default="worker", help="worker name: client id and status topic (default worker)")
+    parser.add_argument("--group", default=None, metavar="NAME", help="shared-subscription group")
+    parser.add_argument("--batch", type=int, default=4096, metavar="N", help="samples per file at most (4096)")
+    parser.add_argument("--batch-ms", type=float, default=100.0, metavar="T",
+                        help="wait at most T ms for more messages before a write (default 100)")
+    parser.add_argument("--max-pending", type=int, default=100, metavar="M",
+                        help="messages per write at most; match the broker's max_inflight_messages (100)")
+    parser.add_argument("--status-interval", type=float, default=2.0, metavar="S",
+                        help="retained status period in seconds (default 2)")
+    parser.add_argument("--train-every", type=int, default=None, metavar="N",
+                        help="start training after N new labelled samples")
+    parser.add_argument("--train-interval", type=float, default=None, metavar="S",
+                        help="start training every S seconds if new labelled samples arrived")
+    parser.add_argument("--model", default=None, metavar="NAME", help="model to train (with --train-*)")
+    parser.add_argument("--key", default=None, metavar="FILE", help="signing key passed to lepton train")
+    parser.add_argument("--train-publish", action="store_true",
+                        help="pass --publish --broker URL to lepton train")
+    parser.add_argument("--train-arg", action="append", default=[], metavar="ARG",
+                        help="extra argument for lepton train (repeatable), e.g. --train-arg=--epochs=5")
+    parser.add_argument("--json", action="store_true", help="progress as one JSON status per line on stdout")
+    parser.add_argument("--quiet", action="store_true", help="no progress line")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from lepton.cloud._ingest import IngestWorker, WorkerConfig
+    from lepton.errors import ConfigError
+
+    for flag in ("broker", "fleet", "data"):
+        if not getattr(args, flag):
+            raise ConfigError(f"--{flag} is required (or set LEPTON_{flag.upper()})")
+    config = WorkerConfig(
+        broker=args.broker, fleet=args.fleet, data=args.data, name=args.name, group=args.group,
+        batch=args.batch, batch_ms=args.batch_ms, max_pending=args.max_pending,
+        status_interval=args.status_interval, train_every=args.train_every,
+        train_interval=args.train_interval, model=args.model, key=args.key, train_publish=args.train_publish,
+        train_args=tuple(args.train_arg),
+    )
+    worker = IngestWorker(config)
+    stop = threading.Event()
+
+    def on_signal(signum, frame):  # noqa: ANN001, ARG001
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    worker.start()
+    tty = sys.stderr.isatty()
+    try:
+        while not stop.wait(1.0 if not args.json else max(args.status_interval, 0.5)):
+            if args.quiet:
+                continue
+            st = worker.status()
+            if args.json:
+                print(json.dumps(st, sort_keys=True), flush=True)
+            else:
+                line = (f"\r[{args.name}] stored {st['stored']}  dup {st['duplicates']}  "
+                        f"dead {st['dead_letters']}  files {st['files']}  {st['samples_per_s']:.0f}/s  "
+                        f"queue {st['queue']}")
+                print(line if tty else line.strip(), end="" if tty else "\n", file=sys.stderr, flush=True)
+    finally:
+        worker.stop()
+    st = worker.stats
+    if not args.quiet:
+        end = "\n" if tty else ""
+        print(f"{end}[{args.name}] stopped: stored {st.stored}, duplicates {st.duplicates}, "
+              f"dead letters {st.dead_letters}, files {st.files}", file=sys.stderr)
+    return _exit.OK

@@ -1,0 +1,246 @@
+"""The exactly-once index: which ``(device, seq)`` are stored, and which data files exist.
+
+One index per dataset folder ``{root}/{fleet}/``, shared by every worker (and ``lepton dataset compact``)
+writing there. The write protocol, for one batch, all under the index's exclusive lock:
+
+1. finish files other writers committed but did not make visible (crash between commit and rename);
+2. drop the seqs already stored;
+3. write the Parquet file as ``.NAME.tmp`` and fsync it;
+4. insert the rows and the file (``visible=0``) and COMMIT (the lock is released);
+5. rename ``.NAME.tmp`` -> ``NAME``, fsync the folder; the file is marked visible in the next
+   transaction.
+
+Committing before the rename means the index never claims a sample that is not durably on disk, and a
+visible file never holds a sample the index does not know, so a crash anywhere leaves at worst a
+committed ``.tmp`` that the next transaction (any worker's) renames. An uncommitted ``.tmp`` is an
+orphan and is deleted at start-up.
+
+The store sits behind :class:`SampleIndex`, so another backend (Postgres, FoundationDB...) can replace
+SQLite for workers spread over several machines.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import json
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from lepton.cloud._dataset import COMPACT_PREFIX, DATA_DIR, REPLACES_KEY, fsync_dir
+
+log = logging.getLogger(__name__)
+
+__all__ = ["SampleIndex", "SqliteIndex", "finish_file"]
+
+
+class SampleIndex(abc.ABC):
+    """Abstract exactly-once index. All methods but :meth:`transaction` must be called inside it."""
+
+    @abc.abstractmethod
+    def transaction(self) -> contextlib.AbstractContextManager[None]:
+        """Exclusive transaction: commits on success, rolls back on error. One writer at a time."""
+
+    @abc.abstractmethod
+    def known(self, device: str, seqs: Iterable[int]) -> set[int]:
+        """The subset of ``seqs`` already stored for ``device``."""
+
+    @abc.abstractmethod
+    def add_rows(self, rows: Iterable[tuple[str, int]]) -> None:
+        """Record ``(device, seq)`` pairs as stored (none of them known)."""
+
+    @abc.abstractmethod
+    def add_file(self, name: str, *, rows: int, size: int, visible: bool = False) -> None: ...
+
+    @abc.abstractmethod
+    def remove_files(self, names: Iterable[str]) -> None: ...
+
+    @abc.abstractmethod
+    def mark_visible(self, names: Iterable[str]) -> None: ...
+
+    @abc.abstractmethod
+    def invisible_files(self) -> list[str]:
+        """Files committed but not yet marked visible."""
+
+    @abc.abstractmethod
+    def file_names(self) -> set[str]: ...
+
+    @abc.abstractmethod
+    def count(self) -> int:
+        """Number of stored samples."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        pass
+
+
+class SqliteIndex(SampleIndex):
+    """SQLite (WAL, synchronous=FULL) index at ``{dataset_dir}/index.sqlite``.
+
+    ``BEGIN IMMEDIATE`` takes SQLite's write lock, which serialises workers of one folder, even in
+    different processes. Do not put the folder on a network filesystem: SQLite locking needs a local one.
+    """
+
+    def __init__(self, path: str | Path, *, busy_timeout: float = 120.0) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, timeout=busy_timeout, isolation_level=None,
+                                   check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(
+            """
+            CREATE TABLE IF NOT EXISTS samples (
+                device TEXT NOT NULL, seq INTEGER NOT NULL, PRIMARY KEY (device, seq)) WITHOUT ROWID;
+            CREATE TABLE IF NOT EXISTS files (
+                name TEXT PRIMARY KEY, rows INTEGER NOT NULL, bytes INTEGER NOT NULL,
+                created REAL NOT NULL, visible INTEGER NOT NULL DEFAULT 0);
+            CREATE INDEX IF NOT EXISTS files_invisible ON files (visible) WHERE visible = 0;
+            """
+        )
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def known(self, device: str, seqs: Iterable[int]) -> set[int]:
+        want = set(seqs)
+        if not want:
+            return set()
+        lo, hi = min(want), max(want)
+        if hi - lo < 4 * len(want) + 64:  # dense batch (the normal case): one range scan
+            cur = self._db.execute("SELECT seq FROM samples WHERE device=? AND seq BETWEEN ? AND ?",
+                                   (device, lo, hi))
+            return {s for (s,) in cur} & want
+        found: set[int] = set()
+        items = sorted(want)
+        for i in range(0, len(items), 500):
+            chunk = items[i:i + 500]
+            q = f"SELECT seq FROM samples WHERE device=? AND seq IN ({','.join('?' * len(chunk))})"
+            found.update(s for (s,) in self._db.execute(q, (device, *chunk)))
+        return found
+
+    def add_rows(self, rows: Iterable[tuple[str, int]]) -> None:
+        self._db.executemany("INSERT INTO samples (device, seq) VALUES (?, ?)", rows)
+
+    def add_file(self, name: str, *, rows: int, size: int, visible: bool = False) -> None:
+        self._db.execute("INSERT OR REPLACE INTO files (name, rows, bytes, created, visible) VALUES (?,?,?,?,?)",
+                         (name, rows, size, time.time(), int(visible)))
+
+    def remove_files(self, names: Iterable[str]) -> None:
+        self._db.executemany("DELETE FROM files WHERE name=?", [(n,) for n in names])
+
+    def mark_visible(self, names: Iterable[str]) -> None:
+        self._db.executemany("UPDATE files SET visible=1 WHERE name=?", [(n,) for n in names])
+
+    def invisible_files(self) -> list[str]:
+        return [n for (n,) in self._db.execute("SELECT name FROM files WHERE visible=0")]
+
+    def file_names(self) -> set[str]:
+        return {n for (n,) in self._db.execute("SELECT name FROM files")}
+
+    def count(self) -> int:
+        return int(self._db.execute("SELECT count(*) FROM samples").fetchone()[0])
+
+    def close(self) -> None:
+        self._db.close()
+
+
+def finish_file(data_dir: Path, name: str) -> bool:
+    """Make a committed file visible: rename its ``.tmp`` if needed, then delete the sources a compacted
+    file replaces. Safe to run concurrently with the file's own writer. Returns False if the file is
+    missing altogether (it was lost: logged loudly)."""
+    final = data_dir / name
+    tmp = data_dir / f".{name}.tmp"
+    if not final.exists():
+        try:
+            os.replace(tmp, final)
+            fsync_dir(data_dir)
+            log.warning("finished committed file %s left by an interrupted writer", name)
+        except FileNotFoundError:
+            if not final.exists():
+                log.error("index lists %s but neither it nor its .tmp exists", name)
+                return False
+    if name.startswith(COMPACT_PREFIX):
+        import pyarrow.parquet as pq
+
+        raw = (pq.read_schema(final).metadata or {}).get(REPLACES_KEY)
+        removed = False
+        for src in json.loads(raw) if raw else []:
+            with contextlib.suppress(FileNotFoundError):
+                (data_dir / src).unlink()
+                removed = True
+        if removed:
+            fsync_dir(data_dir)
+    return True
+
+
+def recover(index: SampleIndex, dataset_dir: Path) -> dict[str, int]:
+    """Start-up recovery, inside one index transaction: finish committed files, delete orphan ``.tmp``
+    files, and register visible data files the index does not know (dropping rows it already has).
+    Returns counts of what it did."""
+    import pyarrow.parquet as pq
+
+    from lepton.cloud._dataset import write_parquet_atomic
+
+    data_dir = dataset_dir / DATA_DIR
+    data_dir.mkdir(parents=True, exist_ok=True)
+    done = {"finished": 0, "orphans_removed": 0, "registered": 0, "duplicates_dropped": 0}
+    with index.transaction():
+        pending = index.invisible_files()
+        for name in pending:
+            finish_file(data_dir, name)
+            done["finished"] += 1
+        index.mark_visible(pending)
+        known_files = index.file_names()
+        for entry in sorted(os.listdir(data_dir)):
+            if entry.startswith(".") and entry.endswith(".tmp"):
+                if entry[1:-4] not in known_files:
+                    (data_dir / entry).unlink(missing_ok=True)
+                    done["orphans_removed"] += 1
+                continue
+            if entry.startswith(".") or not entry.endswith(".parquet") or entry in known_files:
+                continue
+            # A data file the index never saw (copied in, or an index restored from backup).
+            path = data_dir / entry
+            table = pq.read_table(path)
+            keep = []
+            rows: list[tuple[str, int]] = []
+            devices = table.column("device").to_pylist()
+            seqs = table.column("seq").to_pylist()
+            seen: set[tuple[str, int]] = set()
+            by_device: dict[str, set[int]] = {}
+            for d, s in zip(devices, seqs, strict=True):
+                by_device.setdefault(d, set()).add(s)
+            already = {d: index.known(d, s) for d, s in by_device.items()}
+            for i, (d, s) in enumerate(zip(devices, seqs, strict=True)):
+                if s in already[d] or (d, s) in seen:
+                    continue
+                seen.add((d, s))
+                keep.append(i)
+                rows.append((d, s))
+            dropped = table.num_rows - len(keep)
+            if dropped:
+                done["duplicates_dropped"] += dropped
+                log.warning("%s holds %d samples already stored; rewriting it without them", entry, dropped)
+                if keep:
+                    write_parquet_atomic(path, table.take(keep))
+                else:
+                    path.unlink()
+                    fsync_dir(data_dir)
+                    continue
+            index.add_rows(rows)
+            index.add_file(entry, rows=len(rows), size=path.stat().st_size, visible=True)
+            done["registered"] += 1
+    if any(done.values()):
+        log.warning("recovered dataset %s: %s", dataset_dir, done)
+    return done

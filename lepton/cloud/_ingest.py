@@ -1,0 +1,571 @@
+"""The ingest worker: device samples from MQTT -> exactly-once, durable Parquet dataset.
+
+Design (why it is exactly-once and durable):
+
+- paho client with a fixed client id, ``clean_session=False`` and ``manual_ack=True``: the broker keeps
+  our subscription and queues samples while we are away, and redelivers every message we have not
+  PUBACKed. We PUBACK a message only after each of its samples is in a renamed, fsynced Parquet file
+  committed to the index, or dead-lettered (report published, raw payload fsynced in quarantine).
+- paho calls ``on_message`` in its network thread; it only enqueues. One writer thread decodes, batches
+  (``batch`` samples, ``batch_ms``, or ``max_pending`` messages: the broker's in-flight window, after
+  which it sends nothing until we ack), writes and acks. ``Client.ack`` only appends to paho's outgoing
+  deque and wakes the network thread through its socket pair, so calling it from the writer is safe.
+- A PUBACK carries a packet id that is only meaningful on the connection the message arrived on: after
+  a reconnect we skip acks of older messages (the broker redelivers them, the index drops them).
+- Duplicates (redelivery, device resends, a resend reaching another worker of the group) are dropped
+  by the shared :class:`~lepton.cloud._index.SampleIndex` inside the same exclusive transaction that
+  records the new rows, so two workers on one folder never store a sample twice.
+- After each durable write the worker publishes on ``devices/{id}/acks`` the ranges of every seq it
+  saw in the batch for that device, duplicates included, so a device that resends is released.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lepton.errors import ConfigError, ProtocolError
+from lepton.protocol import (
+    DEFAULT_MAX_PAYLOAD_BYTES,
+    DEFAULT_MAX_TENSOR_BYTES,
+    BrokerURL,
+    Topics,
+    connect,
+    decode_samples_lenient,
+    encode_acks,
+    encode_json,
+    new_client,
+    seqs_to_ranges,
+    validate_id,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = ["IngestWorker", "WorkerConfig"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkerConfig:
+    """Settings of one ingest worker. Only ``broker``, ``fleet`` and ``data`` are required.
+
+    >>> WorkerConfig(broker="mqtt://w1:pw@127.0.0.1:1883", fleet="demo", data="/data").batch
+    4096
+    """
+
+    broker: str
+    fleet: str
+    data: str | Path
+    name: str = "worker"
+    #: shared-subscription group: several workers with the same group split the stream.
+    group: str | None = None
+    #: ``None`` probes the broker; ``False`` refuses ``group`` at once (e.g. known amqtt).
+    shared_subscriptions: bool | None = None
+    batch: int = 4096  # samples per file, at most
+    batch_ms: float = 100.0  # wait at most this long for more messages before writing
+    max_pending: int = 100  # messages per write at most (Mosquitto's max_inflight_messages)
+    status_interval: float = 2.0
+    max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
+    #: at most this many per-sample dead-letter reports per message (then one summary report).
+    max_reports_per_message: int = 16
+    # -- training trigger ---------------------------------------------------------------------------
+    train_every: int | None = None  # new labelled samples
+    train_interval: float | None = None  # seconds, if new labelled samples arrived
+    model: str | None = None
+    key: str | None = None
+    train_publish: bool = False
+    train_args: tuple[str, ...] = ()
+    #: replaces ``python -m lepton train ...`` entirely (tests, custom trainers).
+    train_command: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        validate_id(self.fleet, kind="fleet")
+        validate_id(self.name, kind="worker")
+        if self.group is not None:
+            validate_id(self.group, kind="group")
+        BrokerURL.parse(self.broker)
+        if self.batch < 1 or self.max_pending < 1 or self.batch_ms < 0:
+            raise ConfigError("--batch and --max-pending must be >= 1 and --batch-ms >= 0")
+        if (self.train_every or self.train_interval) and not (self.model or self.train_command):
+            raise ConfigError("--train-every/--train-interval need --model NAME")
+
+
+@dataclass
+class _Message:
+    gen: int
+    mid: int
+    qos: int
+    topic: str
+    payload: bytes
+    received_at: float
+
+
+@dataclass
+class WorkerStats:
+    received: int = 0  # messages
+    stored: int = 0  # new samples written
+    duplicates: int = 0
+    dead_letters: int = 0  # bad messages + bad samples
+    files: int = 0
+    bytes: int = 0
+    errors: int = 0
+    last_write: float | None = None
+    labelled_since_train: int = 0
+    train_runs: int = 0
+    train_running: bool = False
+    train_last_exit: int | None = None
+    train_last_started: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class IngestWorker:
+    """Subscribe to a fleet's samples and store them exactly once under ``{data}/{fleet}/``.
+
+    >>> with IngestWorker(WorkerConfig(broker=url, fleet="demo", data="/data")) as w:  # doctest: +SKIP
+    ...     w.wait_stored(1000)
+    """
+
+    def __init__(self, config: WorkerConfig) -> None:
+        from lepton.cloud._dataset import DATA_DIR
+        from lepton.cloud._index import SqliteIndex
+
+        self.config = config
+        self.topics = Topics(fleet=config.fleet)
+        self.url = BrokerURL.parse(config.broker)
+        self.dir = Path(config.data) / config.fleet
+        self.data_dir = self.dir / DATA_DIR
+        self.quarantine_dir = self.dir / "quarantine"
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.quarantine_dir.mkdir(parents=True, exist_ok=True)
+        self.index = SqliteIndex(self.dir / "index.sqlite")
+        self.stats = WorkerStats()
+        self._q: queue.Queue[_Message] = queue.Queue()
+        self._gen = 0
+        self._stop = threading.Event()
+        self._stopped = threading.Event()
+        self._writer: threading.Thread | None = None
+        self._status_thread: threading.Thread | None = None
+        self._my_unmarked: list[str] = []
+        self._cond = threading.Condition()
+        self._train_proc: subprocess.Popen | None = None
+        self._last_train = time.monotonic()
+        self._rate = (time.monotonic(), 0)
+        self._last_rate = 0.0
+        self._client = None
+        self.started_at = time.time()
+
+    # -- lifecycle ------------------------------------------------------------------------------------
+    def __enter__(self) -> IngestWorker:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        """Recover the dataset folder, connect, subscribe and start writing. Raises BrokerConnectionError
+        or ConfigError (e.g. ``group`` on a broker without shared subscriptions)."""
+        from lepton.cloud._index import recover
+
+        recover(self.index, self.dir)
+        cfg = self.config
+        client = new_client(self.url, client_id=f"lepton-worker-{cfg.fleet}-{cfg.name}", clean_session=False,
+                            manual_ack=True, max_inflight=max(20, cfg.max_pending))
+        status_topic = self.topics.worker_status(cfg.name)
+        client.will_set(status_topic, encode_json({"worker": cfg.name, "online": False, "fleet": cfg.fleet}),
+                        qos=1, retain=True)
+        client.on_connect = self._on_connect
+        client.on_message = self._on_message
+        client.on_disconnect = self._on_disconnect
+        self._client = client
+        self._subscribed = threading.Event()
+        connect(client, self.url)
+        if cfg.group and not self._probe_shared(client):
+            client.disconnect()
+            client.loop_stop()
+            raise ConfigError(
+                f"broker {self.url} does not support shared subscriptions ($share/{cfg.group}/...), so --group "
+                "cannot split the stream (the embedded amqtt broker has none); run a single worker without "
+                "--group, or use Mosquitto, EMQX or VerneMQ")
+        self._writer = threading.Thread(target=self._write_loop, name=f"lepton-ingest-{cfg.name}", daemon=True)
+        self._writer.start()
+        self._status_thread = threading.Thread(target=self._status_loop, name="lepton-ingest-status",
+                                               daemon=True)
+        self._status_thread.start()
+        self._publish_status()
+        log.info("worker %s ingesting %s into %s", cfg.name, self._filter(), self.dir)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Write what was received, publish the offline status and disconnect."""
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        if self._writer is not None:
+            self._writer.join(timeout)
+        if self._status_thread is not None:
+            self._status_thread.join(timeout)
+        client = self._client
+        if client is not None:
+            with contextlib.suppress(Exception):
+                info = client.publish(self.topics.worker_status(self.config.name),
+                                      self._status_payload(online=False), qos=1, retain=True)
+                info.wait_for_publish(3)
+            client.disconnect()
+            client.loop_stop()
+        self.index.close()
+        self._stopped.set()
+
+    def run_forever(self) -> None:
+        """Block until :meth:`stop` is called (from a signal handler, for example)."""
+        self._stop.wait()
+        self._stopped.wait()
+
+    def wait_stored(self, n: int, timeout: float | None = None) -> bool:
+        """Wait until ``n`` new samples were stored by this worker (tests and tools)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self.stats.stored < n:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._cond.wait(left if left is not None else 1.0)
+        return True
+
+    # -- MQTT callbacks (paho's network thread) ------------------------------------------------------
+    def _filter(self) -> str:
+        base = self.topics.all_devices("samples")
+        return self.topics.shared(self.config.group, base) if self.config.group else base
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
+        if reason_code.is_failure:
+            log.warning("worker %s: broker refused connection: %s", self.config.name, reason_code)
+            return
+        self._gen += 1
+        client.subscribe(self._filter(), qos=1)
+        log.info("worker %s connected (session present: %s)", self.config.name,
+                 getattr(flags, "session_present", "?"))
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
+        if not self._stop.is_set():
+            log.warning("worker %s disconnected (%s); paho reconnects", self.config.name, reason_code)
+
+    def _on_message(self, client, userdata, msg) -> None:  # noqa: ANN001
+        if msg.topic == self._probe_topic:
+            self._probe_event.set()
+            return
+        self._q.put(_Message(self._gen, msg.mid, msg.qos, msg.topic, msg.payload, time.time()))
+
+    _probe_topic: str | None = None
+
+    def _probe_shared(self, client) -> bool:  # noqa: ANN001
+        """Does the broker deliver through a ``$share/`` subscription? amqtt 0.12 silently never does."""
+        if self.config.shared_subscriptions is not None:
+            return self.config.shared_subscriptions
+        self._probe_event = threading.Event()
+        topic = self.topics.worker_status(self.config.name)
+        self._probe_topic = topic
+        client.subscribe(self.topics.shared(self.config.group, topic), qos=1)
+        ok = False
+        for _ in range(6):
+            client.publish(topic, encode_json({"worker": self.config.name, "online": True, "probe": True}), qos=1)
+            if self._probe_event.wait(0.5):
+                ok = True
+                break
+        client.unsubscribe(self.topics.shared(self.config.group, topic))
+        self._probe_topic = None
+        return ok
+
+    # -- writer thread --------------------------------------------------------------------------------
+    def _write_loop(self) -> None:
+        cfg = self.config
+        while True:
+            try:
+                first = self._q.get(timeout=0.2)
+            except queue.Empty:
+                self._poll_training()
+                if self._stop.is_set():
+                    return
+                continue
+            batch = [first]
+            n_samples = _samples_hint(first)
+            deadline = time.monotonic() + cfg.batch_ms / 1000
+            while len(batch) < cfg.max_pending:
+                left = deadline - time.monotonic()
+                try:
+                    batch.append(self._q.get(timeout=left) if left > 0 else self._q.get_nowait())
+                except queue.Empty:
+                    break
+                n_samples += _samples_hint(batch[-1])
+                if n_samples >= cfg.batch:
+                    break
+            self._process_with_retry(batch)
+            self._poll_training()
+
+    def _process_with_retry(self, batch: list[_Message]) -> None:
+        delay = 0.5
+        while True:
+            try:
+                self._process(batch)
+                return
+            except Exception:  # disk full, index locked too long...: keep the messages, retry
+                self.stats.errors += 1
+                log.exception("worker %s: writing a batch of %d messages failed; retrying in %.1fs",
+                              self.config.name, len(batch), delay)
+                if self._stop.wait(delay):
+                    log.warning("worker %s: stopping with %d messages unwritten (the broker redelivers them)",
+                                self.config.name, len(batch))
+                    return
+                delay = min(delay * 2, 10.0)
+
+    def _process(self, batch: list[_Message]) -> None:
+        from lepton.cloud._dataset import fsync_dir, new_file_name, samples_to_table
+        from lepton.cloud._index import finish_file
+
+        cfg = self.config
+        rows: dict[tuple[str, int], tuple[str, str | None, Any, float]] = {}
+        seen: dict[str, set[int]] = {}
+        reports: list[dict[str, Any]] = []
+        quarantine: list[tuple[str, bytes, dict[str, Any]]] = []
+        n_valid = 0
+        for msg in batch:
+            self.stats.received += 1
+            device: str | None = None
+            try:
+                parsed = self.topics.parse(msg.topic)
+                if parsed.channel != "samples":
+                    raise ProtocolError(f"not a samples topic: {msg.topic!r}", field="topic")
+                device = parsed.device
+                env, bad = decode_samples_lenient(msg.payload, expected_device=device,
+                                                  max_tensor_bytes=cfg.max_tensor_bytes,
+                                                  max_payload_bytes=cfg.max_payload_bytes)
+            except ProtocolError as exc:
+                self._dead_letter(msg, device, [(None, str(exc), exc.field)], reports, quarantine)
+                continue
+            except Exception as exc:  # the decoder promises ProtocolError; never let a surprise kill us
+                log.exception("worker %s: unexpected error decoding a message on %s", cfg.name, msg.topic)
+                self._dead_letter(msg, device, [(None, f"internal error: {type(exc).__name__}: {exc}", None)],
+                                  reports, quarantine)
+                continue
+            n_valid += len(env.samples)
+            for s in env.samples:
+                rows.setdefault((env.device, s.seq), (env.device, env.pipeline, s, msg.received_at))
+                seen.setdefault(env.device, set()).add(s.seq)
+            if bad:
+                self._dead_letter(msg, device, [(i, str(e), e.field) for i, _raw, e in bad], reports, quarantine)
+
+        # Quarantine first: a bad payload is on disk before its message can be acked.
+        if quarantine:
+            for name, payload, report in quarantine:
+                _write_synced(self.quarantine_dir / name, payload, sync_dir=False)
+                _write_synced(self.quarantine_dir / (name[:-4] + ".json"), encode_json(report), sync_dir=False)
+            fsync_dir(self.quarantine_dir)
+
+        new_rows: list[tuple[str, str | None, Any, float]] = []
+        name = None
+        size = 0
+        if rows or self._my_unmarked:
+            with self.index.transaction():
+                if self._my_unmarked:
+                    self.index.mark_visible(self._my_unmarked)
+                    self._my_unmarked = []
+                others = self.index.invisible_files()
+                if others:  # another writer died between commit and rename: finish its file
+                    for other in others:
+                        finish_file(self.data_dir, other)
+                    self.index.mark_visible(others)
+                by_device: dict[str, list[int]] = {}
+                for dev, seq in rows:
+                    by_device.setdefault(dev, []).append(seq)
+                known = {dev: self.index.known(dev, seqs) for dev, seqs in by_device.items()}
+                new_rows = [r for (dev, seq), r in rows.items() if seq not in known[dev]]
+                if new_rows:
+                    name = new_file_name(cfg.name)
+                    table = samples_to_table(((d, p, s) for d, p, s, _ in new_rows),
+                                             received_at=[r for *_, r in new_rows])
+                    tmp = self.data_dir / f".{name}.tmp"
+                    size = write_parquet_atomic_tmp(tmp, table)
+                    self.index.add_rows((d, s.seq) for d, _p, s, _r in new_rows)
+                    self.index.add_file(name, rows=len(new_rows), size=size, visible=False)
+            if name is not None:
+                try:
+                    os.replace(self.data_dir / f".{name}.tmp", self.data_dir / name)
+                except FileNotFoundError:  # another worker finished it for us in the meantime
+                    if not (self.data_dir / name).exists():
+                        raise
+                fsync_dir(self.data_dir)
+                self._my_unmarked.append(name)
+
+        # Durable: tell the devices (duplicates included), report dead letters, then PUBACK.
+        client = self._client
+        for dev, seqs in seen.items():
+            client.publish(self.topics.acks(dev), encode_acks(seqs_to_ranges(seqs)), qos=1)
+        for report in reports:
+            client.publish(self.topics.deadletter(), encode_json(report), qos=1)
+        gen = self._gen
+        for msg in batch:
+            if msg.gen == gen and msg.qos > 0:
+                client.ack(msg.mid, msg.qos)
+
+        n_dup = n_valid - len(new_rows)
+        labelled = sum(1 for _d, _p, s, _r in new_rows if s.y is not None)
+        with self._cond:
+            self.stats.stored += len(new_rows)
+            self.stats.duplicates += n_dup
+            if name is not None:
+                self.stats.files += 1
+                self.stats.bytes += size
+                self.stats.last_write = time.time()
+            self.stats.labelled_since_train += labelled
+            self._cond.notify_all()
+
+    def _dead_letter(self, msg: _Message, device: str | None, problems: list[tuple[int | None, str, str | None]],
+                     reports: list[dict[str, Any]], quarantine: list[tuple[str, bytes, dict[str, Any]]]) -> None:
+        cfg = self.config
+        qname = f"{int(msg.received_at * 1000):013d}-{device or 'unknown'}-{uuid.uuid4().hex[:8]}.bin"
+        base = {"topic": msg.topic, "device": device, "size": len(msg.payload), "time": msg.received_at,
+                "worker": cfg.name, "quarantine": qname}
+        self.stats.dead_letters += len(problems)
+        shown = problems[: cfg.max_reports_per_message]
+        for index, reason, fld in shown:
+            reports.append({**base, "reason": reason, "field": fld, "sample": index})
+        if len(problems) > len(shown):
+            reports.append({**base, "reason": f"{len(problems) - len(shown)} more bad samples in this message",
+                            "field": None, "sample": None})
+        quarantine.append((qname, bytes(msg.payload), {**base, "problems": [
+            {"sample": i, "reason": r, "field": f} for i, r, f in problems]}))
+        log.warning("worker %s: dead-lettered %d problem(s) from %s (%d bytes): %s", cfg.name, len(problems),
+                    msg.topic, len(msg.payload), problems[0][1])
+
+    # -- status ---------------------------------------------------------------------------------------
+    def _status_payload(self, *, online: bool = True, update_rate: bool = False) -> bytes:
+        now = time.monotonic()
+        t0, n0 = self._rate
+        if update_rate and now - t0 > 0.2:
+            self._last_rate = (self.stats.stored - n0) / (now - t0)
+            self._rate = (now, self.stats.stored)
+        rate = self._last_rate
+        st = self.stats
+        return encode_json({
+            "worker": self.config.name, "online": online, "fleet": self.config.fleet,
+            "group": self.config.group, "samples_per_s": round(rate, 1), "stored": st.stored,
+            "duplicates": st.duplicates, "dead_letters": st.dead_letters, "files": st.files,
+            "bytes": st.bytes, "received": st.received, "errors": st.errors,
+            "last_write": None if st.last_write is None else round(st.last_write, 3),
+            "queue": self._q.qsize(), "started_at": round(self.started_at, 3),
+            "train_runs": st.train_runs, "train_running": st.train_running,
+            "train_last_exit": st.train_last_exit, "train_last_started": st.train_last_started,
+        })
+
+    def _publish_status(self) -> None:
+        if self._client is not None:
+            self._client.publish(self.topics.worker_status(self.config.name),
+                                 self._status_payload(update_rate=True),
+                                 qos=1, retain=True)
+
+    def _status_loop(self) -> None:
+        while not self._stop.wait(self.config.status_interval):
+            try:
+                self._publish_status()
+            except Exception:
+                log.exception("worker %s: publishing status failed", self.config.name)
+
+    def status(self) -> dict[str, Any]:
+        """The current status as a dict (what the retained status topic carries, without ``v``/``ts``)."""
+        import json
+
+        body = json.loads(self._status_payload())
+        body.pop("v", None)
+        return body
+
+    # -- training trigger -----------------------------------------------------------------------------
+    def train_command(self) -> list[str]:
+        cfg = self.config
+        if cfg.train_command:
+            return list(cfg.train_command)
+        cmd = [sys.executable, "-m", "lepton", "train", "--data", str(cfg.data), "--fleet", cfg.fleet,
+               "--model", str(cfg.model)]
+        if cfg.train_publish:
+            cmd += ["--publish", "--broker", cfg.broker]
+        if cfg.key:
+            cmd += ["--key", str(cfg.key)]
+        return cmd + list(cfg.train_args)
+
+    def _poll_training(self) -> None:
+        cfg = self.config
+        st = self.stats
+        proc = self._train_proc
+        if proc is not None:
+            rc = proc.poll()
+            if rc is None:
+                return
+            self._train_proc = None
+            st.train_running = False
+            st.train_last_exit = rc
+            (log.info if rc == 0 else log.warning)("worker %s: training run %d exited with %d (log: %s)",
+                                                   cfg.name, st.train_runs, rc, self.dir / "train.log")
+            self._publish_status()
+        if not (cfg.train_every or cfg.train_interval) or st.labelled_since_train == 0:
+            return
+        due = bool(cfg.train_every and st.labelled_since_train >= cfg.train_every)
+        due = due or bool(cfg.train_interval and time.monotonic() - self._last_train >= cfg.train_interval)
+        if not due:
+            return
+        cmd = self.train_command()
+        shown = [("***" if i > 0 and cmd[i - 1] == "--broker" else a) for i, a in enumerate(cmd)]
+        log.info("worker %s: %d new labelled samples, starting training: %s", cfg.name,
+                 st.labelled_since_train, " ".join(shown))
+        try:
+            with open(self.dir / "train.log", "ab") as out:
+                self._train_proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                                    stdin=subprocess.DEVNULL)
+        except OSError as exc:
+            log.error("worker %s: cannot start training %s: %s", cfg.name, cmd[0], exc)
+            st.train_last_exit = -1
+            self._last_train = time.monotonic()
+            st.labelled_since_train = 0
+            return
+        st.train_runs += 1
+        st.train_running = True
+        st.train_last_started = round(time.time(), 3)
+        st.labelled_since_train = 0
+        self._last_train = time.monotonic()
+        self._publish_status()
+
+
+def _samples_hint(msg: _Message) -> int:
+    """Rough sample count of a message before decoding: payload size over 1 KiB, at least 1."""
+    return max(1, len(msg.payload) // 1024)
+
+
+def write_parquet_atomic_tmp(tmp: Path, table) -> int:  # noqa: ANN001
+    """Write + flush + fsync ``table`` at ``tmp`` (the rename comes after the index commit)."""
+    import pyarrow.parquet as pq
+
+    with open(tmp, "wb") as fh:
+        pq.write_table(table, fh, compression="snappy", row_group_size=64 * 1024)
+        fh.flush()
+        os.fsync(fh.fileno())
+        return fh.tell()
+
+
+def _write_synced(path: Path, data: bytes, *, sync_dir: bool = True) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    if sync_dir:
+        from lepton.cloud._dataset import fsync_dir
+
+        fsync_dir(path.parent)
