@@ -35,6 +35,7 @@ class Acker:
         )
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
+        self.client.reconnect_delay_set(0.2, 1)  # come back quickly after a broker restart in a test
 
     def _on_connect(self, client, userdata, flags, rc, props):  # noqa: ANN001
         if not rc.is_failure:
@@ -87,3 +88,47 @@ class Acker:
         """Seqs that arrived with two different capture timestamps: a seq used for two samples."""
         with self.lock:
             return sorted(seq for seq, ts in self.seen[device].items() if len(ts) > 1)
+
+
+class Watcher:
+    """A read-only client recording every JSON report (status, telemetry, predictions) of a fleet."""
+
+    def __init__(self, url: str, fleet: str) -> None:
+        from lepton.protocol import decode_json
+
+        self._decode = decode_json
+        self.url = BrokerURL.parse(url)
+        self.topics = Topics(fleet=fleet)
+        self.lock = threading.Lock()
+        self.messages: list[tuple[str, str, dict, bool]] = []  # (device, channel, body, retained)
+        self.client = new_client(self.url, client_id=f"watch-{uuid.uuid4().hex[:8]}", clean_session=True)
+        self.client.on_connect = lambda c, u, f, rc, p: [
+            c.subscribe(self.topics.all_devices(ch), qos=1) for ch in ("status", "telemetry", "predictions")
+        ]
+        self.client.on_message = self._on_message
+
+    def _on_message(self, client, userdata, msg):  # noqa: ANN001
+        parsed = self.topics.parse(msg.topic)
+        with self.lock:
+            self.messages.append((parsed.device, parsed.channel, self._decode(msg.payload), bool(msg.retain)))
+
+    def bodies(self, device: str, channel: str) -> list[dict]:
+        with self.lock:
+            return [b for d, c, b, _ in self.messages if d == device and c == channel]
+
+    def wait(self, predicate, timeout: float = 20.0) -> bool:  # noqa: ANN001
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate(self):
+                return True
+            time.sleep(0.05)
+        return False
+
+    def __enter__(self) -> Watcher:
+        self.client.connect(self.url.host, self.url.port)
+        self.client.loop_start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()

@@ -1,0 +1,129 @@
+"""The device agent against real brokers (embedded amqtt and Mosquitto): end-to-end acks, status, resends."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from lepton.device import DeviceAgent, Pipeline, open_source
+from lepton.errors import BrokerConnectionError
+from tests.device._acker import Acker, Watcher
+
+
+def make_agent(broker, fleet, tmp_path, device="dev-1", **kwargs) -> DeviceAgent:
+    settings = dict(
+        source="digits",
+        pipeline="digits",
+        spool_dir=tmp_path / device,
+        batch_size=16,
+        batch_ms=20,
+        telemetry_interval=0.3,
+    )
+    settings.update(kwargs)
+    return DeviceAgent(
+        broker=broker.url("device", device, fleet=fleet), fleet=fleet, device_id=device, **settings
+    )
+
+
+def test_every_sample_arrives_once_with_labels_and_leaves_the_spool(broker, fleet, tmp_path):
+    with Acker(broker.url("worker", "acker", fleet=fleet), fleet) as acker:
+        time.sleep(0.2)
+        summary = make_agent(broker, fleet, tmp_path, limit=300).run()
+    assert summary.ok and summary.stopped_by == "limit"
+    assert summary.captured == summary.acked == 300 and summary.spool_depth == 0
+    assert acker.seqs("dev-1") == set(range(300)) and acker.reused("dev-1") == []
+    digits = open_source("digits", once=True)
+    assert [acker.labels["dev-1"][s] for s in range(300)] == digits.labels[:300]
+    assert acker.pipelines == {Pipeline.from_preset("digits").hash}
+    assert acker.shapes == {("float32", (1, 8, 8))}
+    assert acker.envelopes < 300  # batched
+
+
+def test_retained_status_online_then_offline_and_telemetry(broker, fleet, tmp_path):
+    with (
+        Acker(broker.url("worker", "acker", fleet=fleet), fleet),
+        Watcher(broker.url("viewer", "viewer", fleet=fleet), fleet) as watch,
+    ):
+        time.sleep(0.2)
+        agent = make_agent(broker, fleet, tmp_path, limit=60, rate_hz=60)
+        summary = agent.run()
+        assert summary.ok
+        assert watch.wait(lambda w: any(not b["online"] for b in w.bodies("dev-1", "status")))
+    statuses = watch.bodies("dev-1", "status")
+    online = [b for b in statuses if b["online"]]
+    assert online and online[0]["pipeline"] == agent.pipeline.hash and online[0]["source"] == "digits"
+    assert {"spool_depth", "dropped", "model_version", "next_seq"} <= set(online[0])
+    final = statuses[-1]
+    assert final["online"] is False and final["spool_depth"] == 0 and final["next_seq"] == 60
+    telemetry = watch.bodies("dev-1", "telemetry")
+    assert telemetry, "a telemetry report every 0.3 s over a 1 s run"
+    last = telemetry[-1]
+    for key in ("captured", "published", "acked", "spool_depth", "dropped", "preprocess_ms", "skipped"):
+        assert key in last
+    assert last["captured"] >= last["acked"] > 0 and last["dropped"] == 0
+    assert any(t["preprocess_ms"] is not None and t["preprocess_ms"] > 0 for t in telemetry)
+    # a new viewer sees the retained offline status
+    with Watcher(broker.url("viewer", "viewer2", fleet=fleet), fleet) as late:
+        assert late.wait(lambda w: w.bodies("dev-1", "status"))
+        assert late.bodies("dev-1", "status")[-1]["online"] is False
+
+
+def test_unacknowledged_samples_stay_spooled_and_go_out_next_run(broker, fleet, tmp_path):
+    first = make_agent(broker, fleet, tmp_path, limit=50, drain_timeout=0.5).run()
+    assert not first.ok and first.spool_depth == 50 and first.acked == 0  # a PUBACK is not an ack
+    with Acker(broker.url("worker", "acker", fleet=fleet), fleet) as acker:
+        time.sleep(0.2)
+        second = make_agent(broker, fleet, tmp_path, limit=10).run()
+    assert second.ok and second.acked == 60 and second.next_seq == 60
+    assert acker.seqs("dev-1") == set(range(60)) and acker.reused("dev-1") == []
+
+
+def test_no_ack_within_timeout_means_resend(broker, fleet, tmp_path):
+    with Acker(broker.url("worker", "acker", fleet=fleet), fleet, ack=False) as acker:
+        time.sleep(0.2)
+        agent = make_agent(broker, fleet, tmp_path, limit=40, ack_timeout=0.5)
+        import threading
+
+        def ack_later() -> None:
+            acker.wait_for("dev-1", 40)
+            time.sleep(1.2)  # past the ack timeout: the device must send everything again
+            acker.ack = True
+
+        threading.Thread(target=ack_later, daemon=True).start()
+        summary = agent.run()
+    assert summary.ok and summary.resent >= 40 and agent.counters.ack_timeouts >= 1
+    assert acker.seqs("dev-1") == set(range(40)) and acker.deliveries["dev-1"] >= 80
+
+
+def test_drop_oldest_is_counted_and_reported(amqtt_broker, fleet, tmp_path):
+    one = len(
+        __import__("lepton.device", fromlist=["Spool"]).Spool.encode_body(np.zeros((1, 8, 8), np.float32))
+    )
+    summary = make_agent(
+        amqtt_broker, fleet, tmp_path, limit=30, spool_max_bytes=one * 10, drain_timeout=0.3
+    ).run()
+    assert summary.dropped == 20 and summary.spool_depth == 10 and not summary.ok
+
+
+def test_model_runtime_is_wired_into_status(amqtt_broker, fleet, tmp_path):
+    with (
+        Acker(amqtt_broker.url("worker", "acker", fleet=fleet), fleet),
+        Watcher(amqtt_broker.url("viewer", "viewer", fleet=fleet), fleet) as watch,
+    ):
+        time.sleep(0.2)
+        agent = make_agent(amqtt_broker, fleet, tmp_path, limit=20, model="digits", verify=False)
+        summary = agent.run()
+        assert summary.ok and summary.model_version is None  # no model published: still captures
+        assert watch.wait(lambda w: w.bodies("dev-1", "status"))
+    status = watch.bodies("dev-1", "status")[0]
+    assert status["model"] == "digits" and status["model_version"] is None and status["model_verify"] is False
+
+
+def test_refused_password_is_a_broker_error(broker, fleet, tmp_path):
+    url = broker.url("device", "dev-1", fleet=fleet).replace("mqtt://dev-1:", "mqtt://dev-1:wrong")
+    agent = DeviceAgent(broker=url, fleet=fleet, device_id="dev-1", source="digits", spool_dir=tmp_path)
+    with pytest.raises(BrokerConnectionError, match="refused"):
+        agent.run()
+    assert agent.spool._db is None  # spool closed cleanly even on a failed start
