@@ -48,6 +48,7 @@ __all__ = [
     "samples_to_table",
     "write_atomic",
     "write_parquet_atomic",
+    "write_parquet_synced",
 ]
 
 #: The dataset schema. Field order is part of the contract.
@@ -99,22 +100,29 @@ def write_atomic(path: str | Path, data: bytes) -> Path:
     return path
 
 
-def write_parquet_atomic(path: str | Path, table: pa.Table, *, metadata: dict[bytes, bytes] | None = None,
-                         sync_dir: bool = True) -> int:
-    """Write ``table`` as Parquet at ``path`` atomically; return the file's size in bytes.
+def write_parquet_synced(path: str | Path, table: pa.Table, *,
+                         metadata: dict[bytes, bytes] | None = None) -> int:
+    """Write ``table`` as Parquet at ``path``, flush and fsync it (no rename); return its size in bytes.
 
     ``metadata`` is added to the schema's key-value metadata (e.g. :data:`REPLACES_KEY`).
     """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
     if metadata:
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
-    with open(tmp, "wb") as fh:
-        # Samples are incompressible-ish float tensors; snappy costs little and helps labels/ids.
+    with open(path, "wb") as fh:
+        # Tensors compress poorly; snappy is nearly free and helps the id, label and pipeline columns.
         pq.write_table(table, fh, compression="snappy", row_group_size=64 * 1024)
         fh.flush()
         os.fsync(fh.fileno())
-        size = fh.tell()
+        return fh.tell()
+
+
+def write_parquet_atomic(path: str | Path, table: pa.Table, *, metadata: dict[bytes, bytes] | None = None,
+                         sync_dir: bool = True) -> int:
+    """Write ``table`` as Parquet at ``path`` atomically (``.name.tmp``, fsync, rename, fsync dir);
+    return the file's size in bytes."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    size = write_parquet_synced(tmp, table, metadata=metadata)
     os.replace(tmp, path)
     if sync_dir:
         fsync_dir(path.parent)

@@ -155,7 +155,7 @@ class SqliteIndex(SampleIndex):
         self._db.close()
 
 
-def finish_file(data_dir: Path, name: str) -> bool:
+def finish_file(data_dir: Path, name: str, *, own: bool = False) -> bool:
     """Make a committed file visible: rename its ``.tmp`` if needed, then delete the sources a compacted
     file replaces. Safe to run concurrently with the file's own writer. Returns False if the file is
     missing altogether (it was lost: logged loudly)."""
@@ -165,7 +165,8 @@ def finish_file(data_dir: Path, name: str) -> bool:
         try:
             os.replace(tmp, final)
             fsync_dir(data_dir)
-            log.warning("finished committed file %s left by an interrupted writer", name)
+            if not own:
+                log.warning("finished committed file %s left by an interrupted writer", name)
         except FileNotFoundError:
             if not final.exists():
                 log.error("index lists %s but neither it nor its .tmp exists", name)
@@ -244,3 +245,71 @@ def recover(index: SampleIndex, dataset_dir: Path) -> dict[str, int]:
     if any(done.values()):
         log.warning("recovered dataset %s: %s", dataset_dir, done)
     return done
+
+
+def open_index(dataset_dir: str | Path) -> SampleIndex:
+    """The index of a dataset folder ``{root}/{fleet}``."""
+    return SqliteIndex(Path(dataset_dir) / "index.sqlite")
+
+
+def compact(dataset_dir: str | Path, *, small_rows: int = 50_000, max_rows: int = 500_000,
+            index: SampleIndex | None = None) -> dict[str, int]:
+    """Merge data files of fewer than ``small_rows`` rows into ``compact-*.parquet`` files of at most
+    ``max_rows`` rows. Safe while workers write: it holds the index lock while it reads the sources and
+    writes the merged file, commits the swap in the index, then renames the merged file into place and
+    deletes the sources. The merged file lists the sources it replaces (``lepton.replaces``), so a crash
+    after the commit is finished by the next writer (:func:`finish_file`)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from lepton.cloud._dataset import COMPACT_PREFIX, new_file_name, write_parquet_synced
+
+    dataset_dir = Path(dataset_dir)
+    data_dir = dataset_dir / DATA_DIR
+    own = index is None
+    index = index or open_index(dataset_dir)
+    merged: list[str] = []
+    result = {"files_before": 0, "files_merged": 0, "files_written": 0, "rows": 0}
+    try:
+        recover(index, dataset_dir)
+        with index.transaction():
+            pending = index.invisible_files()
+            for name in pending:
+                finish_file(data_dir, name)
+            index.mark_visible(pending)
+            sizes = {}
+            for name in sorted(index.file_names()):
+                if (data_dir / name).exists():
+                    sizes[name] = pq.read_metadata(data_dir / name).num_rows
+            result["files_before"] = len(sizes)
+            small = [n for n, rows in sizes.items() if rows < small_rows]
+            groups: list[list[str]] = [[]]
+            total = 0
+            for name in small:
+                if groups[-1] and total + sizes[name] > max_rows:
+                    groups.append([])
+                    total = 0
+                groups[-1].append(name)
+                total += sizes[name]
+            for group in groups:
+                if len(group) < 2:
+                    continue
+                table = pa.concat_tables([pq.read_table(data_dir / n) for n in group])
+                name = new_file_name("c", prefix=COMPACT_PREFIX)
+                tmp = data_dir / f".{name}.tmp"
+                size = write_parquet_synced(tmp, table, metadata={REPLACES_KEY: json.dumps(group).encode()})
+                index.remove_files(group)
+                index.add_file(name, rows=table.num_rows, size=size, visible=False)
+                merged.append(name)
+                result["files_merged"] += len(group)
+                result["files_written"] += 1
+                result["rows"] += table.num_rows
+        for name in merged:
+            finish_file(data_dir, name, own=True)
+        if merged:
+            with index.transaction():
+                index.mark_visible(merged)
+    finally:
+        if own:
+            index.close()
+    return result

@@ -328,7 +328,7 @@ class IngestWorker:
                 delay = min(delay * 2, 10.0)
 
     def _process(self, batch: list[_Message]) -> None:
-        from lepton.cloud._dataset import fsync_dir, new_file_name, samples_to_table
+        from lepton.cloud._dataset import fsync_dir, new_file_name, samples_to_table, write_parquet_synced
         from lepton.cloud._index import finish_file
 
         cfg = self.config
@@ -393,15 +393,16 @@ class IngestWorker:
                     table = samples_to_table(((d, p, s) for d, p, s, _ in new_rows),
                                              received_at=[r for *_, r in new_rows])
                     tmp = self.data_dir / f".{name}.tmp"
-                    size = write_parquet_atomic_tmp(tmp, table)
+                    size = write_parquet_synced(tmp, table)
                     self.index.add_rows((d, s.seq) for d, _p, s, _r in new_rows)
                     self.index.add_file(name, rows=len(new_rows), size=size, visible=False)
             if name is not None:
                 try:
                     os.replace(self.data_dir / f".{name}.tmp", self.data_dir / name)
-                except FileNotFoundError:  # another worker finished it for us in the meantime
-                    if not (self.data_dir / name).exists():
-                        raise
+                except FileNotFoundError:
+                    # Another writer finished it for us meanwhile (and a compaction may already have
+                    # merged it): the index, not this rename, is what made it durable.
+                    log.debug("worker %s: %s was finished by another writer", cfg.name, name)
                 fsync_dir(self.data_dir)
                 self._my_unmarked.append(name)
 
@@ -545,17 +546,6 @@ class IngestWorker:
 def _samples_hint(msg: _Message) -> int:
     """Rough sample count of a message before decoding: payload size over 1 KiB, at least 1."""
     return max(1, len(msg.payload) // 1024)
-
-
-def write_parquet_atomic_tmp(tmp: Path, table) -> int:  # noqa: ANN001
-    """Write + flush + fsync ``table`` at ``tmp`` (the rename comes after the index commit)."""
-    import pyarrow.parquet as pq
-
-    with open(tmp, "wb") as fh:
-        pq.write_table(table, fh, compression="snappy", row_group_size=64 * 1024)
-        fh.flush()
-        os.fsync(fh.fileno())
-        return fh.tell()
 
 
 def _write_synced(path: Path, data: bytes, *, sync_dir: bool = True) -> None:
