@@ -98,13 +98,11 @@ class DatasetInfo:
 
 
 def dataset_files(root: str | Path, fleet: str) -> list[Path]:
-    """The fleet's committed Parquet files, in a stable order."""
-    data = Path(root) / validate_id(fleet, kind="fleet") / "data"
-    if not data.is_dir():
-        return []
-    files = [p for p in data.rglob("*.parquet")
-             if not any(part.startswith((".", "_")) for part in p.relative_to(data).parts)]
-    return sorted(files)
+    """The fleet's visible Parquet files, oldest first (the ingest side's :meth:`Dataset.files`, which
+    also hides the sources of a compaction that is still finishing, so no sample is read twice)."""
+    from lepton.cloud._dataset import Dataset
+
+    return list(Dataset(root, validate_id(fleet, kind="fleet")).files())
 
 
 def is_validation(device: str, seq: int, val_fraction: float) -> bool:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -10,39 +9,30 @@ import pytest
 
 from lepton.protocol import pipeline_hash
 
-DIGITS_SPEC = {"preset": "digits", "shape": [1, 8, 8], "dtype": "float32", "scale": 1 / 16}
+#: The device's "digits" preprocessing preset (lepton/device/_pipeline.py), as its spec travels.
+DIGITS_SPEC = {"ops": [{"op": "grayscale"}, {"op": "resize", "width": 8, "height": 8},
+                       {"op": "normalize", "mean": 0, "std": 255}, {"op": "reshape", "shape": [1, 8, 8]}]}
 DIGITS_HASH = pipeline_hash(DIGITS_SPEC)
 
 
 def write_dataset(root: Path, fleet: str, x: np.ndarray, labels, *, devices: int = 3,
                   pipeline: str | None = DIGITS_HASH, file_rows: int = 500, seq_start: int = 0,
                   name: str = "part") -> Path:
-    """Write samples as the ingest worker does: DIR/{fleet}/data/*.parquet in the dataset schema."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    """Write samples with the ingest worker's own writer: DIR/{fleet}/data/*.parquet in its schema.
+
+    Row ``i`` comes from device ``dev-{i % devices}`` with seq ``seq_start + i // devices``.
+    """
+    from lepton.cloud._dataset import samples_to_table, write_parquet_atomic
+    from lepton.protocol import Sample
 
     data = root / fleet / "data"
     data.mkdir(parents=True, exist_ok=True)
-    schema = pa.schema([("device", pa.string()), ("seq", pa.int64()), ("ts", pa.float64()),
-                        ("label", pa.string()), ("dtype", pa.string()), ("shape", pa.list_(pa.int32())),
-                        ("x", pa.binary()), ("pipeline", pa.string()), ("received_at", pa.float64()),
-                        ("meta", pa.string())])
-    n = len(x)
-    for part, start in enumerate(range(0, n, file_rows)):
-        idx = range(start, min(start + file_rows, n))
-        rows = {
-            "device": [f"dev-{i % devices}" for i in idx],
-            "seq": [seq_start + i // devices for i in idx],
-            "ts": [1.7e9 + i for i in idx],
-            "label": [None if labels[i] is None else str(labels[i]) for i in idx],
-            "dtype": [x.dtype.name] * len(idx),
-            "shape": [list(x.shape[1:])] * len(idx),
-            "x": [np.ascontiguousarray(x[i]).astype(x.dtype.newbyteorder("<")).tobytes() for i in idx],
-            "pipeline": [pipeline] * len(idx),
-            "received_at": [1.7e9 + i + 0.1 for i in idx],
-            "meta": [json.dumps({"i": i}) for i in idx],
-        }
-        pq.write_table(pa.table(rows, schema=schema), data / f"{name}-{part:04d}.parquet")
+    for part, start in enumerate(range(0, len(x), file_rows)):
+        rows = [(f"dev-{i % devices}", pipeline,
+                 Sample(seq=seq_start + i // devices, ts=1.7e9 + i, x=x[i],
+                        y=None if labels[i] is None else str(labels[i]), meta={"i": i}))
+                for i in range(start, min(start + file_rows, len(x)))]
+        write_parquet_atomic(data / f"{name}-{part:04d}.parquet", samples_to_table(rows))
     return root
 
 
