@@ -171,6 +171,7 @@ class RunSummary:
     duration_s: float
     preprocess_ms: float | None
     stopped_by: str
+    reconnects: int = 0
     model_version: int | None = None
     skipped_items: list[str] = field(default_factory=list)
 
@@ -359,7 +360,8 @@ class DeviceAgent:
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
         if reason_code.is_failure:
             self._auth_error = str(reason_code)
-            log.error(
+            # At start-up connect() raises BrokerConnectionError with the fix; later it is only logged.
+            (log.error if self._ever_connected else log.debug)(
                 "device %s: broker %s refused the connection: %s", self.device_id, self.url, reason_code
             )
             return
@@ -680,6 +682,7 @@ class DeviceAgent:
             duration_s=round(time.monotonic() - self._started, 3),
             preprocess_ms=round(1000 * c.preprocess_s / c.preprocess_n, 4) if c.preprocess_n else None,
             stopped_by=self._stopped_by,
+            reconnects=c.reconnects,
             model_version=getattr(self.runtime, "version", None),
             skipped_items=list(self.source.skipped_items),
         )
