@@ -42,13 +42,18 @@ class ModelStore:
 
     # -- writing ----------------------------------------------------------------------------------
     def stage(self, version: int, data: bytes) -> Path:
-        """Write a version's ONNX bytes (not yet the last good model); return the file's path."""
+        """Write a version's ONNX bytes (not yet the last good model); return the file's path.
+
+        Not fsynced yet: :meth:`commit` does it, so a swap does not wait for the disk.
+        """
         path = self.onnx_path(version)
-        self._write_atomic(path, data)
+        self._write_atomic(path, data, durable=False)
         return path
 
     def commit(self, manifest_payload: bytes, version: int) -> None:
-        """Make the staged ``version`` the last good model, then remove older files."""
+        """Make the staged ``version`` the last good model (durably), then remove older files."""
+        with open(self.onnx_path(version), "rb") as f:
+            os.fsync(f.fileno())
         self._write_atomic(self.manifest_path, manifest_payload)
         for path in self._onnx_files():
             if path != self.onnx_path(version):
@@ -106,18 +111,21 @@ class ModelStore:
         except FileNotFoundError:
             return []
 
-    def _write_atomic(self, path: Path, data: bytes) -> None:
+    def _write_atomic(self, path: Path, data: bytes, *, durable: bool = True) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=self.directory)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()
-                os.fsync(f.fileno())
+                if durable:
+                    os.fsync(f.fileno())
             os.replace(tmp, path)
         except BaseException:
             self._unlink(Path(tmp))
             raise
+        if not durable:
+            return
         try:  # make the rename itself durable
             dir_fd = os.open(self.directory, os.O_RDONLY)
             try:

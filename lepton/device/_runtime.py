@@ -16,8 +16,8 @@ How a swap happens, and why it never stalls inference:
 * ``handle_message`` only parses the topic and queues the payload; it never blocks or raises.
 * One background thread assembles chunks (in any order, before or after their manifest), checks each
   chunk's sha256 as soon as the manifest is known, verifies the whole package (sha256, size, Ed25519
-  signature, pipeline hash, input shape/dtype), builds a new ``InferenceSession``, warms it up, writes
-  it to disk as the last good model, and only then swaps.
+  signature, pipeline hash, input shape/dtype), writes it to disk, builds a new ``InferenceSession``
+  from that file, warms it up, swaps, and then commits it (fsync) as the last good model.
 * The swap is one reference assignment (``self._current = loaded``). ``predict`` reads the reference
   once per call, so an inference in flight finishes on the old session and the next one uses the new;
   the old session is freed when its last inference returns.
@@ -350,7 +350,8 @@ class ModelRuntime:
 
     def swap_history(self) -> list[dict[str, Any]]:
         """One entry per swap: version, manifest_ts (wall clock when its manifest arrived), ready_ms
-        (manifest to verified and warmed up), swapped_ts, first_inference_ts."""
+        (manifest to verified and warmed up; verify_ms, stage_ms, load_ms split it), swapped_ts,
+        first_inference_ts."""
         with self._stats_lock:
             return [dict(entry) for entry in self._swap_log]
 
@@ -493,6 +494,7 @@ class ModelRuntime:
     def _finish(self, asm: _Assembly) -> None:
         """All chunks are here: verify the whole package, load and warm it up, store it, swap."""
         version = asm.version
+        t0 = time.perf_counter()
         try:
             package = verify_package(asm.manifest_payload, asm.chunks, public_key=self.public_key)
         except ModelRejected as exc:
@@ -500,12 +502,14 @@ class ModelRuntime:
             self._reject(version, exc)
             return
         asm.chunks = {}  # the package holds the bytes now
+        t1 = time.perf_counter()
         path: Path | None = None
         try:  # staged on disk first: ONNX Runtime loads a file without holding the GIL for long
             path = self.store.stage(version, package.data)
         except OSError as exc:
             log.warning("model %s v%d: cannot write it to %s (%s); loading it from memory",
                         self.model, version, self.store.directory, exc)
+        t2 = time.perf_counter()
         try:
             loaded = self._load(package, source="broker", path=path)
         except ModelRejected as exc:
@@ -518,23 +522,27 @@ class ModelRuntime:
         if current is not None and version <= current:  # cannot happen with one worker; stay safe
             self._assemblies.pop(version, None)
             return
-        if path is not None:
+        t3 = time.perf_counter()
+        ready_ms = (time.monotonic() - asm.manifest_seen) * 1000.0 if asm.manifest_seen else None
+        steps = {"verify_ms": round((t1 - t0) * 1000, 3), "stage_ms": round((t2 - t1) * 1000, 3),
+                 "load_ms": round((t3 - t2) * 1000, 3)}
+        self._swap(loaded, manifest_wall=asm.manifest_wall, ready_ms=ready_ms, steps=steps)
+        for v in [v for v in self._assemblies if v <= version]:
+            del self._assemblies[v]
+        if path is not None:  # after the swap: serving does not wait for fsync
             try:
                 self.store.commit(asm.manifest_payload, version)
             except OSError as exc:  # serving matters more than the disk copy
                 log.warning("model %s v%d: cannot store it as the last good model in %s: %s",
                             self.model, version, self.store.directory, exc)
-        ready_ms = (time.monotonic() - asm.manifest_seen) * 1000.0 if asm.manifest_seen else None
-        self._swap(loaded, manifest_wall=asm.manifest_wall, ready_ms=ready_ms)
-        for v in [v for v in self._assemblies if v <= version]:
-            del self._assemblies[v]
 
-    def _swap(self, loaded: _Loaded, *, manifest_wall: float | None, ready_ms: float | None) -> None:
+    def _swap(self, loaded: _Loaded, *, manifest_wall: float | None, ready_ms: float | None,
+              steps: dict[str, float] | None = None) -> None:
         previous = self.version
         entry = {"version": loaded.manifest.version, "previous": previous, "source": loaded.source,
                  "manifest_ts": manifest_wall,
                  "ready_ms": round(ready_ms, 3) if ready_ms is not None else None,
-                 "swapped_ts": None, "first_inference_ts": None}
+                 "swapped_ts": None, "first_inference_ts": None, **(steps or {})}
         with self._stats_lock:
             self._swap_log.append(entry)
             del self._swap_log[:-64]
