@@ -1,0 +1,57 @@
+"""What every firmware-style node shares: the connection flags and running an agent to an exit code."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from lepton.device import DeviceAgent, DeviceConfig
+from lepton.errors import BrokerConnectionError, ConfigError
+
+# Exit codes as in `lepton device`: 0 all acknowledged, 2 bad setting, 3 broker, 4 unacknowledged left.
+OK, USAGE, BROKER, UNACKED = 0, 2, 3, 4
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--broker", required=True, help="mqtt://DEVICE_ID:PASSWORD@HOST:PORT")
+    p.add_argument("--fleet", required=True)
+    p.add_argument("--id", required=True, dest="device_id")
+    p.add_argument("--spool", help="spool directory (default ~/.lepton/spool/FLEET/ID)")
+    p.add_argument("--rate", type=float, help="samples per second")
+    p.add_argument("--limit", type=int, help="stop after N samples are captured and acknowledged")
+    p.add_argument("--json", action="store_true", help="print the run summary as JSON")
+    return p
+
+
+def run(args: argparse.Namespace, *, name: str, **settings) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        agent = DeviceAgent(
+            DeviceConfig(
+                broker=args.broker,
+                fleet=args.fleet,
+                device_id=args.device_id,
+                spool_dir=args.spool,
+                rate_hz=args.rate,
+                limit=args.limit,
+                **settings,
+            )
+        )
+        summary = agent.run()
+    except ConfigError as exc:
+        print(f"{name}: error: {exc}", file=sys.stderr)
+        return USAGE
+    except BrokerConnectionError as exc:
+        print(f"{name}: error: {exc}", file=sys.stderr)
+        return BROKER
+    if args.json:
+        print(json.dumps(summary.as_dict(), sort_keys=True))
+    else:
+        print(
+            f"{name}: captured {summary.captured}, acked {summary.acked}, spool {summary.spool_depth}",
+            file=sys.stderr,
+        )
+    return OK if summary.ok else UNACKED
