@@ -140,9 +140,12 @@ class ExportCallback(pl.Callback):
     def __init__(self, config: ExportConfig) -> None:
         self.config = config
         self.result: ExportResult | None = None
+        self.seconds = 0.0
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        started = time.perf_counter()
         self.result = export_and_compress(pl_module, trainer.datamodule, self.config)
+        self.seconds = time.perf_counter() - started
 
 
 class RegistryCallback(pl.Callback):
@@ -153,8 +156,16 @@ class RegistryCallback(pl.Callback):
         self.config, self.export, self.registry = config, export, registry
         self.extra_report = extra_report or {}
         self.result: TrainResult | None = None
+        self.seconds = 0.0
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        started = time.perf_counter()
+        try:
+            self._finish(trainer)
+        finally:
+            self.seconds = time.perf_counter() - started
+
+    def _finish(self, trainer: pl.Trainer) -> None:
         cfg, exported = self.config, self.export.result
         if exported is None:
             raise RuntimeError("RegistryCallback must come after ExportCallback")
@@ -319,7 +330,10 @@ def train(config: TrainConfig, *, datamodule: ParquetDataModule | None = None,
     result = registry_cb.result
     if result is None:
         raise RuntimeError("training ended without a result (interrupted?)")
-    training = {**result.report.get("training", {}), "time_s": round(elapsed, 2),
+    training = {**result.report.get("training", {}),
+                "time_s": round(elapsed - export_cb.seconds - registry_cb.seconds, 2),
+                "export_s": round(export_cb.seconds, 2), "gate_store_publish_s": round(registry_cb.seconds, 2),
+                "total_s": round(elapsed, 2),
                 "epochs_run": trainer.current_epoch, "best_epoch": best.best_epoch,
                 "best_val_acc_torch": best.best}
     version = registry.update_report(config.model, result.version.version, training=training)
