@@ -468,3 +468,33 @@ def test_rejections_through_the_broker_keep_the_old_model_and_report_the_reason(
         link.close()
         pub.close()
         runtime.close()
+
+
+def test_serving_a_model_imports_no_training_stack(tmp_path, keys, fleet):
+    """The runtime (verify, load, infer) runs on a device without torch, lightning, pyarrow or onnx."""
+    import subprocess
+    import sys
+
+    private, _, _, pub_path = keys
+    ModelStore(tmp_path, MODEL).save(*_joined(package(1, make_onnx(1), private)))
+    code = f"""
+import sys
+import numpy as np
+from pathlib import Path
+from lepton.device import ModelRuntime
+from lepton.protocol import Topics, load_public_key
+rt = ModelRuntime(topics=Topics(fleet={fleet!r}), model={MODEL!r}, store_dir=Path({str(tmp_path)!r}),
+                  public_key=load_public_key({str(pub_path)!r}), pipeline_hash={PIPE!r},
+                  input_shape=({N_IN},))
+assert rt.predict(np.zeros({N_IN}, np.float32)).version == 1
+rt.close()
+print(sorted(m for m in ("torch", "lightning", "pyarrow", "onnx") if m in sys.modules))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def _joined(built: tuple[bytes, list[bytes]]) -> tuple[bytes, bytes]:
+    manifest, chunks = built
+    return manifest, b"".join(chunks)
