@@ -18,6 +18,7 @@ its manifest fields, the training report, and the signed package last published.
   show       one version in full (default: the newest)
   rollback   re-publish an old version's weights as a NEW, higher version (parent = the old one),
              so devices move forward to it like to any update; versions never go down
+  publish    publish a stored version as it is (no gate), e.g. after a failed publication
   fetch      rebuild the current model of a fleet from the broker's retained messages and verify it
 
 examples:
@@ -53,6 +54,16 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--key", metavar="FILE", help="Ed25519 private key that signs the manifest")
     p.add_argument("--chunk-size", type=int, default=None, metavar="BYTES", help="bytes per chunk message")
     p.set_defaults(handler=run_rollback)
+
+    p = sub.add_parser("publish", parents=[common], help="publish a stored version (no gate; e.g. after a "
+                       "failed publication)")
+    p.add_argument("name")
+    p.add_argument("--version", type=int, default=None, help="version (default: the newest)")
+    p.add_argument("--broker", metavar="URL", required=True, help="mqtt://user:password@host:port")
+    p.add_argument("--fleet", help="fleet to publish to (default: the fleet the version was trained for)")
+    p.add_argument("--key", metavar="FILE", help="Ed25519 private key that signs the manifest")
+    p.add_argument("--chunk-size", type=int, default=None, metavar="BYTES", help="bytes per chunk message")
+    p.set_defaults(handler=run_publish)
 
     p = sub.add_parser("fetch", help="rebuild and verify the current model from retained messages")
     p.add_argument("name")
@@ -137,6 +148,25 @@ def run_rollback(args: argparse.Namespace) -> int:
     else:
         where = f"published to fleet {fleet}" if publication else "stored (add --publish to ship it)"
         print(f"{args.name} v{new.version} = weights of v{args.to}: {where}")
+    return _exit.OK
+
+
+def run_publish(args: argparse.Namespace) -> int:
+    from lepton.protocol import DEFAULT_CHUNK_SIZE, load_private_key
+
+    reg = _registry(args)
+    mv = reg.get(args.name, args.version)
+    fleet = args.fleet or mv.report.get("fleet")
+    if not fleet:
+        raise ConfigError(f"v{mv.version} records no fleet; pass --fleet")
+    key = load_private_key(args.key) if args.key else None
+    result = reg.publish(args.name, mv.version, url=args.broker, fleet=fleet, private_key=key,
+                         chunk_size=args.chunk_size or DEFAULT_CHUNK_SIZE)
+    if args.json:
+        print(json.dumps({"version": mv.version, "fleet": fleet, "publication": result.to_dict()}, sort_keys=True))
+    else:
+        print(f"{args.name} v{mv.version} published to fleet {fleet}: {result.chunks} chunks, "
+              f"signed={key is not None}, cleared {result.cleared or 'nothing'}")
     return _exit.OK
 
 

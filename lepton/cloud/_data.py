@@ -176,8 +176,12 @@ class _Selection:
                     continue
                 if is_validation(cols["device"][i], cols["seq"][i], self.val_fraction) != want_val:
                     continue
-                raw = xs[i].as_py()
-                x = np.frombuffer(raw, dtype=self.np_dtype).reshape(self.shape).astype(np.float32)
+                try:
+                    x = np.frombuffer(xs[i].as_py(), dtype=self.np_dtype).reshape(self.shape).astype(np.float32)
+                except (ValueError, TypeError):  # bytes do not fit dtype x shape: skip, never crash training
+                    log.warning("sample %s/%s: x does not hold %s %s; skipped", cols["device"][i], cols["seq"][i],
+                                self.dtype, self.shape)
+                    continue
                 yield x, index
 
 

@@ -215,9 +215,13 @@ class Registry:
         from lepton.cloud._delivery import publish_package
         from lepton.protocol import BrokerURL
 
+        previous = self.deployments(name).get(fleet)
+        if previous is not None and previous["version"] > version:
+            raise ConfigError(f"{name} v{previous['version']} is deployed to {fleet}; devices never move back to "
+                              f"v{version}. Use `lepton models rollback {name} --to {version}` to ship its weights "
+                              "as a new version")
         payload, chunks = self.build(name, version, private_key=private_key, chunk_size=chunk_size)
         supersedes = {}
-        previous = self.deployments(name).get(fleet)
         if previous is not None and previous["version"] != version:
             supersedes[previous["version"]] = previous["chunks"]
         result = publish_package(url, fleet, payload, chunks, supersedes=supersedes, verify=verify, timeout=timeout)

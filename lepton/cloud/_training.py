@@ -31,7 +31,7 @@ from lepton.cloud._data import DataConfig, ParquetDataModule
 from lepton.cloud._export import ExportConfig, ExportResult, export_and_compress, onnx_accuracy, onnx_session
 from lepton.cloud._nets import make_module
 from lepton.cloud._registry import ModelVersion, Registry
-from lepton.errors import ConfigError
+from lepton.errors import ConfigError, GateRefused
 from lepton.protocol import DEFAULT_CHUNK_SIZE, validate_id
 
 log = logging.getLogger(__name__)
@@ -104,6 +104,14 @@ class TrainResult:
     @property
     def gate_passed(self) -> bool:
         return bool(self.report["gate"]["passed"])
+
+    def check(self) -> TrainResult:
+        """Raise :class:`~lepton.errors.GateRefused` when the gate kept this version from shipping."""
+        gate = self.report["gate"]
+        if not gate["passed"]:
+            raise GateRefused(f"{self.version.name} v{self.version.version}: {gate['reason']}",
+                              new_accuracy=gate["new_accuracy"], deployed_accuracy=gate["deployed_accuracy"])
+        return self
 
 
 # ------------------------------------------------------------------------------------------------

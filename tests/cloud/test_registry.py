@@ -78,3 +78,19 @@ def test_models_list_and_show_cli(tmp_path, trained_digits, capsys):
     assert shown["manifest"]["version"] == 1 and shown["manifest"]["labels"] == [str(i) for i in range(10)]
     assert "refused" in table and "digits" in table
     assert "has no version 9" in capsys.readouterr().err
+
+
+def test_an_older_version_is_never_published_over_a_newer_one(amqtt_broker, fleet, tmp_path, trained_digits, capsys):
+    _, _, version = trained_digits
+    reg = Registry(tmp_path)
+    url = amqtt_broker.url("worker", "trainer", fleet=fleet)
+    _store(reg, version.data(), manifest=version.manifest)
+    _store(reg, version.data(), manifest=version.manifest, parent=1)
+    reg.publish("digits", 2, url=url, fleet=fleet)
+
+    code = main(["models", "publish", "digits", "--version", "1", "--data", str(tmp_path), "--broker", url,
+                 "--fleet", fleet])
+
+    assert code == 2
+    assert "models rollback digits --to 1" in capsys.readouterr().err
+    assert fetch_model(url, fleet, "digits", None).manifest.version == 2

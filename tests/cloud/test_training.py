@@ -102,6 +102,7 @@ def test_a_comparable_retrain_passes_the_gate_and_names_its_parent(fleet, digits
     # the deployed model is scored by ONNX Runtime on the same validation set
     assert gate["deployed_accuracy"] == pytest.approx(first.report["export"]["shipped_accuracy"])
     assert second.version.version > first.version.version and second.version.parent == first.version.version
+    assert second.check() is second
 
 
 def test_split_is_by_device_and_seq_and_other_pipelines_are_left_out(tmp_path, fleet, digits_arrays):
@@ -146,3 +147,23 @@ def test_cli_rejects_bad_flags_in_one_line(tmp_path, fleet, digits_dir, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 4 and all(line.startswith("lepton train: error: ") for line in err)
     assert "--broker" in err[1] and "no Parquet files" in err[2] and "cannot import" in err[3]
+
+
+def test_unreachable_broker_exits_3_keeps_the_version_and_models_publish_ships_it(amqtt_broker, fleet, digits_dir,
+                                                                                  keypair, capsys):
+    from lepton.broker import free_port
+
+    dead = f"mqtt://trainer:pw@127.0.0.1:{free_port()}"
+    code = main(["train", "--quiet", "--data", str(digits_dir), "--fleet", fleet, "--model", "digits", "--epochs", "3",
+                 "--publish", "--broker", dead, "--key", str(keypair[0])])
+    err = capsys.readouterr().err
+    registry = Registry(digits_dir)
+    assert code == 3 and "cannot reach broker" in err
+    assert registry.get("digits", 1).status == "publish_failed" and registry.deployed("digits", fleet) is None
+
+    url = amqtt_broker.url("worker", "trainer", fleet=fleet)
+    code = main(["models", "publish", "digits", "--data", str(digits_dir), "--broker", url, "--key", str(keypair[0])])
+
+    assert code == 0
+    assert registry.get("digits", 1).status == "published" and registry.deployed("digits", fleet).version == 1
+    assert fetch_model(url, fleet, "digits", keypair[1]).data == registry.get("digits", 1).data()
