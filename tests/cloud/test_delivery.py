@@ -149,3 +149,42 @@ def test_mosquitto_with_a_message_size_limit_smaller_than_the_model(fleet, train
     assert len(chunks) >= 2 and all(len(c) <= limit for c in chunks)
     assert result.verified
     assert package.data == data and package.manifest.version == 2
+
+
+def test_a_device_runtime_hot_swaps_to_the_published_model(amqtt_broker, fleet, trained_digits, keypair, tmp_path,
+                                                           digits_arrays):
+    """Cross-check with the edge: lepton.device's ModelRuntime verifies, loads and serves what we publish."""
+    from lepton.device import ModelRuntime
+    from lepton.protocol import load_public_key
+    from tests.cloud.conftest import DIGITS_HASH
+
+    _, _, version = trained_digits
+    payload, chunks = _package(1, data=version.data(), manifest=version.manifest, key=load_private_key(keypair[0]))
+    publish_package(amqtt_broker.url("worker", "trainer", fleet=fleet), fleet, payload, chunks)
+    swapped = threading.Event()
+    runtime = ModelRuntime(topics=Topics(fleet=fleet), model="digits", store_dir=tmp_path / "store",
+                           public_key=load_public_key(keypair[1]), pipeline_hash=DIGITS_HASH, input_shape=(1, 8, 8),
+                           on_change=lambda status: swapped.set())
+    url = BrokerURL.parse(amqtt_broker.url("device", "dev-7", fleet=fleet))
+    client = new_client(url, client_id="dev-7")
+    client.on_message = lambda c, u, msg: runtime.handle_message(msg.topic, msg.payload, msg.retain)
+    connect(client, url)
+    try:
+        for topic, qos in runtime.subscriptions():
+            client.subscribe(topic, qos=qos)
+        for _ in range(100):
+            if runtime.version == 1:
+                break
+            swapped.wait(0.2)
+            swapped.clear()
+        x, y = digits_arrays
+        predictions = [runtime.predict(x[i]) for i in range(200)]
+    finally:
+        client.disconnect()
+        client.loop_stop()
+        runtime.close()
+
+    assert runtime.version == 1
+    assert all(p is not None and p.version == 1 for p in predictions)
+    accuracy = np.mean([p.label == str(y[i]) for i, p in enumerate(predictions)])
+    assert accuracy >= 0.95  # mostly training samples: this checks labels and input layout, not generalisation
