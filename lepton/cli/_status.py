@@ -166,12 +166,21 @@ def device_row(name: str, status: dict | None, telemetry: dict | None, now: floa
     }
 
 
+# what an ingest worker reports first (lepton/cloud/_ingest.py); timestamps and ids are not shown
+_WORKER_FIRST = ("samples_per_s", "stored", "duplicates", "dead_letters", "queue", "errors", "train_runs",
+                 "train_running", "train_last_exit")
+_WORKER_SKIP = ("v", "ts", "online", "worker", "fleet", "group", "started_at", "last_write",
+                "train_last_started")
+
+
 def worker_row(name: str, status: dict | None, now: float) -> dict[str, Any]:
     status = status or {}
     ts = _num(status.get("ts"))
     online = status.get("online")
-    summary = {k: v for k, v in sorted(status.items())
-               if k not in ("v", "ts", "online", "worker") and isinstance(v, (int, float, str, bool))}
+    scalars = {k: v for k, v in status.items()
+               if k not in _WORKER_SKIP and isinstance(v, (int, float, str, bool))}
+    summary = {k: scalars.pop(k) for k in _WORKER_FIRST if k in scalars}
+    summary.update(sorted(scalars.items()))
     return {"worker": name, "online": online if isinstance(online, bool) else None, "last_seen": ts,
             "last_seen_s": round(now - ts, 1) if ts is not None else None, "summary": summary,
             "status": status or None}
