@@ -86,6 +86,8 @@ class LeptonAuthPlugin(BaseAuthPlugin):
             return False
         key = (session.username, session.password or "")
         if key not in self._verified:
+            if len(self._verified) >= 4096:  # bounded: clients guessing passwords must not grow it forever
+                self._verified.clear()
             self._verified[key] = self._hasher.verify(session.password or "", digest)
         return self._verified[key]
 
