@@ -149,6 +149,72 @@ def device_process(wid: int, names: list[str], urls: list[str], fleet: str, pub_
     events.put(("done", wid, out))
 
 
+def stall_probe(size_bytes: int, reps: int, results: mp.Queue) -> None:
+    """One runtime, one thread inferring back to back, a model of ``size_bytes`` fed in-process.
+
+    Isolates the runtime from the broker and from other device processes: the longest pause between
+    two inferences while a swap is in progress, against the longest pause in a quiet period as long.
+    """
+    from lepton.device import ModelRuntime
+    from lepton.protocol import Topics, build_package, generate_keypair, load_private_key, load_public_key
+
+    work = Path(tempfile.mkdtemp(prefix="lepton-bench-stall-"))
+    priv, pub = generate_keypair(work / "keys")
+    key = load_private_key(priv)
+    topics = Topics(fleet="probe")
+    runtime = ModelRuntime(topics=topics, model=MODEL, store_dir=work / "store",
+                           public_key=load_public_key(pub), pipeline_hash=PIPE, input_shape=(N_IN,))
+
+    def messages(version: int, data: bytes) -> list[tuple[str, bytes]]:
+        manifest, chunks = build_package(name=MODEL, version=version, data=data,
+                                         input_spec={"name": "x", "shape": [-1, N_IN], "dtype": "float32"},
+                                         labels=[str(i) for i in range(N_OUT)],
+                                         pipeline={"hash": PIPE, "spec": {}}, private_key=key)
+        return [(topics.model_chunk(MODEL, version, i), c) for i, c in enumerate(chunks)] + \
+            [(topics.model(MODEL), manifest)]
+
+    batches = [messages(v, make_model(size_bytes, 500 + v)) for v in range(1, reps + 2)]
+    for topic, payload in batches[0]:
+        runtime.handle_message(topic, payload, True)
+    while runtime.version != 1:
+        time.sleep(0.01)
+    stamps: list[float] = []
+    stop = threading.Event()
+    x = np.zeros(N_IN, np.float32)
+
+    def loop() -> None:
+        while not stop.is_set():
+            runtime.predict(x)
+            stamps.append(time.perf_counter())
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    time.sleep(0.3)
+    swap_gaps, quiet_gaps = [], []
+    for version, batch in enumerate(batches[1:], start=2):
+        t0 = time.perf_counter()
+        for topic, payload in batch:  # what paho's network thread does, message by message
+            runtime.handle_message(topic, payload, True)
+        while runtime.version != version:
+            time.sleep(0.001)
+        t1 = time.perf_counter()
+        time.sleep((t1 - t0) + 0.1)
+        ts = np.asarray(stamps)
+        for lo, hi, acc in ((t0, t1, swap_gaps), (t1 + 0.05, t1 + 0.05 + (t1 - t0), quiet_gaps)):
+            inside = ts[(ts >= lo) & (ts <= hi)]
+            acc.append(float(np.diff(inside).max() * 1000) if inside.size > 1 else None)
+    stop.set()
+    thread.join(5)
+    tel = runtime.telemetry()
+    runtime.close()
+    results.put({"model_bytes": len(make_model(size_bytes, 0)), "swaps": reps,
+                 "inference_ms_p50": tel["inference_ms"]["p50"],
+                 "inference_ms_p99": tel["inference_ms"]["p99"],
+                 "max_gap_ms_swap": round(max(g for g in swap_gaps if g is not None), 2),
+                 "max_gap_ms_quiet": round(max(g for g in quiet_gaps if g is not None), 2),
+                 "failures": tel["inference_failures"]})
+
+
 # ------------------------------------------------------------------------------------------------
 # coordinator
 # ------------------------------------------------------------------------------------------------
@@ -336,6 +402,14 @@ def main(argv: list[str] | None = None) -> int:
             "max_gap_ms_swap": round(max(gap_swap), 1) if gap_swap else None,
             "max_gap_ms_quiet": round(max(gap_quiet), 1) if gap_quiet else None,
         }
+    probes = {}
+    for size in ("small", "large"):
+        probe_q: mp.Queue = ctx.Queue()
+        proc = ctx.Process(target=stall_probe, args=(sizes[size], 3, probe_q), daemon=True)
+        proc.start()
+        probes[size] = probe_q.get(timeout=300)
+        proc.join(30)
+
     timeline = []
     for s in swaps:
         ready = sorted(h["ready_ms"] for d in results for h in d["history"]
@@ -348,6 +422,7 @@ def main(argv: list[str] | None = None) -> int:
                                                   if h["version"] == s["version"]), default=None)
                                           for k in ("verify_ms", "stage_ms", "load_ms")}})
     failures = sum(d["failures"] + d["runtime_failures"] for d in results)
+    failures += sum(r["failures"] for r in probes.values())
     rejections = sum(d["rejections"] for d in results)
     summary = {
         "config": {"devices": args.devices, "processes": args.procs, "broker": kind, "rate_hz": args.rate,
@@ -358,6 +433,7 @@ def main(argv: list[str] | None = None) -> int:
         "failed_inferences": failures,
         "rejections": rejections,
         "inferences_total": sum(len(d["ts"]) for d in results),
+        "stall_probe": probes,
     }
 
     print()
@@ -372,6 +448,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['manifest_to_ready_ms_p50']!s:>9} "
               f"{r['served_in_swap_windows']:>9}/{r['served_in_quiet_windows']:<9} "
               f"{r['served_ratio']!s:>6} {r['max_gap_ms_swap']!s:>11}/{r['max_gap_ms_quiet']!s:<10}")
+    print("\nstall probe: 1 runtime in its own process, inference back to back, 3 swaps fed in-process")
+    print(f"{'model':>8} {'inference p50/p99 ms':>21} {'max gap swap ms':>16} {'max gap quiet ms':>17}")
+    for r in probes.values():
+        print(f"{r['model_bytes'] / 1e6:>6.1f}MB {r['inference_ms_p50']!s:>10}/{r['inference_ms_p99']!s:<10} "
+              f"{r['max_gap_ms_swap']!s:>16} {r['max_gap_ms_quiet']!s:>17}")
     print(f"\nfailed inferences: {failures}   rejections: {rejections}   "
           f"({args.devices} runtimes, {args.procs} processes, {kind}, {args.rate:g} Hz each)")
     out = Path(args.out)
