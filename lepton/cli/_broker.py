@@ -120,6 +120,9 @@ def run(args: argparse.Namespace) -> int:
         if user is not None:
             print(f"lepton broker: created {passwd} with user {user[0]!r}; its URL above is shown only once "
                   f"(add users with `lepton broker --add-user NAME`)", file=sys.stderr)
+        elif args.config is None and not _has_users(passwd):
+            print(f"lepton broker: {passwd} holds no user, so no named client can connect; add one "
+                  "with `lepton broker --add-user NAME`", file=sys.stderr)
 
     asyncio.run(_serve(config, ready, f"{host}:{port}"))
     print("lepton broker: stopped", file=sys.stderr)
@@ -154,6 +157,15 @@ async def _serve(config: dict[str, Any], ready, where: str) -> None:  # noqa: AN
         await broker.shutdown()
     except Exception:  # stopping anyway; amqtt sometimes raises on half-closed clients
         log.debug("amqtt shutdown raised", exc_info=True)
+
+
+def _has_users(passwd: Path) -> bool:
+    from lepton.broker._auth import read_password_file
+
+    try:
+        return bool(read_password_file(passwd))
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 def _parse_user(text: str) -> tuple[str, str | None]:
