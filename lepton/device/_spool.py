@@ -13,10 +13,14 @@ Why SQLite in WAL mode rather than append-only segment files:
   OS page cache); pass ``fsync=True`` for ``synchronous=FULL`` if it must also survive power loss, at the
   price of one fsync per sample.
 
-``next_seq`` lives in the same database and only grows, so a restarted device never reuses a seq even
-when every earlier sample was acknowledged and deleted. The spool is bounded in bytes (the stored sample
-sizes); when full it either drops the oldest samples (counted, persisted, reported) or blocks capture
-until acks free room. A lock file keeps two processes from sharing one spool.
+The next seq is one past the highest seq ever stored: the highest row still in the table, or the value
+saved in ``meta`` in the same transaction that deletes rows (acks, drops). So it only grows, and a
+restarted device never reuses a seq even when every earlier sample was acknowledged and deleted, while a
+sample costs one ``INSERT`` (atomic alone in autocommit mode), not a read-modify-write of a counter.
+
+The spool is bounded in bytes (the stored sample sizes); when full it either drops the oldest samples
+(counted, persisted, reported) or blocks capture until acks free room. A lock file keeps two processes
+from sharing one spool.
 """
 
 from __future__ import annotations
@@ -132,6 +136,14 @@ class Spool:
             self._bytes, self._depth = self._db.execute(
                 "SELECT COALESCE(SUM(size), 0), COUNT(*) FROM samples"
             ).fetchone()
+            # The next seq is one past the highest seq ever stored: still in `samples`, or saved in
+            # meta by ack()/drop before the rows that held it were deleted.
+            self._next_seq = int(
+                self._db.execute(
+                    "SELECT MAX((SELECT value FROM meta WHERE key='next_seq'), "
+                    "COALESCE((SELECT MAX(seq) + 1 FROM samples), 0))"
+                ).fetchone()[0]
+            )
         except sqlite3.DatabaseError as exc:
             os.close(self._lock_fd)
             raise ConfigError(
@@ -161,8 +173,8 @@ class Spool:
 
     @property
     def next_seq(self) -> int:
-        with self._cond:
-            return self._meta("next_seq")
+        """The seq the next append gets; only grows, across restarts too."""
+        return self._next_seq
 
     @property
     def dropped(self) -> int:
@@ -219,10 +231,16 @@ class Spool:
                         )
                     self._cond.wait(0.5 if left is None else min(left, 0.5))
             db = self._db
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                dropped_now, freed = 0, 0
-                if self._bytes + size > self.max_bytes:
+            seq = self._next_seq
+            dropped_now, freed = 0, 0
+            row = (seq, ts, pipeline, size, body)
+            if self._bytes + size <= self.max_bytes:
+                # The common case is one INSERT, atomic on its own in autocommit mode: next_seq is not
+                # written per sample; it is max(seq) + 1, saved to meta only before rows are deleted.
+                db.execute("INSERT INTO samples(seq, ts, pipeline, size, body) VALUES (?, ?, ?, ?, ?)", row)
+            else:
+                db.execute("BEGIN IMMEDIATE")
+                try:
                     need = self._bytes + size - self.max_bytes
                     for seq_, sz in db.execute("SELECT seq, size FROM samples ORDER BY seq"):
                         if freed >= need:
@@ -230,18 +248,17 @@ class Spool:
                         freed += sz
                         dropped_now += 1
                         last_dropped = seq_
-                    db.execute("DELETE FROM samples WHERE seq <= ?", (last_dropped,))
-                    db.execute("UPDATE meta SET value = value + ? WHERE key='dropped'", (dropped_now,))
-                seq = int(db.execute("SELECT value FROM meta WHERE key='next_seq'").fetchone()[0])
-                db.execute(
-                    "INSERT INTO samples(seq, ts, pipeline, size, body) VALUES (?, ?, ?, ?, ?)",
-                    (seq, ts, pipeline, size, body),
-                )
-                db.execute("UPDATE meta SET value = ? WHERE key='next_seq'", (seq + 1,))
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
+                    db.execute(
+                        "INSERT INTO samples(seq, ts, pipeline, size, body) VALUES (?, ?, ?, ?, ?)", row
+                    )
+                    if dropped_now:
+                        db.execute("DELETE FROM samples WHERE seq <= ?", (last_dropped,))
+                        db.execute("UPDATE meta SET value = value + ? WHERE key='dropped'", (dropped_now,))
+                    db.execute("COMMIT")
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
+            self._next_seq = seq + 1
             self._bytes += size - freed
             self._depth += 1 - dropped_now
             if dropped_now:
@@ -261,6 +278,11 @@ class Spool:
             db.execute("BEGIN IMMEDIATE")
             try:
                 freed = 0
+                # Save next_seq before deleting: the rows about to go may hold the highest seq.
+                db.execute(
+                    "UPDATE meta SET value = ? WHERE key='next_seq' AND value < ?",
+                    (self._next_seq, self._next_seq),
+                )
                 for first, last in ranges:
                     n, sz = db.execute(
                         "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM samples WHERE seq BETWEEN ? AND ?",
