@@ -1,0 +1,215 @@
+"""The ingest worker against real brokers: storage, end-to-end acks, status, shared-subscription refusal,
+dead letters under fuzzed input. Fault injection (kill -9, broker restart, groups) is in
+test_ingest_faults.py."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+import threading
+import time
+
+import msgpack
+import pytest
+
+from lepton.cloud import Dataset, IngestWorker, WorkerConfig
+from lepton.errors import ConfigError
+from lepton.protocol import BrokerURL, Topics, connect, decode_json, encode_samples, new_client
+from tests.cloud._ingest_support import ResendPublisher, make_samples, start_worker_process, stop_process, wait_status
+
+
+def _unique(ds: Dataset) -> tuple[int, int, set]:
+    t = ds.read_table(columns=["device", "seq"])
+    pairs = list(zip(t.column("device").to_pylist(), t.column("seq").to_pylist(), strict=True))
+    return len(pairs), len(set(pairs)), set(pairs)
+
+
+def test_worker_stores_acks_and_reports_status(broker, fleet, tmp_path):
+    worker = IngestWorker(WorkerConfig(broker=broker.url("worker", "w1", fleet=fleet), fleet=fleet,
+                                       data=tmp_path, name="w1", batch_ms=20, status_interval=0.3))
+    worker.start()
+    pubs = [ResendPublisher(broker.url("device", d, fleet=fleet), fleet, d, total=1500, per_message=50,
+                            resend_after=2.0) for d in ("cam-1", "cam-2")]
+    try:
+        for p in pubs:
+            p.start()
+        threads = [threading.Thread(target=p.run) for p in pubs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        status = wait_status(broker.url("viewer", "v1", fleet=fleet), fleet, "w1",
+                             lambda s: s.get("stored") == 3000 and s.get("online") is True)
+    finally:
+        for p in pubs:
+            p.stop()
+        worker.stop()
+
+    assert all(not p.unacked() for p in pubs)  # every device released by end-to-end acks
+    rows, unique, pairs = _unique(Dataset(tmp_path, fleet))
+    assert rows == unique == 3000
+    assert pairs == {(d, s) for d in ("cam-1", "cam-2") for s in range(1500)}
+    assert status["dead_letters"] == 0 and status["files"] >= 1 and status["last_write"] is not None
+    table = Dataset(tmp_path, fleet).read_table(columns=["label", "pipeline", "shape", "dtype"])
+    assert set(table.column("pipeline").to_pylist()) == {"p0"}
+    assert table.column("shape").to_pylist()[0] == [16] and table.column("dtype").to_pylist()[0] == "float32"
+    # Last Will / clean stop: the retained status says offline.
+    final = wait_status(broker.url("viewer", "v1", fleet=fleet), fleet, "w1", lambda s: s.get("online") is False)
+    assert final["stored"] == 3000
+
+
+def test_duplicates_are_acked_not_stored(mosquitto_broker, fleet, tmp_path):
+    url = mosquitto_broker.url("worker", "w1", fleet=fleet)
+    with IngestWorker(WorkerConfig(broker=url, fleet=fleet, data=tmp_path, name="w1", batch_ms=10)) as worker:
+        pub = ResendPublisher(mosquitto_broker.url("device", "cam-1", fleet=fleet), fleet, "cam-1", total=200,
+                              per_message=20)
+        pub.start()
+        pub.run()
+        assert worker.wait_stored(200, timeout=30)
+        # A device that lost its acks resends everything: it must be released again, nothing stored twice.
+        pub.acked.clear()
+        pub.run()
+        pub.stop()
+        deadline = time.monotonic() + 10
+        while worker.stats.duplicates < 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert worker.stats.duplicates == 200 and worker.stats.stored == 200
+    rows, unique, _ = _unique(Dataset(tmp_path, fleet))
+    assert rows == unique == 200
+
+
+def test_group_on_amqtt_is_refused_with_one_clear_message(amqtt_broker, fleet, tmp_path):
+    url = amqtt_broker.url("worker", "w1", fleet=fleet)
+    worker = IngestWorker(WorkerConfig(broker=url, fleet=fleet, data=tmp_path, name="w1", group="g1"))
+    with pytest.raises(ConfigError, match="shared subscriptions"):
+        worker.start()
+
+    out = subprocess.run([sys.executable, "-m", "lepton", "worker", "--broker", url, "--fleet", fleet, "--data",
+                          str(tmp_path), "--group", "g1", "--name", "w2"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    lines = [ln for ln in out.stderr.splitlines() if ln.startswith("lepton worker: error:")]
+    assert len(lines) == 1 and "without --group" in lines[0]
+
+
+def _fuzz_payloads(device: str, n: int, rng: random.Random) -> list[tuple[bytes, int]]:
+    """``n`` malformed payloads, each with exactly one problem; returns (payload, good samples inside)."""
+    good = encode_samples(device, make_samples(10**6, 3), pipeline="p0")
+    out: list[tuple[bytes, int]] = []
+    kinds = ["random", "truncated", "not_map", "bad_version", "wrong_device", "no_samples", "bad_sample",
+             "flipped", "bad_dtype", "short_data", "huge_shape", "empty"]
+    for i in range(n):
+        kind = kinds[i % len(kinds)]
+        body = msgpack.unpackb(good, raw=False)
+        good_inside = 0
+        if kind == "random":
+            payload = rng.randbytes(rng.randint(1, 300))
+        elif kind == "truncated":
+            payload = good[: rng.randint(1, len(good) - 1)]
+        elif kind == "not_map":
+            payload = msgpack.packb([1, 2, 3])
+        elif kind == "bad_version":
+            body["v"] = rng.choice([2, True, 1.0, "1", None])
+            payload = msgpack.packb(body)
+        elif kind == "wrong_device":
+            body["device"] = "someone-else"
+            payload = msgpack.packb(body)
+        elif kind == "no_samples":
+            body["samples"] = rng.choice([[], None, "x", 5])
+            payload = msgpack.packb(body)
+        elif kind == "bad_sample":
+            # A bad sample inside a good message: the two others must be stored.
+            seq_base = 2_000_000 + 3 * i
+            body["samples"][0]["seq"] = seq_base
+            body["samples"][1]["seq"] = seq_base + 1
+            body["samples"][2] = rng.choice([{"seq": -1, "ts": 1.0, "x": body["samples"][2]["x"]},
+                                             {"seq": seq_base + 2, "ts": float("nan"), "x": body["samples"][2]["x"]},
+                                             {"seq": seq_base + 2, "ts": 1.0, "x": "nope"}, "not a map"])
+            payload = msgpack.packb(body, use_bin_type=True)
+            good_inside = 2
+        elif kind == "flipped":
+            b = bytearray(good)
+            b[0] ^= 0xFF
+            payload = bytes(b)
+        elif kind == "bad_dtype":
+            body["samples"] = [dict(body["samples"][0], x=dict(body["samples"][0]["x"], dtype="complex128"))]
+            payload = msgpack.packb(body, use_bin_type=True)
+        elif kind == "short_data":
+            body["samples"] = [dict(body["samples"][0], x=dict(body["samples"][0]["x"], data=b"\x00" * 5))]
+            payload = msgpack.packb(body, use_bin_type=True)
+        elif kind == "huge_shape":
+            body["samples"] = [dict(body["samples"][0], x=dict(body["samples"][0]["x"], shape=[2**40, 2**40]))]
+            payload = msgpack.packb(body, use_bin_type=True)
+        else:
+            payload = b""
+        out.append((payload, good_inside))
+    return out
+
+
+@pytest.mark.mosquitto
+def test_fuzzed_payloads_are_dead_lettered_and_quarantined(mosquitto_broker, fleet, tmp_path):
+    """1,000 malformed payloads mixed into 10,000 valid samples: every valid sample stored, every bad
+    one reported on the deadletter topic AND quarantined, and the worker process alive throughout."""
+    worker_url = mosquitto_broker.url("worker", "w1", fleet=fleet)
+    reports: list[dict] = []
+    viewer_url = mosquitto_broker.url("viewer", "v1", fleet=fleet)
+    viewer = BrokerURL.parse(viewer_url)
+    watch = new_client(viewer, client_id=f"dl-{fleet}", clean_session=False)
+    watch.on_connect = lambda c, *a: c.subscribe(Topics(fleet=fleet).deadletter(), qos=1)
+    watch.on_message = lambda c, u, m: reports.append(decode_json(m.payload))
+    connect(watch, viewer)
+    proc = start_worker_process(worker_url, fleet, tmp_path, name="w1")
+    wait_status(viewer_url, fleet, "w1", lambda s: s.get("online") is True)  # subscribed: nothing is lost
+    pub = ResendPublisher(mosquitto_broker.url("device", "cam-1", fleet=fleet), fleet, "cam-1", total=10_000,
+                          per_message=100)
+    pub.start()
+    bad = _fuzz_payloads("cam-1", 1000, random.Random(7))
+    topic = Topics(fleet=fleet).samples("cam-1")
+    try:
+        for i in range(100):  # interleave: one valid message, ten bad ones
+            pub.publish(pub.seqs[i * 100:(i + 1) * 100])
+            for payload, _ in bad[i * 10:(i + 1) * 10]:
+                pub.client.publish(topic, payload, qos=1)
+            assert proc.poll() is None
+        pub.run(timeout=120)
+        deadline = time.monotonic() + 60
+        while len(reports) < 1000 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert proc.poll() is None  # alive after everything
+        extra_good = sum(g for _, g in bad)
+        ds = Dataset(tmp_path, fleet)
+        deadline = time.monotonic() + 30
+        while ds.count() < 10_000 + extra_good and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        pub.stop()
+        rc = stop_process(proc)
+        watch.disconnect()
+        watch.loop_stop()
+
+    assert rc == 0
+    rows, unique, pairs = _unique(Dataset(tmp_path, fleet))
+    assert rows == unique == 10_000 + extra_good
+    assert {("cam-1", s) for s in range(10_000)} <= pairs
+    assert len(reports) == 1000
+    assert all({"topic", "device", "reason", "field", "size", "time"} <= r.keys() for r in reports)
+    quarantined = {p.name for p in (tmp_path / fleet / "quarantine").glob("*.bin")}
+    assert len(quarantined) == 1000 and {r["quarantine"] for r in reports} == quarantined
+    sizes = sorted(len(p) for p, _ in bad)
+    assert sorted((tmp_path / fleet / "quarantine" / q).stat().st_size for q in quarantined) == sizes
+    # Bad samples inside otherwise good messages are reported one by one, naming the field.
+    sample_reports = [r for r in reports if r["sample"] is not None]
+    assert all(r["field"].startswith(f"samples[{r['sample']}]") for r in sample_reports)
+    assert sum(1 for r in sample_reports if r["sample"] == 2) == sum(1 for _, g in bad if g)
+    side = json.loads(next((tmp_path / fleet / "quarantine").glob("*.json")).read_text())
+    assert side["problems"] and side["quarantine"].endswith(".bin") and side["topic"] == topic
+
+
+def test_worker_config_errors_are_clear(tmp_path):
+    with pytest.raises(ConfigError, match="model"):
+        WorkerConfig(broker="mqtt://127.0.0.1:1883", fleet="f1", data=tmp_path, train_every=10)
+    out = subprocess.run([sys.executable, "-m", "lepton", "worker", "--broker", "localhost", "--fleet", "f1",
+                          "--data", str(tmp_path)], capture_output=True, text=True, timeout=60,
+                         env={"PATH": "/usr/bin:/bin"})
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "mqtt://" in out.stderr
