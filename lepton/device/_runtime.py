@@ -207,7 +207,12 @@ class ModelRuntime:
         if parsed.channel not in ("model", "model_chunk") or parsed.model != self.model:
             return False
         if not self._closed.is_set():
-            self._inbox.put((parsed, bytes(payload), time.monotonic(), time.time()))
+            try:
+                data = bytes(payload) if payload is not None else b""
+            except TypeError:
+                log.warning("model runtime: ignoring a non-bytes payload on %s", topic)
+                return True
+            self._inbox.put((parsed, data, time.monotonic(), time.time()))
         return True
 
     def close(self) -> None:

@@ -498,3 +498,37 @@ print(sorted(m for m in ("torch", "lightning", "pyarrow", "onnx") if m in sys.mo
 def _joined(built: tuple[bytes, list[bytes]]) -> tuple[bytes, bytes]:
     manifest, chunks = built
     return manifest, b"".join(chunks)
+
+
+def test_garbage_on_model_topics_never_raises_and_never_replaces_the_model(tmp_path, keys, fleet, caplog):
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    private, public, _, _ = keys
+    topics = Topics(fleet=fleet)
+    runtime = make_runtime(fleet, tmp_path, public)
+    good = make_onnx(9)
+    try:
+        feed(runtime, messages(topics, 1, *package(1, good, private)))
+        wait_for(lambda: runtime.version == 1, what="v1")
+        topic_choices = st.sampled_from([topics.model(MODEL), topics.model_chunk(MODEL, 2, 0),
+                                         topics.model_chunk(MODEL, 7, 3), f"{topics.model(MODEL)}/junk",
+                                         f"{topics.model(MODEL)}/v/x/chunks/1", "lepton", ""])
+
+        @settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+        @given(topic=topic_choices, payload=st.binary(max_size=2048))
+        def hammer(topic, payload):
+            assert runtime.handle_message(topic, payload, False) in (True, False)
+
+        hammer()
+        runtime.handle_message(topics.model(MODEL), b'{"v": 1, "manifest": "{\\"kind\\": 1}"}', True)
+        wait_for(lambda: runtime._inbox.empty(), what="the inbox drained")
+        pred = runtime.predict(PROBE)
+        assert pred.version == 1 and pred.index == reference(good)
+        assert runtime._worker.is_alive()
+        assert not [r for r in caplog.records if "unexpected error" in r.getMessage()]
+        # and a good newer version still gets through afterwards
+        feed(runtime, messages(topics, 2, *package(2, make_onnx(10), private)))
+        wait_for(lambda: runtime.version == 2, what="v2 after the garbage")
+    finally:
+        runtime.close()
