@@ -127,3 +127,86 @@ def test_refused_password_is_a_broker_error(broker, fleet, tmp_path):
     with pytest.raises(BrokerConnectionError, match="refused"):
         agent.run()
     assert agent.spool._db is None  # spool closed cleanly even on a failed start
+
+
+def _signed_mlp_package(tmp_path, pipeline: Pipeline):
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from lepton.protocol import build_package, generate_keypair, load_private_key
+
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["z"]),
+            helper.make_node("Add", ["z", "b"], ["logits"]),
+            helper.make_node("Softmax", ["logits"], ["probs"], axis=-1),
+        ],
+        "t",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 64])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["n", 10])],
+        initializer=[
+            numpy_helper.from_array(rng.normal(0, 1, (64, 10)).astype(np.float32), "w"),
+            numpy_helper.from_array(np.zeros(10, np.float32), "b"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    priv, pub = generate_keypair(tmp_path / "keys", name="fleet")
+    manifest, chunks = build_package(
+        name="digits",
+        version=1,
+        data=model.SerializeToString(),
+        input_spec={"name": "x", "shape": [-1, 64], "dtype": "float32"},
+        labels=[str(i) for i in range(10)],
+        pipeline={"hash": pipeline.hash, "spec": pipeline.spec},
+        private_key=load_private_key(priv),
+    )
+    return manifest, chunks, pub
+
+
+def test_device_serves_a_signed_model_and_publishes_predictions(amqtt_broker, fleet, tmp_path):
+    import threading
+
+    from lepton.protocol import BrokerURL, Topics, new_client
+
+    manifest, chunks, pub_key = _signed_mlp_package(tmp_path, Pipeline.from_preset("digits"))
+    topics = Topics(fleet=fleet)
+    url = BrokerURL.parse(amqtt_broker.url("worker", "publisher", fleet=fleet))
+    publisher = new_client(url, client_id="publisher", clean_session=True)
+    publisher.connect(url.host, url.port)
+    publisher.loop_start()
+    infos = [
+        publisher.publish(topics.model_chunk("digits", 1, i), c, qos=1, retain=True)
+        for i, c in enumerate(chunks)
+    ]
+    infos.append(publisher.publish(topics.model("digits"), manifest, qos=1, retain=True))
+    for info in infos:
+        info.wait_for_publish(10)
+    publisher.disconnect()
+    publisher.loop_stop()
+    with (
+        Acker(amqtt_broker.url("worker", "acker", fleet=fleet), fleet),
+        Watcher(amqtt_broker.url("viewer", "viewer", fleet=fleet), fleet) as watch,
+    ):
+        time.sleep(0.2)
+        agent = make_agent(
+            amqtt_broker, fleet, tmp_path, rate_hz=100, model="digits", public_key=pub_key, predictions=True
+        )
+        result = {}
+        runner = threading.Thread(target=lambda: result.update(s=agent.run(handle_signals=False)))
+        runner.start()
+        assert watch.wait(lambda w: len(w.bodies("dev-1", "predictions")) >= 20, timeout=30)
+        assert watch.wait(lambda w: any(s.get("model_version") == 1 for s in w.bodies("dev-1", "status")))
+        assert watch.wait(lambda w: any(t.get("inferences", 0) > 0 for t in w.bodies("dev-1", "telemetry")))
+        agent.stop()
+        runner.join(30)
+    summary = result["s"]
+    assert summary.model_version == 1 and summary.stopped_by == "stopped"
+    preds = watch.bodies("dev-1", "predictions")
+    assert {p["version"] for p in preds} == {1}
+    assert all(p["label"] in [str(i) for i in range(10)] and 0 <= p["confidence"] <= 1 for p in preds)
+    digits = open_source("digits", once=True).labels
+    assert all(p["truth"] == str(digits[p["seq"] % len(digits)]) for p in preds)  # truth travels with seq
+    status = [s for s in watch.bodies("dev-1", "status") if s.get("model_version") == 1][-1]
+    assert status["model_verify"] is True and status["model_error"] is None
