@@ -130,7 +130,6 @@ def test_refused_password_is_a_broker_error(broker, fleet, tmp_path):
 
 
 def _signed_mlp_package(tmp_path, pipeline: Pipeline):
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     from lepton.protocol import build_package, generate_keypair, load_private_key
