@@ -221,3 +221,81 @@ def test_corrupt_image_is_skipped_counted_and_reported(amqtt_broker, fleet, tmp_
     assert summary["skipped_items"] == ["1/zz-corrupt.png"]
     assert "skipped 1 unreadable input(s): 1/zz-corrupt.png" in r.stderr
     assert sorted(acker.labels["cam-4"].values()) == ["0"] * 4 + ["1"] * 4
+
+
+@pytest.mark.mosquitto
+def test_sigterm_stops_cleanly_and_says_offline(mosquitto_broker, fleet, tmp_path):
+    from lepton.device import Spool
+
+    b = mosquitto_broker
+    with (
+        Acker(b.url("worker", "acker", fleet=fleet), fleet) as acker,
+        Watcher(b.url("viewer", "viewer", fleet=fleet), fleet) as watch,
+    ):
+        time.sleep(0.3)
+        proc = subprocess.Popen(
+            device_cmd(
+                b.url("device", "cam-5", fleet=fleet),
+                fleet,
+                "cam-5",
+                tmp_path / "s",
+                "--source",
+                "digits",
+                "--rate",
+                "200",
+                "--json",
+                "--quiet",
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert acker.wait_for("cam-5", 100, timeout=30)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+        assert watch.wait(
+            lambda w: w.bodies("cam-5", "status") and not w.bodies("cam-5", "status")[-1]["online"]
+        )
+    summary = json.loads(out)
+    assert proc.returncode in (_exit.OK, _exit.UNACKED) and "Traceback" not in err
+    assert summary["stopped_by"] == "SIGTERM" and (proc.returncode == _exit.OK) == (
+        summary["spool_depth"] == 0
+    )
+    final = watch.bodies("cam-5", "status")[-1]
+    assert "reason" not in final  # published by the device itself, not the broker's Last Will
+    with Spool(tmp_path / "s") as spool:  # consistent and released
+        assert spool.depth == summary["spool_depth"] and spool.next_seq == summary["next_seq"]
+
+
+@pytest.mark.mosquitto
+def test_offline_ok_starts_without_broker_and_delivers_when_it_appears(mosquitto_broker, fleet, tmp_path):
+    b = mosquitto_broker
+    device_url = b.url("device", "cam-6", fleet=fleet)
+    with Acker(b.url("worker", "acker", fleet=fleet), fleet, client_id=f"acker-{fleet}") as acker:
+        time.sleep(0.3)
+        b.stop()
+        proc = subprocess.Popen(
+            device_cmd(
+                device_url,
+                fleet,
+                "cam-6",
+                tmp_path / "s",
+                "--source",
+                "digits",
+                "--limit",
+                "50",
+                "--offline-ok",
+                "--json",
+                "--quiet",
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        time.sleep(2)
+        assert proc.poll() is None  # running: capturing into the spool
+        b.start()
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == _exit.OK, err
+        assert acker.wait_for("cam-6", 50, timeout=15)
+    assert json.loads(out)["acked"] == 50 and acker.seqs("cam-6") == set(range(50))
