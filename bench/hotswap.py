@@ -20,6 +20,10 @@ Figures, per model size (a ~1 MB and a ~20 MB fp32 MLP, verified with an Ed25519
   (at least ``--min-window`` long) divided by inferences served in a window of the same length right
   after it, with no swap (the baseline measured in the same run). Target 1.0, zero failed inferences.
 * max gap: the longest pause between two inferences of one device, in swap windows vs quiet windows.
+  With 10 device processes on a small machine this mostly measures CPU contention (every device
+  hashes and loads the new model at the same moment), so a second figure isolates the runtime:
+* stall probe: one runtime in its own process, inferring back to back, fed 3 swaps in-process (no
+  broker): the longest pause between two inferences during a swap vs during a quiet period as long.
 """
 
 from __future__ import annotations
