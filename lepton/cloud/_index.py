@@ -155,22 +155,25 @@ class SqliteIndex(SampleIndex):
         self._db.close()
 
 
-def finish_file(data_dir: Path, name: str, *, own: bool = False) -> bool:
+def finish_file(data_dir: Path, name: str, *, own: bool = False) -> str:
     """Make a committed file visible: rename its ``.tmp`` if needed, then delete the sources a compacted
-    file replaces. Safe to run concurrently with the file's own writer. Returns False if the file is
-    missing altogether (it was lost: logged loudly)."""
+    file replaces. Safe to run concurrently with the file's own writer. Returns ``"renamed"`` when it
+    finished an interrupted writer's rename, ``"present"`` when the file was already in place, and
+    ``"missing"`` when neither it nor its ``.tmp`` exists (logged loudly: it should not happen)."""
     final = data_dir / name
     tmp = data_dir / f".{name}.tmp"
+    state = "present"
     if not final.exists():
         try:
             os.replace(tmp, final)
             fsync_dir(data_dir)
+            state = "renamed"
             if not own:
                 log.warning("finished committed file %s left by an interrupted writer", name)
         except FileNotFoundError:
             if not final.exists():
                 log.error("index lists %s but neither it nor its .tmp exists", name)
-                return False
+                return "missing"
     if name.startswith(COMPACT_PREFIX):
         import pyarrow.parquet as pq
 
@@ -182,7 +185,7 @@ def finish_file(data_dir: Path, name: str, *, own: bool = False) -> bool:
                 removed = True
         if removed:
             fsync_dir(data_dir)
-    return True
+    return state
 
 
 def recover(index: SampleIndex, dataset_dir: Path) -> dict[str, int]:
@@ -199,8 +202,8 @@ def recover(index: SampleIndex, dataset_dir: Path) -> dict[str, int]:
     with index.transaction():
         pending = index.invisible_files()
         for name in pending:
-            finish_file(data_dir, name)
-            done["finished"] += 1
+            if finish_file(data_dir, name) == "renamed":
+                done["finished"] += 1
         index.mark_visible(pending)
         known_files = index.file_names()
         for entry in sorted(os.listdir(data_dir)):
