@@ -18,8 +18,13 @@ for id in "$fleet" "$name"; do
   [[ $id =~ ^[A-Za-z0-9_-]{1,64}$ ]] || { echo "error: '$id' is not a valid id: use 1-64 of A-Z a-z 0-9 _ -" >&2; exit 2; }
 done
 case $role in
-  # A device's own channels come from the pattern lines of broker/lepton.acl; here only its fleet's models.
-  device) grants="topic read lepton/$fleet/models/#" ;;
+  # A device writes only its own channels in its own fleet, and reads its acks and its fleet's models.
+  device) grants="topic write lepton/$fleet/devices/$name/samples
+topic write lepton/$fleet/devices/$name/status
+topic write lepton/$fleet/devices/$name/telemetry
+topic write lepton/$fleet/devices/$name/predictions
+topic read lepton/$fleet/devices/$name/acks
+topic read lepton/$fleet/models/#" ;;
   worker) grants="topic read lepton/$fleet/devices/+/samples
 topic write lepton/$fleet/devices/+/acks
 topic read lepton/$fleet/devices/+/status
