@@ -114,13 +114,29 @@ def test_a_device_cannot_publish_on_another_devices_topics_nor_on_models(mosquit
         device_a.publish(topics.model("digits"), b"forged", retain=True)
         device_a.publish(topics.model_chunk("digits", 9, 0), b"forged", retain=True)
         device_a.publish(topics.deadletter(), b"forged")
-        device_a.publish(f"lepton/other-{fleet}/devices/cam-a/samples", b"forged")
         # Positive control: published last, on a topic device A may write; once it is here, anything
         # forged before it would have been delivered already (one publisher, one subscriber, in order).
         device_a.publish(topics.samples("cam-a"), b"control")
         seen = worker.until(topics.samples("cam-a"))
 
     assert [(m.topic, m.payload) for m in seen] == [(topics.samples("cam-a"), b"control")]
+
+
+@pytest.mark.mosquitto
+def test_a_device_cannot_write_into_another_fleet_even_under_its_own_id(mosquitto_broker, fleet):
+    mine, other = Topics(fleet=fleet), Topics(fleet=f"{fleet}x")
+    with Inbox(mosquitto_broker.url("worker", "ingest-x", fleet=other.fleet)) as other_worker, \
+            Inbox(mosquitto_broker.url("device", "cam-a", fleet=mine.fleet), client_id="cam-a") as device_a, \
+            Inbox(mosquitto_broker.url("device", "cam-z", fleet=other.fleet), client_id="cam-z") as device_z:
+        assert other_worker.subscribe(other.all_devices("samples"))
+        assert other_worker.subscribe(other.all_devices("status"))
+
+        device_a.publish(other.samples("cam-a"), b"forged")
+        device_a.publish(other.status("cam-a"), b"forged", retain=True)
+        device_z.publish(other.samples("cam-z"), b"control")  # sent after the broker took the forgeries
+        seen = other_worker.until(other.samples("cam-z"))
+
+    assert [(m.topic, m.payload) for m in seen] == [(other.samples("cam-z"), b"control")]
 
 
 @pytest.mark.mosquitto
