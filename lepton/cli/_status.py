@@ -36,14 +36,14 @@ examples:
 
 
 def register(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--broker", required=True, help="broker URL, e.g. mqtt://user:password@host:1883")
-    parser.add_argument("--fleet", required=True, help="fleet name (the F in lepton/F/...)")
+    parser.add_argument("--broker", metavar="URL", required=True, help="broker URL, e.g. mqtt://user:password@host:1883")
+    parser.add_argument("--fleet", metavar="F", required=True, help="fleet name (the F in lepton/F/...)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table "
                         "(with --watch: one JSON document per line)")
     parser.add_argument("--watch", action="store_true", help="keep watching and redraw until Ctrl-C")
-    parser.add_argument("--timeout", type=float, default=3.0,
+    parser.add_argument("--timeout", metavar="S", type=float, default=3.0,
                         help="longest wait for retained messages before printing (default 3 s)")
-    parser.add_argument("--interval", type=float, default=2.0,
+    parser.add_argument("--interval", metavar="S", type=float, default=2.0,
                         help="redraw period with --watch (default 2 s)")
     parser.add_argument("--prefix", default="lepton", help="topic prefix (default lepton)")
     parser.set_defaults(handler=run)
