@@ -232,6 +232,39 @@ def test_bad_samples_payloads_raise_protocol_error_naming_the_field(case):
     assert str(info.value).startswith(f"{field}: ")
 
 
+# One value of every msgpack type; for each field, every value outside its allowed types must be refused.
+UNIVERSE = {"nil": None, "true": True, "one": 1, "minus one": -1, "float": 1.5, "str": "s", "bin": b"b",
+            "array": [1], "map": {"k": 1}}
+ALLOWED = {  # path -> names in UNIVERSE that are valid there
+    "v": {"one"}, "device": {"str"}, "pipeline": {"nil", "str"}, "samples": set(),
+    "seq": {"one"}, "ts": {"one", "minus one", "float"}, "x": set(), "y": {"nil", "one", "minus one", "str"},
+    "meta": {"nil", "map"}, "dtype": set(), "shape": set(), "data": set(),
+}
+
+
+def _replace(path: str, value: object) -> dict:
+    if path in GOOD:
+        return {**GOOD, path: value}
+    if path in GOOD_SAMPLE:
+        return with_sample(**{path: value})
+    if path == "meta":
+        return with_sample(meta=value)
+    return with_tensor(**{path: value})
+
+
+@pytest.mark.parametrize("path", sorted(ALLOWED))
+def test_wrong_types_everywhere_raise_protocol_error(path):
+    for name, value in UNIVERSE.items():
+        payload = msgpack.packb(_replace(path, value), use_bin_type=True)
+        if name in ALLOWED[path]:
+            decode_samples(payload)
+            continue
+        with pytest.raises(ProtocolError) as info:
+            decode_samples(payload)
+        where = path if path in GOOD else "samples[0]"
+        assert info.value.field.startswith(where), (path, name, info.value.field)
+
+
 def test_every_truncation_of_a_valid_payload_is_a_protocol_error():
     for cut in range(len(GOOD_PAYLOAD)):
         with pytest.raises(ProtocolError) as info:
@@ -340,6 +373,25 @@ BAD_ACKS: dict[str, tuple[object, str]] = {
     "float seq": ({"v": 1, "ranges": [[0.0, 3]]}, "ranges[0][0]"),
     "seq too large": ({"v": 1, "ranges": [[0, 2**64 - 1]]}, "ranges[0][1]"),
 }
+
+
+@pytest.mark.parametrize("path, allowed", [("v", {"one"}), ("ranges", set()), ("range", set()),
+                                           ("first", {"one"}), ("last", {"one"})])
+def test_wrong_types_everywhere_in_acks_raise_protocol_error(path, allowed):
+    for name, value in UNIVERSE.items():
+        body: dict = {"v": 1, "ranges": [[1, 1]]}
+        if path in ("v", "ranges"):
+            body[path] = value
+        elif path == "range":
+            body["ranges"] = [value]
+        else:
+            body["ranges"] = [[value, 1] if path == "first" else [1, value]]
+        payload = msgpack.packb(body, use_bin_type=True)
+        if name in allowed:
+            assert decode_acks(payload) == [(1, 1)]
+            continue
+        with pytest.raises(ProtocolError):
+            decode_acks(payload)
 
 
 @pytest.mark.parametrize("case", BAD_ACKS)
