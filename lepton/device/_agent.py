@@ -233,6 +233,8 @@ class DeviceAgent:
         )
         self.counters = _Counters()
         self._lock = threading.Lock()
+        self._ack_lock = threading.Lock()
+        self._ack_inbox: list[tuple[int, int]] = []
         self._stop = threading.Event()
         self._stopped_by = "running"
         self._connected = threading.Event()
@@ -400,13 +402,30 @@ class DeviceAgent:
             log.exception("device %s: error handling a message on %s", self.device_id, message.topic)
 
     def _handle_acks(self, payload: bytes) -> None:
+        """Queue the ranges; the publisher thread applies them. Keeps SQLite off paho's network thread,
+        and turns a burst of small acks (batch 1) into one DELETE transaction."""
         try:
             ranges = decode_acks(payload)
         except ProtocolError as exc:
             self.counters.bad_acks += 1
             log.warning("device %s: ignoring a bad acks payload: %s", self.device_id, exc)
             return
-        removed = self.spool.ack(ranges)
+        with self._ack_lock:
+            self._ack_inbox.extend(ranges)
+        self.spool.wake()
+
+    def _apply_acks(self) -> None:
+        with self._ack_lock:
+            if not self._ack_inbox:
+                return
+            pending, self._ack_inbox = self._ack_inbox, []
+        merged: list[list[int]] = []
+        for first, last in sorted(pending):
+            if merged and first <= merged[-1][1] + 1:
+                merged[-1][1] = max(merged[-1][1], last)
+            else:
+                merged.append([first, last])
+        removed = self.spool.ack(merged)
         if removed:
             with self._lock:
                 self.counters.acked += removed
@@ -435,6 +454,7 @@ class DeviceAgent:
         cursor, max_sent = -1, -1
         next_report = time.monotonic() + cfg.telemetry_interval
         while not self._pub_stop.is_set():
+            self._apply_acks()
             now = time.monotonic()
             if now >= next_report:
                 next_report = now + cfg.telemetry_interval
@@ -657,6 +677,7 @@ class DeviceAgent:
         for t in self._threads:
             if t.name.startswith("lepton-pub"):
                 t.join(5)
+        self._apply_acks()  # acks that arrived after the publisher's last pass
         if self._connected.is_set():
             self._publish_telemetry()
             info = self._publish_status(online=False)

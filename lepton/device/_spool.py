@@ -325,6 +325,11 @@ class Spool:
         with self._cond:
             self._cond.wait(timeout)
 
+    def wake(self) -> None:
+        """Wake :meth:`wait_for_change` sleepers (e.g. acks arrived to be applied)."""
+        with self._cond:
+            self._cond.notify_all()
+
     # -- life cycle ---------------------------------------------------------------------------------
     def interrupt(self) -> None:
         """Wake a blocked :meth:`append` so it raises SpoolFull (used at shutdown)."""
