@@ -436,7 +436,11 @@ class DeviceAgent:
         client = self._client
         assert client is not None
         while not self._net_stop.is_set():
-            rc = client.loop(timeout=0.2)
+            try:
+                rc = client.loop(timeout=0.2)
+            except Exception:  # noqa: BLE001 - e.g. a TLS error: treat it as a lost connection
+                log.exception("device %s: network loop error", self.device_id)
+                rc = mqtt.MQTT_ERR_CONN_LOST
             if rc == mqtt.MQTT_ERR_SUCCESS or self._net_stop.is_set():
                 continue
             self._connected.clear()
@@ -449,6 +453,16 @@ class DeviceAgent:
 
     # -- publisher thread -----------------------------------------------------------------------------
     def _publisher_loop(self) -> None:
+        # Whatever goes wrong in one pass (a full disk, a broken payload), the publisher keeps going:
+        # a dead publisher thread would silently turn the device into a spool filler.
+        while not self._pub_stop.is_set():
+            try:
+                self._publish_pass()
+            except Exception:  # noqa: BLE001
+                log.exception("device %s: publisher error; retrying in 1 s", self.device_id)
+                self._pub_stop.wait(1.0)
+
+    def _publish_pass(self) -> None:
         cfg, spool = self.config, self.spool
         topic = self.topics.samples(self.device_id)
         cursor, max_sent = -1, -1
