@@ -24,7 +24,7 @@ def make_certs(d: Path) -> None:
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     valid = dict(
         not_valid_before=now - datetime.timedelta(days=1), not_valid_after=now + datetime.timedelta(days=2)
     )
