@@ -592,6 +592,16 @@ class DeviceAgent:
             self._stop.set()
             self.spool.interrupt()
 
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self._stop.is_set():  # a second Ctrl-C: stop waiting for acks now (the spool stays consistent)
+            raise KeyboardInterrupt
+        log.info(
+            "device %s: %s received; stopping (Ctrl-C again to skip waiting for acks)",
+            self.device_id,
+            signal.Signals(signum).name,
+        )
+        self.stop(signal.Signals(signum).name)
+
     @property
     def connected(self) -> bool:
         return self._connected.is_set()
@@ -607,7 +617,7 @@ class DeviceAgent:
         previous: dict[int, Any] = {}
         if handle_signals and threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
-                previous[sig] = signal.signal(sig, lambda s, f: self.stop(signal.Signals(s).name))
+                previous[sig] = signal.signal(sig, self._on_signal)
         try:
             self.start()
             progress = _Ticker(on_progress)
