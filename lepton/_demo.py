@@ -1,0 +1,385 @@
+"""``lepton demo``: the whole edge-cloud loop on one machine, with real processes talking MQTT.
+
+One embedded broker process, one ingest worker process (which spawns training processes), and N device
+agent processes, each streaming its own slice of the UCI handwritten digits. The demo itself only
+orchestrates and watches: it reads the fleet's retained status and telemetry topics like any dashboard.
+
+Edge accuracy is *prequential*: a device predicts every sample it captures with the model it serves at
+that moment, before the sample is published, and each device streams its slice once, so no prediction
+is made on an image the serving model was trained on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lepton.errors import ConfigError
+from lepton.protocol import BrokerURL, Topics, connect, decode_json, new_client, parse_manifest
+
+log = logging.getLogger(__name__)
+
+FLEET = "demo"
+MODEL = "digits"
+
+
+@dataclass(frozen=True, kw_only=True)
+class DemoConfig:
+    devices: int = 3
+    duration: float = 100.0
+    broker: str | None = None  # an external broker URL with worker credentials; None = embedded
+    rate: float = 10.0  # samples/s per device
+    train_every: int = 300
+    epochs: int = 10
+    workdir: Path | None = None
+    keep: bool = False
+
+
+@dataclass
+class DeviceView:
+    online: bool = False
+    captured: int = 0
+    acked: int = 0
+    spool: int = 0
+    model_version: int | None = None
+    accuracy: float | None = None
+    accuracy_samples: int = 0
+    swaps: int = 0
+    model_error: str | None = None
+    #: version -> {"correct": int, "samples": int}, as the device's runtime reports it.
+    accuracy_by_version: dict[str, dict[str, int]] = field(default_factory=dict)
+
+
+@dataclass
+class FleetView:
+    started: float = field(default_factory=time.monotonic)
+    devices: dict[str, DeviceView] = field(default_factory=dict)
+    worker: dict[str, Any] = field(default_factory=dict)
+    model_version: int | None = None
+    model_size: int | None = None
+    model_metrics: dict[str, Any] = field(default_factory=dict)
+    first_model_s: float | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class Demo:
+    def __init__(self, config: DemoConfig) -> None:
+        if config.devices < 1 or config.devices > 32:
+            raise ConfigError("--devices must be between 1 and 32")
+        if config.duration <= 0:
+            raise ConfigError("--duration must be positive (seconds)")
+        if config.broker is not None:
+            BrokerURL.parse(config.broker)  # validates early with a clear message
+        self.config = config
+        self.workdir = Path(config.workdir or tempfile.mkdtemp(prefix="lepton-demo-"))
+        self.topics = Topics(fleet=FLEET)
+        self.view = FleetView()
+        self._procs: dict[str, subprocess.Popen] = {}
+        self._stopping = threading.Event()
+        self._monitor = None
+
+    # -- processes --------------------------------------------------------------------------------
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+        logs = self.workdir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        out = open(logs / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process in stop()
+        # Own session: Ctrl-C in the terminal reaches only the demo, which stops children in order,
+        # and killpg also reaches the training processes a worker spawns.
+        proc = subprocess.Popen([sys.executable, "-m", "lepton", *argv], stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True,
+                                env={**os.environ, **(env or {})})
+        proc._lepton_log = out  # type: ignore[attr-defined]
+        self._procs[name] = proc
+        log.info("started %s (pid %d): %s", name, proc.pid, " ".join(argv))
+        return proc
+
+    def _start_broker(self) -> dict[str, str]:
+        """Start the embedded broker as its own process; return credentials URL per user."""
+        from lepton.broker import free_port, generate_password, write_password_file
+        from lepton.testing import wait_for_port
+
+        users = {"worker": generate_password(), "viewer": generate_password()}
+        users.update({f"dev-{i}": generate_password() for i in range(self.config.devices)})
+        data = self.workdir / "broker"
+        write_password_file(data / "passwd", users)
+        port = free_port()
+        self._spawn("broker", ["broker", "--host", "127.0.0.1", "--port", str(port), "--data", str(data)])
+        wait_for_port("127.0.0.1", port, timeout=20)
+        return {u: f"mqtt://{u}:{p}@127.0.0.1:{port}" for u, p in users.items()}
+
+    def start(self) -> None:
+        from lepton.protocol import generate_keypair
+
+        private, public = generate_keypair(self.workdir / "keys")
+        if self.config.broker:
+            # An external broker: every role uses the given credentials (fine for Mosquitto/EMQX demos
+            # with a permissive ACL; production gives each device its own user).
+            urls = {"worker": self.config.broker, "viewer": self.config.broker}
+            urls.update({f"dev-{i}": self.config.broker for i in range(self.config.devices)})
+        else:
+            urls = self._start_broker()
+        self._monitor = _Monitor(urls["viewer"], self.topics, self.view)
+        self._monitor.start()
+        self._spawn("worker", [
+            "worker", "--broker", urls["worker"], "--fleet", FLEET, "--data", str(self.workdir / "data"),
+            "--name", "demo-worker", "--model", MODEL, "--key", str(private),
+            "--train-every", str(self.config.train_every), "--train-publish", "--quiet",
+            f"--train-arg=--epochs={self.config.epochs}",
+        ], env={"OMP_NUM_THREADS": "1"})  # with devices, broker and worker on a few cores, one training
+        # thread is ~5x faster than torch's default of one per core fighting for them (measured here).
+        n = self.config.devices
+        for i in range(n):
+            self._spawn(f"dev-{i}", [
+                "device", "--broker", urls[f"dev-{i}"], "--fleet", FLEET, "--id", f"dev-{i}",
+                "--source", f"digits:{i}/{n}", "--preset", "digits", "--once",
+                "--rate", str(self.config.rate), "--spool", str(self.workdir / "spool" / f"dev-{i}"),
+                "--model", MODEL, "--public-key", str(public), "--quiet",
+            ])
+
+    def stop(self) -> None:
+        """SIGINT every child (devices first, then the worker, then the broker), then SIGKILL stragglers."""
+        self._stopping.set()
+        order = [n for n in self._procs if n.startswith("dev-")] + ["worker", "broker"]
+        for name in order:
+            proc = self._procs.get(name)
+            if proc is None:
+                continue
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGINT)
+                except ProcessLookupError:
+                    pass
+            if name == "broker" or name == "worker":
+                self._wait(proc, 15)
+        for proc in self._procs.values():
+            self._wait(proc, 15)
+        if self._monitor is not None:
+            self._monitor.stop()
+        for proc in self._procs.values():
+            proc._lepton_log.close()  # type: ignore[attr-defined]
+
+    @staticmethod
+    def _wait(proc: subprocess.Popen, timeout: float) -> None:
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            log.warning("pid %d did not stop within %.0fs; killing it", proc.pid, timeout)
+        # Reap the whole session (a worker's training child included), whatever happened.
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        proc.wait()
+
+    # -- progress ---------------------------------------------------------------------------------
+    def device_exit_codes(self) -> dict[str, int | None]:
+        return {n: p.poll() for n, p in self._procs.items() if n.startswith("dev-")}
+
+    def finished(self) -> bool:
+        """All devices streamed their slice, are acknowledged, and the last model reached them."""
+        codes = self.device_exit_codes()
+        return bool(codes) and all(c is not None for c in codes.values())
+
+    def crashed(self) -> str | None:
+        for name in ("broker", "worker"):
+            proc = self._procs.get(name)
+            if proc is not None and proc.poll() is not None:
+                logfile = self.workdir / "logs" / f"{name}.log"
+                return f"{name} exited with code {proc.returncode}; see {logfile}"
+        return None
+
+    def summary(self) -> dict[str, Any]:
+        with self.view.lock:
+            devices = {n: vars(d).copy() for n, d in sorted(self.view.devices.items())}
+            metrics = dict(self.view.model_metrics)
+            pooled: dict[int, list[int]] = {}  # version -> [correct, samples] over all devices
+            for d in self.view.devices.values():
+                for v, a in d.accuracy_by_version.items():
+                    entry = pooled.setdefault(int(v), [0, 0])
+                    entry[0] += a["correct"]
+                    entry[1] += a["samples"]
+            by_version = {v: {"accuracy": round(c / n, 4), "samples": n}
+                          for v, (c, n) in sorted(pooled.items()) if n}
+            # The fleet's answer at the end: the newest version that has served predictions.
+            latest = by_version[max(by_version)] if by_version else None
+            all_correct = sum(c for c, _ in pooled.values())
+            all_samples = sum(n for _, n in pooled.values())
+            samples = self.view.worker.get("stored")
+            fp32 = metrics.get("fp32_size_bytes")
+            return {
+                "samples_ingested": samples,
+                "model_version": self.view.model_version,
+                "edge_accuracy": latest["accuracy"] if latest else None,
+                "edge_accuracy_samples": latest["samples"] if latest else 0,
+                "edge_accuracy_all_versions": round(all_correct / all_samples, 4) if all_samples else None,
+                "edge_accuracy_by_version": by_version,
+                "pids": {n: p.pid for n, p in self._procs.items()},
+                "time_to_first_model_s": (round(self.view.first_model_s, 2)
+                                          if self.view.first_model_s is not None else None),
+                "model_size_bytes": self.view.model_size,
+                "compression_ratio": (round(self.view.model_size / fp32, 3)
+                                      if fp32 and self.view.model_size else None),
+                "model_metrics": metrics,
+                "devices": devices,
+                "duration_s": round(time.monotonic() - self.view.started, 2),
+                "workdir": str(self.workdir),
+            }
+
+
+class _Monitor:
+    """A read-only dashboard client: retained status/telemetry of devices and workers, model manifests."""
+
+    def __init__(self, url: str, topics: Topics, view: FleetView) -> None:
+        self.url = BrokerURL.parse(url)
+        self.topics = topics
+        self.view = view
+        self.client = new_client(self.url, client_id=f"lepton-demo-monitor-{os.getpid()}")
+        self.client.on_connect = self._on_connect
+        self.client.on_message = self._on_message
+
+    def start(self) -> None:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                connect(self.client, self.url)
+                return
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.3)
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
+        for channel in ("status", "telemetry"):
+            client.subscribe(self.topics.all_devices(channel), qos=1)
+        client.subscribe(self.topics.worker_status("demo-worker"), qos=1)
+        client.subscribe(self.topics.model(MODEL), qos=1)
+
+    def _on_message(self, client, userdata, message) -> None:  # noqa: ANN001
+        try:
+            parsed = self.topics.parse(message.topic)
+            if not message.payload:
+                return
+            if parsed.channel == "model":
+                manifest, _, _ = parse_manifest(message.payload)
+                with self.view.lock:
+                    self.view.model_version = manifest.version
+                    self.view.model_size = manifest.size
+                    self.view.model_metrics = dict(manifest.metrics)
+                return
+            body = decode_json(message.payload)
+            with self.view.lock:
+                if parsed.channel == "worker_status":
+                    self.view.worker = body
+                    return
+                dev = self.view.devices.setdefault(parsed.device, DeviceView())
+                _merge_device(dev, body)
+                if dev.model_version is not None and self.view.first_model_s is None:
+                    self.view.first_model_s = time.monotonic() - self.view.started
+        except Exception:  # a dashboard never dies of one odd message
+            log.debug("monitor ignored a message on %s", message.topic, exc_info=True)
+
+
+def _merge_device(dev: DeviceView, body: dict[str, Any]) -> None:
+    """Fold a device status or telemetry report into the view (fields per docs/protocol.md)."""
+    if "online" in body:
+        dev.online = bool(body["online"])
+    for key in ("captured", "acked"):
+        if isinstance(body.get(key), int):
+            setattr(dev, key, body[key])
+    for key in ("spool_depth", "spool"):
+        if isinstance(body.get(key), int):
+            dev.spool = body[key]
+    model = body.get("model")
+    version = body.get("model_version")
+    if version is None and isinstance(model, dict):
+        version = model.get("version")
+    if isinstance(version, int):
+        dev.model_version = version
+    if "model_error" in body:
+        error = body["model_error"]
+        dev.model_error = error.get("reason") if isinstance(error, dict) else error
+    accuracy = body.get("accuracy")
+    if isinstance(accuracy, dict):  # per-version running accuracy: {"3": {"correct", "samples", ...}}
+        dev.accuracy_by_version = {
+            v: {"correct": int(a.get("correct") or 0), "samples": int(a.get("samples") or 0)}
+            for v, a in accuracy.items() if isinstance(a, dict)
+        }
+        current = accuracy.get(str(dev.model_version)) if dev.model_version is not None else None
+        if isinstance(current, dict):
+            dev.accuracy = current.get("accuracy")
+            dev.accuracy_samples = int(current.get("samples") or 0)
+    if isinstance(body.get("swaps"), int):
+        dev.swaps = body["swaps"]
+
+
+def _render(demo: Demo):  # -> rich renderable
+    from rich.table import Table
+
+    s = demo.summary()
+    table = Table(title=f"lepton demo  ·  {s['duration_s']:.0f}s  ·  model v{s['model_version'] or '-'}  ·  "
+                        f"dataset {s['samples_ingested'] or 0} samples")
+    for col in ("device", "online", "captured", "acked", "spool", "model", "edge acc.", "swaps", "error"):
+        table.add_column(col, justify="right" if col not in ("device", "error") else "left")
+    for name, d in s["devices"].items():
+        acc = f"{d['accuracy']:.3f} ({d['accuracy_samples']})" if d["accuracy"] is not None else "-"
+        table.add_row(name, "yes" if d["online"] else "no", str(d["captured"]), str(d["acked"]),
+                      str(d["spool"]),
+                      f"v{d['model_version']}" if d["model_version"] else "-", acc, str(d["swaps"]),
+                      d["model_error"] or "")
+    return table
+
+
+def run_demo(config: DemoConfig, *, as_json: bool = False, live: bool = True) -> dict[str, Any]:
+    demo = Demo(config)
+    interrupted = False
+    display = None
+    if live and not as_json and sys.stderr.isatty():
+        from rich.console import Console
+        from rich.live import Live
+
+        display = Live(_render(demo), console=Console(stderr=True), refresh_per_second=4)
+        display.start()
+    try:
+        demo.start()
+        deadline = time.monotonic() + config.duration
+        while time.monotonic() < deadline:
+            crash = demo.crashed()
+            if crash:
+                raise ConfigError(crash)
+            if demo.finished():
+                break
+            if display is not None:
+                display.update(_render(demo))
+            elif not as_json:
+                s = demo.summary()
+                print(f"\r[{s['duration_s']:5.0f}s] ingested={s['samples_ingested'] or 0} "
+                      f"model=v{s['model_version'] or '-'} edge_acc={s['edge_accuracy']}", end="",
+                      file=sys.stderr, flush=True)
+            time.sleep(0.25)
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        demo.stop()
+        if display is not None:
+            display.update(_render(demo))
+            display.stop()
+    result = demo.summary()
+    result["interrupted"] = interrupted
+    result["device_exit_codes"] = demo.device_exit_codes()
+    return result
+
+
+__all__ = ["DemoConfig", "run_demo"]

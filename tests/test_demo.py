@@ -1,0 +1,65 @@
+"""`lepton demo` end to end: real broker, worker, training and device processes."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_demo_runs_the_loop_and_leaves_no_process(tmp_path):
+    # Two devices at 40 Hz stream the 1797 digits in ~25 s; the first model needs 300 samples.
+    proc = subprocess.run(
+        [sys.executable, "-m", "lepton", "demo", "--devices", "2", "--rate", "40", "--duration", "75",
+         "--json", "--workdir", str(tmp_path)],
+        capture_output=True, text=True, timeout=180,
+    )
+
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout)
+    for key in ("samples_ingested", "model_version", "edge_accuracy", "time_to_first_model_s",
+                "model_size_bytes", "compression_ratio", "devices"):
+        assert key in summary, key
+    assert summary["samples_ingested"] == 1797  # every digit, stored once
+    assert set(summary["devices"]) == {"dev-0", "dev-1"}
+    assert all(d["acked"] == d["captured"] and d["spool"] == 0 for d in summary["devices"].values())
+    assert summary["model_version"] >= 1
+    assert summary["edge_accuracy"] is not None and summary["edge_accuracy_samples"] > 0
+    assert 0 < summary["compression_ratio"] < 0.5  # int8 shipped
+    assert summary["device_exit_codes"] == {"dev-0": 0, "dev-1": 0}
+    assert not [name for name, pid in summary["pids"].items() if _alive(pid)]
+
+
+def test_demo_stops_every_child_on_sigint(tmp_path):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lepton", "demo", "--devices", "2", "--duration", "120", "--json",
+         "--workdir", str(tmp_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    # Wait until the devices are really running (their spools exist), then press Ctrl-C.
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and len(list((tmp_path / "spool").glob("dev-*"))) < 2:
+        time.sleep(0.2)
+    time.sleep(2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=90)
+
+    assert proc.returncode == 130, err[-3000:]
+    summary = json.loads(out)
+    assert summary["interrupted"] is True
+    assert set(summary["pids"]) == {"broker", "worker", "dev-0", "dev-1"}
+    assert not [name for name, pid in summary["pids"].items() if _alive(pid)]
