@@ -501,8 +501,8 @@ class DeviceAgent:
                 continue
             if len(rows) < cfg.batch_size and not self._stop.is_set():
                 wait = cfg.batch_ms / 1000 - (time.time() - rows[0].ts)
-                if wait > 0:  # a partial batch waits until its oldest sample is batch_ms old
-                    spool.wait_for_change(wait)
+                if wait > 0:  # a partial batch waits until it is full or its oldest sample batch_ms old
+                    spool.wait_for_seq(rows[0].seq + cfg.batch_size - 1, wait)
                     continue
             if not in_flight:
                 self._last_ack_progress = now  # the ack clock starts with the first sample in flight

@@ -325,6 +325,15 @@ class Spool:
         with self._cond:
             self._cond.wait(timeout)
 
+    def wait_for_seq(self, seq: int, timeout: float) -> bool:
+        """Sleep until a sample with ``seq`` (or a later one) was appended, or ``timeout`` passes.
+
+        Unlike :meth:`wait_for_change` this does not return on every append, so a publisher waiting to
+        fill a batch of 32 wakes once, not 32 times.
+        """
+        with self._cond:
+            return self._cond.wait_for(lambda: self._next_seq > seq or self._closing, timeout)
+
     def wake(self) -> None:
         """Wake :meth:`wait_for_change` sleepers (e.g. acks arrived to be applied)."""
         with self._cond:
