@@ -244,6 +244,32 @@ def preprocessing(repeats: int) -> list[dict]:
     return rows
 
 
+def spool_costs(n: int, workdir: Path) -> dict:
+    """Where a device's per-sample time goes, single-threaded: spool append, read + envelope encode, ack."""
+    from lepton.device import Pipeline, Spool, open_source
+    from lepton.protocol import encode_samples
+
+    p, src = Pipeline.from_preset("digits"), iter(open_source("digits"))
+    frames = [next(src) for _ in range(1797)]
+    out = {}
+    with Spool(workdir / "spool-cost") as spool:
+        t0 = time.perf_counter()
+        for i in range(n):
+            frame, label = frames[i % len(frames)]
+            spool.append(p(frame), label, pipeline=p.hash)
+        out["capture_append_per_s"] = n / (time.perf_counter() - t0)
+        t0, cursor = time.perf_counter(), -1
+        while rows := spool.read_after(cursor, 32):
+            encode_samples("bench", [r.to_sample() for r in rows], pipeline=p.hash)
+            cursor = rows[-1].seq
+        out["read_encode_batch32_per_s"] = n / (time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        for first in range(0, n, 32):
+            spool.ack([(first, first + 31)])
+        out["ack_batch32_per_s"] = n / (time.perf_counter() - t0)
+    return {k: round(v) for k, v in out.items()}
+
+
 # ------------------------------------------------------------------------------------------------
 # 3. peak RSS with OpenCV + ONNX Runtime serving a signed model
 # ------------------------------------------------------------------------------------------------
@@ -381,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     with broker_cls() as broker:
         tp = [throughput(broker, fleet, 1, n1, workdir), throughput(broker, fleet, 32, n32, workdir)]
         pre = preprocessing(reps)
+        costs = spool_costs(n32 // 3, workdir)
         rss = peak_rss(broker, fleet, 1000 if args.quick else 2000, workdir)
 
     print(f"\nthroughput: captured -> published -> acked end-to-end ({broker_cls.kind}, QoS 1)")
@@ -390,6 +417,11 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['batch']:>5} {r['samples']:>8} {r['device_samples_per_s']:>10.0f} "
             f"{r['bare_paho_samples_per_s']:>12.0f} {r['ratio']:>6.3f} {r['device_resent']:>7}"
         )
+    print(
+        "  single-threaded costs behind it (samples/s): capture+spool append "
+        f"{costs['capture_append_per_s']}, spool read+encode {costs['read_encode_batch32_per_s']}, "
+        f"ack {costs['ack_batch32_per_s']}"
+    )
     print("\npreprocessing per sample (best of 3)")
     print(f"{'preset':<16} {'input':<12} {'us/sample':>10} {'raw astype us':>14} {'ratio':>7}  output")
     for r in pre:
