@@ -209,3 +209,27 @@ def test_device_serves_a_signed_model_and_publishes_predictions(amqtt_broker, fl
     assert all(p["truth"] == str(digits[p["seq"] % len(digits)]) for p in preds)  # truth travels with seq
     status = [s for s in watch.bodies("dev-1", "status") if s.get("model_version") == 1][-1]
     assert status["model_verify"] is True and status["model_error"] is None
+
+
+def test_block_policy_pauses_capture_until_acks_free_room(amqtt_broker, fleet, tmp_path):
+    import threading
+
+    from lepton.device import Spool
+
+    one = len(Spool.encode_body(np.zeros((1, 8, 8), np.float32), 0))
+    agent = make_agent(
+        amqtt_broker, fleet, tmp_path, limit=100, on_full="block", spool_max_bytes=one * 20, ack_timeout=1.0
+    )  # the acker joins late: resend what it missed
+    result = {}
+    runner = threading.Thread(target=lambda: result.update(s=agent.run(handle_signals=False)))
+    runner.start()
+    deadline = time.monotonic() + 20
+    while agent.counters.captured < 20 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    assert agent.counters.captured == 20 and agent.spool.depth == 20  # full: capture waits, nothing dropped
+    with Acker(amqtt_broker.url("worker", "acker", fleet=fleet), fleet) as acker:
+        runner.join(30)
+    summary = result["s"]
+    assert summary.ok and summary.captured == 100 and summary.dropped == 0
+    assert acker.seqs("dev-1") == set(range(100))
