@@ -55,8 +55,10 @@ def write(root: Path, fleet: str, x: np.ndarray, y: np.ndarray, pipeline: str) -
     data = root / fleet / "data"
     data.mkdir(parents=True, exist_ok=True)
     for part, start in enumerate(range(0, len(x), 400)):
-        rows = [(f"dev-{i % 4}", pipeline, Sample(seq=i // 4, ts=float(i), x=x[i], y=str(int(y[i]))))
-                for i in range(start, min(start + 400, len(x)))]
+        rows = [
+            (f"dev-{i % 4}", pipeline, Sample(seq=i // 4, ts=float(i), x=x[i], y=str(int(y[i]))))
+            for i in range(start, min(start + 400, len(x)))
+        ]
         write_parquet_atomic(data / f"part-{part:04d}.parquet", samples_to_table(rows))
 
 
@@ -86,16 +88,25 @@ def bench_one(name: str, x: np.ndarray, y: np.ndarray, *, epochs: int, runs: int
     fleet = f"b{uuid.uuid4().hex[:8]}"
     write(workdir, fleet, x, y, pipeline=name)
     module = make_module(tuple(x.shape[1:]), 10)
-    config = TrainConfig(data=workdir, fleet=fleet, model=name, epochs=epochs, patience=epochs,
-                         export=ExportConfig(latency_runs=10))
+    config = TrainConfig(
+        data=workdir,
+        fleet=fleet,
+        model=name,
+        epochs=epochs,
+        patience=epochs,
+        export=ExportConfig(latency_runs=10),
+    )
     torch.set_num_threads(2)
     result = train(config, module=module)
     rep, tr = result.report["export"], result.report["training"]
     version = result.version
     sample = x[:1]
     torch.set_num_threads(1)
-    fp32 = onnx_session((version.path / "model.fp32.onnx").read_bytes()
-                        if (version.path / "model.fp32.onnx").exists() else version.data())
+    fp32 = onnx_session(
+        (version.path / "model.fp32.onnx").read_bytes()
+        if (version.path / "model.fp32.onnx").exists()
+        else version.data()
+    )
     lat = {
         "torch_eager_ms": torch_latency_ms(module, sample, runs),
         "ort_fp32_ms": measure_latency_ms(fp32, sample, runs=runs),
@@ -121,7 +132,9 @@ def bench_one(name: str, x: np.ndarray, y: np.ndarray, *, epochs: int, runs: int
         "size_ratio": rep.get("size_ratio"),
         "max_abs_diff": rep["max_abs_diff"],
         **{k: round(v, 4) for k, v in lat.items()},
-        **{k.replace("_ms", "_vs_eager"): round(v / base, 3) for k, v in lat.items() if k != "torch_eager_ms"},
+        **{
+            k.replace("_ms", "_vs_eager"): round(v / base, 3) for k, v in lat.items() if k != "torch_eager_ms"
+        },
     }
 
 
@@ -141,30 +154,47 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     try:
         for name, x, epochs in cases:
-            print(f"training {name} {list(x.shape[1:])} for up to {epochs} epochs ...", file=sys.stderr, flush=True)
+            print(
+                f"training {name} {list(x.shape[1:])} for up to {epochs} epochs ...",
+                file=sys.stderr,
+                flush=True,
+            )
             rows.append(bench_one(name, x, y, epochs=epochs, runs=runs, workdir=workdir))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
-    header = (f"{'model':<13} {'input':<10} {'params':>7} {'train s':>7} {'acc fp32':>8} {'acc int8':>8} "
-              f"{'fp32 KB':>8} {'int8 KB':>8} {'size':>5} {'eager ms':>8} {'ort fp32':>14} {'ort int8':>14}")
+    header = (
+        f"{'model':<13} {'input':<10} {'params':>7} {'train s':>7} {'acc fp32':>8} {'acc int8':>8} "
+        f"{'fp32 KB':>8} {'int8 KB':>8} {'size':>5} {'eager ms':>8} {'ort fp32':>14} {'ort int8':>14}"
+    )
     print(header)
     print("-" * len(header))
     for r in rows:
         int8_acc = f"{r['int8_accuracy']:.4f}" if r["int8_accuracy"] is not None else "-"
         int8_kb = f"{r['int8_size_bytes'] / 1024:.0f}" if r["int8_size_bytes"] else "-"
         ratio = f"{r['size_ratio']:.2f}x" if r["size_ratio"] else "-"
-        i8 = (f"{r['ort_int8_ms']:.3f} ({r['ort_int8_vs_eager']:.2f}x)" if "ort_int8_ms" in r else "-")
-        print(f"{r['model']:<13} {'x'.join(map(str, r['input_shape'])):<10} {r['params']:>7} "
-              f"{r['train_time_s']:>7.1f} {r['fp32_accuracy']:>8.4f} {int8_acc:>8} "
-              f"{r['fp32_size_bytes'] / 1024:>8.0f} {int8_kb:>8} {ratio:>5} {r['torch_eager_ms']:>8.3f} "
-              f"{r['ort_fp32_ms']:.3f} ({r['ort_fp32_vs_eager']:.2f}x) {i8:>14}")
+        i8 = f"{r['ort_int8_ms']:.3f} ({r['ort_int8_vs_eager']:.2f}x)" if "ort_int8_ms" in r else "-"
+        print(
+            f"{r['model']:<13} {'x'.join(map(str, r['input_shape'])):<10} {r['params']:>7} "
+            f"{r['train_time_s']:>7.1f} {r['fp32_accuracy']:>8.4f} {int8_acc:>8} "
+            f"{r['fp32_size_bytes'] / 1024:>8.0f} {int8_kb:>8} {ratio:>5} {r['torch_eager_ms']:>8.3f} "
+            f"{r['ort_fp32_ms']:.3f} ({r['ort_fp32_vs_eager']:.2f}x) {i8:>14}"
+        )
     print("latency: median of batch-1 runs, 1 thread; (Nx) = time relative to PyTorch eager in this run")
     out = HERE / "results" / "models.json"
     out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"runs_per_latency": runs, "threads": 1, "baseline": "torch_eager_ms",
-                               "models": rows, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
-                              indent=2))
+    out.write_text(
+        json.dumps(
+            {
+                "runs_per_latency": runs,
+                "threads": 1,
+                "baseline": "torch_eager_ms",
+                "models": rows,
+                "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {out.relative_to(HERE.parent)}")
     return 0
 

@@ -56,17 +56,34 @@ def seen_by_newest(data: Path, model: str) -> int:
 def check_and_train(args: argparse.Namespace) -> int:
     have, seen = labelled_samples(args.data, args.fleet), seen_by_newest(args.data, args.model)
     if have - seen < args.min_new:
-        log.info("%d labelled samples, %d new since the last version (< %d): nothing to do", have, have - seen,
-                 args.min_new)
+        log.info(
+            "%d labelled samples, %d new since the last version (< %d): nothing to do",
+            have,
+            have - seen,
+            args.min_new,
+        )
         return 0
     log.info("%d labelled samples, %d new: training %s", have, have - seen, args.model)
-    config = TrainConfig(data=args.data, fleet=args.fleet, model=args.model, epochs=args.epochs,
-                         publish=args.broker is not None, broker=args.broker, key=args.key,
-                         tolerance_points=args.tolerance)
+    config = TrainConfig(
+        data=args.data,
+        fleet=args.fleet,
+        model=args.model,
+        epochs=args.epochs,
+        publish=args.broker is not None,
+        broker=args.broker,
+        key=args.key,
+        tolerance_points=args.tolerance,
+    )
     result = train(config)
     gate = result.report["gate"]
-    log.info("%s v%d: %s (val accuracy %.4f; %s)", args.model, result.version.version, result.status,
-             gate["new_accuracy"], gate["reason"])
+    log.info(
+        "%s v%d: %s (val accuracy %.4f; %s)",
+        args.model,
+        result.version.version,
+        result.status,
+        gate["new_accuracy"],
+        gate["reason"],
+    )
     return 5 if result.status == "refused" else 0
 
 

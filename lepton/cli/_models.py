@@ -55,8 +55,11 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk-size", type=int, default=None, metavar="BYTES", help="bytes per chunk message")
     p.set_defaults(handler=run_rollback)
 
-    p = sub.add_parser("publish", parents=[common], help="publish a stored version (no gate; e.g. after a "
-                       "failed publication)")
+    p = sub.add_parser(
+        "publish",
+        parents=[common],
+        help="publish a stored version (no gate; e.g. after a failed publication)",
+    )
     p.add_argument("name")
     p.add_argument("--version", type=int, default=None, help="version (default: the newest)")
     p.add_argument("--broker", metavar="URL", required=True, help="mqtt://user:password@host:port")
@@ -69,7 +72,9 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.add_argument("name")
     p.add_argument("--broker", metavar="URL", required=True, help="mqtt://user:password@host:port")
     p.add_argument("--fleet", required=True)
-    p.add_argument("--public-key", metavar="FILE", help="verify the signature with this key (else hashes only)")
+    p.add_argument(
+        "--public-key", metavar="FILE", help="verify the signature with this key (else hashes only)"
+    )
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the model (default 10)")
     p.add_argument("--out", metavar="FILE", help="write the ONNX bytes here")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON on stdout")
@@ -97,27 +102,47 @@ def run_list(args: argparse.Namespace) -> int:
     if not models:
         print(f"no models under {reg.models}", file=sys.stderr)
         return _exit.OK
-    print(f"{'model':<16} {'ver':>4} {'status':<14} {'quant':<6} {'bytes':>9} {'val acc':>8} {'parent':>6}  deployed")
+    print(f"{'model':<16} {'ver':>4} {'status':<14} {'quant':<6} {'bytes':>9} {'val acc':>8} "
+          f"{'parent':>6}  deployed")
     for name, m in models.items():
         for v in m["versions"]:
             fleets = ",".join(f for f, ver in m["deployed"].items() if ver == v["version"])
             acc = f"{v['val_accuracy']:.4f}" if v["val_accuracy"] is not None else "-"
-            print(f"{name:<16} {v['version']:>4} {v['status']:<14} {v['quantization'] or '-':<6} "
-                  f"{v['size_bytes'] or 0:>9} {acc:>8} {v['parent'] if v['parent'] is not None else '-':>6}  {fleets}")
+            parent = v["parent"] if v["parent"] is not None else "-"
+            print(
+                f"{name:<16} {v['version']:>4} {v['status']:<14} {v['quantization'] or '-':<6} "
+                f"{v['size_bytes'] or 0:>9} {acc:>8} {parent:>6}  {fleets}"
+            )
     return _exit.OK
 
 
 def run_show(args: argparse.Namespace) -> int:
     reg = _registry(args)
     mv = reg.get(args.name, args.version)
-    out = {"manifest": mv.manifest, "report": mv.report, "path": str(mv.path),
-           "deployed_to": [f for f, e in reg.deployments(args.name).items() if e["version"] == mv.version]}
+    out = {
+        "manifest": mv.manifest,
+        "report": mv.report,
+        "path": str(mv.path),
+        "deployed_to": [f for f, e in reg.deployments(args.name).items() if e["version"] == mv.version],
+    }
     if args.json:
         print(json.dumps(out, sort_keys=True, default=str))
     else:
         s = mv.summary()
-        for key in ("name", "version", "status", "parent", "quantization", "size_bytes", "sha256", "val_accuracy",
-                    "labels", "pipeline", "fleet", "gate"):
+        for key in (
+            "name",
+            "version",
+            "status",
+            "parent",
+            "quantization",
+            "size_bytes",
+            "sha256",
+            "val_accuracy",
+            "labels",
+            "pipeline",
+            "fleet",
+            "gate",
+        ):
             print(f"{key:<13} {s[key]}")
         print(f"{'deployed to':<13} {', '.join(out['deployed_to']) or '-'}")
         print(f"{'path':<13} {mv.path}")
@@ -138,13 +163,23 @@ def run_rollback(args: argparse.Namespace) -> int:
     new = reg.rollback(args.name, args.to)
     publication = None
     if args.publish:
-        result = reg.publish(args.name, new.version, url=args.broker, fleet=fleet, private_key=key,
-                             chunk_size=args.chunk_size or DEFAULT_CHUNK_SIZE)
+        result = reg.publish(
+            args.name,
+            new.version,
+            url=args.broker,
+            fleet=fleet,
+            private_key=key,
+            chunk_size=args.chunk_size or DEFAULT_CHUNK_SIZE,
+        )
         publication = result.to_dict()
     new = reg.get(args.name, new.version)
     if args.json:
-        print(json.dumps({"version": new.version, "parent": args.to, "status": new.status,
-                          "publication": publication}, sort_keys=True))
+        print(
+            json.dumps(
+                {"version": new.version, "parent": args.to, "status": new.status, "publication": publication},
+                sort_keys=True,
+            )
+        )
     else:
         where = f"published to fleet {fleet}" if publication else "stored (add --publish to ship it)"
         print(f"{args.name} v{new.version} = weights of v{args.to}: {where}")
@@ -160,13 +195,25 @@ def run_publish(args: argparse.Namespace) -> int:
     if not fleet:
         raise ConfigError(f"v{mv.version} records no fleet; pass --fleet")
     key = load_private_key(args.key) if args.key else None
-    result = reg.publish(args.name, mv.version, url=args.broker, fleet=fleet, private_key=key,
-                         chunk_size=args.chunk_size or DEFAULT_CHUNK_SIZE)
+    result = reg.publish(
+        args.name,
+        mv.version,
+        url=args.broker,
+        fleet=fleet,
+        private_key=key,
+        chunk_size=args.chunk_size or DEFAULT_CHUNK_SIZE,
+    )
     if args.json:
-        print(json.dumps({"version": mv.version, "fleet": fleet, "publication": result.to_dict()}, sort_keys=True))
+        print(
+            json.dumps(
+                {"version": mv.version, "fleet": fleet, "publication": result.to_dict()}, sort_keys=True
+            )
+        )
     else:
-        print(f"{args.name} v{mv.version} published to fleet {fleet}: {result.chunks} chunks, "
-              f"signed={key is not None}, cleared {result.cleared or 'nothing'}")
+        print(
+            f"{args.name} v{mv.version} published to fleet {fleet}: {result.chunks} chunks, "
+            f"signed={key is not None}, cleared {result.cleared or 'nothing'}"
+        )
     return _exit.OK
 
 
@@ -180,7 +227,9 @@ def run_fetch(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"manifest": m.to_dict(), "signed_by": package.signed_by}, sort_keys=True))
     else:
-        print(f"{m.name} v{m.version}: {m.size} bytes in {len(m.chunks)} chunks, {m.quantization}, "
-              f"sha256 {m.sha256[:16]}, signed by {package.signed_by or '(not checked)'}"
-              + (f", written to {args.out}" if args.out else ""))
+        print(
+            f"{m.name} v{m.version}: {m.size} bytes in {len(m.chunks)} chunks, {m.quantization}, "
+            f"sha256 {m.sha256[:16]}, signed by {package.signed_by or '(not checked)'}"
+            + (f", written to {args.out}" if args.out else "")
+        )
     return _exit.OK

@@ -40,32 +40,70 @@ examples:
 def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, metavar="DIR", help="dataset directory (holds FLEET/data/)")
     parser.add_argument("--fleet", required=True, help="fleet whose samples to train on and publish to")
-    parser.add_argument("--model", required=True, metavar="NAME", help="model name (topic lepton/FLEET/models/NAME)")
-    parser.add_argument("--epochs", type=int, default=20, help="maximum epochs (early stopping on val accuracy; "
-                        "default 20)")
+    parser.add_argument(
+        "--model", required=True, metavar="NAME", help="model name (topic lepton/FLEET/models/NAME)"
+    )
+    parser.add_argument(
+        "--epochs", type=int, default=20, help="maximum epochs (early stopping on val accuracy; default 20)"
+    )
     parser.add_argument("--batch-size", type=int, default=64, help="batch size (default 64)")
     parser.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (default 0.003)")
     parser.add_argument("--val-fraction", type=float, default=0.2, help="validation share (default 0.2)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--module", metavar="PKG.MOD:CLASS", default=None,
-                        help="your own LightningModule or nn.Module, built as Class(input_shape=, num_classes=)")
-    parser.add_argument("--pipeline", metavar="HASH", default=None,
-                        help="train on this pipeline hash (default: the one with most labelled samples)")
-    parser.add_argument("--pipeline-spec", metavar="FILE", default=None,
-                        help="JSON file with the device's preprocessing spec, put into the manifest "
-                        "(its hash selects the pipeline unless --pipeline is given)")
-    parser.add_argument("--tolerance", type=float, default=1.0, metavar="POINTS",
-                        help="gate: accept new accuracy >= deployed - POINTS percentage points (default 1.0)")
-    parser.add_argument("--max-int8-drop", type=float, default=1.0, metavar="POINTS",
-                        help="ship int8 only if it loses at most POINTS accuracy points vs fp32 (default 1.0)")
+    parser.add_argument(
+        "--module",
+        metavar="PKG.MOD:CLASS",
+        default=None,
+        help="your own LightningModule or nn.Module, built as Class(input_shape=, num_classes=)",
+    )
+    parser.add_argument(
+        "--pipeline",
+        metavar="HASH",
+        default=None,
+        help="train on this pipeline hash (default: the one with most labelled samples)",
+    )
+    parser.add_argument(
+        "--pipeline-spec",
+        metavar="FILE",
+        default=None,
+        help="JSON file with the device's preprocessing spec, put into the manifest "
+        "(its hash selects the pipeline unless --pipeline is given)",
+    )
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=1.0,
+        metavar="POINTS",
+        help="gate: accept new accuracy >= deployed - POINTS percentage points (default 1.0)",
+    )
+    parser.add_argument(
+        "--max-int8-drop",
+        type=float,
+        default=1.0,
+        metavar="POINTS",
+        help="ship int8 only if it loses at most POINTS accuracy points vs fp32 (default 1.0)",
+    )
     parser.add_argument("--no-quantize", action="store_true", help="ship the fp32 model, skip int8")
     parser.add_argument("--publish", action="store_true", help="publish the new version if the gate passes")
-    parser.add_argument("--broker", metavar="URL", default=None, help="mqtt://user:password@host:port (with --publish)")
-    parser.add_argument("--key", metavar="FILE", default=None,
-                        help="Ed25519 private key (PEM) that signs the manifest; see `lepton keys generate`")
-    parser.add_argument("--chunk-size", type=int, default=None, metavar="BYTES",
-                        help="bytes per retained chunk message (default 98304, under AWS IoT's 128 KB)")
-    parser.add_argument("--json", action="store_true", help="print the full report as one JSON object on stdout")
+    parser.add_argument(
+        "--broker", metavar="URL", default=None, help="mqtt://user:password@host:port (with --publish)"
+    )
+    parser.add_argument(
+        "--key",
+        metavar="FILE",
+        default=None,
+        help="Ed25519 private key (PEM) that signs the manifest; see `lepton keys generate`",
+    )
+    parser.add_argument(
+        "--chunk-size",
+        type=int,
+        default=None,
+        metavar="BYTES",
+        help="bytes per retained chunk message (default 98304, under AWS IoT's 128 KB)",
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print the full report as one JSON object on stdout"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress output on stderr")
     parser.set_defaults(handler=run)
 
@@ -75,7 +113,9 @@ def run(args: argparse.Namespace) -> int:
 
     data = Path(args.data)
     if not data.is_dir():
-        raise ConfigError(f"--data {data} is not a directory; point it at the ingest worker's dataset directory")
+        raise ConfigError(
+            f"--data {data} is not a directory; point it at the ingest worker's dataset directory"
+        )
     spec = None
     pipeline = args.pipeline
     if args.pipeline_spec:
@@ -93,11 +133,22 @@ def run(args: argparse.Namespace) -> int:
     from lepton.cloud._training import TrainConfig, train
 
     config = TrainConfig(
-        data=data, fleet=args.fleet, model=args.model, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        val_fraction=args.val_fraction, seed=args.seed, module=args.module, pipeline=pipeline,
-        pipeline_spec=spec, tolerance_points=args.tolerance,
+        data=data,
+        fleet=args.fleet,
+        model=args.model,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        module=args.module,
+        pipeline=pipeline,
+        pipeline_spec=spec,
+        tolerance_points=args.tolerance,
         export=ExportConfig(quantize=not args.no_quantize, max_int8_drop_points=args.max_int8_drop),
-        publish=args.publish, broker=args.broker, key=Path(args.key) if args.key else None,
+        publish=args.publish,
+        broker=args.broker,
+        key=Path(args.key) if args.key else None,
         chunk_size=args.chunk_size or DEFAULT_CHUNK_SIZE,
         progress=not args.quiet and sys.stderr.isatty(),
     )
@@ -110,8 +161,11 @@ def run(args: argparse.Namespace) -> int:
                 return
             acc = trainer.callback_metrics.get("val_acc")
             acc_text = f" val_acc {float(acc):.4f}" if acc is not None else ""
-            print(f"lepton train: epoch {trainer.current_epoch + 1}/{trainer.max_epochs}{acc_text}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"lepton train: epoch {trainer.current_epoch + 1}/{trainer.max_epochs}{acc_text}",
+                file=sys.stderr,
+                flush=True,
+            )
 
     callbacks = [] if args.quiet or config.progress else [EpochLine()]
     result = train(config, callbacks=callbacks)
@@ -127,8 +181,11 @@ def _summary(r: dict) -> str:
     e, g, d = r["export"], r["gate"], r["data"]
     size = e["shipped_size_bytes"]
     ratio = size / e["fp32_size_bytes"] if e.get("fp32_size_bytes") else 1.0
-    int8 = (f"int8 {e['int8_accuracy']:.4f}, {e.get('int8_latency_ms', 0):.3f} ms"
-            if "int8_accuracy" in e else "int8 n/a")
+    int8 = (
+        f"int8 {e['int8_accuracy']:.4f}, {e.get('int8_latency_ms', 0):.3f} ms"
+        if "int8_accuracy" in e
+        else "int8 n/a"
+    )
     lines = [
         f"{r['model']} v{r['version']}: {r['status']}",
         f"  data        {d['train_samples']} train / {d['val_samples']} val, pipeline {d['pipeline']}, "
@@ -141,8 +198,12 @@ def _summary(r: dict) -> str:
     ]
     if r.get("publication"):
         p = r["publication"]
-        lines.append(f"  published   fleet {p['fleet']}, {p['chunks']} chunks, signed={p['signed']}, "
-                     f"cleared {p['cleared'] or 'nothing'}")
-    lines.append(f"  files       {r.get('training', {}).get('time_s', '?')} s of training; "
-                 f"stored in models/{r['model']}/{r['version']}/")
+        lines.append(
+            f"  published   fleet {p['fleet']}, {p['chunks']} chunks, signed={p['signed']}, "
+            f"cleared {p['cleared'] or 'nothing'}"
+        )
+    lines.append(
+        f"  files       {r.get('training', {}).get('time_s', '?')} s of training; "
+        f"stored in models/{r['model']}/{r['version']}/"
+    )
     return "\n".join(lines)

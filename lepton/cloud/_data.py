@@ -155,8 +155,15 @@ class _Rows:
 class _Selection:
     """Which rows a model uses: pipeline, shape, dtype, known label; which side of the split."""
 
-    def __init__(self, *, pipeline: str | None, dtype: str, shape: tuple[int, ...], label_index: dict[str, int],
-                 val_fraction: float) -> None:
+    def __init__(
+        self,
+        *,
+        pipeline: str | None,
+        dtype: str,
+        shape: tuple[int, ...],
+        label_index: dict[str, int],
+        val_fraction: float,
+    ) -> None:
         self.pipeline, self.dtype, self.shape = pipeline, dtype, list(shape)
         self.label_index = label_index
         self.val_fraction = val_fraction
@@ -177,10 +184,19 @@ class _Selection:
                 if is_validation(cols["device"][i], cols["seq"][i], self.val_fraction) != want_val:
                     continue
                 try:
-                    x = np.frombuffer(xs[i].as_py(), dtype=self.np_dtype).reshape(self.shape).astype(np.float32)
+                    x = (
+                        np.frombuffer(xs[i].as_py(), dtype=self.np_dtype)
+                        .reshape(self.shape)
+                        .astype(np.float32)
+                    )
                 except (ValueError, TypeError):  # bytes do not fit dtype x shape: skip, never crash training
-                    log.warning("sample %s/%s: x does not hold %s %s; skipped", cols["device"][i], cols["seq"][i],
-                                self.dtype, self.shape)
+                    log.warning(
+                        "sample %s/%s: x does not hold %s %s; skipped",
+                        cols["device"][i],
+                        cols["seq"][i],
+                        self.dtype,
+                        self.shape,
+                    )
                     continue
                 yield x, index
 
@@ -188,7 +204,9 @@ class _Selection:
 class _StreamDataset(IterableDataset):
     """Streams one split from Parquet each epoch; shuffles through a bounded buffer."""
 
-    def __init__(self, rows: _Rows, selection: _Selection, split: str, *, shuffle_buffer: int, seed: int) -> None:
+    def __init__(
+        self, rows: _Rows, selection: _Selection, split: str, *, shuffle_buffer: int, seed: int
+    ) -> None:
         self.rows, self.selection, self.split = rows, selection, split
         self.shuffle_buffer, self.seed, self.epoch = shuffle_buffer, seed, 0
 
@@ -249,8 +267,10 @@ class ParquetDataModule(pl.LightningDataModule):
         cfg = self.config
         files = dataset_files(cfg.root, cfg.fleet)
         if not files:
-            raise ConfigError(f"no Parquet files under {cfg.root / cfg.fleet / 'data'}; check --data and --fleet "
-                              "(the ingest worker writes DIR/FLEET/data/*.parquet)")
+            raise ConfigError(
+                f"no Parquet files under {cfg.root / cfg.fleet / 'data'}; check --data and --fleet "
+                "(the ingest worker writes DIR/FLEET/data/*.parquet)"
+            )
         self._rows = _Rows(files, read_rows=cfg.read_rows)
         rows = unlabelled = 0
         pipelines: Counter = Counter()
@@ -267,8 +287,10 @@ class ParquetDataModule(pl.LightningDataModule):
                 kinds[(p, cols["dtype"][i], tuple(cols["shape"][i] or ()))] += 1
                 label_counts[(p, str(label))] += 1
         if not pipelines:
-            raise ConfigError(f"no labelled samples for fleet {cfg.fleet!r} under {cfg.root} ({rows} rows, "
-                              f"{unlabelled} unlabelled); devices must send labels to train on")
+            raise ConfigError(
+                f"no labelled samples for fleet {cfg.fleet!r} under {cfg.root} ({rows} rows, "
+                f"{unlabelled} unlabelled); devices must send labels to train on"
+            )
         pipeline = cfg.pipeline
         if pipeline is None:
             pipeline = max(pipelines, key=lambda p: (pipelines[p], p or ""))
@@ -278,16 +300,23 @@ class ParquetDataModule(pl.LightningDataModule):
         same = {k: n for k, n in kinds.items() if k[0] == pipeline}
         _, dtype, shape = max(same, key=lambda k: same[k])
         if dtype not in DTYPES:
-            raise ConfigError(f"samples of pipeline {pipeline!r} have dtype {dtype!r}, not one of {sorted(DTYPES)}")
+            raise ConfigError(
+                f"samples of pipeline {pipeline!r} have dtype {dtype!r}, not one of {sorted(DTYPES)}"
+            )
         if not shape:
-            raise ConfigError(f"samples of pipeline {pipeline!r} are scalars; a model needs at least 1-D features")
+            raise ConfigError(
+                f"samples of pipeline {pipeline!r} are scalars; a model needs at least 1-D features"
+            )
         present = {lab: n for (p, lab), n in label_counts.items() if p == pipeline}
         labels = tuple(cfg.labels) if cfg.labels is not None else sort_labels(present)
         if len(labels) < 2:
-            raise ConfigError(f"pipeline {pipeline!r} has only the label(s) {list(labels)}; need at least two classes")
+            raise ConfigError(
+                f"pipeline {pipeline!r} has only the label(s) {list(labels)}; need at least two classes"
+            )
         index = {lab: i for i, lab in enumerate(labels)}
-        self._selection = _Selection(pipeline=pipeline, dtype=dtype, shape=shape, label_index=index,
-                                     val_fraction=cfg.val_fraction)
+        self._selection = _Selection(
+            pipeline=pipeline, dtype=dtype, shape=shape, label_index=index, val_fraction=cfg.val_fraction
+        )
         # Second small pass over the keys only: split sizes of the selected rows.
         n_train = n_val = unknown = 0
         for cols in self._rows.batches(META_COLUMNS):
@@ -303,19 +332,37 @@ class ParquetDataModule(pl.LightningDataModule):
                 else:
                     n_train += 1
         if n_train == 0 or n_val == 0:
-            raise ConfigError(f"{n_train} training and {n_val} validation samples: too few labelled samples "
-                              f"of pipeline {pipeline!r} to train; collect more data")
+            raise ConfigError(
+                f"{n_train} training and {n_val} validation samples: too few labelled samples "
+                f"of pipeline {pipeline!r} to train; collect more data"
+            )
         self._info = DatasetInfo(
-            pipeline=pipeline, dtype=dtype, shape=tuple(shape), labels=labels, files=len(files), rows=rows,
-            train_samples=n_train, val_samples=n_val, unlabelled=unlabelled,
+            pipeline=pipeline,
+            dtype=dtype,
+            shape=tuple(shape),
+            labels=labels,
+            files=len(files),
+            rows=rows,
+            train_samples=n_train,
+            val_samples=n_val,
+            unlabelled=unlabelled,
             other_pipelines=sum(n for p, n in pipelines.items() if p != pipeline),
             other_shapes=sum(n for k, n in kinds.items() if k[0] == pipeline and k[1:] != (dtype, shape)),
             unknown_labels=unknown,
             pipelines={str(p): n for p, n in pipelines.items()},
             class_counts={lab: present.get(lab, 0) for lab in labels},
         )
-        log.info("dataset %s/%s: pipeline %s, shape %s, %d train / %d val, %d other pipelines, %d unlabelled",
-                 cfg.root, cfg.fleet, pipeline, shape, n_train, n_val, self._info.other_pipelines, unlabelled)
+        log.info(
+            "dataset %s/%s: pipeline %s, shape %s, %d train / %d val, %d other pipelines, %d unlabelled",
+            cfg.root,
+            cfg.fleet,
+            pipeline,
+            shape,
+            n_train,
+            n_val,
+            self._info.other_pipelines,
+            unlabelled,
+        )
         feature_bytes = (n_train + n_val) * math.prod(shape) * 4
         if feature_bytes <= cfg.cache_bytes:
             self._cache = {split: self._materialize(split) for split in ("train", "val")}
@@ -347,8 +394,13 @@ class ParquetDataModule(pl.LightningDataModule):
             gen = torch.Generator().manual_seed(self.config.seed)
             return DataLoader(ds, batch_size=bs, shuffle=split == "train", generator=gen)
         assert self._rows is not None and self._selection is not None
-        ds = _StreamDataset(self._rows, self._selection, split, shuffle_buffer=self.config.shuffle_buffer,
-                            seed=self.config.seed)
+        ds = _StreamDataset(
+            self._rows,
+            self._selection,
+            split,
+            shuffle_buffer=self.config.shuffle_buffer,
+            seed=self.config.seed,
+        )
         return DataLoader(ds, batch_size=bs)
 
     def train_dataloader(self) -> DataLoader:
@@ -358,8 +410,9 @@ class ParquetDataModule(pl.LightningDataModule):
         return self._loader("val")
 
     # -- numpy access for export, calibration and the gate -------------------------------------------
-    def iter_numpy(self, split: str, *, batch_size: int = 256, limit: int | None = None
-                   ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def iter_numpy(
+        self, split: str, *, batch_size: int = 256, limit: int | None = None
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yield ``(x, y)`` numpy batches of a split in a stable order (no shuffling)."""
         _ = self.info
         seen = 0

@@ -1,12 +1,13 @@
 """Model delivery over MQTT: retained chunks, then the retained manifest, then cleanup.
 
-Order matters. Chunks go first (QoS 1, retained, each acknowledged by the broker), then the manifest,
-so a device that sees the new manifest finds every chunk already retained. Only then are the chunks
-of the superseded version cleared with empty retained payloads (MQTT's way to delete a retained
-message). A device that connects at any later time rebuilds the current model from retained messages
-alone: see :func:`fetch_model`, which does exactly that and is also how :func:`publish_package`
-reads the result back to confirm that the broker really kept it (Mosquitto silently drops messages
-over ``message_size_limit`` and writes the ACL denies, yet still acknowledges them).
+Order matters. Chunks go first (QoS 1, retained), then the manifest, so a device that sees the new
+manifest finds every chunk already retained. Only then are the chunks of the superseded version
+cleared with empty retained payloads (MQTT's way to delete a retained message). Each step is
+confirmed by the messages' echo on the publisher's own subscription before the next one starts (a
+PUBACK alone proves little: see :class:`_Echoes`).
+
+A device that connects at any later time rebuilds the current model from retained messages alone:
+:func:`fetch_model` does exactly that, and :func:`publish_package` uses it to read the result back.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import logging
 import threading
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +36,11 @@ from lepton.protocol import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DeliveryError", "PublishResult", "fetch_model", "publish_package", "retained_manifest"]
+__all__ = ["DeliveryError", "PublishResult", "fetch_model", "publish_package"]
+
+
+#: While waiting for a complete model, fetch_model re-subscribes this often (seconds).
+RESUBSCRIBE_S = 1.0
 
 
 class DeliveryError(LeptonError):
@@ -53,10 +59,16 @@ class PublishResult:
     seconds: float
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model": self.model, "version": self.version, "chunks": self.chunks,
-                "chunk_bytes": self.chunk_bytes, "manifest_bytes": self.manifest_bytes,
-                "cleared": {str(k): v for k, v in self.cleared.items()}, "verified": self.verified,
-                "seconds": round(self.seconds, 3)}
+        return {
+            "model": self.model,
+            "version": self.version,
+            "chunks": self.chunks,
+            "chunk_bytes": self.chunk_bytes,
+            "manifest_bytes": self.manifest_bytes,
+            "cleared": {str(k): v for k, v in self.cleared.items()},
+            "verified": self.verified,
+            "seconds": round(self.seconds, 3),
+        }
 
 
 def _url(url: str | BrokerURL) -> BrokerURL:
@@ -64,8 +76,9 @@ def _url(url: str | BrokerURL) -> BrokerURL:
 
 
 def _client(url: BrokerURL, role: str):
-    client = new_client(url, client_id=f"lepton-{role}-{uuid.uuid4().hex[:12]}", clean_session=True,
-                        max_inflight=20)
+    client = new_client(
+        url, client_id=f"lepton-{role}-{uuid.uuid4().hex[:12]}", clean_session=True, max_inflight=20
+    )
     connect(client, url)
     return client
 
@@ -82,8 +95,10 @@ def _wait_all(infos, timeout: float, what: str) -> None:  # noqa: ANN001
     for info in infos:
         remaining = deadline - time.monotonic()
         if remaining <= 0 or not _wait_one(info, remaining):
-            raise DeliveryError(f"the broker did not acknowledge {what} within {timeout:.0f}s; "
-                                "is it overloaded or did the connection drop?")
+            raise DeliveryError(
+                f"the broker did not acknowledge {what} within {timeout:.0f}s; "
+                "is it overloaded or did the connection drop?"
+            )
 
 
 def _wait_one(info, timeout: float) -> bool:  # noqa: ANN001
@@ -94,39 +109,51 @@ def _wait_one(info, timeout: float) -> bool:  # noqa: ANN001
     return info.is_published()
 
 
-def retained_manifest(url: str | BrokerURL, fleet: str, model: str, *, timeout: float = 1.0,
-                      client=None) -> bytes | None:  # noqa: ANN001
-    """The retained manifest payload of ``model``, or None when the broker holds none.
+class _Echoes:
+    """The publisher's own subscription to the model's topics.
 
-    Waits for the SUBACK, then at most ``timeout`` seconds for the retained message.
+    MQTT 3.1.1 delivers a client's publishes back to it when it subscribes to their topics. Seeing a
+    message come back proves the broker processed it (stored it as retained, fanned it out) and did not
+    drop it, which a PUBACK does not: amqtt acknowledges before processing and drops what is still
+    queued when the client disconnects; Mosquitto acknowledges messages over ``message_size_limit`` or
+    denied by its ACL and discards them. Retained copies (sent on subscribing) show the current state.
     """
-    topics = Topics(fleet=fleet)
-    own = client is None
-    if own:
-        client = _client(_url(url), "probe")
-    got: dict[str, bytes] = {}
-    arrived, subscribed = threading.Event(), threading.Event()
-    topic = topics.model(model)
 
-    def on_message(c, userdata, msg):  # noqa: ANN001
-        if msg.topic == topic and msg.payload:
-            got["payload"] = bytes(msg.payload)
-            arrived.set()
+    def __init__(self, manifest_topic: str) -> None:
+        self.manifest_topic = manifest_topic
+        self.cond = threading.Condition()
+        self.seen: Counter = Counter()
+        self.retained_manifest: bytes | None = None
+        self.subscribed = threading.Event()
+        self.got_retained = threading.Event()
 
-    def on_subscribe(c, userdata, mid, reason_codes, properties):  # noqa: ANN001
-        subscribed.set()
+    @staticmethod
+    def key(topic: str, payload: bytes) -> tuple[str, bytes]:
+        return topic, hashlib.sha256(payload).digest()
 
-    client.on_message, client.on_subscribe = on_message, on_subscribe
-    try:
-        client.subscribe(topic, qos=1)
-        if subscribed.wait(max(timeout, 5.0)):
-            arrived.wait(timeout)
-        client.unsubscribe(topic)
-    finally:
-        client.on_message = client.on_subscribe = None
-        if own:
-            _close(client)
-    return got.get("payload")
+    def on_message(self, client, userdata, msg) -> None:  # noqa: ANN001
+        if msg.retain:
+            if msg.topic == self.manifest_topic and msg.payload:
+                self.retained_manifest = bytes(msg.payload)
+                self.got_retained.set()
+            return
+        with self.cond:
+            self.seen[self.key(msg.topic, bytes(msg.payload))] += 1
+            self.cond.notify_all()
+
+    def on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:  # noqa: ANN001
+        self.subscribed.set()
+
+    def wait(self, expected: Counter, timeout: float) -> Counter:
+        """Wait until every expected message came back; return what is still missing."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                missing = expected - self.seen
+                remaining = deadline - time.monotonic()
+                if not missing or remaining <= 0:
+                    return missing
+                self.cond.wait(remaining)
 
 
 def publish_package(
@@ -138,67 +165,106 @@ def publish_package(
     supersedes: dict[int, int] | None = None,
     verify: bool = True,
     timeout: float = 30.0,
+    probe_timeout: float = 1.0,
 ) -> PublishResult:
     """Publish one model version built by :func:`lepton.protocol.build_package`.
 
     ``supersedes`` maps versions whose chunks must be cleared to their chunk counts (the registry
-    knows the last one it published; the version currently retained on the broker is added here).
+    knows the last one it published; the version the broker currently retains is added here).
     Refuses to publish a version that is not newer than the one the broker retains, so devices only
-    ever move forward. With ``verify``, the model is read back from retained messages alone and
-    compared byte for byte.
+    ever move forward. Every message is confirmed by its echo on the publisher's own subscription
+    before the next step; with ``verify`` the model is also read back from retained messages alone,
+    by a new connection, as a device joining later would, and compared byte for byte.
     """
     manifest, _, _ = parse_manifest(manifest_payload)
     topics = Topics(fleet=fleet)
+    name, version = manifest.name, manifest.version
     burl = _url(url)
     started = time.monotonic()
-    client = _client(burl, "publisher")
+    echoes = _Echoes(topics.model(name))
+    client = new_client(
+        burl, client_id=f"lepton-publisher-{uuid.uuid4().hex[:12]}", clean_session=True, max_inflight=20
+    )
+    client.on_message, client.on_subscribe = echoes.on_message, echoes.on_subscribe
+    connect(client, burl)
     cleared: dict[int, int] = {}
     try:
+        client.subscribe(topics.model_filter(name), qos=1)
+        if not echoes.subscribed.wait(timeout):
+            raise DeliveryError(f"no SUBACK for {topics.model_filter(name)} within {timeout:.0f}s")
+        echoes.got_retained.wait(probe_timeout)  # retained messages follow the SUBACK
         supersedes = dict(supersedes or {})
-        current = retained_manifest(burl, fleet, manifest.name, client=client)
-        if current is not None:
+        if echoes.retained_manifest is not None:
             try:
-                old, _, _ = parse_manifest(current)
+                old, _, _ = parse_manifest(echoes.retained_manifest)
             except ModelRejected:
-                log.warning("the retained manifest of %s on %s is unreadable; replacing it", manifest.name, fleet)
+                log.warning("the retained manifest of %s on %s is unreadable; replacing it", name, fleet)
             else:
-                if old.version >= manifest.version and old.sha256 != manifest.sha256:
+                if old.version >= version and old.sha256 != manifest.sha256:
                     raise DeliveryError(
-                        f"the broker already serves {manifest.name} v{old.version} on fleet {fleet}, not older "
-                        f"than v{manifest.version}; devices never move back. Publish from the registry that "
-                        "made it, or roll back with `lepton models rollback`, which creates a higher version")
+                        f"the broker already serves {name} v{old.version} on fleet {fleet}, not older "
+                        f"than v{version}; devices never move back. Publish from the registry that "
+                        "made it, or roll back with `lepton models rollback`, which creates a higher version"
+                    )
                 supersedes[old.version] = max(supersedes.get(old.version, 0), len(old.chunks))
-        infos = [client.publish(topics.model_chunk(manifest.name, manifest.version, i), chunk, qos=1, retain=True)
-                 for i, chunk in enumerate(chunks)]
-        _wait_all(infos, timeout, f"{len(chunks)} chunks of {manifest.name} v{manifest.version}")
-        _wait_all([client.publish(topics.model(manifest.name), manifest_payload, qos=1, retain=True)], timeout,
-                  "the manifest")
-        log.info("published %s v%d to %s: %d chunks, %d bytes", manifest.name, manifest.version, fleet,
-                 len(chunks), manifest.size)
-        clear_infos = []
-        for version, count in sorted(supersedes.items()):
-            if version == manifest.version:
-                continue
-            for i in range(count):
-                clear_infos.append(client.publish(topics.model_chunk(manifest.name, version, i), b"", qos=1,
-                                                  retain=True))
-            cleared[version] = count
-        _wait_all(clear_infos, timeout, "the clearing of superseded chunks")
+
+        def send(items: list[tuple[str, bytes]], what: str) -> None:
+            infos = [client.publish(topic, payload, qos=1, retain=True) for topic, payload in items]
+            _wait_all(infos, timeout, what)
+            missing = echoes.wait(Counter(_Echoes.key(t, p) for t, p in items), timeout)
+            if missing:
+                raise DeliveryError(
+                    f"the broker acknowledged but did not deliver {sum(missing.values())} of {len(items)} "
+                    f"messages ({what}); it drops messages over its size limit (Mosquitto: "
+                    "message_size_limit / max_packet_size: lower --chunk-size) or denied by its ACL "
+                    f"(grant this user readwrite on {topics.model_filter(name)})"
+                )
+
+        send(
+            [(topics.model_chunk(name, version, i), c) for i, c in enumerate(chunks)],
+            f"{len(chunks)} chunks of {name} v{version}",
+        )
+        send([(topics.model(name), manifest_payload)], "the manifest")
+        log.info(
+            "published %s v%d to %s: %d chunks, %d bytes", name, version, fleet, len(chunks), manifest.size
+        )
+        clears = []
+        for old_version, count in sorted(supersedes.items()):
+            if old_version != version:
+                clears += [(topics.model_chunk(name, old_version, i), b"") for i in range(count)]
+                cleared[old_version] = count
+        if clears:
+            send(clears, "the clearing of superseded chunks")
     finally:
         _close(client)
     if verify:
-        package = fetch_model(burl, fleet, manifest.name, None, timeout=min(timeout, 15.0),
-                              min_version=manifest.version)
-        if package.manifest.version != manifest.version or package.manifest.sha256 != manifest.sha256:
-            raise DeliveryError(f"read-back found {package.manifest.name} v{package.manifest.version}, not "
-                                f"v{manifest.version}: another publisher raced this one")
-    return PublishResult(model=manifest.name, version=manifest.version, chunks=len(chunks),
-                         chunk_bytes=sum(len(c) for c in chunks), manifest_bytes=len(manifest_payload),
-                         cleared=cleared, verified=verify, seconds=time.monotonic() - started)
+        package = fetch_model(burl, fleet, name, None, timeout=min(timeout, 15.0), min_version=version)
+        if package.manifest.version != version or package.manifest.sha256 != manifest.sha256:
+            raise DeliveryError(
+                f"read-back found {name} v{package.manifest.version}, not v{version}: another "
+                "publisher raced this one"
+            )
+    return PublishResult(
+        model=name,
+        version=version,
+        chunks=len(chunks),
+        chunk_bytes=sum(len(c) for c in chunks),
+        manifest_bytes=len(manifest_payload),
+        cleared=cleared,
+        verified=verify,
+        seconds=time.monotonic() - started,
+    )
 
 
-def fetch_model(url: str | BrokerURL, fleet: str, model: str, public_key=None, timeout: float = 10.0, *,
-                min_version: int | None = None) -> ModelPackage:  # noqa: ANN001
+def fetch_model(
+    url: str | BrokerURL,
+    fleet: str,
+    model: str,
+    public_key=None,
+    timeout: float = 10.0,
+    *,
+    min_version: int | None = None,
+) -> ModelPackage:  # noqa: ANN001
     """Rebuild and verify the current package of ``model`` from retained messages alone.
 
     ``public_key`` is an Ed25519 public key, a path to its PEM file, or None to check hashes only.
@@ -210,7 +276,6 @@ def fetch_model(url: str | BrokerURL, fleet: str, model: str, public_key=None, t
     if isinstance(public_key, (str, Path)):
         public_key = load_public_key(public_key)
     topics = Topics(fleet=fleet)
-    head = topics.model(model)
     lock = threading.Lock()
     state: dict[str, Any] = {"manifest": None, "error": None}
     chunks: dict[tuple[int, int], bytes] = {}
@@ -253,15 +318,28 @@ def fetch_model(url: str | BrokerURL, fleet: str, model: str, public_key=None, t
     client.on_message = on_message
     try:
         client.subscribe(topics.model_filter(model), qos=1)
-        if not ready.wait(timeout):
+        deadline = time.monotonic() + timeout
+        while not ready.wait(min(RESUBSCRIBE_S, max(0.0, deadline - time.monotonic()))):
+            if time.monotonic() >= deadline:
+                break
+            # Subscribing again makes the broker resend the retained messages. It closes a race of
+            # amqtt's, which fans a publish out before storing it as retained: a subscription made in
+            # between gets neither the live message nor the new retained one.
+            client.subscribe(topics.model_filter(model), qos=1)
+        if not ready.is_set():
             with lock:
                 have = state["manifest"]
                 n = len(chunks)
-            detail = ("no retained manifest" if have is None
-                      else f"a manifest and {n} chunk(s), not a complete model"
-                      + (f" of v{min_version} or newer" if min_version else ""))
-            raise DeliveryError(f"no complete model {model!r} on fleet {fleet!r} within {timeout:.0f}s "
-                                f"({detail}); was it published to this broker?")
+            detail = (
+                "no retained manifest"
+                if have is None
+                else f"a manifest and {n} chunk(s), not a complete model"
+                + (f" of v{min_version} or newer" if min_version else "")
+            )
+            raise DeliveryError(
+                f"no complete model {model!r} on fleet {fleet!r} within {timeout:.0f}s "
+                f"({detail}); was it published to this broker?"
+            )
     finally:
         _close(client)
     with lock:
@@ -271,6 +349,11 @@ def fetch_model(url: str | BrokerURL, fleet: str, model: str, public_key=None, t
         m, _, _ = parse_manifest(payload)
         parts = {i: chunks[(m.version, i)] for i in range(len(m.chunks))}
     package = verify_package(payload, parts, public_key=public_key)
-    log.debug("fetched %s v%d (%d bytes, sha256 %s)", model, m.version, len(package.data),
-              hashlib.sha256(package.data).hexdigest()[:12])
+    log.debug(
+        "fetched %s v%d (%d bytes, sha256 %s)",
+        model,
+        m.version,
+        len(package.data),
+        hashlib.sha256(package.data).hexdigest()[:12],
+    )
     return package

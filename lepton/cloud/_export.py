@@ -93,8 +93,14 @@ class ExportResult:
 # ------------------------------------------------------------------------------------------------
 # export
 # ------------------------------------------------------------------------------------------------
-def export_onnx(module: torch.nn.Module, input_shape: tuple[int, ...], *, opset: int = 17,
-                input_name: str = INPUT_NAME, output_name: str = OUTPUT_NAME) -> bytes:
+def export_onnx(
+    module: torch.nn.Module,
+    input_shape: tuple[int, ...],
+    *,
+    opset: int = 17,
+    input_name: str = INPUT_NAME,
+    output_name: str = OUTPUT_NAME,
+) -> bytes:
     """Export ``module`` to ONNX bytes with a dynamic batch dimension.
 
     Runs in eval mode under ``no_grad`` and restores the module's training mode afterwards.
@@ -107,21 +113,36 @@ def export_onnx(module: torch.nn.Module, input_shape: tuple[int, ...], *, opset:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
-                torch.onnx.export(module, (dummy,), buf, dynamo=False, opset_version=opset,
-                                  input_names=[input_name], output_names=[output_name],
-                                  dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}},
-                                  do_constant_folding=True)
+                torch.onnx.export(
+                    module,
+                    (dummy,),
+                    buf,
+                    dynamo=False,
+                    opset_version=opset,
+                    input_names=[input_name],
+                    output_names=[output_name],
+                    dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}},
+                    do_constant_folding=True,
+                )
             except TypeError:  # a torch without the legacy exporter: dynamo path (needs onnxscript)
                 buf = io.BytesIO()
-                program = torch.onnx.export(module, (dummy,), dynamo=True, opset_version=opset,
-                                            input_names=[input_name], output_names=[output_name],
-                                            dynamic_shapes=({0: torch.export.Dim("batch")},))
+                program = torch.onnx.export(
+                    module,
+                    (dummy,),
+                    dynamo=True,
+                    opset_version=opset,
+                    input_names=[input_name],
+                    output_names=[output_name],
+                    dynamic_shapes=({0: torch.export.Dim("batch")},),
+                )
                 program.optimize()
                 program.save(buf)
     except Exception as exc:  # the exporters raise many types; say what to change
-        raise ExportError(f"ONNX export of {type(module).__name__} failed: {exc}. Make forward() take one "
-                          "float32 tensor [batch, *shape] and return logits, with no data-dependent control "
-                          "flow, or pass --module with an exportable model") from exc
+        raise ExportError(
+            f"ONNX export of {type(module).__name__} failed: {exc}. Make forward() take one "
+            "float32 tensor [batch, *shape] and return logits, with no data-dependent control "
+            "flow, or pass --module with an exportable model"
+        ) from exc
     finally:
         module.train(was_training)
     return buf.getvalue()
@@ -158,8 +179,9 @@ def torch_max_abs_diff(module: torch.nn.Module, session, x: np.ndarray) -> float
     return float(np.max(np.abs(got - expected))) if got.size else 0.0
 
 
-def onnx_accuracy(session, batches: Iterable[tuple[np.ndarray, np.ndarray]], *,
-                  label_map: np.ndarray | None = None) -> tuple[float, int]:
+def onnx_accuracy(
+    session, batches: Iterable[tuple[np.ndarray, np.ndarray]], *, label_map: np.ndarray | None = None
+) -> tuple[float, int]:
     """Accuracy of argmax(logits) over ``(x, y)`` batches; ``label_map`` maps the model's class
     indices to the dataset's (``-1`` for a class the dataset does not have)."""
     name = session.get_inputs()[0].name
@@ -190,8 +212,13 @@ def measure_latency_ms(session, sample: np.ndarray, *, runs: int = 200, warmup: 
 # ------------------------------------------------------------------------------------------------
 # quantization
 # ------------------------------------------------------------------------------------------------
-def quantize_int8(model: bytes, calibration: Iterable[np.ndarray], *, input_name: str = INPUT_NAME,
-                  reduce_range: bool = False) -> bytes:
+def quantize_int8(
+    model: bytes,
+    calibration: Iterable[np.ndarray],
+    *,
+    input_name: str = INPUT_NAME,
+    reduce_range: bool = False,
+) -> bytes:
     """Static int8 quantization (QDQ, per-channel weights, uint8 activations, MinMax calibration)."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -214,17 +241,26 @@ def quantize_int8(model: bytes, calibration: Iterable[np.ndarray], *, input_name
             pre = src
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            quantize_static(str(pre), str(out), _Reader(iter(calibration)), quant_format=QuantFormat.QDQ,
-                            per_channel=True, reduce_range=reduce_range, activation_type=QuantType.QUInt8,
-                            weight_type=QuantType.QInt8,
-                            calibration_providers=["CPUExecutionProvider"])
+            quantize_static(
+                str(pre),
+                str(out),
+                _Reader(iter(calibration)),
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                reduce_range=reduce_range,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                calibration_providers=["CPUExecutionProvider"],
+            )
         return out.read_bytes()
 
 
 # ------------------------------------------------------------------------------------------------
 # the whole step
 # ------------------------------------------------------------------------------------------------
-def export_and_compress(module: torch.nn.Module, datamodule, config: ExportConfig | None = None) -> ExportResult:
+def export_and_compress(
+    module: torch.nn.Module, datamodule, config: ExportConfig | None = None
+) -> ExportResult:
     """Export, verify, quantize and choose what ships; ``datamodule`` gives validation and calibration data.
 
     ``datamodule`` needs ``input_shape`` and ``iter_numpy(split, batch_size=, limit=)``
@@ -239,9 +275,11 @@ def export_and_compress(module: torch.nn.Module, datamodule, config: ExportConfi
     first_x, _ = next(iter(datamodule.iter_numpy("val", batch_size=256)))
     diff = torch_max_abs_diff(module, fp32_sess, first_x)
     if not diff <= cfg.max_abs_diff:
-        raise ExportError(f"ONNX Runtime and PyTorch outputs differ by {diff:.3g} > {cfg.max_abs_diff:g} on a "
-                          "validation batch; the model uses an op the exporter translates differently "
-                          "(set ExportConfig.max_abs_diff to accept it)")
+        raise ExportError(
+            f"ONNX Runtime and PyTorch outputs differ by {diff:.3g} > {cfg.max_abs_diff:g} on a "
+            "validation batch; the model uses an op the exporter translates differently "
+            "(set ExportConfig.max_abs_diff to accept it)"
+        )
     fp32_acc, n_val = onnx_accuracy(fp32_sess, datamodule.iter_numpy("val"))
     sample = first_x[:1]
     report: dict[str, Any] = {
@@ -270,25 +308,31 @@ def export_and_compress(module: torch.nn.Module, datamodule, config: ExportConfi
             int8_sess = onnx_session(int8)
             int8_acc, _ = onnx_accuracy(int8_sess, datamodule.iter_numpy("val"))
             drop = (fp32_acc - int8_acc) * 100.0
-            report.update({
-                "quantize_s": round(time.perf_counter() - t0, 3),
-                "int8_size_bytes": len(int8),
-                "int8_accuracy": int8_acc,
-                "int8_latency_ms": measure_latency_ms(int8_sess, sample, runs=cfg.latency_runs),
-                "accuracy_drop_points": round(drop, 3),
-                "size_ratio": round(len(int8) / len(fp32), 4),
-            })
+            report.update(
+                {
+                    "quantize_s": round(time.perf_counter() - t0, 3),
+                    "int8_size_bytes": len(int8),
+                    "int8_accuracy": int8_acc,
+                    "int8_latency_ms": measure_latency_ms(int8_sess, sample, runs=cfg.latency_runs),
+                    "accuracy_drop_points": round(drop, 3),
+                    "size_ratio": round(len(int8) / len(fp32), 4),
+                }
+            )
             if drop <= cfg.max_int8_drop_points:
                 shipped, quantization = int8, "int8"
                 reason = f"int8 accuracy drop {drop:.2f} points <= {cfg.max_int8_drop_points:g}"
             else:
-                reason = (f"int8 accuracy drop {drop:.2f} points > {cfg.max_int8_drop_points:g} allowed; "
-                          "shipping fp32")
-    report.update({
-        "shipped": "int8" if quantization == "int8" else "fp32",
-        "shipped_size_bytes": len(shipped),
-        "shipped_accuracy": report["int8_accuracy"] if quantization == "int8" else fp32_acc,
-        "reason": reason,
-    })
+                reason = (
+                    f"int8 accuracy drop {drop:.2f} points > {cfg.max_int8_drop_points:g} allowed; "
+                    "shipping fp32"
+                )
+    report.update(
+        {
+            "shipped": "int8" if quantization == "int8" else "fp32",
+            "shipped_size_bytes": len(shipped),
+            "shipped_accuracy": report["int8_accuracy"] if quantization == "int8" else fp32_acc,
+            "reason": reason,
+        }
+    )
     log.info("export: fp32 %d bytes acc %.4f, diff %.2g; %s", len(fp32), fp32_acc, diff, reason)
     return ExportResult(fp32=fp32, int8=int8, shipped=shipped, quantization=quantization, report=report)

@@ -34,8 +34,15 @@ def _conv(cin: int, cout: int, stride: int = 1) -> list[nn.Module]:
 class SmallCNN(nn.Module):
     """A compact CNN for ``(C, H, W)`` (or ``(H, W)``) inputs of any size from 8x8 upwards."""
 
-    def __init__(self, *, input_shape: tuple[int, ...], num_classes: int, width: int = 32,
-                 hidden: int = 128, dropout: float = 0.2) -> None:
+    def __init__(
+        self,
+        *,
+        input_shape: tuple[int, ...],
+        num_classes: int,
+        width: int = 32,
+        hidden: int = 128,
+        dropout: float = 0.2,
+    ) -> None:
         super().__init__()
         if len(input_shape) == 2:
             input_shape = (1, *input_shape)
@@ -59,8 +66,11 @@ class SmallCNN(nn.Module):
         pool = 2 if h % 2 == 0 and w % 2 == 0 else 1
         self.features = nn.Sequential(*layers)
         self.head = nn.Sequential(
-            nn.AdaptiveAvgPool2d(pool), nn.Flatten(),
-            nn.Linear(4 * width * pool * pool, hidden), nn.ReLU(), nn.Dropout(dropout),
+            nn.AdaptiveAvgPool2d(pool),
+            nn.Flatten(),
+            nn.Linear(4 * width * pool * pool, hidden),
+            nn.ReLU(),
+            nn.Dropout(dropout),
             nn.Linear(hidden, num_classes),
         )
 
@@ -73,13 +83,19 @@ class SmallCNN(nn.Module):
 class MLP(nn.Module):
     """Two hidden layers for 1-D feature vectors (any rank is flattened)."""
 
-    def __init__(self, *, input_shape: tuple[int, ...], num_classes: int, hidden: int = 256,
-                 dropout: float = 0.2) -> None:
+    def __init__(
+        self, *, input_shape: tuple[int, ...], num_classes: int, hidden: int = 256, dropout: float = 0.2
+    ) -> None:
         super().__init__()
         self.input_shape = tuple(input_shape)
         self.net = nn.Sequential(
-            nn.Flatten(), nn.Linear(math.prod(input_shape), hidden), nn.ReLU(), nn.Dropout(dropout),
-            nn.Linear(hidden, hidden // 2), nn.ReLU(), nn.Linear(hidden // 2, num_classes),
+            nn.Flatten(),
+            nn.Linear(math.prod(input_shape), hidden),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, hidden // 2),
+            nn.ReLU(),
+            nn.Linear(hidden // 2, num_classes),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -100,8 +116,15 @@ class Classifier(pl.LightningModule):
     Subclass it for ``--module`` and override :meth:`build` to supply your own network.
     """
 
-    def __init__(self, *, input_shape: tuple[int, ...], num_classes: int, lr: float = 3e-3,
-                 weight_decay: float = 1e-4, net: nn.Module | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        input_shape: tuple[int, ...],
+        num_classes: int,
+        lr: float = 3e-3,
+        weight_decay: float = 1e-4,
+        net: nn.Module | None = None,
+    ) -> None:
         super().__init__()
         self.input_shape = tuple(input_shape)
         self.num_classes = num_classes
@@ -143,7 +166,9 @@ def load_module_class(spec: str) -> type:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ConfigError(f"--module {spec!r}: cannot import {module_name!r} ({exc}); is it on PYTHONPATH?") from None
+        raise ConfigError(
+            f"--module {spec!r}: cannot import {module_name!r} ({exc}); is it on PYTHONPATH?"
+        ) from None
     cls = getattr(module, attr, None)
     if not isinstance(cls, type):
         raise ConfigError(f"--module {spec!r}: {module_name} has no class {attr!r}")
@@ -152,8 +177,9 @@ def load_module_class(spec: str) -> type:
     return cls
 
 
-def make_module(input_shape: tuple[int, ...], num_classes: int, *, module: str | None = None,
-                lr: float = 3e-3) -> pl.LightningModule:
+def make_module(
+    input_shape: tuple[int, ...], num_classes: int, *, module: str | None = None, lr: float = 3e-3
+) -> pl.LightningModule:
     """The module to train: the built-in classifier, or ``package.module:Class``."""
     if module is None:
         return Classifier(input_shape=input_shape, num_classes=num_classes, lr=lr)
@@ -161,8 +187,10 @@ def make_module(input_shape: tuple[int, ...], num_classes: int, *, module: str |
     try:
         obj = cls(input_shape=tuple(input_shape), num_classes=num_classes)
     except TypeError as exc:
-        raise ConfigError(f"--module {module!r}: the class must accept input_shape= and num_classes= "
-                          f"keyword arguments ({exc})") from None
+        raise ConfigError(
+            f"--module {module!r}: the class must accept input_shape= and num_classes= "
+            f"keyword arguments ({exc})"
+        ) from None
     if isinstance(obj, pl.LightningModule):
         return obj
     return Classifier(input_shape=input_shape, num_classes=num_classes, lr=lr, net=obj)

@@ -69,11 +69,18 @@ class ModelVersion:
     def summary(self) -> dict[str, Any]:
         metrics = self.manifest.get("metrics", {})
         return {
-            "name": self.name, "version": self.version, "status": self.status, "parent": self.parent,
-            "created": self.manifest.get("created"), "quantization": self.manifest.get("quantization"),
-            "size_bytes": self.manifest.get("size"), "sha256": self.manifest.get("sha256"),
-            "val_accuracy": metrics.get("val_accuracy"), "labels": len(self.manifest.get("labels", [])),
-            "pipeline": self.manifest.get("pipeline", {}).get("hash"), "fleet": self.report.get("fleet"),
+            "name": self.name,
+            "version": self.version,
+            "status": self.status,
+            "parent": self.parent,
+            "created": self.manifest.get("created"),
+            "quantization": self.manifest.get("quantization"),
+            "size_bytes": self.manifest.get("size"),
+            "sha256": self.manifest.get("sha256"),
+            "val_accuracy": metrics.get("val_accuracy"),
+            "labels": len(self.manifest.get("labels", [])),
+            "pipeline": self.manifest.get("pipeline", {}).get("hash"),
+            "fleet": self.report.get("fleet"),
             "gate": (self.report.get("gate") or {}).get("reason"),
         }
 
@@ -124,15 +131,21 @@ class Registry:
     def get(self, name: str, version: int | None = None) -> ModelVersion:
         versions = self.versions(name)
         if not versions:
-            raise ConfigError(f"no versions of model {name!r} under {self.models}; train one with `lepton train`")
+            raise ConfigError(
+                f"no versions of model {name!r} under {self.models}; train one with `lepton train`"
+            )
         if version is None:
             version = versions[-1]
         if version not in versions:
             raise ConfigError(f"model {name!r} has no version {version}; it has {versions}")
         path = self._dir(name) / str(version)
-        return ModelVersion(name=name, version=version, path=path,
-                            manifest=json.loads((path / "manifest.json").read_text()),
-                            report=json.loads((path / "report.json").read_text()))
+        return ModelVersion(
+            name=name,
+            version=version,
+            path=path,
+            manifest=json.loads((path / "manifest.json").read_text()),
+            report=json.loads((path / "report.json").read_text()),
+        )
 
     def list(self, name: str) -> list[ModelVersion]:
         return [self.get(name, v) for v in self.versions(name)]
@@ -167,9 +180,20 @@ class Registry:
             _write_bytes(mark, str(version).encode())
             return version, d / str(version)
 
-    def create(self, name: str, *, model: bytes, input_spec: dict[str, Any], labels: list[str],
-               pipeline: dict[str, Any], metrics: dict[str, Any], quantization: str, parent: int | None,
-               report: dict[str, Any], fp32: bytes | None = None) -> ModelVersion:
+    def create(
+        self,
+        name: str,
+        *,
+        model: bytes,
+        input_spec: dict[str, Any],
+        labels: list[str],
+        pipeline: dict[str, Any],
+        metrics: dict[str, Any],
+        quantization: str,
+        parent: int | None,
+        report: dict[str, Any],
+        fp32: bytes | None = None,
+    ) -> ModelVersion:
         """Store a new version (next number) and return it."""
         import hashlib
 
@@ -179,19 +203,33 @@ class Registry:
             if fp32 is not None and fp32 != model:
                 _write_bytes(path / "model.fp32.onnx", fp32)
             manifest = {
-                "name": name, "version": version, "input": dict(input_spec), "labels": list(labels),
-                "pipeline": dict(pipeline), "metrics": dict(metrics), "quantization": quantization,
-                "parent": parent, "sha256": hashlib.sha256(model).hexdigest(), "size": len(model),
+                "name": name,
+                "version": version,
+                "input": dict(input_spec),
+                "labels": list(labels),
+                "pipeline": dict(pipeline),
+                "metrics": dict(metrics),
+                "quantization": quantization,
+                "parent": parent,
+                "sha256": hashlib.sha256(model).hexdigest(),
+                "size": len(model),
                 "created": round(time.time(), 3),
             }
             _write_json(path / "manifest.json", manifest)
-            report = {**report, "model": name, "version": version, "parent": parent,
-                      "status": report.get("status", "kept")}
+            report = {
+                **report,
+                "model": name,
+                "version": version,
+                "parent": parent,
+                "status": report.get("status", "kept"),
+            }
             _write_json(path / "report.json", report)
         except BaseException:
             shutil.rmtree(path, ignore_errors=True)
             raise
-        log.info("registry: stored %s v%d (%d bytes, %s) in %s", name, version, len(model), quantization, path)
+        log.info(
+            "registry: stored %s v%d (%d bytes, %s) in %s", name, version, len(model), quantization, path
+        )
         return self.get(name, version)
 
     def update_report(self, name: str, version: int, **changes: Any) -> ModelVersion:
@@ -199,41 +237,80 @@ class Registry:
         _write_json(mv.path / "report.json", {**mv.report, **changes})
         return self.get(name, version)
 
-    def build(self, name: str, version: int, *, private_key=None, chunk_size: int = DEFAULT_CHUNK_SIZE,
-              ) -> tuple[bytes, list[bytes]]:  # noqa: ANN001
+    def build(
+        self,
+        name: str,
+        version: int,
+        *,
+        private_key=None,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+    ) -> tuple[bytes, list[bytes]]:  # noqa: ANN001
         """The signed manifest payload and chunk payloads of a stored version."""
         mv = self.get(name, version)
         m = mv.manifest
-        return build_package(name=name, version=version, data=mv.data(), input_spec=m["input"],
-                             labels=m["labels"], pipeline=m["pipeline"], metrics=m["metrics"],
-                             parent=m["parent"], quantization=m["quantization"], chunk_size=chunk_size,
-                             private_key=private_key, created=m["created"])
+        return build_package(
+            name=name,
+            version=version,
+            data=mv.data(),
+            input_spec=m["input"],
+            labels=m["labels"],
+            pipeline=m["pipeline"],
+            metrics=m["metrics"],
+            parent=m["parent"],
+            quantization=m["quantization"],
+            chunk_size=chunk_size,
+            private_key=private_key,
+            created=m["created"],
+        )
 
-    def publish(self, name: str, version: int, *, url: str, fleet: str, private_key=None,  # noqa: ANN001
-                chunk_size: int = DEFAULT_CHUNK_SIZE, verify: bool = True, timeout: float = 30.0):
+    def publish(
+        self,
+        name: str,
+        version: int,
+        *,
+        url: str,
+        fleet: str,
+        private_key=None,  # noqa: ANN001
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        verify: bool = True,
+        timeout: float = 30.0,
+    ):
         """Publish a stored version to ``fleet`` and record it as deployed there; returns PublishResult."""
         from lepton.cloud._delivery import publish_package
         from lepton.protocol import BrokerURL
 
         previous = self.deployments(name).get(fleet)
         if previous is not None and previous["version"] > version:
-            raise ConfigError(f"{name} v{previous['version']} is deployed to {fleet}; devices never move back to "
-                              f"v{version}. Use `lepton models rollback {name} --to {version}` to ship its weights "
-                              "as a new version")
+            raise ConfigError(
+                f"{name} v{previous['version']} is deployed to {fleet}; devices never move back to "
+                f"v{version}. Use `lepton models rollback {name} --to {version}` to ship its weights "
+                "as a new version"
+            )
         payload, chunks = self.build(name, version, private_key=private_key, chunk_size=chunk_size)
         supersedes = {}
         if previous is not None and previous["version"] != version:
             supersedes[previous["version"]] = previous["chunks"]
-        result = publish_package(url, fleet, payload, chunks, supersedes=supersedes, verify=verify, timeout=timeout)
+        result = publish_package(
+            url, fleet, payload, chunks, supersedes=supersedes, verify=verify, timeout=timeout
+        )
         mv = self.get(name, version)
         _write_bytes(mv.path / "package.json", payload)
         deps = self.deployments(name)
-        deps[fleet] = {"version": version, "chunks": len(chunks), "chunk_size": chunk_size,
-                       "published_at": round(time.time(), 3), "broker": str(BrokerURL.parse(url)),
-                       "signed": private_key is not None}
+        deps[fleet] = {
+            "version": version,
+            "chunks": len(chunks),
+            "chunk_size": chunk_size,
+            "published_at": round(time.time(), 3),
+            "broker": str(BrokerURL.parse(url)),
+            "signed": private_key is not None,
+        }
         _write_json(self._dir(name) / "deployed.json", deps)
-        self.update_report(name, version, status="published", publication={**result.to_dict(), "fleet": fleet,
-                                                                              "signed": private_key is not None})
+        self.update_report(
+            name,
+            version,
+            status="published",
+            publication={**result.to_dict(), "fleet": fleet, "signed": private_key is not None},
+        )
         return result
 
     def rollback(self, name: str, to: int, *, reason: str | None = None) -> ModelVersion:
@@ -242,9 +319,23 @@ class Registry:
         m = src.manifest
         fp32 = src.path / "model.fp32.onnx"
         metrics = {**m["metrics"], "rolled_back_from": to}
-        report = {"status": "kept", "rollback_of": to, "fleet": src.report.get("fleet"),
-                  "reason": reason or f"rollback to the weights of v{to}",
-                  "data": src.report.get("data"), "export": src.report.get("export")}
-        return self.create(name, model=src.data(), input_spec=m["input"], labels=m["labels"],
-                           pipeline=m["pipeline"], metrics=metrics, quantization=m["quantization"], parent=to,
-                           report=report, fp32=fp32.read_bytes() if fp32.exists() else None)
+        report = {
+            "status": "kept",
+            "rollback_of": to,
+            "fleet": src.report.get("fleet"),
+            "reason": reason or f"rollback to the weights of v{to}",
+            "data": src.report.get("data"),
+            "export": src.report.get("export"),
+        }
+        return self.create(
+            name,
+            model=src.data(),
+            input_spec=m["input"],
+            labels=m["labels"],
+            pipeline=m["pipeline"],
+            metrics=metrics,
+            quantization=m["quantization"],
+            parent=to,
+            report=report,
+            fp32=fp32.read_bytes() if fp32.exists() else None,
+        )

@@ -89,8 +89,15 @@ class TrainConfig:
             raise ConfigError(f"private key {self.key} not found; create one with `lepton keys generate`")
 
     def data_config(self) -> DataConfig:
-        return DataConfig(root=self.data, fleet=self.fleet, pipeline=self.pipeline, val_fraction=self.val_fraction,
-                          batch_size=self.batch_size, cache_bytes=self.cache_bytes, seed=self.seed)
+        return DataConfig(
+            root=self.data,
+            fleet=self.fleet,
+            pipeline=self.pipeline,
+            val_fraction=self.val_fraction,
+            batch_size=self.batch_size,
+            cache_bytes=self.cache_bytes,
+            seed=self.seed,
+        )
 
 
 @dataclass
@@ -109,8 +116,11 @@ class TrainResult:
         """Raise :class:`~lepton.errors.GateRefused` when the gate kept this version from shipping."""
         gate = self.report["gate"]
         if not gate["passed"]:
-            raise GateRefused(f"{self.version.name} v{self.version.version}: {gate['reason']}",
-                              new_accuracy=gate["new_accuracy"], deployed_accuracy=gate["deployed_accuracy"])
+            raise GateRefused(
+                f"{self.version.name} v{self.version.version}: {gate['reason']}",
+                new_accuracy=gate["new_accuracy"],
+                deployed_accuracy=gate["deployed_accuracy"],
+            )
         return self
 
 
@@ -159,8 +169,14 @@ class ExportCallback(pl.Callback):
 class RegistryCallback(pl.Callback):
     """Gate, store and (optionally) publish the exported model; the result is in ``.result``."""
 
-    def __init__(self, config: TrainConfig, export: ExportCallback, registry: Registry, *,
-                 extra_report: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        config: TrainConfig,
+        export: ExportCallback,
+        registry: Registry,
+        *,
+        extra_report: dict[str, Any] | None = None,
+    ) -> None:
         self.config, self.export, self.registry = config, export, registry
         self.extra_report = extra_report or {}
         self.result: TrainResult | None = None
@@ -180,14 +196,17 @@ class RegistryCallback(pl.Callback):
         dm: ParquetDataModule = trainer.datamodule
         info = dm.info
         new_acc = exported.shipped_accuracy
-        gate = gate_decision(new_acc, evaluate_deployed(self.registry, cfg.model, cfg.fleet, dm), cfg.tolerance_points)
+        gate = gate_decision(
+            new_acc, evaluate_deployed(self.registry, cfg.model, cfg.fleet, dm), cfg.tolerance_points
+        )
         refused = not gate["passed"]
         shape = list(info.shape)
         metrics = {
             "val_accuracy": round(new_acc, 6),
             "fp32_accuracy": round(exported.report["fp32_accuracy"], 6),
-            "int8_accuracy": (round(exported.report["int8_accuracy"], 6)
-                              if "int8_accuracy" in exported.report else None),
+            "int8_accuracy": (
+                round(exported.report["int8_accuracy"], 6) if "int8_accuracy" in exported.report else None
+            ),
             "fp32_size_bytes": exported.report["fp32_size_bytes"],
             "size_bytes": len(exported.shipped),
             "val_samples": info.val_samples,
@@ -204,12 +223,21 @@ class RegistryCallback(pl.Callback):
         }
         deployed = self.registry.deployed(cfg.model, cfg.fleet)
         version = self.registry.create(
-            cfg.model, model=exported.shipped, fp32=exported.fp32,
-            input_spec={"name": self.export.config.input_name, "shape": [-1, *shape], "dtype": "float32",
-                        "output": self.export.config.output_name},
-            labels=list(info.labels), pipeline={"hash": info.pipeline, "spec": cfg.pipeline_spec},
-            metrics=metrics, quantization=exported.quantization,
-            parent=deployed.version if deployed is not None else None, report=report,
+            cfg.model,
+            model=exported.shipped,
+            fp32=exported.fp32,
+            input_spec={
+                "name": self.export.config.input_name,
+                "shape": [-1, *shape],
+                "dtype": "float32",
+                "output": self.export.config.output_name,
+            },
+            labels=list(info.labels),
+            pipeline={"hash": info.pipeline, "spec": cfg.pipeline_spec},
+            metrics=metrics,
+            quantization=exported.quantization,
+            parent=deployed.version if deployed is not None else None,
+            report=report,
         )
         status = "refused" if refused else "kept"
         if refused:
@@ -219,14 +247,24 @@ class RegistryCallback(pl.Callback):
 
             key = load_private_key(cfg.key) if cfg.key is not None else None
             if key is None:
-                log.warning("publishing %s v%d unsigned: devices that verify will reject it; pass --key",
-                            cfg.model, version.version)
+                log.warning(
+                    "publishing %s v%d unsigned: devices that verify will reject it; pass --key",
+                    cfg.model,
+                    version.version,
+                )
             try:
-                self.registry.publish(cfg.model, version.version, url=cfg.broker, fleet=cfg.fleet, private_key=key,
-                                      chunk_size=cfg.chunk_size)
+                self.registry.publish(
+                    cfg.model,
+                    version.version,
+                    url=cfg.broker,
+                    fleet=cfg.fleet,
+                    private_key=key,
+                    chunk_size=cfg.chunk_size,
+                )
             except Exception as exc:
-                self.registry.update_report(cfg.model, version.version, status="publish_failed",
-                                            publish_error=str(exc))
+                self.registry.update_report(
+                    cfg.model, version.version, status="publish_failed", publish_error=str(exc)
+                )
                 raise
             status = "published"
         version = self.registry.get(cfg.model, version.version)
@@ -236,7 +274,9 @@ class RegistryCallback(pl.Callback):
 # ------------------------------------------------------------------------------------------------
 # the gate
 # ------------------------------------------------------------------------------------------------
-def evaluate_deployed(registry: Registry, name: str, fleet: str, dm: ParquetDataModule) -> dict[str, Any] | None:
+def evaluate_deployed(
+    registry: Registry, name: str, fleet: str, dm: ParquetDataModule
+) -> dict[str, Any] | None:
     """Score the version deployed to ``fleet`` on ``dm``'s validation set with ONNX Runtime.
 
     Returns None when nothing is deployed, else ``{"version", "comparable", "accuracy"|"reason"}``.
@@ -248,10 +288,13 @@ def evaluate_deployed(registry: Registry, name: str, fleet: str, dm: ParquetData
     m, info = deployed.manifest, dm.info
     out: dict[str, Any] = {"version": deployed.version, "comparable": False}
     if m["pipeline"].get("hash") != info.pipeline:
-        out["reason"] = f"v{deployed.version} was trained on pipeline {m['pipeline'].get('hash')!r}, not {info.pipeline!r}"
+        trained_on = m["pipeline"].get("hash")
+        out["reason"] = f"v{deployed.version} was trained on pipeline {trained_on!r}, not {info.pipeline!r}"
         return out
     if list(m["input"].get("shape", []))[1:] != list(info.shape):
-        out["reason"] = f"v{deployed.version} takes input shape {m['input'].get('shape')}, data has {list(info.shape)}"
+        out["reason"] = (
+            f"v{deployed.version} takes input shape {m['input'].get('shape')}, data has {list(info.shape)}"
+        )
         return out
     index = {lab: i for i, lab in enumerate(info.labels)}
     label_map = np.asarray([index.get(str(lab), -1) for lab in m["labels"]], dtype=np.int64)
@@ -265,9 +308,15 @@ def evaluate_deployed(registry: Registry, name: str, fleet: str, dm: ParquetData
     return out
 
 
-def gate_decision(new_accuracy: float, deployed: dict[str, Any] | None, tolerance_points: float) -> dict[str, Any]:
-    gate: dict[str, Any] = {"new_accuracy": new_accuracy, "tolerance_points": tolerance_points,
-                            "deployed_version": None, "deployed_accuracy": None}
+def gate_decision(
+    new_accuracy: float, deployed: dict[str, Any] | None, tolerance_points: float
+) -> dict[str, Any]:
+    gate: dict[str, Any] = {
+        "new_accuracy": new_accuracy,
+        "tolerance_points": tolerance_points,
+        "deployed_version": None,
+        "deployed_accuracy": None,
+    }
     if deployed is None:
         return {**gate, "passed": True, "reason": "no deployed version to compare with"}
     gate["deployed_version"] = deployed["version"]
@@ -277,20 +326,31 @@ def gate_decision(new_accuracy: float, deployed: dict[str, Any] | None, toleranc
     gate["deployed_accuracy"] = dep
     floor = dep - tolerance_points / 100.0
     if new_accuracy + 1e-12 >= floor:
-        return {**gate, "passed": True,
-                "reason": f"new accuracy {new_accuracy:.4f} >= deployed v{deployed['version']} {dep:.4f} "
-                          f"- {tolerance_points:g} points on the same validation set"}
-    return {**gate, "passed": False,
-            "reason": f"new accuracy {new_accuracy:.4f} < deployed v{deployed['version']} {dep:.4f} "
-                      f"- {tolerance_points:g} points on the same validation set; the new version is kept "
-                      "on disk and not shipped"}
+        return {
+            **gate,
+            "passed": True,
+            "reason": f"new accuracy {new_accuracy:.4f} >= deployed v{deployed['version']} {dep:.4f} "
+            f"- {tolerance_points:g} points on the same validation set",
+        }
+    return {
+        **gate,
+        "passed": False,
+        "reason": f"new accuracy {new_accuracy:.4f} < deployed v{deployed['version']} {dep:.4f} "
+        f"- {tolerance_points:g} points on the same validation set; the new version is kept "
+        "on disk and not shipped",
+    }
 
 
 # ------------------------------------------------------------------------------------------------
 # the whole run
 # ------------------------------------------------------------------------------------------------
-def train(config: TrainConfig, *, datamodule: ParquetDataModule | None = None,
-          module: pl.LightningModule | None = None, callbacks: list[pl.Callback] | None = None) -> TrainResult:
+def train(
+    config: TrainConfig,
+    *,
+    datamodule: ParquetDataModule | None = None,
+    module: pl.LightningModule | None = None,
+    callbacks: list[pl.Callback] | None = None,
+) -> TrainResult:
     """Train on the fleet's dataset, export, gate, store and optionally publish one model version.
 
     ``datamodule`` and ``module`` override the built-in ones (e.g. a subclass that changes the data);
@@ -308,24 +368,43 @@ def train(config: TrainConfig, *, datamodule: ParquetDataModule | None = None,
     registry = Registry(config.data)
     best = BestWeights()
     export_cb = ExportCallback(config.export)
-    registry_cb = RegistryCallback(config, export_cb, registry, extra_report={
-        "training": {"module": config.module or f"lepton.cloud.Classifier({type(getattr(model, 'net', model)).__name__})",
-                     "epochs": config.epochs, "batch_size": config.batch_size, "lr": config.lr,
-                     "seed": config.seed},
-    })
+    registry_cb = RegistryCallback(
+        config,
+        export_cb,
+        registry,
+        extra_report={
+            "training": {
+                "module": config.module
+                or f"lepton.cloud.Classifier({type(getattr(model, 'net', model)).__name__})",
+                "epochs": config.epochs,
+                "batch_size": config.batch_size,
+                "lr": config.lr,
+                "seed": config.seed,
+            },
+        },
+    )
     cbs: list[pl.Callback] = [
         best,
-        pl.callbacks.EarlyStopping(monitor="val_acc", mode="max", patience=config.patience, strict=False,
-                                   check_finite=False),
+        pl.callbacks.EarlyStopping(
+            monitor="val_acc", mode="max", patience=config.patience, strict=False, check_finite=False
+        ),
     ]
     if config.progress:
         cbs.append(pl.callbacks.TQDMProgressBar(refresh_rate=5))
     cbs += [export_cb, registry_cb, *(callbacks or [])]
     _quiet_lightning()
     trainer = pl.Trainer(
-        max_epochs=config.epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_model_summary=False, enable_progress_bar=config.progress, callbacks=cbs, deterministic=False,
-        num_sanity_val_steps=0, log_every_n_steps=10,
+        max_epochs=config.epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=config.progress,
+        callbacks=cbs,
+        deterministic=False,
+        num_sanity_val_steps=0,
+        log_every_n_steps=10,
     )
     started = time.perf_counter()
     with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
@@ -338,20 +417,27 @@ def train(config: TrainConfig, *, datamodule: ParquetDataModule | None = None,
     result = registry_cb.result
     if result is None:
         raise RuntimeError("training ended without a result (interrupted?)")
-    training = {**result.report.get("training", {}),
-                "time_s": round(elapsed - export_cb.seconds - registry_cb.seconds, 2),
-                "export_s": round(export_cb.seconds, 2), "gate_store_publish_s": round(registry_cb.seconds, 2),
-                "total_s": round(elapsed, 2),
-                "epochs_run": trainer.current_epoch, "best_epoch": best.best_epoch,
-                "best_val_acc_torch": best.best}
+    training = {
+        **result.report.get("training", {}),
+        "time_s": round(elapsed - export_cb.seconds - registry_cb.seconds, 2),
+        "export_s": round(export_cb.seconds, 2),
+        "gate_store_publish_s": round(registry_cb.seconds, 2),
+        "total_s": round(elapsed, 2),
+        "epochs_run": trainer.current_epoch,
+        "best_epoch": best.best_epoch,
+        "best_val_acc_torch": best.best,
+    }
     version = registry.update_report(config.model, result.version.version, training=training)
     return TrainResult(version=version, status=result.status, report=version.report)
 
 
 def _quiet_lightning() -> None:
     # "GPU available: False, used: False" and similar notes are noise in a worker's log.
-    for name in ("pytorch_lightning.utilities.rank_zero", "pytorch_lightning.accelerators.cuda",
-                 "lightning.pytorch.utilities.rank_zero"):
+    for name in (
+        "pytorch_lightning.utilities.rank_zero",
+        "pytorch_lightning.accelerators.cuda",
+        "lightning.pytorch.utilities.rank_zero",
+    ):
         logging.getLogger(name).setLevel(logging.WARNING)
 
 

@@ -10,14 +10,29 @@ import pytest
 from lepton.protocol import pipeline_hash
 
 #: The device's "digits" preprocessing preset (lepton/device/_pipeline.py), as its spec travels.
-DIGITS_SPEC = {"ops": [{"op": "grayscale"}, {"op": "resize", "width": 8, "height": 8},
-                       {"op": "normalize", "mean": 0, "std": 255}, {"op": "reshape", "shape": [1, 8, 8]}]}
+DIGITS_SPEC = {
+    "ops": [
+        {"op": "grayscale"},
+        {"op": "resize", "width": 8, "height": 8},
+        {"op": "normalize", "mean": 0, "std": 255},
+        {"op": "reshape", "shape": [1, 8, 8]},
+    ]
+}
 DIGITS_HASH = pipeline_hash(DIGITS_SPEC)
 
 
-def write_dataset(root: Path, fleet: str, x: np.ndarray, labels, *, devices: int = 3,
-                  pipeline: str | None = DIGITS_HASH, file_rows: int = 500, seq_start: int = 0,
-                  name: str = "part") -> Path:
+def write_dataset(
+    root: Path,
+    fleet: str,
+    x: np.ndarray,
+    labels,
+    *,
+    devices: int = 3,
+    pipeline: str | None = DIGITS_HASH,
+    file_rows: int = 500,
+    seq_start: int = 0,
+    name: str = "part",
+) -> Path:
     """Write samples with the ingest worker's own writer: DIR/{fleet}/data/*.parquet in its schema.
 
     Row ``i`` comes from device ``dev-{i % devices}`` with seq ``seq_start + i // devices``.
@@ -28,10 +43,20 @@ def write_dataset(root: Path, fleet: str, x: np.ndarray, labels, *, devices: int
     data = root / fleet / "data"
     data.mkdir(parents=True, exist_ok=True)
     for part, start in enumerate(range(0, len(x), file_rows)):
-        rows = [(f"dev-{i % devices}", pipeline,
-                 Sample(seq=seq_start + i // devices, ts=1.7e9 + i, x=x[i],
-                        y=None if labels[i] is None else str(labels[i]), meta={"i": i}))
-                for i in range(start, min(start + file_rows, len(x)))]
+        rows = [
+            (
+                f"dev-{i % devices}",
+                pipeline,
+                Sample(
+                    seq=seq_start + i // devices,
+                    ts=1.7e9 + i,
+                    x=x[i],
+                    y=None if labels[i] is None else str(labels[i]),
+                    meta={"i": i},
+                ),
+            )
+            for i in range(start, min(start + file_rows, len(x)))
+        ]
         write_parquet_atomic(data / f"{name}-{part:04d}.parquet", samples_to_table(rows))
     return root
 

@@ -10,16 +10,33 @@ import pytest
 
 from lepton.cloud import DeliveryError, fetch_model, publish_package
 from lepton.errors import ModelRejected
-from lepton.protocol import BrokerURL, Topics, build_package, connect, generate_keypair, load_private_key, new_client
+from lepton.protocol import (
+    BrokerURL,
+    Topics,
+    build_package,
+    connect,
+    generate_keypair,
+    load_private_key,
+    new_client,
+)
 from lepton.testing import MosquittoBroker
 from tests.conftest import _mosquitto_or_skip
 
 
 def _package(version, *, data, manifest, chunk_size=32 * 1024, key=None, parent=None):
-    return build_package(name="digits", version=version, data=data, input_spec=manifest["input"],
-                         labels=manifest["labels"], pipeline=manifest["pipeline"], metrics=manifest["metrics"],
-                         quantization=manifest["quantization"], parent=parent, chunk_size=chunk_size,
-                         private_key=key)
+    return build_package(
+        name="digits",
+        version=version,
+        data=data,
+        input_spec=manifest["input"],
+        labels=manifest["labels"],
+        pipeline=manifest["pipeline"],
+        metrics=manifest["metrics"],
+        quantization=manifest["quantization"],
+        parent=parent,
+        chunk_size=chunk_size,
+        private_key=key,
+    )
 
 
 def _retained_once(url: str, topic_filter: str, *, until, timeout: float = 10.0) -> dict[str, bytes]:
@@ -68,7 +85,9 @@ def test_late_subscriber_rebuilds_the_exact_signed_model(broker, fleet, trained_
     assert len(chunks) > 1
 
     result = publish_package(broker.url("worker", "trainer", fleet=fleet), fleet, payload, chunks)
-    package = fetch_model(broker.url("device", "dev-late", fleet=fleet), fleet, "digits", keypair[1], timeout=10)
+    package = fetch_model(
+        broker.url("device", "dev-late", fleet=fleet), fleet, "digits", keypair[1], timeout=10
+    )
 
     assert result.verified and result.chunks == len(chunks)
     assert package.data == data
@@ -93,7 +112,9 @@ def test_superseded_chunks_are_cleared_and_versions_only_move_forward(broker, fl
     result = publish_package(url, fleet, p2, c2)
 
     expected = {topics.model("digits")} | {topics.model_chunk("digits", 2, i) for i in range(len(c2))}
-    seen = _retained_settles_to(broker.url("viewer", "viewer", fleet=fleet), topics.model_filter("digits"), expected)
+    seen = _retained_settles_to(
+        broker.url("viewer", "viewer", fleet=fleet), topics.model_filter("digits"), expected
+    )
     assert result.cleared == {1: len(c1)}
     assert set(seen) == expected, "v1 chunks must be gone"
     assert fetch_model(url, fleet, "digits", None).data == v2_data
@@ -101,7 +122,9 @@ def test_superseded_chunks_are_cleared_and_versions_only_move_forward(broker, fl
         publish_package(url, fleet, p1, c1)
 
 
-def test_fetch_rejects_a_foreign_key_and_an_unsigned_model(amqtt_broker, fleet, trained_digits, keypair, tmp_path):
+def test_fetch_rejects_a_foreign_key_and_an_unsigned_model(
+    amqtt_broker, fleet, trained_digits, keypair, tmp_path
+):
     _, _, version = trained_digits
     url = amqtt_broker.url("worker", "trainer", fleet=fleet)
     _, other_public = generate_keypair(tmp_path, name="other")
@@ -135,10 +158,10 @@ def test_mosquitto_with_a_message_size_limit_smaller_than_the_model(fleet, train
     with MosquittoBroker(extra=f"message_size_limit {limit}") as broker:
         url = broker.url("worker", "trainer", fleet=fleet)
         key = load_private_key(keypair[0])
-        # One message holding the whole model: Mosquitto acknowledges it but does not keep it, and the
-        # publisher's read-back notices.
+        # One message holding the whole model: Mosquitto acknowledges it but drops it, and the publisher
+        # notices (the message never comes back on its own subscription).
         whole, one_chunk = _package(1, data=data, manifest=version.manifest, chunk_size=len(data), key=key)
-        with pytest.raises(DeliveryError, match="no complete model"):
+        with pytest.raises(DeliveryError, match="message_size_limit"):
             publish_package(url, fleet, whole, one_chunk, timeout=3)
 
         # The default chunk size (96 KiB) fits under the limit.
@@ -151,20 +174,29 @@ def test_mosquitto_with_a_message_size_limit_smaller_than_the_model(fleet, train
     assert package.data == data and package.manifest.version == 2
 
 
-def test_a_device_runtime_hot_swaps_to_the_published_model(amqtt_broker, fleet, trained_digits, keypair, tmp_path,
-                                                           digits_arrays):
+def test_a_device_runtime_hot_swaps_to_the_published_model(
+    amqtt_broker, fleet, trained_digits, keypair, tmp_path, digits_arrays
+):
     """Cross-check with the edge: lepton.device's ModelRuntime verifies, loads and serves what we publish."""
     from lepton.device import ModelRuntime
     from lepton.protocol import load_public_key
     from tests.cloud.conftest import DIGITS_HASH
 
     _, _, version = trained_digits
-    payload, chunks = _package(1, data=version.data(), manifest=version.manifest, key=load_private_key(keypair[0]))
+    payload, chunks = _package(
+        1, data=version.data(), manifest=version.manifest, key=load_private_key(keypair[0])
+    )
     publish_package(amqtt_broker.url("worker", "trainer", fleet=fleet), fleet, payload, chunks)
     swapped = threading.Event()
-    runtime = ModelRuntime(topics=Topics(fleet=fleet), model="digits", store_dir=tmp_path / "store",
-                           public_key=load_public_key(keypair[1]), pipeline_hash=DIGITS_HASH, input_shape=(1, 8, 8),
-                           on_change=lambda status: swapped.set())
+    runtime = ModelRuntime(
+        topics=Topics(fleet=fleet),
+        model="digits",
+        store_dir=tmp_path / "store",
+        public_key=load_public_key(keypair[1]),
+        pipeline_hash=DIGITS_HASH,
+        input_shape=(1, 8, 8),
+        on_change=lambda status: swapped.set(),
+    )
     url = BrokerURL.parse(amqtt_broker.url("device", "dev-7", fleet=fleet))
     client = new_client(url, client_id="dev-7")
     client.on_message = lambda c, u, msg: runtime.handle_message(msg.topic, msg.payload, msg.retain)
@@ -187,4 +219,6 @@ def test_a_device_runtime_hot_swaps_to_the_published_model(amqtt_broker, fleet, 
     assert runtime.version == 1
     assert all(p is not None and p.version == 1 for p in predictions)
     accuracy = np.mean([p.label == str(y[i]) for i, p in enumerate(predictions)])
-    assert accuracy >= 0.95  # mostly training samples: this checks labels and input layout, not generalisation
+    assert (
+        accuracy >= 0.95
+    )  # mostly training samples: this checks labels and input layout, not generalisation

@@ -21,14 +21,17 @@ from lepton.cloud import (
 from lepton.cloud._nets import MLP, SmallCNN
 
 
-@pytest.mark.parametrize("shape, kind", [
-    ((1, 8, 8), SmallCNN),
-    ((8, 8), SmallCNN),
-    ((3, 64, 64), SmallCNN),
-    ((3, 224, 224), SmallCNN),
-    ((1, 28, 20), SmallCNN),
-    ((64,), MLP),
-])
+@pytest.mark.parametrize(
+    "shape, kind",
+    [
+        ((1, 8, 8), SmallCNN),
+        ((8, 8), SmallCNN),
+        ((3, 64, 64), SmallCNN),
+        ((3, 224, 224), SmallCNN),
+        ((1, 28, 20), SmallCNN),
+        ((64,), MLP),
+    ],
+)
 def test_builtin_network_exports_with_dynamic_batch(shape, kind):
     torch.manual_seed(0)
     net = build_network(shape, 7)
@@ -64,9 +67,12 @@ def test_trained_digits_ships_int8_per_channel_qdq(trained_digits):
     weights = {i.name: i for i in proto.graph.initializer}
     # per-channel: the weight DequantizeLinear of every conv has one scale per output channel
     conv_inputs = {n.input[1] for n in proto.graph.node if n.op_type == "Conv"}
-    per_channel = [n for n in proto.graph.node if n.op_type == "DequantizeLinear" and n.output[0] in conv_inputs]
-    assert per_channel and all(len(weights[n.input[1]].dims) == 1 and weights[n.input[1]].dims[0] > 1
-                               for n in per_channel)
+    per_channel = [
+        n for n in proto.graph.node if n.op_type == "DequantizeLinear" and n.output[0] in conv_inputs
+    ]
+    assert per_channel and all(
+        len(weights[n.input[1]].dims) == 1 and weights[n.input[1]].dims[0] > 1 for n in per_channel
+    )
     assert all(weights[n.input[0]].data_type == onnx.TensorProto.INT8 for n in per_channel)
 
 

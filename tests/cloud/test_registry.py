@@ -13,9 +13,17 @@ from lepton.errors import ConfigError
 
 
 def _store(reg: Registry, data: bytes, *, manifest: dict, parent=None, status="kept"):
-    return reg.create("digits", model=data, input_spec=manifest["input"], labels=manifest["labels"],
-                      pipeline=manifest["pipeline"], metrics=manifest["metrics"], quantization=manifest["quantization"],
-                      parent=parent, report={"status": status, "fleet": "f"})
+    return reg.create(
+        "digits",
+        model=data,
+        input_spec=manifest["input"],
+        labels=manifest["labels"],
+        pipeline=manifest["pipeline"],
+        metrics=manifest["metrics"],
+        quantization=manifest["quantization"],
+        parent=parent,
+        report={"status": status, "fleet": "f"},
+    )
 
 
 def test_versions_only_go_up_even_after_a_version_is_deleted(tmp_path, trained_digits):
@@ -33,8 +41,9 @@ def test_versions_only_go_up_even_after_a_version_is_deleted(tmp_path, trained_d
         reg.get("digits", 3)
 
 
-def test_rollback_republishes_old_weights_as_a_higher_version(amqtt_broker, fleet, tmp_path, trained_digits, keypair,
-                                                              capsys):
+def test_rollback_republishes_old_weights_as_a_higher_version(
+    amqtt_broker, fleet, tmp_path, trained_digits, keypair, capsys
+):
     _, _, version = trained_digits
     reg = Registry(tmp_path)
     int8, fp32 = version.data(), (version.path / "model.fp32.onnx").read_bytes()
@@ -44,8 +53,25 @@ def test_rollback_republishes_old_weights_as_a_higher_version(amqtt_broker, flee
     reg.publish("digits", v1.version, url=url, fleet=fleet)
     reg.publish("digits", v2.version, url=url, fleet=fleet)
 
-    code = main(["models", "rollback", "digits", "--to", "1", "--data", str(tmp_path), "--publish", "--broker", url,
-                 "--fleet", fleet, "--key", str(keypair[0]), "--json"])
+    code = main(
+        [
+            "models",
+            "rollback",
+            "digits",
+            "--to",
+            "1",
+            "--data",
+            str(tmp_path),
+            "--publish",
+            "--broker",
+            url,
+            "--fleet",
+            fleet,
+            "--key",
+            str(keypair[0]),
+            "--json",
+        ]
+    )
 
     out = json.loads(capsys.readouterr().out)
     assert code == 0
@@ -73,14 +99,18 @@ def test_models_list_and_show_cli(tmp_path, trained_digits, capsys):
     table = capsys.readouterr().out
     assert main(["models", "show", "digits", "--data", str(tmp_path), "--version", "9"]) == 2
 
-    assert [(v["version"], v["status"], v["parent"]) for v in listing["models"]["digits"]["versions"]] == \
-        [(1, "kept", None), (2, "refused", 1)]
+    assert [(v["version"], v["status"], v["parent"]) for v in listing["models"]["digits"]["versions"]] == [
+        (1, "kept", None),
+        (2, "refused", 1),
+    ]
     assert shown["manifest"]["version"] == 1 and shown["manifest"]["labels"] == [str(i) for i in range(10)]
     assert "refused" in table and "digits" in table
     assert "has no version 9" in capsys.readouterr().err
 
 
-def test_an_older_version_is_never_published_over_a_newer_one(amqtt_broker, fleet, tmp_path, trained_digits, capsys):
+def test_an_older_version_is_never_published_over_a_newer_one(
+    amqtt_broker, fleet, tmp_path, trained_digits, capsys
+):
     _, _, version = trained_digits
     reg = Registry(tmp_path)
     url = amqtt_broker.url("worker", "trainer", fleet=fleet)
@@ -88,8 +118,21 @@ def test_an_older_version_is_never_published_over_a_newer_one(amqtt_broker, flee
     _store(reg, version.data(), manifest=version.manifest, parent=1)
     reg.publish("digits", 2, url=url, fleet=fleet)
 
-    code = main(["models", "publish", "digits", "--version", "1", "--data", str(tmp_path), "--broker", url,
-                 "--fleet", fleet])
+    code = main(
+        [
+            "models",
+            "publish",
+            "digits",
+            "--version",
+            "1",
+            "--data",
+            str(tmp_path),
+            "--broker",
+            url,
+            "--fleet",
+            fleet,
+        ]
+    )
 
     assert code == 2
     assert "models rollback digits --to 1" in capsys.readouterr().err

@@ -43,8 +43,22 @@ def test_digits_dataset_to_published_int8_model(broker, fleet, digits_dir, digit
     private, public = keypair
     url = broker.url("worker", "trainer", fleet=fleet)
 
-    code, report = _train_cli(capsys, "--data", str(digits_dir), "--fleet", fleet, "--model", "digits",
-                              "--epochs", "8", "--publish", "--broker", url, "--key", str(private))
+    code, report = _train_cli(
+        capsys,
+        "--data",
+        str(digits_dir),
+        "--fleet",
+        fleet,
+        "--model",
+        "digits",
+        "--epochs",
+        "8",
+        "--publish",
+        "--broker",
+        url,
+        "--key",
+        str(private),
+    )
 
     assert code == 0
     assert report["status"] == "published"
@@ -60,7 +74,11 @@ def test_digits_dataset_to_published_int8_model(broker, fleet, digits_dir, digit
     assert package.data == stored.data()
     assert package.signed_by is not None
     m = package.manifest
-    assert (m.version, m.quantization, m.labels) == (report["version"], "int8", tuple(str(i) for i in range(10)))
+    assert (m.version, m.quantization, m.labels) == (
+        report["version"],
+        "int8",
+        tuple(str(i) for i in range(10)),
+    )
     assert m.input["shape"] == [-1, 1, 8, 8] and m.input["dtype"] == "float32"
     assert m.pipeline == {"hash": DIGITS_HASH, "spec": None}
     assert m.metrics["fp32_size_bytes"] == exp["fp32_size_bytes"]
@@ -70,8 +88,19 @@ def test_digits_dataset_to_published_int8_model(broker, fleet, digits_dir, digit
 
 def test_gate_refuses_a_model_trained_on_shuffled_labels(amqtt_broker, fleet, digits_dir, keypair, capsys):
     url = amqtt_broker.url("worker", "trainer", fleet=fleet)
-    common = ["--data", str(digits_dir), "--fleet", fleet, "--model", "digits", "--broker", url,
-              "--key", str(keypair[0]), "--publish"]
+    common = [
+        "--data",
+        str(digits_dir),
+        "--fleet",
+        fleet,
+        "--model",
+        "digits",
+        "--broker",
+        url,
+        "--key",
+        str(keypair[0]),
+        "--publish",
+    ]
     code, good = _train_cli(capsys, *common, "--epochs", "6")
     assert code == 0 and good["status"] == "published"
 
@@ -92,7 +121,8 @@ def test_a_comparable_retrain_passes_the_gate_and_names_its_parent(fleet, digits
     first = train(TrainConfig(data=digits_dir, fleet=fleet, model="digits", epochs=4))
     # mark it deployed without a broker: the registry's record is what the gate compares against
     (digits_dir / "models" / "digits" / "deployed.json").write_text(
-        json.dumps({fleet: {"version": first.version.version, "chunks": 2, "published_at": 1.0}}))
+        json.dumps({fleet: {"version": first.version.version, "chunks": 2, "published_at": 1.0}})
+    )
 
     second = train(TrainConfig(data=digits_dir, fleet=fleet, model="digits", epochs=4, seed=1))
 
@@ -108,7 +138,9 @@ def test_a_comparable_retrain_passes_the_gate_and_names_its_parent(fleet, digits
 def test_split_is_by_device_and_seq_and_other_pipelines_are_left_out(tmp_path, fleet, digits_arrays):
     x, y = digits_arrays
     root = write_dataset(tmp_path, fleet, x, list(y))
-    write_dataset(root, fleet, x[:100], list(y[:100]), pipeline="0123456789abcdef", name="other", seq_start=10_000)
+    write_dataset(
+        root, fleet, x[:100], list(y[:100]), pipeline="0123456789abcdef", name="other", seq_start=10_000
+    )
     write_dataset(root, fleet, x[:50], [None] * 50, name="unlabelled", seq_start=20_000)
     cached = ParquetDataModule(DataConfig(root=root, fleet=fleet))
     streamed = ParquetDataModule(DataConfig(root=root, fleet=fleet, cache_bytes=0, shuffle_buffer=64))
@@ -125,7 +157,9 @@ def test_split_is_by_device_and_seq_and_other_pipelines_are_left_out(tmp_path, f
     vx_s, vy_s = map(np.concatenate, zip(*streamed.iter_numpy("val"), strict=True))
     assert np.array_equal(vx_c, vx_s) and np.array_equal(vy_c, vy_s)
     train_y = np.concatenate([b[1].numpy() for b in streamed.train_dataloader()])
-    assert sorted(train_y.tolist()) == sorted(np.concatenate([b[1] for b in cached.iter_numpy("train")]).tolist())
+    assert sorted(train_y.tolist()) == sorted(
+        np.concatenate([b[1] for b in cached.iter_numpy("train")]).tolist()
+    )
 
 
 def test_vectors_train_an_mlp(tmp_path, fleet, digits_arrays):
@@ -143,26 +177,61 @@ def test_cli_rejects_bad_flags_in_one_line(tmp_path, fleet, digits_dir, capsys):
     assert main(["train", "--data", str(tmp_path / "missing"), "--fleet", fleet, "--model", "m"]) == 2
     assert main(["train", "--data", str(digits_dir), "--fleet", fleet, "--model", "m", "--publish"]) == 2
     assert main(["train", "--data", str(digits_dir), "--fleet", "nobody", "--model", "m"]) == 2
-    assert main(["train", "--data", str(digits_dir), "--fleet", fleet, "--model", "m", "--module", "no.such:Thing"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(digits_dir),
+                "--fleet",
+                fleet,
+                "--model",
+                "m",
+                "--module",
+                "no.such:Thing",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 4 and all(line.startswith("lepton train: error: ") for line in err)
     assert "--broker" in err[1] and "no Parquet files" in err[2] and "cannot import" in err[3]
 
 
-def test_unreachable_broker_exits_3_keeps_the_version_and_models_publish_ships_it(amqtt_broker, fleet, digits_dir,
-                                                                                  keypair, capsys):
+def test_unreachable_broker_exits_3_keeps_the_version_and_models_publish_ships_it(
+    amqtt_broker, fleet, digits_dir, keypair, capsys
+):
     from lepton.broker import free_port
 
     dead = f"mqtt://trainer:pw@127.0.0.1:{free_port()}"
-    code = main(["train", "--quiet", "--data", str(digits_dir), "--fleet", fleet, "--model", "digits", "--epochs", "3",
-                 "--publish", "--broker", dead, "--key", str(keypair[0])])
+    code = main(
+        [
+            "train",
+            "--quiet",
+            "--data",
+            str(digits_dir),
+            "--fleet",
+            fleet,
+            "--model",
+            "digits",
+            "--epochs",
+            "3",
+            "--publish",
+            "--broker",
+            dead,
+            "--key",
+            str(keypair[0]),
+        ]
+    )
     err = capsys.readouterr().err
     registry = Registry(digits_dir)
     assert code == 3 and "cannot reach broker" in err
     assert registry.get("digits", 1).status == "publish_failed" and registry.deployed("digits", fleet) is None
 
     url = amqtt_broker.url("worker", "trainer", fleet=fleet)
-    code = main(["models", "publish", "digits", "--data", str(digits_dir), "--broker", url, "--key", str(keypair[0])])
+    code = main(
+        ["models", "publish", "digits", "--data", str(digits_dir), "--broker", url, "--key", str(keypair[0])]
+    )
 
     assert code == 0
     assert registry.get("digits", 1).status == "published" and registry.deployed("digits", fleet).version == 1

@@ -14,9 +14,25 @@ from lepton.testing import PROJECT_ROOT
 @pytest.mark.slow
 def test_trainer_worker_retrains_once_enough_new_samples_arrived(amqtt_broker, fleet, digits_dir, keypair):
     url = amqtt_broker.url("worker", "trainer", fleet=fleet)
-    cmd = [sys.executable, str(PROJECT_ROOT / "cloud_workers" / "trainer.py"), "--data", str(digits_dir),
-           "--fleet", fleet, "--model", "digits", "--broker", url, "--key", str(keypair[0]), "--epochs", "5",
-           "--min-new", "500", "--once"]
+    cmd = [
+        sys.executable,
+        str(PROJECT_ROOT / "cloud_workers" / "trainer.py"),
+        "--data",
+        str(digits_dir),
+        "--fleet",
+        fleet,
+        "--model",
+        "digits",
+        "--broker",
+        url,
+        "--key",
+        str(keypair[0]),
+        "--epochs",
+        "5",
+        "--min-new",
+        "500",
+        "--once",
+    ]
 
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
     second = subprocess.run(cmd, capture_output=True, text=True, timeout=180)  # nothing new: no retrain
