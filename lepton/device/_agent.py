@@ -228,9 +228,13 @@ class DeviceAgent:
         spool_dir = (
             Path(config.spool_dir) if config.spool_dir else default_spool_dir(config.fleet, config.device_id)
         )
-        self.spool = Spool(
-            spool_dir, max_bytes=config.spool_max_bytes, on_full=config.on_full, fsync=config.fsync
-        )
+        try:
+            self.spool = Spool(
+                spool_dir, max_bytes=config.spool_max_bytes, on_full=config.on_full, fsync=config.fsync
+            )
+        except BaseException:
+            self.source.close()  # a camera must not stay open behind a start-up error
+            raise
         self.counters = _Counters()
         self._lock = threading.Lock()
         self._ack_lock = threading.Lock()
@@ -254,6 +258,7 @@ class DeviceAgent:
                 self.runtime = self._make_runtime(spool_dir / "models")
         except BaseException:
             self.spool.close()
+            self.source.close()
             raise
 
     # -- model runtime (issue 6), imported only when a model is configured ----------------------------
@@ -635,7 +640,18 @@ class DeviceAgent:
         next_at = time.monotonic()
         runtime = self.runtime
         pred_topic = self.topics.predictions(self.device_id) if cfg.predictions else None
-        for frame, label in self.source:
+        frames = iter(self.source)
+        while True:
+            try:
+                frame, label = next(frames)
+            except StopIteration:
+                break
+            except Exception as exc:  # noqa: BLE001 - a failing (custom) source ends capture, not the agent
+                log.exception(
+                    "device %s: source %s failed; stopping capture", self.device_id, self.source.describe()
+                )
+                self._stopped_by = f"source error: {type(exc).__name__}: {exc}"[:200]
+                return
             if self._stop.is_set():
                 return
             if period:
@@ -683,9 +699,8 @@ class DeviceAgent:
         """Wait for every spooled sample to be acknowledged (or the grace/drain timeout after a stop)."""
         cfg = self.config
         interrupted = self._stop.is_set()
-        deadline = time.monotonic() + (
-            cfg.shutdown_grace if interrupted else (cfg.drain_timeout or float("inf"))
-        )
+        wait = cfg.drain_timeout if cfg.drain_timeout is not None else float("inf")
+        deadline = time.monotonic() + (cfg.shutdown_grace if interrupted else wait)
         while self.spool.depth and time.monotonic() < deadline:
             if not interrupted and self._stop.is_set():
                 interrupted = True

@@ -233,3 +233,22 @@ def test_block_policy_pauses_capture_until_acks_free_room(amqtt_broker, fleet, t
     summary = result["s"]
     assert summary.ok and summary.captured == 100 and summary.dropped == 0
     assert acker.seqs("dev-1") == set(range(100))
+
+
+def test_bad_frames_are_counted_and_a_failing_custom_source_ends_capture_cleanly(
+    amqtt_broker, fleet, tmp_path
+):
+    def flaky():
+        for i in range(5):
+            yield np.full((8, 8), 10 * i, np.uint8), i
+        yield np.zeros((2, 2, 2, 2), np.uint8), 9  # not an image: skipped and counted
+        yield "not a frame", None
+        yield np.full((8, 8), 99, np.uint8), 5
+        raise RuntimeError("sensor bus timeout")
+
+    with Acker(amqtt_broker.url("worker", "acker", fleet=fleet), fleet) as acker:
+        time.sleep(0.2)
+        summary = make_agent(amqtt_broker, fleet, tmp_path, source=flaky()).run()
+    assert summary.ok and summary.captured == 6 and summary.frame_errors == 2
+    assert summary.stopped_by == "source error: RuntimeError: sensor bus timeout"
+    assert acker.seqs("dev-1") == set(range(6)) and acker.labels["dev-1"][5] == 5
