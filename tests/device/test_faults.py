@@ -299,3 +299,30 @@ def test_offline_ok_starts_without_broker_and_delivers_when_it_appears(mosquitto
         assert proc.returncode == _exit.OK, err
         assert acker.wait_for("cam-6", 50, timeout=15)
     assert json.loads(out)["acked"] == 50 and acker.seqs("cam-6") == set(range(50))
+
+
+def test_exit_4_when_stopping_with_unacknowledged_samples(amqtt_broker, fleet, tmp_path):
+    args = [
+        "--broker",
+        amqtt_broker.url("device", "cam-7", fleet=fleet),
+        "--fleet",
+        fleet,
+        "--id",
+        "cam-7",
+        "--source",
+        "digits",
+        "--limit",
+        "5",
+        "--drain-timeout",
+        "0.5",
+        "--spool",
+        str(tmp_path / "s"),
+    ]
+    r = run_cli(*args)  # nobody acknowledges: a broker PUBACK is not enough
+    assert r.returncode == _exit.UNACKED
+    assert "5 unacknowledged (kept in the spool)" in r.stderr and "[drain timeout]" in r.stderr
+    with Acker(amqtt_broker.url("worker", "acker", fleet=fleet), fleet):
+        time.sleep(0.2)
+        again = run_cli(*args[:-4], "--spool", str(tmp_path / "s"), "--json")
+    assert again.returncode == _exit.OK, again.stderr
+    assert json.loads(again.stdout)["acked"] == 10  # the 5 left over + 5 new
