@@ -190,7 +190,12 @@ def _progress(agent) -> None:  # noqa: ANN001
 
 
 def _final_line(s) -> str:  # noqa: ANN001
-    state = "all acknowledged" if s.ok else f"{s.spool_depth} unacknowledged (kept in the spool)"
+    if s.ok:
+        state = "all acknowledged"
+    elif s.spool_depth:
+        state = f"{s.spool_depth} unacknowledged (kept in the spool)"
+    else:
+        state = f"{s.dropped_this_run} dropped by a full spool before they were acknowledged"
     model = f", model v{s.model_version}" if s.model_version is not None else ""
     return (
         f"lepton device {s.device}: captured {s.captured}, published {s.published} ({s.resent} resent), "

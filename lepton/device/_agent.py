@@ -154,7 +154,8 @@ class _Counters:
 
 @dataclass(frozen=True)
 class RunSummary:
-    """What a run did; ``ok`` is True when everything captured was acknowledged (spool empty)."""
+    """What a run did; ``ok`` is True when everything captured was acknowledged: the spool is empty and
+    the drop-oldest policy dropped nothing during this run (``dropped`` counts over the spool's life)."""
 
     device: str
     fleet: str
@@ -171,13 +172,14 @@ class RunSummary:
     duration_s: float
     preprocess_ms: float | None
     stopped_by: str
+    dropped_this_run: int = 0
     reconnects: int = 0
     model_version: int | None = None
     skipped_items: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return self.spool_depth == 0
+        return self.spool_depth == 0 and self.dropped_this_run == 0
 
     def as_dict(self) -> dict[str, Any]:
         out = dict(self.__dict__)
@@ -235,6 +237,7 @@ class DeviceAgent:
         except BaseException:
             self.source.close()  # a camera must not stay open behind a start-up error
             raise
+        self._dropped_at_start = self.spool.dropped
         self.counters = _Counters()
         self._lock = threading.Lock()
         self._ack_lock = threading.Lock()
@@ -742,6 +745,7 @@ class DeviceAgent:
             duration_s=round(time.monotonic() - self._started, 3),
             preprocess_ms=round(1000 * c.preprocess_s / c.preprocess_n, 4) if c.preprocess_n else None,
             stopped_by=self._stopped_by,
+            dropped_this_run=self.spool.dropped - self._dropped_at_start,
             reconnects=c.reconnects,
             model_version=getattr(self.runtime, "version", None),
             skipped_items=list(self.source.skipped_items),

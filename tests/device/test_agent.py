@@ -98,13 +98,18 @@ def test_no_ack_within_timeout_means_resend(broker, fleet, tmp_path):
 
 
 def test_drop_oldest_is_counted_and_reported(amqtt_broker, fleet, tmp_path):
-    one = len(
-        __import__("lepton.device", fromlist=["Spool"]).Spool.encode_body(np.zeros((1, 8, 8), np.float32))
-    )
+    from lepton.device import Spool
+
+    one = len(Spool.encode_body(np.zeros((1, 8, 8), np.float32), 0))
     summary = make_agent(
         amqtt_broker, fleet, tmp_path, limit=30, spool_max_bytes=one * 10, drain_timeout=0.3
     ).run()
-    assert summary.dropped == 20 and summary.spool_depth == 10 and not summary.ok
+    assert summary.dropped == summary.dropped_this_run == 20 and summary.spool_depth == 10 and not summary.ok
+    with Acker(amqtt_broker.url("worker", "acker", fleet=fleet), fleet) as acker:
+        time.sleep(0.2)
+        later = make_agent(amqtt_broker, fleet, tmp_path, limit=1, spool_max_bytes=one * 20).run()
+    assert later.ok and later.dropped == 20 and later.dropped_this_run == 0  # the drop is still reported
+    assert acker.seqs("dev-1") == set(range(20, 31))  # the 10 newest survived, then seq 30
 
 
 def test_model_runtime_is_wired_into_status(amqtt_broker, fleet, tmp_path):
