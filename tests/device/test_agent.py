@@ -257,3 +257,18 @@ def test_bad_frames_are_counted_and_a_failing_custom_source_ends_capture_cleanly
     assert summary.ok and summary.captured == 6 and summary.frame_errors == 2
     assert summary.stopped_by == "source error: RuntimeError: sensor bus timeout"
     assert acker.seqs("dev-1") == set(range(6)) and acker.labels["dev-1"][5] == 5
+
+
+def test_reconnect_backoff_grows_with_jitter_and_resets():
+    from lepton.device._agent import _Backoff
+
+    b = _Backoff(base=0.5, cap=8.0)
+    delays = [b.next() for _ in range(8)]
+    for attempt, d in enumerate(delays):
+        full = min(8.0, 0.5 * 2**attempt)
+        assert full / 2 <= d <= full  # "equal jitter": half fixed, half random
+    assert max(delays) <= 8.0 and delays[-1] >= 4.0
+    fleet_delays = {round(_Backoff().next(), 6) for _ in range(50)}
+    assert len(fleet_delays) > 40  # devices coming back together do not reconnect in lock-step
+    b.reset()
+    assert b.next() <= 0.5
