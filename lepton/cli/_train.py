@@ -203,7 +203,7 @@ def _summary(r: dict) -> str:
             f"cleared {p['cleared'] or 'nothing'}"
         )
     lines.append(
-        f"  files       {r.get('training', {}).get('time_s', '?')} s of training; "
-        f"stored in models/{r['model']}/{r['version']}/"
+        f"  stored      models/{r['model']}/{r['version']}/ after {r.get('training', {}).get('time_s', '?')} s "
+        "of training"
     )
     return "\n".join(lines)

@@ -9,7 +9,9 @@ and samples whose shape/dtype differ from the pipeline's majority are left out a
 
 The train/validation split is a hash of ``(device, seq)``: a sample lands on the same side in every
 retrain, so a validation sample never becomes training data later and accuracies of successive
-versions are comparable on the same validation set.
+versions are comparable on the same validation set. (Keep ``val_fraction`` fixed across retrains:
+raising it moves former training samples into validation, which flatters the deployed model and
+makes the gate stricter; lowering it is harmless.)
 
 Memory: a first pass reads only the small columns. The feature tensors are then cached in memory
 when they fit in ``cache_bytes`` (fast epochs); otherwise every epoch streams the Parquet record

@@ -162,11 +162,12 @@ def test_split_is_by_device_and_seq_and_other_pipelines_are_left_out(tmp_path, f
     )
 
 
-def test_vectors_train_an_mlp(tmp_path, fleet, digits_arrays):
+def test_vectors_train_an_mlp_streaming_from_parquet(tmp_path, fleet, digits_arrays):
     x, y = digits_arrays
     root = write_dataset(tmp_path, fleet, x.reshape(len(x), 64), list(y), pipeline="flat64")
 
-    result = train(TrainConfig(data=root, fleet=fleet, model="flat", epochs=8))
+    # cache_bytes=0: every epoch streams record batches from Parquet through the shuffle buffer
+    result = train(TrainConfig(data=root, fleet=fleet, model="flat", epochs=8, cache_bytes=0))
 
     assert result.report["training"]["module"] == "lepton.cloud.Classifier(MLP)"
     assert result.version.manifest["input"]["shape"] == [-1, 64]
