@@ -202,8 +202,6 @@ def _summary(r: dict) -> str:
             f"  published   fleet {p['fleet']}, {p['chunks']} chunks, signed={p['signed']}, "
             f"cleared {p['cleared'] or 'nothing'}"
         )
-    lines.append(
-        f"  stored      models/{r['model']}/{r['version']}/ after {r.get('training', {}).get('time_s', '?')} s "
-        "of training"
-    )
+    seconds = r.get("training", {}).get("time_s", "?")
+    lines.append(f"  stored      models/{r['model']}/{r['version']}/ after {seconds} s of training")
     return "\n".join(lines)

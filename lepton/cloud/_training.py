@@ -176,8 +176,10 @@ class RegistryCallback(pl.Callback):
         registry: Registry,
         *,
         extra_report: dict[str, Any] | None = None,
+        private_key=None,  # noqa: ANN001 - Ed25519PrivateKey; cryptography is imported lazily
     ) -> None:
         self.config, self.export, self.registry = config, export, registry
+        self.private_key = private_key
         self.extra_report = extra_report or {}
         self.result: TrainResult | None = None
         self.seconds = 0.0
@@ -243,9 +245,7 @@ class RegistryCallback(pl.Callback):
         if refused:
             log.warning("gate refused %s v%d: %s", cfg.model, version.version, gate["reason"])
         elif cfg.publish:
-            from lepton.protocol import load_private_key
-
-            key = load_private_key(cfg.key) if cfg.key is not None else None
+            key = self.private_key
             if key is None:
                 log.warning(
                     "publishing %s v%d unsigned: devices that verify will reject it; pass --key",
@@ -361,6 +361,10 @@ def train(
     >>> result.status, result.report["gate"]["new_accuracy"]                                # doctest: +SKIP
     ('kept', 0.98)
     """
+    from lepton.protocol import load_private_key
+
+    # Fail on a bad key before minutes of training, not after.
+    private_key = load_private_key(config.key) if config.key is not None else None
     pl.seed_everything(config.seed, workers=True, verbose=False)
     dm = datamodule or ParquetDataModule(config.data_config())
     info = dm.info
@@ -382,6 +386,7 @@ def train(
                 "seed": config.seed,
             },
         },
+        private_key=private_key,
     )
     cbs: list[pl.Callback] = [
         best,
