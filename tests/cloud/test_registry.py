@@ -83,6 +83,28 @@ def test_rollback_republishes_old_weights_as_a_higher_version(
     assert package.manifest.quantization == "int8"
     assert reg.deployed("digits", fleet).version == 3
     assert reg.get("digits", 3).manifest["sha256"] == v1.manifest["sha256"]
+    # the CLI's late-joiner view agrees
+    device_url = amqtt_broker.url("device", "dev-2", fleet=fleet)
+    out_file = tmp_path / "fetched.onnx"
+    code = main(
+        [
+            "models",
+            "fetch",
+            "digits",
+            "--broker",
+            device_url,
+            "--fleet",
+            fleet,
+            "--public-key",
+            str(keypair[1]),
+            "--out",
+            str(out_file),
+            "--json",
+        ]
+    )
+    fetched = json.loads(capsys.readouterr().out)
+    assert code == 0 and out_file.read_bytes() == int8
+    assert fetched["manifest"]["version"] == 3 and fetched["signed_by"] == package.signed_by
 
 
 def test_models_list_and_show_cli(tmp_path, trained_digits, capsys):
