@@ -46,6 +46,7 @@ __all__ = [
     "decode_x",
     "fsync_dir",
     "samples_to_table",
+    "table_from_rows",
     "write_atomic",
     "write_parquet_atomic",
     "write_parquet_synced",
@@ -133,6 +134,20 @@ def _label_text(y: int | str | None) -> str | None:
     return None if y is None else str(y)
 
 
+_WIRE_NAMES = {dt: name for name, dt in DTYPES.items()}
+
+
+def _sample_row(device: str, pipeline: str | None, s: Sample, received_at: float) -> tuple:
+    x = s.x
+    name = _WIRE_NAMES.get(x.dtype)  # dict lookup: dtype.name is surprisingly slow in a hot loop
+    if name is None or not x.flags.c_contiguous:
+        name = x.dtype.name
+        x = np.ascontiguousarray(x, dtype=DTYPES[name])
+    meta = None if not s.meta else json.dumps(s.meta, separators=(",", ":"), sort_keys=True, default=str)
+    return (device, s.seq, float(s.ts), _label_text(s.y), name, list(x.shape), x.tobytes(), pipeline,
+            float(received_at), meta)
+
+
 def samples_to_table(
     rows: Iterable[tuple[str, str | None, Sample]], *, received_at: float | Sequence[float] | None = None
 ) -> pa.Table:
@@ -140,49 +155,20 @@ def samples_to_table(
 
     ``received_at`` is one time for all rows or one per row (default: now).
     """
-    devices: list[str] = []
-    seqs: list[int] = []
-    tss: list[float] = []
-    labels: list[str | None] = []
-    dtypes: list[str] = []
-    shapes: list[list[int]] = []
-    xs: list[bytes] = []
-    pipelines: list[str | None] = []
-    metas: list[str | None] = []
-    for device, pipeline, s in rows:
-        devices.append(device)
-        seqs.append(s.seq)
-        tss.append(s.ts)
-        labels.append(_label_text(s.y))
-        x = s.x
-        dtypes.append(x.dtype.name)
-        shapes.append(list(x.shape))
-        wire = DTYPES[x.dtype.name]
-        if x.dtype != wire or not x.flags.c_contiguous:
-            x = np.ascontiguousarray(x, dtype=wire)
-        xs.append(x.tobytes())
-        pipelines.append(pipeline)
-        metas.append(None if not s.meta else json.dumps(s.meta, separators=(",", ":"), sort_keys=True,
-                                                         default=str))
-    n = len(devices)
+    rows = list(rows)
     if received_at is None:
         received_at = time.time()
-    recv = [float(received_at)] * n if isinstance(received_at, (int, float)) else [float(r) for r in received_at]
-    return pa.Table.from_arrays(
-        [
-            pa.array(devices, pa.string()),
-            pa.array(seqs, pa.int64()),
-            pa.array(tss, pa.float64()),
-            pa.array(labels, pa.string()),
-            pa.array(dtypes, pa.string()),
-            pa.array(shapes, pa.list_(pa.int32())),
-            pa.array(xs, pa.binary()),
-            pa.array(pipelines, pa.string()),
-            pa.array(recv, pa.float64()),
-            pa.array(metas, pa.string()),
-        ],
-        schema=SCHEMA,
-    )
+    recv = [received_at] * len(rows) if isinstance(received_at, (int, float)) else list(received_at)
+    return table_from_rows([_sample_row(d, p, s, r) for (d, p, s), r in zip(rows, recv, strict=True)])
+
+
+def table_from_rows(rows: Sequence[tuple]) -> pa.Table:
+    """Build a :data:`SCHEMA` table from tuples in schema order
+    ``(device, seq, ts, label, dtype, shape, x, pipeline, received_at, meta)``."""
+    if not rows:
+        return SCHEMA.empty_table()
+    cols = list(zip(*rows, strict=True))
+    return pa.Table.from_arrays([pa.array(c, f.type) for c, f in zip(cols, SCHEMA, strict=True)], schema=SCHEMA)
 
 
 def new_file_name(worker: str = "w", *, prefix: str = "part-") -> str:

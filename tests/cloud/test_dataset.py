@@ -180,3 +180,30 @@ def test_dataset_cli_errors_are_one_line(tmp_path):
 def test_bad_fleet_rejected(tmp_path, bad):
     with pytest.raises(ValueError):
         Dataset(tmp_path, bad)
+
+
+def test_range_index_matches_a_set_model(tmp_path):
+    """The range-merging index answers exactly like a plain set, whatever the insertion order."""
+    import random
+
+    from lepton.protocol import MAX_SEQ
+
+    rng = random.Random(3)
+    idx = SqliteIndex(tmp_path / "index.sqlite")
+    model: dict[str, set[int]] = {"a": set(), "b": set()}
+    universe = [*range(0, 400), *range(10**12, 10**12 + 50), MAX_SEQ - 3, MAX_SEQ - 1, MAX_SEQ]
+    for _ in range(120):
+        dev = rng.choice("ab")
+        batch = set(rng.sample(universe, rng.randint(1, 30)))
+        with idx.transaction():
+            known = idx.known(dev, batch)
+            assert known == batch & model[dev]
+            idx.add_rows((dev, s) for s in batch - known)
+        model[dev] |= batch
+    for dev in "ab":
+        assert idx.known(dev, universe) == model[dev]
+        ranges = idx.ranges(dev)
+        assert all(b < c - 1 for (_, b), (c, _) in zip(ranges, ranges[1:]))  # merged: no touching ranges
+        assert sum(b - a + 1 for a, b in ranges) == len(model[dev])
+    assert idx.count() == len(model["a"]) + len(model["b"])
+    idx.close()

@@ -213,3 +213,45 @@ def test_worker_config_errors_are_clear(tmp_path):
                           "--data", str(tmp_path)], capture_output=True, text=True, timeout=60,
                          env={"PATH": "/usr/bin:/bin"})
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "mqtt://" in out.stderr
+
+
+def test_fast_decoder_agrees_with_the_protocol_decoder():
+    """The worker's fast path accepts only what the protocol accepts, and yields the same rows."""
+    from lepton.cloud._dataset import _sample_row
+    from lepton.cloud._fastdecode import fast_rows
+    from lepton.protocol import DEFAULT_MAX_PAYLOAD_BYTES, DTYPES, Sample, decode_samples_lenient, encode_samples
+
+    rng = random.Random(11)
+    import numpy as np
+
+    valid = []
+    for i, name in enumerate(sorted(DTYPES)):
+        arr = (np.arange(6) % 2).astype(DTYPES[name]).reshape(2, 3)
+        samples = [Sample(seq=i * 10 + k, ts=float(k) if k else 5, x=arr, y=[None, 3, "cat", -(2**63)][k % 4],
+                          meta=[None, {"a": [1, 2]}, {}][k % 3]) for k in range(4)]
+        valid.append(encode_samples("cam-1", samples, pipeline=[None, "p1"][i % 2]))
+    valid.append(encode_samples("cam-1", [Sample(seq=0, ts=1.0, x=np.zeros((0, 3), np.float32))]))
+    corpus = valid + [p for p, _ in _fuzz_payloads("cam-1", 600, rng)]
+    corpus += [bytes(rng.choice(valid)[: rng.randint(0, 40)]) + rng.randbytes(rng.randint(0, 40)) for _ in range(300)]
+    bool_bad = msgpack.unpackb(encode_samples("cam-1", [Sample(seq=1, ts=1.0, x=np.zeros(2, np.bool_))]), raw=False)
+    bool_bad["samples"][0]["x"]["data"] = b"\x00\x02"
+    corpus.append(msgpack.packb(bool_bad, use_bin_type=True))
+
+    accepted = 0
+    for payload in corpus:
+        fast = fast_rows(payload, "cam-1", max_tensor_bytes=1 << 20, max_payload_bytes=DEFAULT_MAX_PAYLOAD_BYTES)
+        try:
+            env, bad = decode_samples_lenient(payload, expected_device="cam-1", max_tensor_bytes=1 << 20)
+        except Exception:
+            assert fast is None
+            continue
+        if fast is None:
+            assert bad or payload not in valid
+            continue
+        accepted += 1
+        assert not bad and fast[0] == env.pipeline
+        expected = [_sample_row("cam-1", env.pipeline, s, 0.0) for s in env.samples]
+        got = [("cam-1", seq, ts, label, dt, shape, data, fast[0], 0.0, meta)
+               for seq, ts, label, dt, shape, data, meta in fast[1]]
+        assert got == expected
+    assert accepted == len(valid)

@@ -1,0 +1,188 @@
+#!/usr/bin/env python3
+"""Ingest throughput: durable samples/s stored by the worker vs a bare paho subscriber (the ratio).
+
+    python bench/ingest.py                 # default: 1 and 32 samples per message, 1 KiB tensors
+    python bench/ingest.py --messages 20000 --profile
+
+Method, for each shape (samples per message): the messages are queued in Mosquitto (project config,
+persistence on) for a persistent session while its client is offline, then the client connects and
+drains them; we time connect -> last sample. Queueing first takes the publisher (and its share of the
+two cores) out of the measurement, so both sides see the same broker delivering the same bytes:
+
+- baseline: a bare paho subscriber (QoS 1, clean_session=False, auto-ack on receipt, no decoding);
+- worker:   lepton's IngestWorker (decode, dedupe in the SQLite index, Parquet write + fsync + rename,
+            commit, end-to-end acks to the device, PUBACK after durability).
+
+ratio = worker samples/s / baseline samples/s. With --profile the worker's writer thread runs under
+cProfile and the top functions (cumulative time) are printed and saved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import logging
+import pstats
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from lepton.cloud import Dataset, IngestWorker, WorkerConfig  # noqa: E402
+from lepton.protocol import BrokerURL, Sample, Topics, connect, encode_samples, new_client  # noqa: E402
+from lepton.testing import MosquittoBroker  # noqa: E402
+
+
+def payloads(device: str, messages: int, per_message: int, floats: int) -> list[bytes]:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(floats).astype(np.float32)
+    out, seq = [], 0
+    for _ in range(messages):
+        batch = [Sample(seq=seq + i, ts=1.7e9 + seq + i, x=x, y=(seq + i) % 10) for i in range(per_message)]
+        seq += per_message
+        out.append(encode_samples(device, batch, pipeline="bench"))
+    return out
+
+
+def queue_messages(broker: MosquittoBroker, fleet: str, device: str, data: list[bytes]) -> None:
+    url = BrokerURL.parse(broker.url("device", device, fleet=fleet))
+    client = new_client(url, client_id=f"bench-pub-{uuid.uuid4().hex[:6]}", max_inflight=1000)
+    connect(client, url)
+    topic = Topics(fleet=fleet).samples(device)
+    infos = [client.publish(topic, p, qos=1) for p in data]
+    for info in infos:
+        info.wait_for_publish(60)
+    client.disconnect()
+    client.loop_stop()
+
+
+def bare_subscriber(broker: MosquittoBroker, fleet: str, device: str, data: list[bytes], per_message: int) -> float:
+    url = BrokerURL.parse(broker.url("worker", f"bare-{fleet}", fleet=fleet))
+    topics = Topics(fleet=fleet)
+    client_id = f"bench-bare-{fleet}"
+    # 1. create the persistent session, 2. queue while offline, 3. drain and time it.
+    c = new_client(url, client_id=client_id, clean_session=False)
+    connect(c, url)
+    c.subscribe(topics.all_devices("samples"), qos=1)
+    time.sleep(0.3)
+    c.disconnect()
+    c.loop_stop()
+    queue_messages(broker, fleet, device, data)
+    done = threading.Event()
+    got = [0]
+
+    def on_message(client, userdata, msg):  # noqa: ANN001
+        got[0] += 1
+        if got[0] == len(data):
+            done.set()
+
+    c = new_client(url, client_id=client_id, clean_session=False)
+    c.on_message = on_message
+    t0 = time.perf_counter()
+    connect(c, url)
+    if not done.wait(120):
+        raise RuntimeError(f"bare subscriber got {got[0]} of {len(data)} messages")
+    elapsed = time.perf_counter() - t0
+    c.disconnect()
+    c.loop_stop()
+    return len(data) * per_message / elapsed
+
+
+def worker_run(broker: MosquittoBroker, fleet: str, device: str, data: list[bytes], per_message: int,
+               root: Path, profile: bool) -> tuple[float, dict, str]:
+    cfg = WorkerConfig(broker=broker.url("worker", f"wk-{fleet}", fleet=fleet), fleet=fleet, data=root, name="wk",
+                       status_interval=60)
+    w = IngestWorker(cfg)
+    w.start()  # creates the persistent session and subscription
+    w.stop()
+    queue_messages(broker, fleet, device, data)
+    w = IngestWorker(cfg)
+    prof = cProfile.Profile() if profile else None
+    if prof is not None:
+        inner = w._process
+
+        def profiled(batch):  # noqa: ANN001, ANN202
+            prof.enable()
+            try:
+                return inner(batch)
+            finally:
+                prof.disable()
+
+        w._process = profiled  # type: ignore[method-assign]
+    total = len(data) * per_message
+    t0 = time.perf_counter()
+    w.start()
+    if not w.wait_stored(total, timeout=120):
+        raise RuntimeError(f"worker stored {w.stats.stored} of {total}; broker log:\n{broker.log()[-3000:]}")
+    elapsed = time.perf_counter() - t0
+    status = w.status()
+    w.stop()
+    count = Dataset(root, fleet).count()
+    if count != total:
+        raise RuntimeError(f"dataset holds {count} samples, expected {total}")
+    text = ""
+    if prof is not None:
+        buf = io.StringIO()
+        pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats(18)
+        text = buf.getvalue()
+    return total / elapsed, status, text
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--messages", type=int, default=20_000, help="messages for 1 sample/message (default 20000)")
+    p.add_argument("--batched-messages", type=int, default=1_500,
+                   help="messages for 32 samples/message (default 1500 = 48,000 samples)")
+    p.add_argument("--floats", type=int, default=256, help="float32 per tensor (default 256 = 1 KiB)")
+    p.add_argument("--profile", action="store_true", help="profile the worker's writer thread (cProfile)")
+    p.add_argument("--out", default=str(HERE / "results" / "ingest.json"))
+    p.add_argument("--log-level", default="WARNING")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(threadName)s %(name)s: %(message)s")
+
+    rows = []
+    profiles = {}
+    with MosquittoBroker() as broker, tempfile.TemporaryDirectory() as tmp:
+        for per_message, messages in ((1, args.messages), (32, args.batched_messages)):
+            # A device account belongs to one fleet (the broker's ACL), so each run has its own device.
+            base_dev, work_dev = f"bench-b{per_message}", f"bench-w{per_message}"
+            base = bare_subscriber(broker, f"bb{per_message}", base_dev,
+                                   payloads(base_dev, messages, per_message, args.floats), per_message)
+            data = payloads(work_dev, messages, per_message, args.floats)
+            rate, status, prof_text = worker_run(broker, f"bw{per_message}", work_dev, data, per_message,
+                                                 Path(tmp), args.profile)
+            rows.append({"samples_per_message": per_message, "messages": messages,
+                         "samples": messages * per_message, "tensor_bytes": args.floats * 4,
+                         "payload_bytes": len(data[0]), "bare_samples_per_s": round(base, 1),
+                         "worker_samples_per_s": round(rate, 1), "ratio": round(rate / base, 3),
+                         "files": status["files"]})
+            if prof_text:
+                profiles[str(per_message)] = prof_text
+
+    print(f"{'samples/msg':>11} {'messages':>9} {'samples':>8} {'bare/s':>10} {'worker/s':>10} {'ratio':>6} {'files':>6}")
+    for r in rows:
+        print(f"{r['samples_per_message']:>11} {r['messages']:>9} {r['samples']:>8} {r['bare_samples_per_s']:>10.0f} "
+              f"{r['worker_samples_per_s']:>10.0f} {r['ratio']:>6.2f} {r['files']:>6}")
+    for k, text in profiles.items():
+        print(f"\n--- worker writer thread profile, {k} sample(s)/message (cumulative) ---")
+        print("\n".join(text.splitlines()[:40]))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"benchmark": "ingest", "broker": "mosquitto (project mosquitto.conf)",
+                               "method": "drain of messages queued for a persistent session; connect -> last "
+                                         "sample durable", "rows": rows, "profiles": profiles}, indent=2))
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
