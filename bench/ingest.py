@@ -98,9 +98,9 @@ def bare_subscriber(broker: MosquittoBroker, fleet: str, device: str, data: list
 
 
 def worker_run(broker: MosquittoBroker, fleet: str, device: str, data: list[bytes], per_message: int,
-               root: Path, profile: bool) -> tuple[float, dict, str]:
+               root: Path, profile: bool, max_pending: int = 1000) -> tuple[float, dict, str]:
     cfg = WorkerConfig(broker=broker.url("worker", f"wk-{fleet}", fleet=fleet), fleet=fleet, data=root, name="wk",
-                       status_interval=60)
+                       status_interval=60, max_pending=max_pending)
     w = IngestWorker(cfg)
     w.start()  # creates the persistent session and subscription
     w.stop()
@@ -146,12 +146,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", action="store_true", help="profile the worker's writer thread (cProfile)")
     p.add_argument("--out", default=str(HERE / "results" / "ingest.json"))
     p.add_argument("--log-level", default="WARNING")
+    p.add_argument("--inflight", type=int, default=None, metavar="N",
+                   help="override Mosquitto's max_inflight_messages (project config: 1000) and the worker's "
+                        "--max-pending to N, to see what a wider window buys")
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(threadName)s %(name)s: %(message)s")
 
     rows = []
     profiles = {}
-    with MosquittoBroker() as broker, tempfile.TemporaryDirectory() as tmp:
+    extra = f"max_inflight_messages {args.inflight}" if args.inflight else ""
+    with MosquittoBroker(extra=extra) as broker, tempfile.TemporaryDirectory() as tmp:
         for per_message, messages in ((1, args.messages), (32, args.batched_messages)):
             # A device account belongs to one fleet (the broker's ACL), so each run has its own device.
             base_dev, work_dev = f"bench-b{per_message}", f"bench-w{per_message}"
@@ -159,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                                    payloads(base_dev, messages, per_message, args.floats), per_message)
             data = payloads(work_dev, messages, per_message, args.floats)
             rate, status, prof_text = worker_run(broker, f"bw{per_message}", work_dev, data, per_message,
-                                                 Path(tmp), args.profile)
+                                                 Path(tmp), args.profile, args.inflight or 1000)
             rows.append({"samples_per_message": per_message, "messages": messages,
                          "samples": messages * per_message, "tensor_bytes": args.floats * 4,
                          "payload_bytes": len(data[0]), "bare_samples_per_s": round(base, 1),

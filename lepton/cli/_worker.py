@@ -50,8 +50,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=4096, metavar="N", help="samples per file at most (4096)")
     parser.add_argument("--batch-ms", type=float, default=100.0, metavar="T",
                         help="wait at most T ms for more messages before a write (default 100)")
-    parser.add_argument("--max-pending", type=int, default=100, metavar="M",
-                        help="messages per write at most; match the broker's max_inflight_messages (100)")
+    parser.add_argument("--max-pending", type=int, default=1000, metavar="M",
+                        help="messages per write at most; match the broker's max_inflight_messages (1000)")
     parser.add_argument("--status-interval", type=float, default=2.0, metavar="S",
                         help="retained status period in seconds (default 2)")
     parser.add_argument("--train-every", type=int, default=None, metavar="N",

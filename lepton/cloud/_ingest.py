@@ -72,7 +72,10 @@ class WorkerConfig:
     shared_subscriptions: bool | None = None
     batch: int = 4096  # samples per file, at most
     batch_ms: float = 100.0  # wait at most this long for more messages before writing
-    max_pending: int = 100  # messages per write at most (Mosquitto's max_inflight_messages)
+    #: messages per write at most: the broker's in-flight window (mosquitto.conf max_inflight_messages).
+    max_pending: int = 1000
+    #: with a burst pending, write once no message came for this long (the broker's window is full).
+    idle_ms: float = 5.0
     status_interval: float = 2.0
     max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
@@ -301,15 +304,19 @@ class IngestWorker:
             batch = [first]
             n_samples = _samples_hint(first)
             deadline = time.monotonic() + cfg.batch_ms / 1000
-            while len(batch) < cfg.max_pending:
+            while len(batch) < cfg.max_pending and n_samples < cfg.batch:
                 left = deadline - time.monotonic()
+                # A burst that pauses has most likely filled the broker's in-flight window: it sends
+                # nothing more until we ack, so waiting out batch_ms would only add latency. A trickle
+                # (fewer than the smallest common window, Mosquitto's default 20) waits, to make
+                # fewer, larger files.
+                if len(batch) >= _MIN_WINDOW:
+                    left = min(left, cfg.idle_ms / 1000)
                 try:
                     batch.append(self._q.get(timeout=left) if left > 0 else self._q.get_nowait())
                 except queue.Empty:
                     break
                 n_samples += _samples_hint(batch[-1])
-                if n_samples >= cfg.batch:
-                    break
             self._process_with_retry(batch)
             self._poll_training()
 
@@ -566,6 +573,9 @@ class IngestWorker:
         st.labelled_since_train = 0
         self._last_train = time.monotonic()
         self._publish_status()
+
+
+_MIN_WINDOW = 20
 
 
 def _warm_up() -> None:
