@@ -38,6 +38,7 @@ from lepton.errors import ConfigError, ProtocolError
 from lepton.protocol import (
     DEFAULT_MAX_PAYLOAD_BYTES,
     DEFAULT_MAX_TENSOR_BYTES,
+    MAX_SEQ,
     BrokerURL,
     Topics,
     connect,
@@ -166,6 +167,7 @@ class IngestWorker:
         self._last_rate = 0.0
         self._client = None
         self._topic_cache: dict[str, Any] = {}
+        self._rejected_seqs: dict[str, set[int]] = {}
         self.started_at = time.time()
 
     # -- lifecycle ------------------------------------------------------------------------------------
@@ -373,6 +375,12 @@ class IngestWorker:
             return None
         if bad:
             self._dead_letter(msg, device, [(i, str(e), e.field) for i, _raw, e in bad], reports, quarantine)
+            # A bad sample with a readable seq is acked once quarantined: resending cannot repair it,
+            # and an unacked seq would keep the device's spool from ever draining.
+            for _i, raw, _e in bad:
+                seq = raw.get("seq") if isinstance(raw, dict) else None
+                if type(seq) is int and 0 <= seq <= MAX_SEQ:
+                    self._rejected_seqs.setdefault(env.device, set()).add(seq)
         return env.device, [_sample_row(env.device, env.pipeline, s, msg.received_at) for s in env.samples]
 
     def _process(self, batch: list[_Message]) -> None:
@@ -386,6 +394,7 @@ class IngestWorker:
         quarantine: list[tuple[str, bytes, dict[str, Any]]] = []
         n_valid = 0
         self.stats.received += len(batch)
+        self._rejected_seqs = {}
         for msg in batch:
             decoded = self._decode(msg, reports, quarantine)
             if decoded is None:
@@ -440,6 +449,8 @@ class IngestWorker:
 
         # Durable: tell the devices (duplicates included), report dead letters, then PUBACK.
         client = self._client
+        for dev, bad_seqs in self._rejected_seqs.items():
+            seen.setdefault(dev, set()).update(bad_seqs)
         for dev, seqs in seen.items():
             client.publish(self.topics.acks(dev), encode_acks(seqs_to_ranges(seqs)), qos=1)
         for report in reports:

@@ -17,7 +17,13 @@ import pytest
 from lepton.cloud import Dataset, IngestWorker, WorkerConfig
 from lepton.errors import ConfigError
 from lepton.protocol import BrokerURL, Topics, connect, decode_json, encode_samples, new_client
-from tests.cloud._ingest_support import ResendPublisher, make_samples, start_worker_process, stop_process, wait_status
+from tests.cloud._ingest_support import (
+    ResendPublisher,
+    make_samples,
+    start_worker_process,
+    stop_process,
+    wait_status,
+)
 
 
 def _unique(ds: Dataset) -> tuple[int, int, set]:
@@ -255,3 +261,23 @@ def test_fast_decoder_agrees_with_the_protocol_decoder():
                for seq, ts, label, dt, shape, data, meta in fast[1]]
         assert got == expected
     assert accepted == len(valid)
+
+
+def test_bad_sample_in_good_message_is_quarantined_and_acked(amqtt_broker, fleet, tmp_path):
+    """The good sample is stored, the bad one dead-lettered and quarantined, and both seqs are acked
+    so the device's spool can drain (resending a malformed sample cannot repair it)."""
+    url = amqtt_broker.url("worker", "w1", fleet=fleet)
+    with IngestWorker(WorkerConfig(broker=url, fleet=fleet, data=tmp_path, name="w1", batch_ms=10)) as worker:
+        pub = ResendPublisher(amqtt_broker.url("device", "cam-1", fleet=fleet), fleet, "cam-1", total=2,
+                              per_message=2)
+        pub.start()
+        body = msgpack.unpackb(encode_samples("cam-1", make_samples(0, 2), pipeline="p0"), raw=False)
+        body["samples"][1]["ts"] = float("nan")
+        pub.client.publish(Topics(fleet=fleet).samples("cam-1"), msgpack.packb(body, use_bin_type=True), qos=1)
+        deadline = time.monotonic() + 20
+        while pub.unacked() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        pub.stop()
+        assert pub.unacked() == [] and worker.stats.dead_letters == 1 and worker.stats.stored == 1
+    assert Dataset(tmp_path, fleet).read_table(columns=["seq"]).column("seq").to_pylist() == [0]
+    assert len(list((tmp_path / fleet / "quarantine").glob("*.bin"))) == 1
