@@ -65,7 +65,9 @@ def queue_messages(broker: MosquittoBroker, fleet: str, device: str, data: list[
     client.loop_stop()
 
 
-def bare_subscriber(broker: MosquittoBroker, fleet: str, device: str, data: list[bytes], per_message: int) -> float:
+def bare_subscriber(
+    broker: MosquittoBroker, fleet: str, device: str, data: list[bytes], per_message: int
+) -> float:
     url = BrokerURL.parse(broker.url("worker", f"bare-{fleet}", fleet=fleet))
     topics = Topics(fleet=fleet)
     client_id = f"bench-bare-{fleet}"
@@ -97,10 +99,24 @@ def bare_subscriber(broker: MosquittoBroker, fleet: str, device: str, data: list
     return len(data) * per_message / elapsed
 
 
-def worker_run(broker: MosquittoBroker, fleet: str, device: str, data: list[bytes], per_message: int,
-               root: Path, profile: bool, max_pending: int = 1000) -> tuple[float, dict, str]:
-    cfg = WorkerConfig(broker=broker.url("worker", f"wk-{fleet}", fleet=fleet), fleet=fleet, data=root, name="wk",
-                       status_interval=60, max_pending=max_pending)
+def worker_run(
+    broker: MosquittoBroker,
+    fleet: str,
+    device: str,
+    data: list[bytes],
+    per_message: int,
+    root: Path,
+    profile: bool,
+    max_pending: int = 1000,
+) -> tuple[float, dict, str]:
+    cfg = WorkerConfig(
+        broker=broker.url("worker", f"wk-{fleet}", fleet=fleet),
+        fleet=fleet,
+        data=root,
+        name="wk",
+        status_interval=60,
+        max_pending=max_pending,
+    )
     w = IngestWorker(cfg)
     w.start()  # creates the persistent session and subscription
     w.stop()
@@ -139,16 +155,27 @@ def worker_run(broker: MosquittoBroker, fleet: str, device: str, data: list[byte
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--messages", type=int, default=20_000, help="messages for 1 sample/message (default 20000)")
-    p.add_argument("--batched-messages", type=int, default=1_500,
-                   help="messages for 32 samples/message (default 1500 = 48,000 samples)")
+    p.add_argument(
+        "--messages", type=int, default=20_000, help="messages for 1 sample/message (default 20000)"
+    )
+    p.add_argument(
+        "--batched-messages",
+        type=int,
+        default=1_500,
+        help="messages for 32 samples/message (default 1500 = 48,000 samples)",
+    )
     p.add_argument("--floats", type=int, default=256, help="float32 per tensor (default 256 = 1 KiB)")
     p.add_argument("--profile", action="store_true", help="profile the worker's writer thread (cProfile)")
     p.add_argument("--out", default=str(HERE / "results" / "ingest.json"))
     p.add_argument("--log-level", default="WARNING")
-    p.add_argument("--inflight", type=int, default=None, metavar="N",
-                   help="override Mosquitto's max_inflight_messages (project config: 1000) and the worker's "
-                        "--max-pending to N, to see what a wider window buys")
+    p.add_argument(
+        "--inflight",
+        type=int,
+        default=None,
+        metavar="N",
+        help="override Mosquitto's max_inflight_messages (project config: 1000) and the worker's "
+        "--max-pending to N, to see what a wider window buys",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(threadName)s %(name)s: %(message)s")
 
@@ -159,31 +186,65 @@ def main(argv: list[str] | None = None) -> int:
         for per_message, messages in ((1, args.messages), (32, args.batched_messages)):
             # A device account belongs to one fleet (the broker's ACL), so each run has its own device.
             base_dev, work_dev = f"bench-b{per_message}", f"bench-w{per_message}"
-            base = bare_subscriber(broker, f"bb{per_message}", base_dev,
-                                   payloads(base_dev, messages, per_message, args.floats), per_message)
+            base = bare_subscriber(
+                broker,
+                f"bb{per_message}",
+                base_dev,
+                payloads(base_dev, messages, per_message, args.floats),
+                per_message,
+            )
             data = payloads(work_dev, messages, per_message, args.floats)
-            rate, status, prof_text = worker_run(broker, f"bw{per_message}", work_dev, data, per_message,
-                                                 Path(tmp), args.profile, args.inflight or 1000)
-            rows.append({"samples_per_message": per_message, "messages": messages,
-                         "samples": messages * per_message, "tensor_bytes": args.floats * 4,
-                         "payload_bytes": len(data[0]), "bare_samples_per_s": round(base, 1),
-                         "worker_samples_per_s": round(rate, 1), "ratio": round(rate / base, 3),
-                         "files": status["files"]})
+            rate, status, prof_text = worker_run(
+                broker,
+                f"bw{per_message}",
+                work_dev,
+                data,
+                per_message,
+                Path(tmp),
+                args.profile,
+                args.inflight or 1000,
+            )
+            rows.append(
+                {
+                    "samples_per_message": per_message,
+                    "messages": messages,
+                    "samples": messages * per_message,
+                    "tensor_bytes": args.floats * 4,
+                    "payload_bytes": len(data[0]),
+                    "bare_samples_per_s": round(base, 1),
+                    "worker_samples_per_s": round(rate, 1),
+                    "ratio": round(rate / base, 3),
+                    "files": status["files"],
+                }
+            )
             if prof_text:
                 profiles[str(per_message)] = prof_text
 
-    print(f"{'samples/msg':>11} {'messages':>9} {'samples':>8} {'bare/s':>10} {'worker/s':>10} {'ratio':>6} {'files':>6}")
+    head = ("samples/msg", "messages", "samples", "bare/s", "worker/s", "ratio", "files")
+    print(" ".join(f"{h:>{w}}" for h, w in zip(head, (11, 9, 8, 10, 10, 6, 6), strict=True)))
     for r in rows:
-        print(f"{r['samples_per_message']:>11} {r['messages']:>9} {r['samples']:>8} {r['bare_samples_per_s']:>10.0f} "
-              f"{r['worker_samples_per_s']:>10.0f} {r['ratio']:>6.2f} {r['files']:>6}")
+        print(
+            f"{r['samples_per_message']:>11} {r['messages']:>9} {r['samples']:>8} "
+            f"{r['bare_samples_per_s']:>10.0f} {r['worker_samples_per_s']:>10.0f} "
+            f"{r['ratio']:>6.2f} {r['files']:>6}"
+        )
     for k, text in profiles.items():
         print(f"\n--- worker writer thread profile, {k} sample(s)/message (cumulative) ---")
         print("\n".join(text.splitlines()[:40]))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"benchmark": "ingest", "broker": "mosquitto (project mosquitto.conf)",
-                               "method": "drain of messages queued for a persistent session; connect -> last "
-                                         "sample durable", "rows": rows, "profiles": profiles}, indent=2))
+    out.write_text(
+        json.dumps(
+            {
+                "benchmark": "ingest",
+                "broker": "mosquitto (project mosquitto.conf)",
+                "method": "drain of messages queued for a persistent session; connect -> last sample durable",
+                "rows": rows,
+                "profiles": profiles,
+            },
+            indent=2,
+        )
+    )
     print(f"\nwrote {out}")
     return 0
 

@@ -30,8 +30,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--broker", default=env.get("LEPTON_BROKER"), help="broker URL (env LEPTON_BROKER)")
     p.add_argument("--fleet", default=env.get("LEPTON_FLEET"), help="fleet (env LEPTON_FLEET)")
     p.add_argument("--data", default=env.get("LEPTON_DATA"), help="dataset root (env LEPTON_DATA)")
-    p.add_argument("--name", default=env.get("LEPTON_WORKER_NAME", "worker"), help="worker name (env LEPTON_WORKER_NAME)")
-    p.add_argument("--group", default=env.get("LEPTON_GROUP"), help="shared-subscription group (env LEPTON_GROUP)")
+    p.add_argument(
+        "--name", default=env.get("LEPTON_WORKER_NAME", "worker"), help="worker name (env LEPTON_WORKER_NAME)"
+    )
+    p.add_argument(
+        "--group", default=env.get("LEPTON_GROUP"), help="shared-subscription group (env LEPTON_GROUP)"
+    )
     p.add_argument("--batch-ms", type=float, default=float(env.get("LEPTON_BATCH_MS", "100")))
     p.add_argument("--log-level", default=env.get("LEPTON_LOG_LEVEL", "INFO"))
     args = p.parse_args(argv)
@@ -44,8 +48,16 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
-        worker = IngestWorker(WorkerConfig(broker=args.broker, fleet=args.fleet, data=args.data, name=args.name,
-                                           group=args.group, batch_ms=args.batch_ms))
+        worker = IngestWorker(
+            WorkerConfig(
+                broker=args.broker,
+                fleet=args.fleet,
+                data=args.data,
+                name=args.name,
+                group=args.group,
+                batch_ms=args.batch_ms,
+            )
+        )
         worker.start()
     except ConfigError as exc:
         print(f"ingest_worker: error: {exc}", file=sys.stderr)

@@ -34,10 +34,20 @@ def register(parser: argparse.ArgumentParser) -> None:
     comp = sub.add_parser("compact", help="merge small files atomically (safe while workers run)")
     comp.add_argument("dir", metavar="DIR", help="dataset root (the worker's --data)")
     comp.add_argument("--fleet", default=None, help="one fleet (default: every fleet under DIR)")
-    comp.add_argument("--small-rows", type=int, default=50_000, metavar="N",
-                      help="merge files with fewer rows than N (default 50000)")
-    comp.add_argument("--max-rows", type=int, default=500_000, metavar="N",
-                      help="rows per merged file at most (default 500000)")
+    comp.add_argument(
+        "--small-rows",
+        type=int,
+        default=50_000,
+        metavar="N",
+        help="merge files with fewer rows than N (default 50000)",
+    )
+    comp.add_argument(
+        "--max-rows",
+        type=int,
+        default=500_000,
+        metavar="N",
+        help="rows per merged file at most (default 500000)",
+    )
     comp.add_argument("--json", action="store_true", help="print one JSON object")
     comp.set_defaults(handler=run_compact)
 
@@ -51,12 +61,16 @@ def _fleets(root: Path, fleet: str | None) -> list[str]:
     if fleet is not None:
         validate_id(fleet, kind="fleet")
         if not (root / fleet / "data").is_dir():
-            raise ConfigError(f"no dataset of fleet {fleet!r} in {root} (expected {root / fleet / 'data'}); "
-                              "check DIR and --fleet")
+            raise ConfigError(
+                f"no dataset of fleet {fleet!r} in {root} (expected {root / fleet / 'data'}); "
+                "check DIR and --fleet"
+            )
         return [fleet]
     found = sorted(p.name for p in root.iterdir() if (p / "data").is_dir())
     if not found:
-        raise ConfigError(f"no dataset under {root}: expected {root}/FLEET/data/*.parquet; pass the worker's --data")
+        raise ConfigError(
+            f"no dataset under {root}: expected {root}/FLEET/data/*.parquet; pass the worker's --data"
+        )
     return found
 
 
@@ -69,8 +83,10 @@ def run_stats(args: argparse.Namespace) -> int:
         print(json.dumps(report if args.fleet is None else report[args.fleet], indent=2, sort_keys=True))
         return _exit.OK
     for fleet, st in report.items():
-        print(f"fleet {fleet}: {st['samples']} samples in {st['files']} files, {_size(st['bytes'])} "
-              f"({_size(st['tensor_bytes'])} of tensors)")
+        print(
+            f"fleet {fleet}: {st['samples']} samples in {st['files']} files, {_size(st['bytes'])} "
+            f"({_size(st['tensor_bytes'])} of tensors)"
+        )
         for title, key in (("device", "devices"), ("label", "labels"), ("pipeline", "pipelines")):
             items = st[key]
             if not items:
@@ -91,8 +107,11 @@ def run_compact(args: argparse.Namespace) -> int:
         out[fleet] = compact(root / fleet, small_rows=args.small_rows, max_rows=args.max_rows)
         if not args.json:
             r = out[fleet]
-            print(f"fleet {fleet}: merged {r['files_merged']} of {r['files_before']} files into "
-                  f"{r['files_written']} ({r['rows']} samples)", file=sys.stdout)
+            print(
+                f"fleet {fleet}: merged {r['files_merged']} of {r['files_before']} files into "
+                f"{r['files_written']} ({r['rows']} samples)",
+                file=sys.stdout,
+            )
     if args.json:
         print(json.dumps(out, indent=2, sort_keys=True))
     return _exit.OK

@@ -40,30 +40,73 @@ examples:
 
 def register(parser: argparse.ArgumentParser) -> None:
     env = os.environ
-    parser.add_argument("--broker", default=env.get("LEPTON_BROKER"), metavar="URL",
-                        help="broker URL mqtt://user:password@host:1883 (env LEPTON_BROKER)")
+    parser.add_argument(
+        "--broker",
+        default=env.get("LEPTON_BROKER"),
+        metavar="URL",
+        help="broker URL mqtt://user:password@host:1883 (env LEPTON_BROKER)",
+    )
     parser.add_argument("--fleet", default=env.get("LEPTON_FLEET"), help="fleet name (env LEPTON_FLEET)")
-    parser.add_argument("--data", default=env.get("LEPTON_DATA"), metavar="DIR",
-                        help="dataset root; files go to DIR/FLEET/data (env LEPTON_DATA)")
-    parser.add_argument("--name", default="worker", help="worker name: client id and status topic (default worker)")
+    parser.add_argument(
+        "--data",
+        default=env.get("LEPTON_DATA"),
+        metavar="DIR",
+        help="dataset root; files go to DIR/FLEET/data (env LEPTON_DATA)",
+    )
+    parser.add_argument(
+        "--name", default="worker", help="worker name: client id and status topic (default worker)"
+    )
     parser.add_argument("--group", default=None, metavar="NAME", help="shared-subscription group")
-    parser.add_argument("--batch", type=int, default=4096, metavar="N", help="samples per file at most (4096)")
-    parser.add_argument("--batch-ms", type=float, default=100.0, metavar="T",
-                        help="wait at most T ms for more messages before a write (default 100)")
-    parser.add_argument("--max-pending", type=int, default=1000, metavar="M",
-                        help="messages per write at most; match the broker's max_inflight_messages (1000)")
-    parser.add_argument("--status-interval", type=float, default=2.0, metavar="S",
-                        help="retained status period in seconds (default 2)")
-    parser.add_argument("--train-every", type=int, default=None, metavar="N",
-                        help="start training after N new labelled samples")
-    parser.add_argument("--train-interval", type=float, default=None, metavar="S",
-                        help="start training every S seconds if new labelled samples arrived")
+    parser.add_argument(
+        "--batch", type=int, default=4096, metavar="N", help="samples per file at most (4096)"
+    )
+    parser.add_argument(
+        "--batch-ms",
+        type=float,
+        default=100.0,
+        metavar="T",
+        help="wait at most T ms for more messages before a write (default 100)",
+    )
+    parser.add_argument(
+        "--max-pending",
+        type=int,
+        default=1000,
+        metavar="M",
+        help="messages per write at most; match the broker's max_inflight_messages (1000)",
+    )
+    parser.add_argument(
+        "--status-interval",
+        type=float,
+        default=2.0,
+        metavar="S",
+        help="retained status period in seconds (default 2)",
+    )
+    parser.add_argument(
+        "--train-every",
+        type=int,
+        default=None,
+        metavar="N",
+        help="start training after N new labelled samples",
+    )
+    parser.add_argument(
+        "--train-interval",
+        type=float,
+        default=None,
+        metavar="S",
+        help="start training every S seconds if new labelled samples arrived",
+    )
     parser.add_argument("--model", default=None, metavar="NAME", help="model to train (with --train-*)")
     parser.add_argument("--key", default=None, metavar="FILE", help="signing key passed to lepton train")
-    parser.add_argument("--train-publish", action="store_true",
-                        help="pass --publish --broker URL to lepton train")
-    parser.add_argument("--train-arg", action="append", default=[], metavar="ARG",
-                        help="extra argument for lepton train (repeatable), e.g. --train-arg=--epochs=5")
+    parser.add_argument(
+        "--train-publish", action="store_true", help="pass --publish --broker URL to lepton train"
+    )
+    parser.add_argument(
+        "--train-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra argument for lepton train (repeatable), e.g. --train-arg=--epochs=5",
+    )
     parser.add_argument("--json", action="store_true", help="progress as one JSON status per line on stdout")
     parser.add_argument("--quiet", action="store_true", help="no progress line")
     parser.set_defaults(handler=run)
@@ -77,10 +120,20 @@ def run(args: argparse.Namespace) -> int:
         if not getattr(args, flag):
             raise ConfigError(f"--{flag} is required (or set LEPTON_{flag.upper()})")
     config = WorkerConfig(
-        broker=args.broker, fleet=args.fleet, data=args.data, name=args.name, group=args.group,
-        batch=args.batch, batch_ms=args.batch_ms, max_pending=args.max_pending,
-        status_interval=args.status_interval, train_every=args.train_every,
-        train_interval=args.train_interval, model=args.model, key=args.key, train_publish=args.train_publish,
+        broker=args.broker,
+        fleet=args.fleet,
+        data=args.data,
+        name=args.name,
+        group=args.group,
+        batch=args.batch,
+        batch_ms=args.batch_ms,
+        max_pending=args.max_pending,
+        status_interval=args.status_interval,
+        train_every=args.train_every,
+        train_interval=args.train_interval,
+        model=args.model,
+        key=args.key,
+        train_publish=args.train_publish,
         train_args=tuple(args.train_arg),
     )
     worker = IngestWorker(config)
@@ -101,15 +154,20 @@ def run(args: argparse.Namespace) -> int:
             if args.json:
                 print(json.dumps(st, sort_keys=True), flush=True)
             else:
-                line = (f"\r[{args.name}] stored {st['stored']}  dup {st['duplicates']}  "
-                        f"dead {st['dead_letters']}  files {st['files']}  {st['samples_per_s']:.0f}/s  "
-                        f"queue {st['queue']}")
+                line = (
+                    f"\r[{args.name}] stored {st['stored']}  dup {st['duplicates']}  "
+                    f"dead {st['dead_letters']}  files {st['files']}  {st['samples_per_s']:.0f}/s  "
+                    f"queue {st['queue']}"
+                )
                 print(line if tty else line.strip(), end="" if tty else "\n", file=sys.stderr, flush=True)
     finally:
         worker.stop()
     st = worker.stats
     if not args.quiet:
         end = "\n" if tty else ""
-        print(f"{end}[{args.name}] stopped: stored {st.stored}, duplicates {st.duplicates}, "
-              f"dead letters {st.dead_letters}, files {st.files}", file=sys.stderr)
+        print(
+            f"{end}[{args.name}] stopped: stored {st.stored}, duplicates {st.duplicates}, "
+            f"dead letters {st.dead_letters}, files {st.files}",
+            file=sys.stderr,
+        )
     return _exit.OK

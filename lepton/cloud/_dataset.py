@@ -101,8 +101,9 @@ def write_atomic(path: str | Path, data: bytes) -> Path:
     return path
 
 
-def write_parquet_synced(path: str | Path, table: pa.Table, *,
-                         metadata: dict[bytes, bytes] | None = None) -> int:
+def write_parquet_synced(
+    path: str | Path, table: pa.Table, *, metadata: dict[bytes, bytes] | None = None
+) -> int:
     """Write ``table`` as Parquet at ``path``, flush and fsync it (no rename); return its size in bytes.
 
     ``metadata`` is added to the schema's key-value metadata (e.g. :data:`REPLACES_KEY`).
@@ -117,8 +118,9 @@ def write_parquet_synced(path: str | Path, table: pa.Table, *,
         return fh.tell()
 
 
-def write_parquet_atomic(path: str | Path, table: pa.Table, *, metadata: dict[bytes, bytes] | None = None,
-                         sync_dir: bool = True) -> int:
+def write_parquet_atomic(
+    path: str | Path, table: pa.Table, *, metadata: dict[bytes, bytes] | None = None, sync_dir: bool = True
+) -> int:
     """Write ``table`` as Parquet at ``path`` atomically (``.name.tmp``, fsync, rename, fsync dir);
     return the file's size in bytes."""
     path = Path(path)
@@ -144,8 +146,18 @@ def _sample_row(device: str, pipeline: str | None, s: Sample, received_at: float
         name = x.dtype.name
         x = np.ascontiguousarray(x, dtype=DTYPES[name])
     meta = None if not s.meta else json.dumps(s.meta, separators=(",", ":"), sort_keys=True, default=str)
-    return (device, s.seq, float(s.ts), _label_text(s.y), name, list(x.shape), x.tobytes(), pipeline,
-            float(received_at), meta)
+    return (
+        device,
+        s.seq,
+        float(s.ts),
+        _label_text(s.y),
+        name,
+        list(x.shape),
+        x.tobytes(),
+        pipeline,
+        float(received_at),
+        meta,
+    )
 
 
 def samples_to_table(
@@ -168,7 +180,9 @@ def table_from_rows(rows: Sequence[tuple]) -> pa.Table:
     if not rows:
         return SCHEMA.empty_table()
     cols = list(zip(*rows, strict=True))
-    return pa.Table.from_arrays([pa.array(c, f.type) for c, f in zip(cols, SCHEMA, strict=True)], schema=SCHEMA)
+    return pa.Table.from_arrays(
+        [pa.array(c, f.type) for c, f in zip(cols, SCHEMA, strict=True)], schema=SCHEMA
+    )
 
 
 def new_file_name(worker: str = "w", *, prefix: str = "part-") -> str:
@@ -221,7 +235,9 @@ class Dataset:
         hidden once the compacted file exists, so a reader never counts a sample twice."""
         if not self.data_dir.is_dir():
             return []
-        names = sorted(n for n in os.listdir(self.data_dir) if n.endswith(".parquet") and not n.startswith("."))
+        names = sorted(
+            n for n in os.listdir(self.data_dir) if n.endswith(".parquet") and not n.startswith(".")
+        )
         hidden: set[str] = set()
         for name in names:
             if name.startswith(COMPACT_PREFIX):
@@ -251,13 +267,16 @@ class Dataset:
 
         return pc.field("pipeline") == filter_pipeline
 
-    def read_table(self, columns: Sequence[str] | None = None, filter_pipeline: str | None = None) -> pa.Table:
+    def read_table(
+        self, columns: Sequence[str] | None = None, filter_pipeline: str | None = None
+    ) -> pa.Table:
         """Read the whole dataset (or some columns, or one pipeline's rows) as one Arrow table."""
         tables = []
         for path in self.files():
             try:
-                t = pq.read_table(path, columns=list(columns) if columns else None,
-                                  filters=self._filter(filter_pipeline))
+                t = pq.read_table(
+                    path, columns=list(columns) if columns else None, filters=self._filter(filter_pipeline)
+                )
             except FileNotFoundError:
                 continue
             tables.append(t)
@@ -266,8 +285,9 @@ class Dataset:
             return schema.empty_table()
         return pa.concat_tables(tables)
 
-    def iter_batches(self, batch_size: int = 4096, columns: Sequence[str] | None = None,
-                     filter_pipeline: str | None = None) -> Iterator[pa.RecordBatch]:
+    def iter_batches(
+        self, batch_size: int = 4096, columns: Sequence[str] | None = None, filter_pipeline: str | None = None
+    ) -> Iterator[pa.RecordBatch]:
         """Stream the dataset as record batches, file by file (memory stays bounded)."""
         import pyarrow.compute as pc
 
@@ -337,6 +357,8 @@ def open_dataset(root: str | Path, fleet: str) -> Dataset:
     """Like ``Dataset(root, fleet)`` but raise ConfigError naming the fix when nothing is there."""
     ds = Dataset(root, fleet)
     if not ds.dir.is_dir():
-        raise ConfigError(f"no dataset for fleet {fleet!r} under {root}: expected {ds.dir}/data/*.parquet; "
-                          "check --data and --fleet")
+        raise ConfigError(
+            f"no dataset for fleet {fleet!r} under {root}: expected {ds.dir}/data/*.parquet; "
+            "check --data and --fleet"
+        )
     return ds

@@ -31,16 +31,24 @@ _INT64_MIN, _INT64_END = -(2**63), 2**63
 Row = tuple[int, float, "str | None", str, list, bytes, "str | None"]
 
 
-def fast_rows(payload: bytes, device: str, *, max_tensor_bytes: int,
-              max_payload_bytes: int) -> tuple[str | None, list[Row]] | None:
+def fast_rows(
+    payload: bytes, device: str, *, max_tensor_bytes: int, max_payload_bytes: int
+) -> tuple[str | None, list[Row]] | None:
     """``(pipeline, rows)`` of a fully valid envelope from ``device``, or ``None`` if anything at all
     is unusual (then use the protocol's decoder)."""
     if len(payload) > max_payload_bytes:
         return None
     try:
-        body = msgpack.unpackb(payload, raw=False, strict_map_key=True, use_list=True,
-                               max_bin_len=max_payload_bytes, max_str_len=max_payload_bytes,
-                               max_array_len=max_payload_bytes, max_map_len=max_payload_bytes)
+        body = msgpack.unpackb(
+            payload,
+            raw=False,
+            strict_map_key=True,
+            use_list=True,
+            max_bin_len=max_payload_bytes,
+            max_str_len=max_payload_bytes,
+            max_array_len=max_payload_bytes,
+            max_map_len=max_payload_bytes,
+        )
     except Exception:  # msgpack raises many types; the protocol's decoder reports it properly
         return None
     if type(body) is not dict:

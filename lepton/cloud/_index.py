@@ -94,8 +94,9 @@ class SqliteIndex(SampleIndex):
     def __init__(self, path: str | Path, *, busy_timeout: float = 120.0) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, timeout=busy_timeout, isolation_level=None,
-                                   check_same_thread=False)
+        self._db = sqlite3.connect(
+            self.path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
+        )
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(
@@ -124,12 +125,18 @@ class SqliteIndex(SampleIndex):
         """Stored ranges of ``device`` that intersect or touch ``[lo, hi]``, sorted."""
         db = self._db
         out = []
-        left = db.execute("SELECT first, last FROM ranges WHERE device=? AND first<=? ORDER BY first DESC LIMIT 1",
-                          (device, lo)).fetchone()
+        left = db.execute(
+            "SELECT first, last FROM ranges WHERE device=? AND first<=? ORDER BY first DESC LIMIT 1",
+            (device, lo),
+        ).fetchone()
         if left is not None and left[1] >= lo - 1:
             out.append(left)
-        out.extend(db.execute("SELECT first, last FROM ranges WHERE device=? AND first>? AND first<=? "
-                              "ORDER BY first", (device, lo, hi)))
+        out.extend(
+            db.execute(
+                "SELECT first, last FROM ranges WHERE device=? AND first>? AND first<=? ORDER BY first",
+                (device, lo, hi),
+            )
+        )
         return out
 
     def known(self, device: str, seqs: Iterable[int]) -> set[int]:
@@ -159,17 +166,22 @@ class SqliteIndex(SampleIndex):
                 if merged:
                     first = min(first, merged[0][0])
                     last = max(last, max(b for _, b in merged))
-                    db.executemany("DELETE FROM ranges WHERE device=? AND first=?",
-                                   [(device, a) for a, _ in merged])
+                    db.executemany(
+                        "DELETE FROM ranges WHERE device=? AND first=?", [(device, a) for a, _ in merged]
+                    )
                 db.execute("INSERT INTO ranges (device, first, last) VALUES (?, ?, ?)", (device, first, last))
 
     def ranges(self, device: str) -> list[tuple[int, int]]:
         """Every stored range of ``device`` (for tools and tests)."""
-        return list(self._db.execute("SELECT first, last FROM ranges WHERE device=? ORDER BY first", (device,)))
+        return list(
+            self._db.execute("SELECT first, last FROM ranges WHERE device=? ORDER BY first", (device,))
+        )
 
     def add_file(self, name: str, *, rows: int, size: int, visible: bool = False) -> None:
-        self._db.execute("INSERT OR REPLACE INTO files (name, rows, bytes, created, visible) "
-                         "VALUES (?, ?, ?, ?, ?)", (name, rows, size, time.time(), int(visible)))
+        self._db.execute(
+            "INSERT OR REPLACE INTO files (name, rows, bytes, created, visible) VALUES (?, ?, ?, ?, ?)",
+            (name, rows, size, time.time(), int(visible)),
+        )
 
     def remove_files(self, names: Iterable[str]) -> None:
         self._db.executemany("DELETE FROM files WHERE name=?", [(n,) for n in names])
@@ -290,8 +302,13 @@ def open_index(dataset_dir: str | Path) -> SampleIndex:
     return SqliteIndex(Path(dataset_dir) / "index.sqlite")
 
 
-def compact(dataset_dir: str | Path, *, small_rows: int = 50_000, max_rows: int = 500_000,
-            index: SampleIndex | None = None) -> dict[str, int]:
+def compact(
+    dataset_dir: str | Path,
+    *,
+    small_rows: int = 50_000,
+    max_rows: int = 500_000,
+    index: SampleIndex | None = None,
+) -> dict[str, int]:
     """Merge data files of fewer than ``small_rows`` rows into ``compact-*.parquet`` files of at most
     ``max_rows`` rows. Safe while workers write: it holds the index lock while it reads the sources and
     writes the merged file, commits the swap in the index, then renames the merged file into place and

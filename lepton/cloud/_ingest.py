@@ -186,11 +186,20 @@ class IngestWorker:
         recover(self.index, self.dir)
         _warm_up()
         cfg = self.config
-        client = new_client(self.url, client_id=f"lepton-worker-{cfg.fleet}-{cfg.name}", clean_session=False,
-                            manual_ack=True, max_inflight=max(20, cfg.max_pending))
+        client = new_client(
+            self.url,
+            client_id=f"lepton-worker-{cfg.fleet}-{cfg.name}",
+            clean_session=False,
+            manual_ack=True,
+            max_inflight=max(20, cfg.max_pending),
+        )
         status_topic = self.topics.worker_status(cfg.name)
-        client.will_set(status_topic, encode_json({"worker": cfg.name, "online": False, "fleet": cfg.fleet}),
-                        qos=1, retain=True)
+        client.will_set(
+            status_topic,
+            encode_json({"worker": cfg.name, "online": False, "fleet": cfg.fleet}),
+            qos=1,
+            retain=True,
+        )
         client.on_connect = self._on_connect
         client.on_message = self._on_message
         client.on_disconnect = self._on_disconnect
@@ -201,13 +210,17 @@ class IngestWorker:
             client.disconnect()
             client.loop_stop()
             raise ConfigError(
-                f"broker {self.url} does not support shared subscriptions ($share/{cfg.group}/...), so --group "
-                "cannot split the stream (the embedded amqtt broker has none); run a single worker without "
-                "--group, or use Mosquitto, EMQX or VerneMQ")
-        self._writer = threading.Thread(target=self._write_loop, name=f"lepton-ingest-{cfg.name}", daemon=True)
+                f"broker {self.url} does not support shared subscriptions ($share/{cfg.group}/...), "
+                "so --group cannot split the stream (the embedded amqtt broker has none); "
+                "run a single worker without --group, or use Mosquitto, EMQX or VerneMQ"
+            )
+        self._writer = threading.Thread(
+            target=self._write_loop, name=f"lepton-ingest-{cfg.name}", daemon=True
+        )
         self._writer.start()
-        self._status_thread = threading.Thread(target=self._status_loop, name="lepton-ingest-status",
-                                               daemon=True)
+        self._status_thread = threading.Thread(
+            target=self._status_loop, name="lepton-ingest-status", daemon=True
+        )
         self._status_thread.start()
         self._publish_status()
         log.info("worker %s ingesting %s into %s", cfg.name, self._filter(), self.dir)
@@ -224,8 +237,12 @@ class IngestWorker:
         client = self._client
         if client is not None:
             with contextlib.suppress(Exception):
-                info = client.publish(self.topics.worker_status(self.config.name),
-                                      self._status_payload(online=False), qos=1, retain=True)
+                info = client.publish(
+                    self.topics.worker_status(self.config.name),
+                    self._status_payload(online=False),
+                    qos=1,
+                    retain=True,
+                )
                 info.wait_for_publish(3)
             client.disconnect()
             client.loop_stop()
@@ -259,8 +276,11 @@ class IngestWorker:
             return
         self._gen += 1
         client.subscribe(self._filter(), qos=1)
-        log.info("worker %s connected (session present: %s)", self.config.name,
-                 getattr(flags, "session_present", "?"))
+        log.info(
+            "worker %s connected (session present: %s)",
+            self.config.name,
+            getattr(flags, "session_present", "?"),
+        )
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
         if not self._stop.is_set():
@@ -284,7 +304,9 @@ class IngestWorker:
         client.subscribe(self.topics.shared(self.config.group, topic), qos=1)
         ok = False
         for _ in range(6):
-            client.publish(topic, encode_json({"worker": self.config.name, "online": True, "probe": True}), qos=1)
+            client.publish(
+                topic, encode_json({"worker": self.config.name, "online": True, "probe": True}), qos=1
+            )
             if self._probe_event.wait(0.5):
                 ok = True
                 break
@@ -330,11 +352,18 @@ class IngestWorker:
                 return
             except Exception:  # disk full, index locked too long...: keep the messages, retry
                 self.stats.errors += 1
-                log.exception("worker %s: writing a batch of %d messages failed; retrying in %.1fs",
-                              self.config.name, len(batch), delay)
+                log.exception(
+                    "worker %s: writing a batch of %d messages failed; retrying in %.1fs",
+                    self.config.name,
+                    len(batch),
+                    delay,
+                )
                 if self._stop.wait(delay):
-                    log.warning("worker %s: stopping with %d messages unwritten (the broker redelivers them)",
-                                self.config.name, len(batch))
+                    log.warning(
+                        "worker %s: stopping with %d messages unwritten (the broker redelivers them)",
+                        self.config.name,
+                        len(batch),
+                    )
                     return
                 delay = min(delay * 2, 10.0)
 
@@ -354,24 +383,38 @@ class IngestWorker:
                 if len(self._topic_cache) < 100_000:
                     self._topic_cache[msg.topic] = parsed
             device = parsed.device
-            fast = fast_rows(msg.payload, device, max_tensor_bytes=cfg.max_tensor_bytes,
-                             max_payload_bytes=cfg.max_payload_bytes)
+            fast = fast_rows(
+                msg.payload,
+                device,
+                max_tensor_bytes=cfg.max_tensor_bytes,
+                max_payload_bytes=cfg.max_payload_bytes,
+            )
             if fast is not None:
                 pipeline, part = fast
                 r = msg.received_at
-                return device, [(device, seq, ts, label, dt, shape, data, pipeline, r, meta)
-                                for seq, ts, label, dt, shape, data, meta in part]
+                return device, [
+                    (device, seq, ts, label, dt, shape, data, pipeline, r, meta)
+                    for seq, ts, label, dt, shape, data, meta in part
+                ]
             # Anything unusual: the protocol's decoder is the authority on what is wrong.
-            env, bad = decode_samples_lenient(msg.payload, expected_device=device,
-                                              max_tensor_bytes=cfg.max_tensor_bytes,
-                                              max_payload_bytes=cfg.max_payload_bytes)
+            env, bad = decode_samples_lenient(
+                msg.payload,
+                expected_device=device,
+                max_tensor_bytes=cfg.max_tensor_bytes,
+                max_payload_bytes=cfg.max_payload_bytes,
+            )
         except ProtocolError as exc:
             self._dead_letter(msg, device, [(None, str(exc), exc.field)], reports, quarantine)
             return None
         except Exception as exc:  # the decoder promises ProtocolError; never let a surprise kill us
             log.exception("worker %s: unexpected error decoding a message on %s", cfg.name, msg.topic)
-            self._dead_letter(msg, device, [(None, f"internal error: {type(exc).__name__}: {exc}", None)],
-                              reports, quarantine)
+            self._dead_letter(
+                msg,
+                device,
+                [(None, f"internal error: {type(exc).__name__}: {exc}", None)],
+                reports,
+                quarantine,
+            )
             return None
         if bad:
             self._dead_letter(msg, device, [(i, str(e), e.field) for i, _raw, e in bad], reports, quarantine)
@@ -410,7 +453,9 @@ class IngestWorker:
         if quarantine:
             for name, payload, report in quarantine:
                 _write_synced(self.quarantine_dir / name, payload, sync_dir=False)
-                _write_synced(self.quarantine_dir / (name[:-4] + ".json"), encode_json(report), sync_dir=False)
+                _write_synced(
+                    self.quarantine_dir / (name[:-4] + ".json"), encode_json(report), sync_dir=False
+                )
             fsync_dir(self.quarantine_dir)
 
         new_rows: list[tuple] = []
@@ -472,23 +517,52 @@ class IngestWorker:
             self.stats.labelled_since_train += labelled
             self._cond.notify_all()
 
-    def _dead_letter(self, msg: _Message, device: str | None, problems: list[tuple[int | None, str, str | None]],
-                     reports: list[dict[str, Any]], quarantine: list[tuple[str, bytes, dict[str, Any]]]) -> None:
+    def _dead_letter(
+        self,
+        msg: _Message,
+        device: str | None,
+        problems: list[tuple[int | None, str, str | None]],
+        reports: list[dict[str, Any]],
+        quarantine: list[tuple[str, bytes, dict[str, Any]]],
+    ) -> None:
         cfg = self.config
         qname = f"{int(msg.received_at * 1000):013d}-{device or 'unknown'}-{uuid.uuid4().hex[:8]}.bin"
-        base = {"topic": msg.topic, "device": device, "size": len(msg.payload), "time": msg.received_at,
-                "worker": cfg.name, "quarantine": qname}
+        base = {
+            "topic": msg.topic,
+            "device": device,
+            "size": len(msg.payload),
+            "time": msg.received_at,
+            "worker": cfg.name,
+            "quarantine": qname,
+        }
         self.stats.dead_letters += len(problems)
         shown = problems[: cfg.max_reports_per_message]
         for index, reason, fld in shown:
             reports.append({**base, "reason": reason, "field": fld, "sample": index})
         if len(problems) > len(shown):
-            reports.append({**base, "reason": f"{len(problems) - len(shown)} more bad samples in this message",
-                            "field": None, "sample": None})
-        quarantine.append((qname, bytes(msg.payload), {**base, "problems": [
-            {"sample": i, "reason": r, "field": f} for i, r, f in problems]}))
-        log.warning("worker %s: dead-lettered %d problem(s) from %s (%d bytes): %s", cfg.name, len(problems),
-                    msg.topic, len(msg.payload), problems[0][1])
+            reports.append(
+                {
+                    **base,
+                    "reason": f"{len(problems) - len(shown)} more bad samples in this message",
+                    "field": None,
+                    "sample": None,
+                }
+            )
+        quarantine.append(
+            (
+                qname,
+                bytes(msg.payload),
+                {**base, "problems": [{"sample": i, "reason": r, "field": f} for i, r, f in problems]},
+            )
+        )
+        log.warning(
+            "worker %s: dead-lettered %d problem(s) from %s (%d bytes): %s",
+            cfg.name,
+            len(problems),
+            msg.topic,
+            len(msg.payload),
+            problems[0][1],
+        )
 
     # -- status ---------------------------------------------------------------------------------------
     def _status_payload(self, *, online: bool = True, update_rate: bool = False) -> bytes:
@@ -499,22 +573,38 @@ class IngestWorker:
             self._rate = (now, self.stats.stored)
         rate = self._last_rate
         st = self.stats
-        return encode_json({
-            "worker": self.config.name, "online": online, "fleet": self.config.fleet,
-            "group": self.config.group, "samples_per_s": round(rate, 1), "stored": st.stored,
-            "duplicates": st.duplicates, "dead_letters": st.dead_letters, "files": st.files,
-            "bytes": st.bytes, "received": st.received, "errors": st.errors,
-            "last_write": None if st.last_write is None else round(st.last_write, 3),
-            "queue": self._q.qsize(), "started_at": round(self.started_at, 3),
-            "train_runs": st.train_runs, "train_running": st.train_running,
-            "train_last_exit": st.train_last_exit, "train_last_started": st.train_last_started,
-        })
+        return encode_json(
+            {
+                "worker": self.config.name,
+                "online": online,
+                "fleet": self.config.fleet,
+                "group": self.config.group,
+                "samples_per_s": round(rate, 1),
+                "stored": st.stored,
+                "duplicates": st.duplicates,
+                "dead_letters": st.dead_letters,
+                "files": st.files,
+                "bytes": st.bytes,
+                "received": st.received,
+                "errors": st.errors,
+                "last_write": None if st.last_write is None else round(st.last_write, 3),
+                "queue": self._q.qsize(),
+                "started_at": round(self.started_at, 3),
+                "train_runs": st.train_runs,
+                "train_running": st.train_running,
+                "train_last_exit": st.train_last_exit,
+                "train_last_started": st.train_last_started,
+            }
+        )
 
     def _publish_status(self) -> None:
         if self._client is not None:
-            self._client.publish(self.topics.worker_status(self.config.name),
-                                 self._status_payload(update_rate=True),
-                                 qos=1, retain=True)
+            self._client.publish(
+                self.topics.worker_status(self.config.name),
+                self._status_payload(update_rate=True),
+                qos=1,
+                retain=True,
+            )
 
     def _status_loop(self) -> None:
         while not self._stop.wait(self.config.status_interval):
@@ -536,8 +626,18 @@ class IngestWorker:
         cfg = self.config
         if cfg.train_command:
             return list(cfg.train_command)
-        cmd = [sys.executable, "-m", "lepton", "train", "--data", str(cfg.data), "--fleet", cfg.fleet,
-               "--model", str(cfg.model)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "lepton",
+            "train",
+            "--data",
+            str(cfg.data),
+            "--fleet",
+            cfg.fleet,
+            "--model",
+            str(cfg.model),
+        ]
         if cfg.train_publish:
             cmd += ["--publish", "--broker", cfg.broker]
         if cfg.key:
@@ -555,8 +655,13 @@ class IngestWorker:
             self._train_proc = None
             st.train_running = False
             st.train_last_exit = rc
-            (log.info if rc == 0 else log.warning)("worker %s: training run %d exited with %d (log: %s)",
-                                                   cfg.name, st.train_runs, rc, self.dir / "train.log")
+            (log.info if rc == 0 else log.warning)(
+                "worker %s: training run %d exited with %d (log: %s)",
+                cfg.name,
+                st.train_runs,
+                rc,
+                self.dir / "train.log",
+            )
             self._publish_status()
         if not (cfg.train_every or cfg.train_interval) or st.labelled_since_train == 0:
             return
@@ -566,12 +671,17 @@ class IngestWorker:
             return
         cmd = self.train_command()
         shown = [("***" if i > 0 and cmd[i - 1] == "--broker" else a) for i, a in enumerate(cmd)]
-        log.info("worker %s: %d new labelled samples, starting training: %s", cfg.name,
-                 st.labelled_since_train, " ".join(shown))
+        log.info(
+            "worker %s: %d new labelled samples, starting training: %s",
+            cfg.name,
+            st.labelled_since_train,
+            " ".join(shown),
+        )
         try:
             with open(self.dir / "train.log", "ab") as out:
-                self._train_proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                                    stdin=subprocess.DEVNULL)
+                self._train_proc = subprocess.Popen(
+                    cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+                )
         except OSError as exc:
             log.error("worker %s: cannot start training %s: %s", cfg.name, cmd[0], exc)
             st.train_last_exit = -1

@@ -20,8 +20,10 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def make_samples(first: int, count: int, *, size: int = 16, labelled: bool = True) -> list[Sample]:
-    return [Sample(seq=s, ts=1.7e9 + s, x=np.full(size, s % 251, np.float32), y=(s % 10) if labelled else None)
-            for s in range(first, first + count)]
+    return [
+        Sample(seq=s, ts=1.7e9 + s, x=np.full(size, s % 251, np.float32), y=(s % 10) if labelled else None)
+        for s in range(first, first + count)
+    ]
 
 
 class ResendPublisher:
@@ -29,8 +31,18 @@ class ResendPublisher:
     resends every envelope whose seqs are not all acked within ``resend_after`` seconds, until every
     seq is acked: what a device agent's spool does."""
 
-    def __init__(self, url: str, fleet: str, device: str, *, total: int, per_message: int = 100,
-                 resend_after: float = 3.0, pipeline: str | None = "p0", first: int = 0) -> None:
+    def __init__(
+        self,
+        url: str,
+        fleet: str,
+        device: str,
+        *,
+        total: int,
+        per_message: int = 100,
+        resend_after: float = 3.0,
+        pipeline: str | None = "p0",
+        first: int = 0,
+    ) -> None:
         self.url = BrokerURL.parse(url)
         self.topics = Topics(fleet=fleet)
         self.device = device
@@ -60,15 +72,17 @@ class ResendPublisher:
 
     def publish(self, seqs: list[int]) -> None:
         for i in range(0, len(seqs), self.per_message):
-            chunk = seqs[i:i + self.per_message]
-            payload = encode_samples(self.device, [make_samples(s, 1)[0] for s in chunk], pipeline=self.pipeline)
+            chunk = seqs[i : i + self.per_message]
+            payload = encode_samples(
+                self.device, [make_samples(s, 1)[0] for s in chunk], pipeline=self.pipeline
+            )
             self.client.publish(self.topics.samples(self.device), payload, qos=1)
             self.sent_messages += 1
 
     def run(self, *, pace: float = 0.0, timeout: float = 120.0, on_progress=None) -> None:  # noqa: ANN001
         """Publish everything once (``on_progress(i)`` after message i), then resend until all acked."""
         for i in range(0, len(self.seqs), self.per_message):
-            self.publish(self.seqs[i:i + self.per_message])
+            self.publish(self.seqs[i : i + self.per_message])
             if on_progress is not None:
                 on_progress(i // self.per_message)
             if pace:
@@ -90,11 +104,34 @@ class ResendPublisher:
         self.client.loop_stop()
 
 
-def start_worker_process(url: str, fleet: str, data: Path, *, name: str = "w1", group: str | None = None,
-                         extra: list[str] | None = None, program: str = "cli") -> subprocess.Popen:
+def start_worker_process(
+    url: str,
+    fleet: str,
+    data: Path,
+    *,
+    name: str = "w1",
+    group: str | None = None,
+    extra: list[str] | None = None,
+    program: str = "cli",
+) -> subprocess.Popen:
     if program == "cli":
-        cmd = [sys.executable, "-m", "lepton", "--log-level", "INFO", "worker", "--broker", url, "--fleet", fleet,
-               "--data", str(data), "--name", name, "--quiet"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "lepton",
+            "--log-level",
+            "INFO",
+            "worker",
+            "--broker",
+            url,
+            "--fleet",
+            fleet,
+            "--data",
+            str(data),
+            "--name",
+            name,
+            "--quiet",
+        ]
         if group:
             cmd += ["--group", group]
     else:

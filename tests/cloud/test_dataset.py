@@ -20,9 +20,16 @@ from lepton.protocol import Sample
 
 
 def _samples(first: int, n: int, *, label=True) -> list[Sample]:  # noqa: ANN001
-    return [Sample(seq=s, ts=1.7e9 + s, x=np.arange(6, dtype=np.float32).reshape(2, 3) + s,
-                   y=(s % 10) if label else None, meta={"cam": "a"} if s % 2 else None)
-            for s in range(first, first + n)]
+    return [
+        Sample(
+            seq=s,
+            ts=1.7e9 + s,
+            x=np.arange(6, dtype=np.float32).reshape(2, 3) + s,
+            y=(s % 10) if label else None,
+            meta={"cam": "a"} if s % 2 else None,
+        )
+        for s in range(first, first + n)
+    ]
 
 
 def _store(root, fleet, device, first, n, *, pipeline="p1", label=True):  # noqa: ANN001
@@ -56,8 +63,9 @@ def test_schema_round_trip_and_lepton_reader(tmp_path):
     row = [r for r in table.to_pylist() if r["device"] == "cam-1" and r["seq"] == 7][0]
     assert row["label"] == "7" and row["pipeline"] == "p1" and row["ts"] == 1.7e9 + 7
     assert row["received_at"] == 1.8e9 and json.loads(row["meta"]) == {"cam": "a"}
-    np.testing.assert_array_equal(decode_x(row["dtype"], row["shape"], row["x"]),
-                                  np.arange(6, dtype=np.float32).reshape(2, 3) + 7)
+    np.testing.assert_array_equal(
+        decode_x(row["dtype"], row["shape"], row["x"]), np.arange(6, dtype=np.float32).reshape(2, 3) + 7
+    )
     assert ds.read_table(columns=["seq"], filter_pipeline="p2").num_rows == 5
     batches = list(ds.iter_batches(batch_size=8, columns=["device", "seq"], filter_pipeline="p1"))
     assert sum(b.num_rows for b in batches) == 20 and batches[0].schema.names == ["device", "seq"]
@@ -132,8 +140,12 @@ def test_compaction_merges_exactly_once_and_cli(tmp_path):
         _store(tmp_path, "f1", "cam-1", k * 10, 10)
     before = sorted(Dataset(tmp_path, "f1").read_table(columns=["seq"]).column("seq").to_pylist())
 
-    out = subprocess.run([sys.executable, "-m", "lepton", "dataset", "compact", str(tmp_path), "--fleet", "f1",
-                          "--json"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "lepton", "dataset", "compact", str(tmp_path), "--fleet", "f1", "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
 
     report = json.loads(out.stdout)["f1"]
     assert report["files_merged"] == 6 and report["files_written"] == 1 and report["rows"] == 60
@@ -142,8 +154,12 @@ def test_compaction_merges_exactly_once_and_cli(tmp_path):
     assert len(files) == 1 and files[0].name.startswith("compact-")
     assert sorted(ds.read_table(columns=["seq"]).column("seq").to_pylist()) == before == list(range(60))
     assert len(json.loads(pq.read_schema(files[0]).metadata[REPLACES_KEY])) == 6
-    stats = subprocess.run([sys.executable, "-m", "lepton", "dataset", "stats", str(tmp_path), "--json"],
-                           capture_output=True, text=True, check=True)
+    stats = subprocess.run(
+        [sys.executable, "-m", "lepton", "dataset", "stats", str(tmp_path), "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert json.loads(stats.stdout)["f1"]["samples"] == 60
 
 
@@ -155,7 +171,9 @@ def test_interrupted_compaction_is_finished_and_hidden(tmp_path):
     table = Dataset(tmp_path, "f1").read_table()
     merged = new_file_name("c", prefix="compact-")
     with idx.transaction():
-        write_parquet_synced(data / f".{merged}.tmp", table, metadata={REPLACES_KEY: json.dumps(names).encode()})
+        write_parquet_synced(
+            data / f".{merged}.tmp", table, metadata={REPLACES_KEY: json.dumps(names).encode()}
+        )
         idx.remove_files(names)
         idx.add_file(merged, rows=30, size=1)
     os.replace(data / f".{merged}.tmp", data / merged)
@@ -170,8 +188,11 @@ def test_interrupted_compaction_is_finished_and_hidden(tmp_path):
 
 
 def test_dataset_cli_errors_are_one_line(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "lepton", "dataset", "stats", str(tmp_path / "nope")],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "lepton", "dataset", "stats", str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 2
     assert out.stderr.strip().count("\n") == 0 and "--data" in out.stderr
 
@@ -203,7 +224,9 @@ def test_range_index_matches_a_set_model(tmp_path):
     for dev in "ab":
         assert idx.known(dev, universe) == model[dev]
         ranges = idx.ranges(dev)
-        assert all(b < c - 1 for (_, b), (c, _) in zip(ranges, ranges[1:]))  # merged: no touching ranges
+        assert all(
+            b < c - 1 for (_, b), (c, _) in zip(ranges, ranges[1:], strict=False)
+        )  # merged: no touching ranges
         assert sum(b - a + 1 for a, b in ranges) == len(model[dev])
     assert idx.count() == len(model["a"]) + len(model["b"])
     idx.close()

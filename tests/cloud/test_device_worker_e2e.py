@@ -26,10 +26,34 @@ def test_device_and_worker_survive_a_broker_restart(mosquitto_broker, fleet, tmp
     worker = start_worker_process(b.url("worker", "w1", fleet=fleet), fleet, data, name="w1")
     wait_status(b.url("viewer", "v1", fleet=fleet), fleet, "w1", lambda s: s.get("online") is True)
     device = subprocess.Popen(
-        [sys.executable, "-m", "lepton", "device", "--broker", b.url("device", "cam-1", fleet=fleet),
-         "--fleet", fleet, "--id", "cam-1", "--spool", str(tmp_path / "spool"), "--source", "digits",
-         "--rate", "250", "--limit", "2000", "--ack-timeout", "3", "--json", "--quiet"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "lepton",
+            "device",
+            "--broker",
+            b.url("device", "cam-1", fleet=fleet),
+            "--fleet",
+            fleet,
+            "--id",
+            "cam-1",
+            "--spool",
+            str(tmp_path / "spool"),
+            "--source",
+            "digits",
+            "--rate",
+            "250",
+            "--limit",
+            "2000",
+            "--ack-timeout",
+            "3",
+            "--json",
+            "--quiet",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         ds = Dataset(data, fleet)
         deadline = time.monotonic() + 60

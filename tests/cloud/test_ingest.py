@@ -33,11 +33,23 @@ def _unique(ds: Dataset) -> tuple[int, int, set]:
 
 
 def test_worker_stores_acks_and_reports_status(broker, fleet, tmp_path):
-    worker = IngestWorker(WorkerConfig(broker=broker.url("worker", "w1", fleet=fleet), fleet=fleet,
-                                       data=tmp_path, name="w1", batch_ms=20, status_interval=0.3))
+    worker = IngestWorker(
+        WorkerConfig(
+            broker=broker.url("worker", "w1", fleet=fleet),
+            fleet=fleet,
+            data=tmp_path,
+            name="w1",
+            batch_ms=20,
+            status_interval=0.3,
+        )
+    )
     worker.start()
-    pubs = [ResendPublisher(broker.url("device", d, fleet=fleet), fleet, d, total=1500, per_message=50,
-                            resend_after=2.0) for d in ("cam-1", "cam-2")]
+    pubs = [
+        ResendPublisher(
+            broker.url("device", d, fleet=fleet), fleet, d, total=1500, per_message=50, resend_after=2.0
+        )
+        for d in ("cam-1", "cam-2")
+    ]
     try:
         for p in pubs:
             p.start()
@@ -46,8 +58,12 @@ def test_worker_stores_acks_and_reports_status(broker, fleet, tmp_path):
             t.start()
         for t in threads:
             t.join()
-        status = wait_status(broker.url("viewer", "v1", fleet=fleet), fleet, "w1",
-                             lambda s: s.get("stored") == 3000 and s.get("online") is True)
+        status = wait_status(
+            broker.url("viewer", "v1", fleet=fleet),
+            fleet,
+            "w1",
+            lambda s: s.get("stored") == 3000 and s.get("online") is True,
+        )
     finally:
         for p in pubs:
             p.stop()
@@ -62,15 +78,18 @@ def test_worker_stores_acks_and_reports_status(broker, fleet, tmp_path):
     assert set(table.column("pipeline").to_pylist()) == {"p0"}
     assert table.column("shape").to_pylist()[0] == [16] and table.column("dtype").to_pylist()[0] == "float32"
     # Last Will / clean stop: the retained status says offline.
-    final = wait_status(broker.url("viewer", "v1", fleet=fleet), fleet, "w1", lambda s: s.get("online") is False)
+    final = wait_status(
+        broker.url("viewer", "v1", fleet=fleet), fleet, "w1", lambda s: s.get("online") is False
+    )
     assert final["stored"] == 3000
 
 
 def test_duplicates_are_acked_not_stored(mosquitto_broker, fleet, tmp_path):
     url = mosquitto_broker.url("worker", "w1", fleet=fleet)
     with IngestWorker(WorkerConfig(broker=url, fleet=fleet, data=tmp_path, name="w1", batch_ms=10)) as worker:
-        pub = ResendPublisher(mosquitto_broker.url("device", "cam-1", fleet=fleet), fleet, "cam-1", total=200,
-                              per_message=20)
+        pub = ResendPublisher(
+            mosquitto_broker.url("device", "cam-1", fleet=fleet), fleet, "cam-1", total=200, per_message=20
+        )
         pub.start()
         pub.run()
         assert worker.wait_stored(200, timeout=30)
@@ -92,8 +111,27 @@ def test_group_on_amqtt_is_refused_with_one_clear_message(amqtt_broker, fleet, t
     with pytest.raises(ConfigError, match="shared subscriptions"):
         worker.start()
 
-    out = subprocess.run([sys.executable, "-m", "lepton", "worker", "--broker", url, "--fleet", fleet, "--data",
-                          str(tmp_path), "--group", "g1", "--name", "w2"], capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lepton",
+            "worker",
+            "--broker",
+            url,
+            "--fleet",
+            fleet,
+            "--data",
+            str(tmp_path),
+            "--group",
+            "g1",
+            "--name",
+            "w2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 2
     lines = [ln for ln in out.stderr.splitlines() if ln.startswith("lepton worker: error:")]
     assert len(lines) == 1 and "without --group" in lines[0]
@@ -103,8 +141,20 @@ def _fuzz_payloads(device: str, n: int, rng: random.Random) -> list[tuple[bytes,
     """``n`` malformed payloads, each with exactly one problem; returns (payload, good samples inside)."""
     good = encode_samples(device, make_samples(10**6, 3), pipeline="p0")
     out: list[tuple[bytes, int]] = []
-    kinds = ["random", "truncated", "not_map", "bad_version", "wrong_device", "no_samples", "bad_sample",
-             "flipped", "bad_dtype", "short_data", "huge_shape", "empty"]
+    kinds = [
+        "random",
+        "truncated",
+        "not_map",
+        "bad_version",
+        "wrong_device",
+        "no_samples",
+        "bad_sample",
+        "flipped",
+        "bad_dtype",
+        "short_data",
+        "huge_shape",
+        "empty",
+    ]
     for i in range(n):
         kind = kinds[i % len(kinds)]
         body = msgpack.unpackb(good, raw=False)
@@ -129,9 +179,14 @@ def _fuzz_payloads(device: str, n: int, rng: random.Random) -> list[tuple[bytes,
             seq_base = 2_000_000 + 3 * i
             body["samples"][0]["seq"] = seq_base
             body["samples"][1]["seq"] = seq_base + 1
-            body["samples"][2] = rng.choice([{"seq": -1, "ts": 1.0, "x": body["samples"][2]["x"]},
-                                             {"seq": seq_base + 2, "ts": float("nan"), "x": body["samples"][2]["x"]},
-                                             {"seq": seq_base + 2, "ts": 1.0, "x": "nope"}, "not a map"])
+            body["samples"][2] = rng.choice(
+                [
+                    {"seq": -1, "ts": 1.0, "x": body["samples"][2]["x"]},
+                    {"seq": seq_base + 2, "ts": float("nan"), "x": body["samples"][2]["x"]},
+                    {"seq": seq_base + 2, "ts": 1.0, "x": "nope"},
+                    "not a map",
+                ]
+            )
             payload = msgpack.packb(body, use_bin_type=True)
             good_inside = 2
         elif kind == "flipped":
@@ -145,7 +200,9 @@ def _fuzz_payloads(device: str, n: int, rng: random.Random) -> list[tuple[bytes,
             body["samples"] = [dict(body["samples"][0], x=dict(body["samples"][0]["x"], data=b"\x00" * 5))]
             payload = msgpack.packb(body, use_bin_type=True)
         elif kind == "huge_shape":
-            body["samples"] = [dict(body["samples"][0], x=dict(body["samples"][0]["x"], shape=[2**40, 2**40]))]
+            body["samples"] = [
+                dict(body["samples"][0], x=dict(body["samples"][0]["x"], shape=[2**40, 2**40]))
+            ]
             payload = msgpack.packb(body, use_bin_type=True)
         else:
             payload = b""
@@ -167,15 +224,16 @@ def test_fuzzed_payloads_are_dead_lettered_and_quarantined(mosquitto_broker, fle
     connect(watch, viewer)
     proc = start_worker_process(worker_url, fleet, tmp_path, name="w1")
     wait_status(viewer_url, fleet, "w1", lambda s: s.get("online") is True)  # subscribed: nothing is lost
-    pub = ResendPublisher(mosquitto_broker.url("device", "cam-1", fleet=fleet), fleet, "cam-1", total=10_000,
-                          per_message=100)
+    pub = ResendPublisher(
+        mosquitto_broker.url("device", "cam-1", fleet=fleet), fleet, "cam-1", total=10_000, per_message=100
+    )
     pub.start()
     bad = _fuzz_payloads("cam-1", 1000, random.Random(7))
     topic = Topics(fleet=fleet).samples("cam-1")
     try:
         for i in range(100):  # interleave: one valid message, ten bad ones
-            pub.publish(pub.seqs[i * 100:(i + 1) * 100])
-            for payload, _ in bad[i * 10:(i + 1) * 10]:
+            pub.publish(pub.seqs[i * 100 : (i + 1) * 100])
+            for payload, _ in bad[i * 10 : (i + 1) * 10]:
                 pub.client.publish(topic, payload, qos=1)
             assert proc.poll() is None
         pub.run(timeout=120)
@@ -215,9 +273,24 @@ def test_fuzzed_payloads_are_dead_lettered_and_quarantined(mosquitto_broker, fle
 def test_worker_config_errors_are_clear(tmp_path):
     with pytest.raises(ConfigError, match="model"):
         WorkerConfig(broker="mqtt://127.0.0.1:1883", fleet="f1", data=tmp_path, train_every=10)
-    out = subprocess.run([sys.executable, "-m", "lepton", "worker", "--broker", "localhost", "--fleet", "f1",
-                          "--data", str(tmp_path)], capture_output=True, text=True, timeout=60,
-                         env={"PATH": "/usr/bin:/bin"})
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lepton",
+            "worker",
+            "--broker",
+            "localhost",
+            "--fleet",
+            "f1",
+            "--data",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin"},
+    )
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "mqtt://" in out.stderr
 
 
@@ -225,7 +298,13 @@ def test_fast_decoder_agrees_with_the_protocol_decoder():
     """The worker's fast path accepts only what the protocol accepts, and yields the same rows."""
     from lepton.cloud._dataset import _sample_row
     from lepton.cloud._fastdecode import fast_rows
-    from lepton.protocol import DEFAULT_MAX_PAYLOAD_BYTES, DTYPES, Sample, decode_samples_lenient, encode_samples
+    from lepton.protocol import (
+        DEFAULT_MAX_PAYLOAD_BYTES,
+        DTYPES,
+        Sample,
+        decode_samples_lenient,
+        encode_samples,
+    )
 
     rng = random.Random(11)
     import numpy as np
@@ -233,19 +312,33 @@ def test_fast_decoder_agrees_with_the_protocol_decoder():
     valid = []
     for i, name in enumerate(sorted(DTYPES)):
         arr = (np.arange(6) % 2).astype(DTYPES[name]).reshape(2, 3)
-        samples = [Sample(seq=i * 10 + k, ts=float(k) if k else 5, x=arr, y=[None, 3, "cat", -(2**63)][k % 4],
-                          meta=[None, {"a": [1, 2]}, {}][k % 3]) for k in range(4)]
+        samples = [
+            Sample(
+                seq=i * 10 + k,
+                ts=float(k) if k else 5,
+                x=arr,
+                y=[None, 3, "cat", -(2**63)][k % 4],
+                meta=[None, {"a": [1, 2]}, {}][k % 3],
+            )
+            for k in range(4)
+        ]
         valid.append(encode_samples("cam-1", samples, pipeline=[None, "p1"][i % 2]))
     valid.append(encode_samples("cam-1", [Sample(seq=0, ts=1.0, x=np.zeros((0, 3), np.float32))]))
     corpus = valid + [p for p, _ in _fuzz_payloads("cam-1", 600, rng)]
-    corpus += [bytes(rng.choice(valid)[: rng.randint(0, 40)]) + rng.randbytes(rng.randint(0, 40)) for _ in range(300)]
-    bool_bad = msgpack.unpackb(encode_samples("cam-1", [Sample(seq=1, ts=1.0, x=np.zeros(2, np.bool_))]), raw=False)
+    corpus += [
+        bytes(rng.choice(valid)[: rng.randint(0, 40)]) + rng.randbytes(rng.randint(0, 40)) for _ in range(300)
+    ]
+    bool_bad = msgpack.unpackb(
+        encode_samples("cam-1", [Sample(seq=1, ts=1.0, x=np.zeros(2, np.bool_))]), raw=False
+    )
     bool_bad["samples"][0]["x"]["data"] = b"\x00\x02"
     corpus.append(msgpack.packb(bool_bad, use_bin_type=True))
 
     accepted = 0
     for payload in corpus:
-        fast = fast_rows(payload, "cam-1", max_tensor_bytes=1 << 20, max_payload_bytes=DEFAULT_MAX_PAYLOAD_BYTES)
+        fast = fast_rows(
+            payload, "cam-1", max_tensor_bytes=1 << 20, max_payload_bytes=DEFAULT_MAX_PAYLOAD_BYTES
+        )
         try:
             env, bad = decode_samples_lenient(payload, expected_device="cam-1", max_tensor_bytes=1 << 20)
         except Exception:
@@ -257,8 +350,10 @@ def test_fast_decoder_agrees_with_the_protocol_decoder():
         accepted += 1
         assert not bad and fast[0] == env.pipeline
         expected = [_sample_row("cam-1", env.pipeline, s, 0.0) for s in env.samples]
-        got = [("cam-1", seq, ts, label, dt, shape, data, fast[0], 0.0, meta)
-               for seq, ts, label, dt, shape, data, meta in fast[1]]
+        got = [
+            ("cam-1", seq, ts, label, dt, shape, data, fast[0], 0.0, meta)
+            for seq, ts, label, dt, shape, data, meta in fast[1]
+        ]
         assert got == expected
     assert accepted == len(valid)
 
@@ -268,12 +363,15 @@ def test_bad_sample_in_good_message_is_quarantined_and_acked(amqtt_broker, fleet
     so the device's spool can drain (resending a malformed sample cannot repair it)."""
     url = amqtt_broker.url("worker", "w1", fleet=fleet)
     with IngestWorker(WorkerConfig(broker=url, fleet=fleet, data=tmp_path, name="w1", batch_ms=10)) as worker:
-        pub = ResendPublisher(amqtt_broker.url("device", "cam-1", fleet=fleet), fleet, "cam-1", total=2,
-                              per_message=2)
+        pub = ResendPublisher(
+            amqtt_broker.url("device", "cam-1", fleet=fleet), fleet, "cam-1", total=2, per_message=2
+        )
         pub.start()
         body = msgpack.unpackb(encode_samples("cam-1", make_samples(0, 2), pipeline="p0"), raw=False)
         body["samples"][1]["ts"] = float("nan")
-        pub.client.publish(Topics(fleet=fleet).samples("cam-1"), msgpack.packb(body, use_bin_type=True), qos=1)
+        pub.client.publish(
+            Topics(fleet=fleet).samples("cam-1"), msgpack.packb(body, use_bin_type=True), qos=1
+        )
         deadline = time.monotonic() + 20
         while pub.unacked() and time.monotonic() < deadline:
             time.sleep(0.05)

@@ -35,8 +35,14 @@ def test_worker_kill_9_mid_stream_then_restart(mosquitto_broker, fleet, tmp_path
     viewer = mosquitto_broker.url("viewer", "v1", fleet=fleet)
     proc = start_worker_process(url, fleet, tmp_path, name="w1")
     wait_status(viewer, fleet, "w1", lambda s: s.get("online") is True)
-    pub = ResendPublisher(mosquitto_broker.url("device", "cam-1", fleet=fleet), fleet, "cam-1", total=20_000,
-                          per_message=100, resend_after=4.0)
+    pub = ResendPublisher(
+        mosquitto_broker.url("device", "cam-1", fleet=fleet),
+        fleet,
+        "cam-1",
+        total=20_000,
+        per_message=100,
+        resend_after=4.0,
+    )
     pub.start()
     killed = {}
 
@@ -68,8 +74,17 @@ def test_mosquitto_restart_mid_stream(mosquitto_broker, fleet, tmp_path):
     viewer = mosquitto_broker.url("viewer", "v1", fleet=fleet)
     proc = start_worker_process(url, fleet, tmp_path, name="w1")
     wait_status(viewer, fleet, "w1", lambda s: s.get("online") is True)
-    pubs = [ResendPublisher(mosquitto_broker.url("device", d, fleet=fleet), fleet, d, total=10_000,
-                            per_message=100, resend_after=4.0) for d in ("cam-1", "cam-2")]
+    pubs = [
+        ResendPublisher(
+            mosquitto_broker.url("device", d, fleet=fleet),
+            fleet,
+            d,
+            total=10_000,
+            per_message=100,
+            resend_after=4.0,
+        )
+        for d in ("cam-1", "cam-2")
+    ]
     for p in pubs:
         p.start()
     restarted = threading.Event()
@@ -81,9 +96,12 @@ def test_mosquitto_restart_mid_stream(mosquitto_broker, fleet, tmp_path):
             time.sleep(1.0)
             mosquitto_broker.start()
 
-    threads = [threading.Thread(target=pubs[0].run, kwargs={"pace": 0.01, "on_progress": on_progress,
-                                                             "timeout": 150}),
-               threading.Thread(target=pubs[1].run, kwargs={"pace": 0.01, "timeout": 150})]
+    threads = [
+        threading.Thread(
+            target=pubs[0].run, kwargs={"pace": 0.01, "on_progress": on_progress, "timeout": 150}
+        ),
+        threading.Thread(target=pubs[1].run, kwargs={"pace": 0.01, "timeout": 150}),
+    ]
     errors = []
     for t in threads:
         t.start()
@@ -106,13 +124,26 @@ def test_mosquitto_restart_mid_stream(mosquitto_broker, fleet, tmp_path):
 
 def test_two_workers_in_a_group_split_the_stream_exactly_once(mosquitto_broker, fleet, tmp_path):
     viewer = mosquitto_broker.url("viewer", "v1", fleet=fleet)
-    procs = [start_worker_process(mosquitto_broker.url("worker", n, fleet=fleet), fleet, tmp_path, name=n,
-                                  group="ingest") for n in ("wa", "wb")]
+    procs = [
+        start_worker_process(
+            mosquitto_broker.url("worker", n, fleet=fleet), fleet, tmp_path, name=n, group="ingest"
+        )
+        for n in ("wa", "wb")
+    ]
     for n in ("wa", "wb"):
         wait_status(viewer, fleet, n, lambda s: s.get("online") is True)
     devices = ("cam-1", "cam-2", "cam-3", "cam-4")
-    pubs = [ResendPublisher(mosquitto_broker.url("device", d, fleet=fleet), fleet, d, total=5_000,
-                            per_message=50, resend_after=1.0) for d in devices]  # short: resends cross workers
+    pubs = [
+        ResendPublisher(
+            mosquitto_broker.url("device", d, fleet=fleet),
+            fleet,
+            d,
+            total=5_000,
+            per_message=50,
+            resend_after=1.0,
+        )
+        for d in devices
+    ]  # short: resends cross workers
     for p in pubs:
         p.start()
     threads = [threading.Thread(target=p.run, kwargs={"pace": 0.002, "timeout": 120}) for p in pubs]
@@ -143,10 +174,20 @@ def test_compaction_while_the_worker_writes(mosquitto_broker, fleet, tmp_path):
     from lepton.cloud import compact
 
     url = mosquitto_broker.url("worker", "w1", fleet=fleet)
-    proc = start_worker_process(url, fleet, tmp_path, name="w1", extra=["--batch-ms", "10", "--max-pending", "5"])
-    wait_status(mosquitto_broker.url("viewer", "v1", fleet=fleet), fleet, "w1", lambda s: s.get("online") is True)
-    pub = ResendPublisher(mosquitto_broker.url("device", "cam-1", fleet=fleet), fleet, "cam-1", total=10_000,
-                          per_message=20, resend_after=3.0)
+    proc = start_worker_process(
+        url, fleet, tmp_path, name="w1", extra=["--batch-ms", "10", "--max-pending", "5"]
+    )
+    wait_status(
+        mosquitto_broker.url("viewer", "v1", fleet=fleet), fleet, "w1", lambda s: s.get("online") is True
+    )
+    pub = ResendPublisher(
+        mosquitto_broker.url("device", "cam-1", fleet=fleet),
+        fleet,
+        "cam-1",
+        total=10_000,
+        per_message=20,
+        resend_after=3.0,
+    )
     pub.start()
     stop = threading.Event()
     seen_counts: list[int] = []

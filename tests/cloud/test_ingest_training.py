@@ -20,7 +20,7 @@ def _learnable(first: int, n: int) -> list[Sample]:
     out = []
     for s in range(first, first + n):
         x = rng.normal(0, 0.1, 16).astype(np.float32)
-        x[(s % 4) * 4:(s % 4 + 1) * 4] += 1.0
+        x[(s % 4) * 4 : (s % 4 + 1) * 4] += 1.0
         out.append(Sample(seq=s, ts=1.7e9 + s, x=x, y=s % 4))
     return out
 
@@ -33,14 +33,24 @@ def test_train_every_starts_real_training_and_publishes(mosquitto_broker, fleet,
     monkeypatch.setattr(support, "make_samples", lambda first, count, **kw: _learnable(first, count))
     private, public = generate_keypair(tmp_path / "keys")
     url = mosquitto_broker.url("worker", "w1", fleet=fleet)
-    worker = IngestWorker(WorkerConfig(
-        broker=url, fleet=fleet, data=tmp_path / "data", name="w1", batch_ms=20,
-        train_every=400, model="m1", key=str(private), train_publish=True,
-        train_args=("--epochs", "3", "--quiet"),
-    ))
+    worker = IngestWorker(
+        WorkerConfig(
+            broker=url,
+            fleet=fleet,
+            data=tmp_path / "data",
+            name="w1",
+            batch_ms=20,
+            train_every=400,
+            model="m1",
+            key=str(private),
+            train_publish=True,
+            train_args=("--epochs", "3", "--quiet"),
+        )
+    )
     worker.start()
-    pub = ResendPublisher(mosquitto_broker.url("device", "cam-1", fleet=fleet), fleet, "cam-1", total=1200,
-                          per_message=40)
+    pub = ResendPublisher(
+        mosquitto_broker.url("device", "cam-1", fleet=fleet), fleet, "cam-1", total=1200, per_message=40
+    )
     try:
         pub.start()
         pub.run()  # ingest goes on while training runs in its own process
@@ -53,7 +63,9 @@ def test_train_every_starts_real_training_and_publishes(mosquitto_broker, fleet,
         pub.stop()
         worker.stop()
 
-    assert status["train_runs"] >= 1 and status["train_last_exit"] == 0, (tmp_path / "data" / fleet / "train.log")
+    assert status["train_runs"] >= 1 and status["train_last_exit"] == 0, (
+        tmp_path / "data" / fleet / "train.log"
+    )
     assert Dataset(tmp_path / "data", fleet).count() == 1200
     log = (tmp_path / "data" / fleet / "train.log").read_text()
     assert "m1 v1" in log
@@ -62,9 +74,29 @@ def test_train_every_starts_real_training_and_publishes(mosquitto_broker, fleet,
 
 
 def test_train_command_is_built_from_the_flags(tmp_path):
-    cfg = WorkerConfig(broker="mqtt://w:pw@127.0.0.1:1883", fleet="f1", data=tmp_path, train_every=10,
-                       model="m1", key="k.pem", train_publish=True, train_args=("--epochs", "2"))
+    cfg = WorkerConfig(
+        broker="mqtt://w:pw@127.0.0.1:1883",
+        fleet="f1",
+        data=tmp_path,
+        train_every=10,
+        model="m1",
+        key="k.pem",
+        train_publish=True,
+        train_args=("--epochs", "2"),
+    )
     cmd = IngestWorker(cfg).train_command()
     assert cmd[1:5] == ["-m", "lepton", "train", "--data"]
-    assert cmd[5:] == [str(tmp_path), "--fleet", "f1", "--model", "m1", "--publish", "--broker",
-                       "mqtt://w:pw@127.0.0.1:1883", "--key", "k.pem", "--epochs", "2"]
+    assert cmd[5:] == [
+        str(tmp_path),
+        "--fleet",
+        "f1",
+        "--model",
+        "m1",
+        "--publish",
+        "--broker",
+        "mqtt://w:pw@127.0.0.1:1883",
+        "--key",
+        "k.pem",
+        "--epochs",
+        "2",
+    ]
