@@ -290,6 +290,8 @@ class IngestWorker:
         if msg.topic == self._probe_topic:
             self._probe_event.set()
             return
+        if self._stop.is_set():
+            return  # stopping: not acked, so the broker delivers it again to the next session
         self._q.put(_Message(self._gen, msg.mid, msg.qos, msg.topic, msg.payload, time.time()))
 
     _probe_topic: str | None = None
@@ -316,33 +318,42 @@ class IngestWorker:
 
     # -- writer thread --------------------------------------------------------------------------------
     def _write_loop(self) -> None:
-        cfg = self.config
         while True:
             try:
-                first = self._q.get(timeout=0.2)
-            except queue.Empty:
-                self._poll_training()
-                if self._stop.is_set():
+                if not self._write_once():
                     return
-                continue
-            batch = [first]
-            n_samples = _samples_hint(first)
-            deadline = time.monotonic() + cfg.batch_ms / 1000
-            while len(batch) < cfg.max_pending and n_samples < cfg.batch:
-                left = deadline - time.monotonic()
-                # A burst that pauses has most likely filled the broker's in-flight window: it sends
-                # nothing more until we ack, so waiting out batch_ms would only add latency. A trickle
-                # (fewer than the smallest common window, Mosquitto's default 20) waits, to make
-                # fewer, larger files.
-                if len(batch) >= _MIN_WINDOW:
-                    left = min(left, cfg.idle_ms / 1000)
-                try:
-                    batch.append(self._q.get(timeout=left) if left > 0 else self._q.get_nowait())
-                except queue.Empty:
-                    break
-                n_samples += _samples_hint(batch[-1])
-            self._process_with_retry(batch)
+            except Exception:  # nothing may kill the writer: ingest would stall silently
+                self.stats.errors += 1
+                log.exception("worker %s: unexpected error in the writer loop", self.config.name)
+                time.sleep(0.5)
+
+    def _write_once(self) -> bool:
+        """Gather one batch and write it; False once stopping and the queue is empty."""
+        cfg = self.config
+        try:
+            first = self._q.get(timeout=0.2)
+        except queue.Empty:
             self._poll_training()
+            return not self._stop.is_set()
+        batch = [first]
+        n_samples = _samples_hint(first)
+        deadline = time.monotonic() + cfg.batch_ms / 1000
+        while len(batch) < cfg.max_pending and n_samples < cfg.batch:
+            left = deadline - time.monotonic()
+            # A burst that pauses has most likely filled the broker's in-flight window: it sends
+            # nothing more until we ack, so waiting out batch_ms would only add latency. A trickle
+            # (fewer than the smallest common window, Mosquitto's default 20) waits, to make
+            # fewer, larger files.
+            if len(batch) >= _MIN_WINDOW:
+                left = min(left, cfg.idle_ms / 1000)
+            try:
+                batch.append(self._q.get(timeout=left) if left > 0 else self._q.get_nowait())
+            except queue.Empty:
+                break
+            n_samples += _samples_hint(batch[-1])
+        self._process_with_retry(batch)
+        self._poll_training()
+        return True
 
     def _process_with_retry(self, batch: list[_Message]) -> None:
         delay = 0.5
