@@ -217,3 +217,86 @@ def test_compaction_while_the_worker_writes(mosquitto_broker, fleet, tmp_path):
     compact(tmp_path / fleet, small_rows=5_000, max_rows=20_000)
     files = Dataset(tmp_path, fleet).files()
     assert len(files) <= 3 and sorted(s for _, s in _pairs(tmp_path, fleet)) == list(range(10_000))
+
+
+_CRASHING_WORKER = """
+import os, sys
+import paho.mqtt.client as mqtt
+from lepton.cloud import IngestWorker, WorkerConfig, _dataset
+point, nth = sys.argv[1], int(sys.argv[2])
+calls = [0]
+def hit():
+    calls[0] += 1
+    if calls[0] == nth:
+        os._exit(9)
+if point == "before_commit":  # the .tmp is written and fsynced, the index transaction not committed
+    real_write = _dataset.write_parquet_synced
+    def write(*a, **k):
+        size = real_write(*a, **k)
+        hit()
+        return size
+    _dataset.write_parquet_synced = write
+elif point == "before_rename":  # committed in the index, still .tmp on disk
+    real_replace = os.replace
+    def replace(src, dst, *a, **k):
+        if str(dst).endswith(".parquet"):
+            hit()
+        return real_replace(src, dst, *a, **k)
+    os.replace = replace
+elif point == "before_ack":  # renamed and committed, no PUBACK and no device ack yet
+    real_ack = mqtt.Client.ack
+    def ack(self, mid, qos):
+        hit()
+        return real_ack(self, mid, qos)
+    mqtt.Client.ack = ack
+env = os.environ
+w = IngestWorker(WorkerConfig(broker=env["LEPTON_BROKER"], fleet=env["LEPTON_FLEET"], data=env["LEPTON_DATA"],
+                              name="w1", batch_ms=20))
+w.start()
+w.run_forever()
+"""
+
+
+@pytest.mark.parametrize("point", ["before_commit", "before_rename", "before_ack"])
+def test_crash_at_each_step_of_a_write_then_restart(mosquitto_broker, fleet, tmp_path, point):
+    """The worker dies (os._exit) at a chosen step of its 3rd write; a restarted worker recovers the
+    folder (deletes the uncommitted .tmp, or finishes the committed rename) and the stream ends up
+    stored exactly once."""
+    import os
+    import subprocess
+    import sys
+
+    url = mosquitto_broker.url("worker", "w1", fleet=fleet)
+    viewer = mosquitto_broker.url("viewer", "v1", fleet=fleet)
+    env = dict(os.environ, LEPTON_BROKER=url, LEPTON_FLEET=fleet, LEPTON_DATA=str(tmp_path))
+    crashing = subprocess.Popen([sys.executable, "-c", _CRASHING_WORKER, point, "3"], env=env)
+    wait_status(viewer, fleet, "w1", lambda s: s.get("online") is True)
+    pub = ResendPublisher(
+        mosquitto_broker.url("device", "cam-1", fleet=fleet),
+        fleet,
+        "cam-1",
+        total=3000,
+        per_message=50,
+        resend_after=2.0,
+    )
+    pub.start()
+    state = {}
+
+    def on_progress(i: int) -> None:
+        if i == 40:
+            state["crash_rc"] = crashing.wait(30)  # it died at the chosen step...
+            state["proc"] = start_worker_process(url, fleet, tmp_path, name="w1")  # ...and comes back
+
+    try:
+        pub.run(pace=0.01, on_progress=on_progress, timeout=90)
+    finally:
+        pub.stop()
+        if crashing.poll() is None:
+            crashing.kill()
+        rc = stop_process(state["proc"]) if "proc" in state else None
+
+    assert state["crash_rc"] == 9 and rc == 0
+    pairs = _pairs(tmp_path, fleet)
+    assert len(pairs) == len(set(pairs)) == 3000
+    assert sorted(s for _, s in pairs) == list(range(3000))
+    assert not [p for p in (tmp_path / fleet / "data").iterdir() if p.name.endswith(".tmp")]
