@@ -27,15 +27,21 @@ _MAX_LABEL = 256  # lepton.protocol._envelope.MAX_LABEL_CHARS
 _MAX_RANK = 8  # lepton.protocol._codec.MAX_RANK
 _INT64_MIN, _INT64_END = -(2**63), 2**63
 
-#: (seq, ts, label, dtype, shape, data, meta_json): the per-sample part of a dataset row.
-Row = tuple[int, float, "str | None", str, list, bytes, "str | None"]
+#: A dataset row in schema order: (device, seq, ts, label, dtype, shape, x, pipeline, received_at, meta).
+Row = tuple
 
 
 def fast_rows(
-    payload: bytes, device: str, *, max_tensor_bytes: int, max_payload_bytes: int
+    payload: bytes,
+    device: str,
+    *,
+    max_tensor_bytes: int,
+    max_payload_bytes: int,
+    received_at: float = 0.0,
 ) -> tuple[str | None, list[Row]] | None:
-    """``(pipeline, rows)`` of a fully valid envelope from ``device``, or ``None`` if anything at all
-    is unusual (then use the protocol's decoder)."""
+    """``(pipeline, rows)`` of a fully valid envelope from ``device`` (rows in dataset schema order,
+    stamped ``received_at``), or ``None`` if anything at all is unusual (then use the protocol's
+    decoder)."""
     if len(payload) > max_payload_bytes:
         return None
     try:
@@ -114,5 +120,5 @@ def fast_rows(
             if type(meta) is not dict:
                 return None
             meta = json.dumps(meta, separators=(",", ":"), sort_keys=True, default=str) if meta else None
-        append((seq, ts, label, dtype, shape, data, meta))
+        append((device, seq, ts, label, dtype, shape, data, pipeline, received_at, meta))
     return pipeline, rows

@@ -52,8 +52,16 @@ class SampleIndex(abc.ABC):
         """The subset of ``seqs`` already stored for ``device``."""
 
     @abc.abstractmethod
+    def add(self, device: str, seqs: Iterable[int]) -> None:
+        """Record ``seqs`` of ``device`` as stored (none of them known)."""
+
     def add_rows(self, rows: Iterable[tuple[str, int]]) -> None:
         """Record ``(device, seq)`` pairs as stored (none of them known)."""
+        by_device: dict[str, list[int]] = {}
+        for device, seq in rows:
+            by_device.setdefault(device, []).append(seq)
+        for device, seqs in by_device.items():
+            self.add(device, seqs)
 
     @abc.abstractmethod
     def add_file(self, name: str, *, rows: int, size: int, visible: bool = False) -> None: ...
@@ -154,22 +162,18 @@ class SqliteIndex(SampleIndex):
                 found.add(seq)
         return found
 
-    def add_rows(self, rows: Iterable[tuple[str, int]]) -> None:
-        by_device: dict[str, list[int]] = {}
-        for device, seq in rows:
-            by_device.setdefault(device, []).append(seq)
+    def add(self, device: str, seqs: Iterable[int]) -> None:
         db = self._db
-        for device, seqs in by_device.items():
-            for first, last in seqs_to_ranges(seqs):
-                # Merge with every stored range that overlaps or touches [first, last].
-                merged = self._ranges_within(device, first, min(last + 1, MAX_SEQ))
-                if merged:
-                    first = min(first, merged[0][0])
-                    last = max(last, max(b for _, b in merged))
-                    db.executemany(
-                        "DELETE FROM ranges WHERE device=? AND first=?", [(device, a) for a, _ in merged]
-                    )
-                db.execute("INSERT INTO ranges (device, first, last) VALUES (?, ?, ?)", (device, first, last))
+        for first, last in seqs_to_ranges(seqs):
+            # Merge with every stored range that overlaps or touches [first, last].
+            merged = self._ranges_within(device, first, min(last + 1, MAX_SEQ))
+            if merged:
+                first = min(first, merged[0][0])
+                last = max(last, max(b for _, b in merged))
+                db.executemany(
+                    "DELETE FROM ranges WHERE device=? AND first=?", [(device, a) for a, _ in merged]
+                )
+            db.execute("INSERT INTO ranges (device, first, last) VALUES (?, ?, ?)", (device, first, last))
 
     def ranges(self, device: str) -> list[tuple[int, int]]:
         """Every stored range of ``device`` (for tools and tests)."""

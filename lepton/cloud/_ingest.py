@@ -399,14 +399,10 @@ class IngestWorker:
                 device,
                 max_tensor_bytes=cfg.max_tensor_bytes,
                 max_payload_bytes=cfg.max_payload_bytes,
+                received_at=msg.received_at,
             )
             if fast is not None:
-                pipeline, part = fast
-                r = msg.received_at
-                return device, [
-                    (device, seq, ts, label, dt, shape, data, pipeline, r, meta)
-                    for seq, ts, label, dt, shape, data, meta in part
-                ]
+                return device, fast[1]
             # Anything unusual: the protocol's decoder is the authority on what is wrong.
             env, bad = decode_samples_lenient(
                 msg.payload,
@@ -442,7 +438,7 @@ class IngestWorker:
         from lepton.cloud._index import finish_file
 
         cfg = self.config
-        rows: dict[tuple[str, int], tuple] = {}
+        rows: list[tuple] = []
         seen: dict[str, set[int]] = {}
         reports: list[dict[str, Any]] = []
         quarantine: list[tuple[str, bytes, dict[str, Any]]] = []
@@ -455,10 +451,11 @@ class IngestWorker:
                 continue
             device, part = decoded
             n_valid += len(part)
+            rows += part
             seqs = seen.setdefault(device, set())
-            for row in part:
-                rows.setdefault((device, row[1]), row)
-                seqs.add(row[1])
+            seqs.update([row[1] for row in part])
+        # Seqs of valid samples only (before rejected seqs join ``seen`` for the acks).
+        valid = {dev: set(seqs) for dev, seqs in seen.items()}
 
         # Quarantine first: a bad payload is on disk before its message can be acked.
         if quarantine:
@@ -482,16 +479,22 @@ class IngestWorker:
                     for other in others:
                         finish_file(self.data_dir, other)
                     self.index.mark_visible(others)
-                by_device: dict[str, list[int]] = {}
-                for dev, seq in rows:
-                    by_device.setdefault(dev, []).append(seq)
-                known = {dev: self.index.known(dev, seqs) for dev, seqs in by_device.items()}
-                new_rows = [r for (dev, seq), r in rows.items() if seq not in known[dev]]
+                known = {dev: self.index.known(dev, seqs) for dev, seqs in valid.items()}
+                if not any(known.values()) and sum(map(len, valid.values())) == len(rows):
+                    new_rows = rows  # the common case: nothing stored yet, no repeat inside the batch
+                else:
+                    new_rows, taken = [], set()
+                    for r in rows:
+                        key = (r[0], r[1])
+                        if r[1] not in known[r[0]] and key not in taken:
+                            taken.add(key)
+                            new_rows.append(r)
                 if new_rows:
                     name = new_file_name(cfg.name)
                     tmp = self.data_dir / f".{name}.tmp"
                     size = write_parquet_synced(tmp, table_from_rows(new_rows))
-                    self.index.add_rows([(r[0], r[1]) for r in new_rows])
+                    for dev, seqs in valid.items():
+                        self.index.add(dev, seqs - known[dev])
                     self.index.add_file(name, rows=len(new_rows), size=size, visible=False)
             if name is not None:
                 try:
