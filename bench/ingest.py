@@ -21,7 +21,7 @@ Where the time goes (see the profiles in bench/results/ingest.json): with 1-samp
 writer thread (decode, Parquet, fsync, SQLite, one PUBACK per message) and paho's network thread (which
 alone is the whole baseline) share one GIL; with 32-sample messages the baseline is a receive loop that
 never looks inside 33 KB payloads, while the worker validates every sample in Python (fast_rows, about
-half its time) and writes ~0.7 GB/s worth of Parquet to disk at the baseline's pace.
+half its time) and would have to write ~0.7 GB/s of fsynced Parquet to keep the baseline's pace.
 """
 
 from __future__ import annotations
