@@ -4,17 +4,25 @@ Topics, ids, the tensor codec, samples/acks envelopes, JSON reports, broker URLs
 Everything here is pure Python + numpy + msgpack (+ paho for connections); see ``docs/protocol.md``.
 """
 
-from lepton.protocol._codec import DEFAULT_MAX_TENSOR_BYTES, DTYPES, decode_tensor, encode_tensor
+from lepton.protocol._codec import (
+    DEFAULT_MAX_TENSOR_BYTES,
+    DTYPES,
+    check_tensor,
+    decode_tensor,
+    encode_tensor,
+)
 from lepton.protocol._envelope import (
     DEFAULT_MAX_PAYLOAD_BYTES,
     MAX_SEQ,
     PROTOCOL_VERSION,
+    RawSample,
     Sample,
     SamplesEnvelope,
     decode_acks,
     decode_json,
     decode_samples,
     decode_samples_lenient,
+    decode_samples_raw,
     encode_acks,
     encode_json,
     encode_samples,
@@ -55,15 +63,18 @@ __all__ = [
     "PROTOCOL_VERSION",
     "ParsedTopic",
     "REJECT_REASONS",
+    "RawSample",
     "Sample",
     "SamplesEnvelope",
     "Topics",
     "build_package",
+    "check_tensor",
     "connect",
     "decode_acks",
     "decode_json",
     "decode_samples",
     "decode_samples_lenient",
+    "decode_samples_raw",
     "decode_tensor",
     "encode_acks",
     "encode_json",

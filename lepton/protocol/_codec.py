@@ -51,11 +51,13 @@ def encode_tensor(array: np.ndarray) -> dict[str, Any]:
     return {"dtype": name, "shape": list(array.shape), "data": data}
 
 
-def decode_tensor(
+def check_tensor(
     obj: Any, *, field: str = "x", max_bytes: int = DEFAULT_MAX_TENSOR_BYTES
-) -> np.ndarray:
-    """Decode a TENSOR map into a read-only numpy array that shares the payload's memory.
+) -> tuple[str, list[int], bytes | bytearray | memoryview, int]:
+    """Validate a TENSOR map without building an array: ``(dtype, shape, data, element_count)``.
 
+    The one rule set for tensors on the wire; :func:`decode_tensor` adds the numpy view. A store that
+    keeps raw bytes (the cloud's dataset) uses this directly and never pays for an array.
     Raises ProtocolError (naming ``field``) for anything that is not a well-formed tensor.
     """
     if not isinstance(obj, dict):
@@ -72,9 +74,8 @@ def decode_tensor(
     data = obj.get("data")
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise ProtocolError(f"data must be binary, got {type(data).__name__}", field=f"{field}.data")
-    dtype = DTYPES[dtype_name]
     count = math.prod(shape)
-    expected = count * dtype.itemsize
+    expected = count * DTYPES[dtype_name].itemsize
     if expected > max_bytes:
         raise ProtocolError(
             f"tensor of {expected} bytes exceeds the limit of {max_bytes} bytes", field=f"{field}.shape"
@@ -84,8 +85,19 @@ def decode_tensor(
             f"shape {shape} x {dtype_name} needs {expected} bytes, data has {len(data)}",
             field=f"{field}.data",
         )
-    array = np.frombuffer(data, dtype=dtype, count=count).reshape(shape)
-    if dtype_name == "bool" and count and np.any(array.view(np.uint8) > 1):
+    if dtype_name == "bool" and count and bytes(data).translate(None, b"\x00\x01"):
         raise ProtocolError("bool data must be 0 or 1 bytes", field=f"{field}.data")
+    return dtype_name, shape, data, count
+
+
+def decode_tensor(
+    obj: Any, *, field: str = "x", max_bytes: int = DEFAULT_MAX_TENSOR_BYTES
+) -> np.ndarray:
+    """Decode a TENSOR map into a read-only numpy array that shares the payload's memory.
+
+    Raises ProtocolError (naming ``field``) for anything that is not a well-formed tensor.
+    """
+    dtype_name, shape, data, count = check_tensor(obj, field=field, max_bytes=max_bytes)
+    array = np.frombuffer(data, dtype=DTYPES[dtype_name], count=count).reshape(shape)
     array.flags.writeable = False
     return array

@@ -7,13 +7,13 @@ import math
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 import numpy as np
 
 from lepton.errors import ProtocolError
-from lepton.protocol._codec import DEFAULT_MAX_TENSOR_BYTES, decode_tensor, encode_tensor
+from lepton.protocol._codec import DEFAULT_MAX_TENSOR_BYTES, DTYPES, check_tensor, encode_tensor
 from lepton.protocol._ids import validate_id
 
 PROTOCOL_VERSION = 1
@@ -33,6 +33,21 @@ class Sample:
     x: np.ndarray
     y: int | str | None = None
     meta: dict[str, Any] | None = field(default=None)
+
+
+class RawSample(NamedTuple):
+    """A validated sample whose tensor is still the payload's raw bytes (no numpy array).
+
+    What a store that keeps tensors as bytes needs; :class:`Sample` is the same plus the array view.
+    """
+
+    seq: int
+    ts: float
+    y: int | str | None
+    dtype: str
+    shape: list[int]
+    data: bytes | bytearray | memoryview
+    meta: dict[str, Any] | None
 
 
 @dataclass(frozen=True)
@@ -83,18 +98,18 @@ def _unpack(payload: bytes | bytearray | memoryview, max_bytes: int) -> Any:
         raise ProtocolError(f"not valid msgpack ({type(exc).__name__}: {exc})", field="payload") from None
 
 
-def decode_samples_lenient(
+def decode_samples_raw(
     payload: bytes | bytearray | memoryview,
     *,
     expected_device: str | None = None,
     max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES,
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
-) -> tuple[SamplesEnvelope, list[tuple[int, Any, ProtocolError]]]:
-    """Decode an envelope, keeping its good samples and returning the bad ones separately.
+) -> tuple[str, str | None, list[RawSample], list[tuple[int, Any, ProtocolError]]]:
+    """Validate an envelope without building arrays: ``(device, pipeline, good, bad)``.
 
-    Returns ``(envelope_with_good_samples, [(index, raw_sample, error), ...])``. Raises ProtocolError
-    when the envelope itself (version, device, samples list) is wrong. The cloud uses this so that one
-    bad sample does not cost the good ones beside it.
+    ``good`` holds :class:`RawSample` tuples, ``bad`` is ``[(index, raw_sample, error), ...]``. Raises
+    ProtocolError when the envelope itself (version, device, samples list) is wrong. Every other
+    decoder here is built on this one, so the rules of protocol v1 live in one place.
     """
     body = _unpack(payload, max_payload_bytes)
     if not isinstance(body, dict):
@@ -113,14 +128,35 @@ def decode_samples_lenient(
         raise ProtocolError("samples must be a non-empty list", field="samples")
     if len(raw_samples) > MAX_SAMPLES_PER_ENVELOPE:
         raise ProtocolError(f"more than {MAX_SAMPLES_PER_ENVELOPE} samples", field="samples")
-    good: list[Sample] = []
+    good: list[RawSample] = []
     bad: list[tuple[int, Any, ProtocolError]] = []
     for i, raw in enumerate(raw_samples):
         try:
-            good.append(_decode_sample(raw, f"samples[{i}]", max_tensor_bytes))
+            good.append(_check_sample(raw, i, max_tensor_bytes))
         except ProtocolError as exc:
             bad.append((i, raw, exc))
-    return SamplesEnvelope(device=device, samples=tuple(good), pipeline=pipeline), bad
+    return device, pipeline, good, bad
+
+
+def decode_samples_lenient(
+    payload: bytes | bytearray | memoryview,
+    *,
+    expected_device: str | None = None,
+    max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES,
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+) -> tuple[SamplesEnvelope, list[tuple[int, Any, ProtocolError]]]:
+    """Decode an envelope, keeping its good samples and returning the bad ones separately.
+
+    Returns ``(envelope_with_good_samples, [(index, raw_sample, error), ...])``. Raises ProtocolError
+    when the envelope itself (version, device, samples list) is wrong, so that one bad sample does not
+    cost the good ones beside it.
+    """
+    device, pipeline, good, bad = decode_samples_raw(
+        payload, expected_device=expected_device, max_tensor_bytes=max_tensor_bytes,
+        max_payload_bytes=max_payload_bytes,
+    )
+    samples = tuple(_to_sample(r) for r in good)
+    return SamplesEnvelope(device=device, samples=samples, pipeline=pipeline), bad
 
 
 def decode_samples(
@@ -140,20 +176,32 @@ def decode_samples(
     return envelope
 
 
-def _decode_sample(raw: Any, where: str, max_tensor_bytes: int) -> Sample:
+def _check_sample(raw: Any, index: int, max_tensor_bytes: int) -> RawSample:
     if not isinstance(raw, dict):
-        raise ProtocolError(f"sample must be a map, got {type(raw).__name__}", field=where)
+        raise ProtocolError(f"sample must be a map, got {type(raw).__name__}", field=f"samples[{index}]")
     seq = raw.get("seq")
-    _check_seq(seq, f"{where}.seq")
+    if type(seq) is not int or not 0 <= seq <= MAX_SEQ:  # inline _check_seq: this runs per sample
+        _check_seq(seq, f"samples[{index}].seq")
     ts = raw.get("ts")
     if type(ts) not in (float, int) or not math.isfinite(ts):
-        raise ProtocolError(f"ts must be a finite number of unix seconds, got {ts!r}", field=f"{where}.ts")
-    x = decode_tensor(raw.get("x"), field=f"{where}.x", max_bytes=max_tensor_bytes)
-    y = _check_label(raw.get("y"), f"{where}.y")
+        raise ProtocolError(f"ts must be a finite number of unix seconds, got {ts!r}",
+                            field=f"samples[{index}].ts")
+    dtype, shape, data, _ = check_tensor(raw.get("x"), field=f"samples[{index}].x",
+                                         max_bytes=max_tensor_bytes)
+    y = raw.get("y")
+    if y is not None:
+        y = _check_label(y, f"samples[{index}].y")
     meta = raw.get("meta")
     if meta is not None and not isinstance(meta, dict):
-        raise ProtocolError(f"meta must be a map, got {type(meta).__name__}", field=f"{where}.meta")
-    return Sample(seq=seq, ts=float(ts), x=x, y=y, meta=meta)
+        raise ProtocolError(f"meta must be a map, got {type(meta).__name__}", field=f"samples[{index}].meta")
+    return RawSample(seq, float(ts), y, dtype, shape, data, meta)
+
+
+def _to_sample(r: RawSample) -> Sample:
+    dtype = DTYPES[r.dtype]
+    x = np.frombuffer(r.data, dtype=dtype, count=len(r.data) // dtype.itemsize).reshape(r.shape)
+    x.flags.writeable = False
+    return Sample(seq=r.seq, ts=r.ts, x=x, y=r.y, meta=r.meta)
 
 
 def _check_version(v: Any, where: str) -> None:
