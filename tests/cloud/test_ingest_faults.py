@@ -251,7 +251,7 @@ elif point == "before_ack":  # renamed and committed, no PUBACK and no device ac
     mqtt.Client.ack = ack
 env = os.environ
 w = IngestWorker(WorkerConfig(broker=env["LEPTON_BROKER"], fleet=env["LEPTON_FLEET"], data=env["LEPTON_DATA"],
-                              name="w1", batch_ms=20))
+                              name=env.get("CRASH_NAME", "w1"), group=env.get("CRASH_GROUP"), batch_ms=20))
 w.start()
 w.run_forever()
 """
@@ -300,3 +300,57 @@ def test_crash_at_each_step_of_a_write_then_restart(mosquitto_broker, fleet, tmp
     assert len(pairs) == len(set(pairs)) == 3000
     assert sorted(s for _, s in pairs) == list(range(3000))
     assert not [p for p in (tmp_path / fleet / "data").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_group_member_dies_between_commit_and_rename_the_other_finishes(mosquitto_broker, fleet, tmp_path):
+    """Two workers of a group share one folder; one dies after committing a file but before renaming
+    it, and never comes back. The survivor's next write finishes that file, the devices' resends reach
+    the survivor, and the union is exactly once with no .tmp left behind."""
+    import os
+    import subprocess
+    import sys
+
+    viewer = mosquitto_broker.url("viewer", "v1", fleet=fleet)
+    env = dict(
+        os.environ,
+        LEPTON_BROKER=mosquitto_broker.url("worker", "wa", fleet=fleet),
+        LEPTON_FLEET=fleet,
+        LEPTON_DATA=str(tmp_path),
+        CRASH_NAME="wa",
+        CRASH_GROUP="ingest",
+    )
+    crashing = subprocess.Popen([sys.executable, "-c", _CRASHING_WORKER, "before_rename", "2"], env=env)
+    survivor = start_worker_process(
+        mosquitto_broker.url("worker", "wb", fleet=fleet), fleet, tmp_path, name="wb", group="ingest"
+    )
+    for n in ("wa", "wb"):
+        wait_status(viewer, fleet, n, lambda s: s.get("online") is True)
+    pubs = [
+        ResendPublisher(
+            mosquitto_broker.url("device", d, fleet=fleet),
+            fleet,
+            d,
+            total=2_000,
+            per_message=20,
+            resend_after=1.0,
+        )
+        for d in ("cam-1", "cam-2")
+    ]
+    for p in pubs:
+        p.start()
+    threads = [threading.Thread(target=p.run, kwargs={"pace": 0.005, "timeout": 120}) for p in pubs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for p in pubs:
+        p.stop()
+    crash_rc = crashing.wait(30)
+    rc = stop_process(survivor)
+
+    assert crash_rc == 9 and rc == 0
+    pairs = _pairs(tmp_path, fleet)
+    assert len(pairs) == len(set(pairs)) == 4_000
+    assert not [p for p in (tmp_path / fleet / "data").iterdir() if p.name.endswith(".tmp")]
+    names = {f.name.split("-")[2] for f in Dataset(tmp_path, fleet).files()}
+    assert names == {"wa", "wb"}  # the dead worker's committed file was made visible by the survivor
