@@ -20,7 +20,7 @@ functions (cumulative time) are printed and saved.
 Where the time goes (see the profiles in bench/results/ingest.json): with 1-sample messages the worker's
 writer thread (decode, Parquet, fsync, SQLite, one PUBACK per message) and paho's network thread (which
 alone is the whole baseline) share one GIL; with 32-sample messages the baseline is a receive loop that
-never looks inside 33 KB payloads, while the worker validates every sample in Python (fast_rows, about
+never looks inside 33 KB payloads, while the worker validates every sample in Python (decode_samples_raw, about
 half its time) and would have to write ~0.7 GB/s of fsynced Parquet to keep the baseline's pace.
 """
 

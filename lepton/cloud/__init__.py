@@ -26,10 +26,12 @@ __all__ += sorted(_TRAINING_API)
 
 # Dataset and ingest worker (issue 4); lazy as well so `import lepton.cloud` stays cheap.
 _INGEST_API = {
-    "SCHEMA": "lepton.cloud._dataset", "Dataset": "lepton.cloud._dataset", "decode_x": "lepton.cloud._dataset",
+    "SCHEMA": "lepton.cloud._dataset", "Dataset": "lepton.cloud._dataset",
+    "decode_x": "lepton.cloud._dataset", "raw_sample_rows": "lepton.cloud._dataset",
     "samples_to_table": "lepton.cloud._dataset", "write_parquet_atomic": "lepton.cloud._dataset",
     "IngestWorker": "lepton.cloud._ingest", "WorkerConfig": "lepton.cloud._ingest",
-    "SampleIndex": "lepton.cloud._index", "SqliteIndex": "lepton.cloud._index", "compact": "lepton.cloud._index",
+    "SampleIndex": "lepton.cloud._index", "SqliteIndex": "lepton.cloud._index",
+    "compact": "lepton.cloud._index",
 }
 __all__ += sorted(_INGEST_API)
 

@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lepton.errors import ConfigError
-from lepton.protocol import DTYPES, Sample, validate_id
+from lepton.protocol import DTYPES, RawSample, Sample, validate_id
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +158,22 @@ def _sample_row(device: str, pipeline: str | None, s: Sample, received_at: float
         float(received_at),
         meta,
     )
+
+
+def raw_sample_rows(device: str, pipeline: str | None, samples: Sequence[RawSample],
+                    received_at: float) -> list[tuple]:
+    """Dataset rows (schema order) of samples validated by ``lepton.protocol.decode_samples_raw``.
+
+    The hot path of ingest: the tensor's wire bytes are already little-endian C order, exactly what
+    the ``x`` column stores, so no array is built.
+    """
+    received_at = float(received_at)
+    dumps = json.dumps
+    return [
+        (device, r.seq, r.ts, None if r.y is None else str(r.y), r.dtype, r.shape, bytes(r.data), pipeline,
+         received_at, dumps(r.meta, separators=(",", ":"), sort_keys=True, default=str) if r.meta else None)
+        for r in samples
+    ]
 
 
 def samples_to_table(

@@ -42,7 +42,7 @@ from lepton.protocol import (
     BrokerURL,
     Topics,
     connect,
-    decode_samples_lenient,
+    decode_samples_raw,
     encode_acks,
     encode_json,
     new_client,
@@ -380,8 +380,7 @@ class IngestWorker:
 
     def _decode(self, msg: _Message, reports: list, quarantine: list) -> tuple[str, list[tuple]] | None:
         """Rows (in dataset schema order) of the good samples of ``msg``; dead-letters the rest."""
-        from lepton.cloud._dataset import _sample_row
-        from lepton.cloud._fastdecode import fast_rows
+        from lepton.cloud._dataset import raw_sample_rows
 
         cfg = self.config
         device: str | None = None
@@ -394,17 +393,9 @@ class IngestWorker:
                 if len(self._topic_cache) < 100_000:
                     self._topic_cache[msg.topic] = parsed
             device = parsed.device
-            fast = fast_rows(
-                msg.payload,
-                device,
-                max_tensor_bytes=cfg.max_tensor_bytes,
-                max_payload_bytes=cfg.max_payload_bytes,
-                received_at=msg.received_at,
-            )
-            if fast is not None:
-                return device, fast[1]
-            # Anything unusual: the protocol's decoder is the authority on what is wrong.
-            env, bad = decode_samples_lenient(
+            # The protocol's validating decoder, in its raw form: no numpy array per sample, the
+            # tensor bytes go to Parquet as they arrived.
+            device, pipeline, good, bad = decode_samples_raw(
                 msg.payload,
                 expected_device=device,
                 max_tensor_bytes=cfg.max_tensor_bytes,
@@ -430,8 +421,8 @@ class IngestWorker:
             for _i, raw, _e in bad:
                 seq = raw.get("seq") if isinstance(raw, dict) else None
                 if type(seq) is int and 0 <= seq <= MAX_SEQ:
-                    self._rejected_seqs.setdefault(env.device, set()).add(seq)
-        return env.device, [_sample_row(env.device, env.pipeline, s, msg.received_at) for s in env.samples]
+                    self._rejected_seqs.setdefault(device, set()).add(seq)
+        return device, raw_sample_rows(device, pipeline, good, msg.received_at)
 
     def _process(self, batch: list[_Message]) -> None:
         from lepton.cloud._dataset import fsync_dir, new_file_name, table_from_rows, write_parquet_synced

@@ -15,7 +15,7 @@ import msgpack
 import pytest
 
 from lepton.cloud import Dataset, IngestWorker, WorkerConfig
-from lepton.errors import ConfigError
+from lepton.errors import ConfigError, ProtocolError
 from lepton.protocol import BrokerURL, Topics, connect, decode_json, encode_samples, new_client
 from tests.cloud._ingest_support import (
     ResendPublisher,
@@ -294,15 +294,15 @@ def test_worker_config_errors_are_clear(tmp_path):
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "mqtt://" in out.stderr
 
 
-def test_fast_decoder_agrees_with_the_protocol_decoder():
-    """The worker's fast path accepts only what the protocol accepts, and yields the same rows."""
-    from lepton.cloud._dataset import _sample_row
-    from lepton.cloud._fastdecode import fast_rows
+def test_raw_rows_equal_the_rows_of_decoded_arrays():
+    """The worker stores the wire bytes of ``decode_samples_raw`` without building arrays; its rows must
+    equal the rows built from the numpy samples of ``decode_samples_lenient``, on good and bad input."""
+    from lepton.cloud._dataset import _sample_row, raw_sample_rows
     from lepton.protocol import (
-        DEFAULT_MAX_PAYLOAD_BYTES,
         DTYPES,
         Sample,
         decode_samples_lenient,
+        decode_samples_raw,
         encode_samples,
     )
 
@@ -336,23 +336,21 @@ def test_fast_decoder_agrees_with_the_protocol_decoder():
 
     accepted = 0
     for payload in corpus:
-        fast = fast_rows(
-            payload, "cam-1", max_tensor_bytes=1 << 20, max_payload_bytes=DEFAULT_MAX_PAYLOAD_BYTES
-        )
         try:
             env, bad = decode_samples_lenient(payload, expected_device="cam-1", max_tensor_bytes=1 << 20)
-        except Exception:
-            assert fast is None
+        except ProtocolError as exc:
+            with pytest.raises(ProtocolError) as raw_exc:
+                decode_samples_raw(payload, expected_device="cam-1", max_tensor_bytes=1 << 20)
+            assert raw_exc.value.field == exc.field
             continue
-        if fast is None:
-            assert bad or payload not in valid
-            continue
-        accepted += 1
-        assert not bad and fast[0] == env.pipeline
-        expected = [_sample_row("cam-1", env.pipeline, s, 0.0) for s in env.samples]
-        got = fast[1]
-        assert got == expected
-    assert accepted == len(valid)
+        device, pipeline, good, raw_bad = decode_samples_raw(payload, expected_device="cam-1",
+                                                             max_tensor_bytes=1 << 20)
+        assert [(i, e.field) for i, _, e in raw_bad] == [(i, e.field) for i, _, e in bad]
+        assert raw_sample_rows(device, pipeline, good, 0.0) == [
+            _sample_row("cam-1", env.pipeline, s, 0.0) for s in env.samples
+        ]
+        accepted += not bad
+    assert accepted >= len(valid)
 
 
 def test_bad_sample_in_good_message_is_quarantined_and_acked(amqtt_broker, fleet, tmp_path):
