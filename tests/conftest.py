@@ -22,6 +22,12 @@ def _mosquitto_or_skip() -> None:
 
 
 @pytest.fixture
+def require_mosquitto() -> None:
+    """For tests that run Mosquitto with a config of their own: skip without it, fail in CI."""
+    _mosquitto_or_skip()
+
+
+@pytest.fixture
 def amqtt_broker():
     with AmqttBroker() as broker:
         yield broker

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from lepton.cli import _exit
-from lepton.testing import MosquittoBroker, mosquitto_available
+from lepton.testing import MosquittoBroker
 from tests.device._acker import Acker
 
 
@@ -66,9 +66,7 @@ def make_certs(d: Path) -> None:
 
 
 @pytest.mark.mosquitto
-def test_device_over_mqtts_with_a_private_ca(fleet, tmp_path):
-    if not mosquitto_available():
-        pytest.skip("mosquitto binary not found")
+def test_device_over_mqtts_with_a_private_ca(fleet, tmp_path, require_mosquitto):
     from lepton.broker import free_port
 
     make_certs(tmp_path)
