@@ -121,6 +121,7 @@ class MosquittoBroker:
         self.password_file = self.workdir / "lepton.passwd"
         self.acl_file = self.workdir / "lepton.acl"
         self.log_file = self.workdir / "mosquitto.log"
+        self._granted: set[tuple[str, str, str]] = set()
         self.conf_file = self.workdir / "mosquitto.conf"
         shutil.copy(PROJECT_ROOT / "broker" / "lepton.acl", self.acl_file)
         self._creds = _Credentials()
@@ -148,9 +149,13 @@ class MosquittoBroker:
         return text + "\n" + extra + "\n"
 
     def url(self, role: str = "worker", name: str = "worker", *, fleet: str = "test") -> str:
-        """Create ``name`` with ``broker/add-user.sh`` (once) and return its broker URL."""
-        password, created = self._creds.password(name)
-        if created:
+        """Create ``name`` with ``broker/add-user.sh`` and return its broker URL.
+
+        Asking again for the same name with another role or fleet adds those grants (same password).
+        """
+        password, _ = self._creds.password(name)
+        if (name, role, fleet) not in self._granted:
+            self._granted.add((name, role, fleet))
             env = dict(os.environ, LEPTON_PASSWD_FILE=str(self.password_file),
                        LEPTON_ACL_FILE=str(self.acl_file))
             script = str(PROJECT_ROOT / "broker" / "add-user.sh")
