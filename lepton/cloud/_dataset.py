@@ -88,8 +88,12 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (``.name.tmp``, fsync, rename, fsync dir)."""
+def write_atomic(path: str | Path, data: bytes, *, sync_dir: bool = True) -> Path:
+    """Write ``data`` to ``path`` atomically (``.name.tmp``, fsync, rename, fsync dir).
+
+    ``sync_dir=False`` leaves the directory fsync to the caller, who writes several files and syncs
+    their folder once.
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as fh:
@@ -97,7 +101,8 @@ def write_atomic(path: str | Path, data: bytes) -> Path:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-    fsync_dir(path.parent)
+    if sync_dir:
+        fsync_dir(path.parent)
     return path
 
 

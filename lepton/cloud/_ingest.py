@@ -425,7 +425,13 @@ class IngestWorker:
         return device, raw_sample_rows(device, pipeline, good, msg.received_at)
 
     def _process(self, batch: list[_Message]) -> None:
-        from lepton.cloud._dataset import fsync_dir, new_file_name, table_from_rows, write_parquet_synced
+        from lepton.cloud._dataset import (
+            fsync_dir,
+            new_file_name,
+            table_from_rows,
+            write_atomic,
+            write_parquet_synced,
+        )
         from lepton.cloud._index import finish_file
 
         cfg = self.config
@@ -451,8 +457,8 @@ class IngestWorker:
         # Quarantine first: a bad payload is on disk before its message can be acked.
         if quarantine:
             for name, payload, report in quarantine:
-                _write_synced(self.quarantine_dir / name, payload, sync_dir=False)
-                _write_synced(
+                write_atomic(self.quarantine_dir / name, payload, sync_dir=False)
+                write_atomic(
                     self.quarantine_dir / (name[:-4] + ".json"), encode_json(report), sync_dir=False
                 )
             fsync_dir(self.quarantine_dir)
@@ -719,16 +725,3 @@ def _warm_up() -> None:
 def _samples_hint(msg: _Message) -> int:
     """Rough sample count of a message before decoding: payload size over 1 KiB, at least 1."""
     return max(1, len(msg.payload) // 1024)
-
-
-def _write_synced(path: Path, data: bytes, *, sync_dir: bool = True) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    if sync_dir:
-        from lepton.cloud._dataset import fsync_dir
-
-        fsync_dir(path.parent)
