@@ -47,8 +47,8 @@ def main() -> int:
     # Baseline: the same trainer, alone on the machine, on everything the demo collected.
     start = time.monotonic()
     offline = subprocess.run(
-        [sys.executable, "-m", "lepton", "train", "--data", str(workdir / "data"), "--fleet", "demo",
-         "--model", "offline", "--epochs", "10", "--json", "--quiet"],
+        [sys.executable, "-m", "lepton", "train", "--data", str(workdir / "data"),
+         "--fleet", summary["fleet"], "--model", "offline", "--epochs", "10", "--json", "--quiet"],
         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     offline_wall = time.monotonic() - start

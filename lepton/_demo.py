@@ -19,6 +19,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,7 +82,11 @@ class Demo:
             BrokerURL.parse(config.broker)  # validates early with a clear message
         self.config = config
         self.workdir = Path(config.workdir or tempfile.mkdtemp(prefix="lepton-demo-"))
-        self.topics = Topics(fleet=FLEET)
+        # On a shared external broker, retained models of an earlier run (higher versions than this
+        # run's fresh registry) would make the devices ignore every new model as stale: use a fleet
+        # of our own there.
+        self.fleet = FLEET if config.broker is None else f"{FLEET}-{uuid.uuid4().hex[:8]}"
+        self.topics = Topics(fleet=self.fleet)
         self.view = FleetView()
         self._procs: dict[str, subprocess.Popen] = {}
         self._stopping = threading.Event()
@@ -130,7 +135,7 @@ class Demo:
         self._monitor = _Monitor(urls["viewer"], self.topics, self.view)
         self._monitor.start()
         self._spawn("worker", [
-            "worker", "--broker", urls["worker"], "--fleet", FLEET, "--data", str(self.workdir / "data"),
+            "worker", "--broker", urls["worker"], "--fleet", self.fleet, "--data", str(self.workdir / "data"),
             "--name", "demo-worker", "--model", MODEL, "--key", str(private),
             "--train-every", str(self.config.train_every), "--train-publish", "--quiet",
             f"--train-arg=--epochs={self.config.epochs}",
@@ -139,7 +144,7 @@ class Demo:
         n = self.config.devices
         for i in range(n):
             self._spawn(f"dev-{i}", [
-                "device", "--broker", urls[f"dev-{i}"], "--fleet", FLEET, "--id", f"dev-{i}",
+                "device", "--broker", urls[f"dev-{i}"], "--fleet", self.fleet, "--id", f"dev-{i}",
                 "--source", f"digits:{i}/{n}", "--preset", "digits", "--once",
                 "--rate", str(self.config.rate), "--spool", str(self.workdir / "spool" / f"dev-{i}"),
                 "--model", MODEL, "--public-key", str(public), "--quiet",
@@ -230,6 +235,7 @@ class Demo:
                                       if fp32 and self.view.model_size else None),
                 "model_metrics": metrics,
                 "devices": devices,
+                "fleet": self.fleet,
                 "duration_s": round(time.monotonic() - self.view.started, 2),
                 "workdir": str(self.workdir),
             }

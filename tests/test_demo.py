@@ -63,3 +63,19 @@ def test_demo_stops_every_child_on_sigint(tmp_path):
     assert summary["interrupted"] is True
     assert set(summary["pids"]) == {"broker", "worker", "dev-0", "dev-1"}
     assert not [name for name, pid in summary["pids"].items() if _alive(pid)]
+
+
+def test_demo_on_an_external_broker_uses_a_fleet_of_its_own(amqtt_broker, tmp_path):
+    url = amqtt_broker.url("worker", "demo-user")
+    proc = subprocess.run(
+        [sys.executable, "-m", "lepton", "demo", "--broker", url, "--devices", "2", "--rate", "40",
+         "--duration", "75", "--json", "--workdir", str(tmp_path)],
+        capture_output=True, text=True, timeout=180,
+    )
+
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout)
+    assert summary["fleet"].startswith("demo-") and summary["fleet"] != "demo"
+    assert set(summary["pids"]) == {"worker", "dev-0", "dev-1"}  # no broker of its own
+    assert summary["samples_ingested"] == 1797 and summary["model_version"] >= 1
+    assert not [name for name, pid in summary["pids"].items() if _alive(pid)]

@@ -32,7 +32,10 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--duration", type=float, default=110.0,
                         help="stop after this many seconds even if devices are still streaming (default 110)")
     parser.add_argument("--broker", default=None,
-                        help="use this broker URL (mqtt://user:pass@host:port) instead of the embedded one")
+                        help="use this broker (mqtt://user:pass@host:port) instead of the embedded one; "
+                        "every process uses this one user, so it must be allowed on all topics (the "
+                        "embedded broker, or Mosquitto without the project's per-device ACL); the fleet "
+                        "is then demo-<random> so earlier runs' retained models do not interfere")
     parser.add_argument("--rate", type=float, default=10.0, help="samples per second per device (default 10)")
     parser.add_argument("--train-every", type=int, default=300,
                         help="retrain after this many new labelled samples (default 300)")
