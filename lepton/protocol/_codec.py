@@ -22,6 +22,8 @@ DTYPES: dict[str, np.dtype] = {
     "float64": np.dtype("<f8"),
 }
 
+_ITEMSIZE = {name: dtype.itemsize for name, dtype in DTYPES.items()}
+
 #: Default ceiling for one decoded tensor (bytes). Configurable per call.
 DEFAULT_MAX_TENSOR_BYTES = 64 * 1024 * 1024
 MAX_RANK = 8
@@ -75,7 +77,7 @@ def check_tensor(
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise ProtocolError(f"data must be binary, got {type(data).__name__}", field=f"{field}.data")
     count = math.prod(shape)
-    expected = count * DTYPES[dtype_name].itemsize
+    expected = count * _ITEMSIZE[dtype_name]
     if expected > max_bytes:
         raise ProtocolError(
             f"tensor of {expected} bytes exceeds the limit of {max_bytes} bytes", field=f"{field}.shape"

@@ -177,23 +177,26 @@ def decode_samples(
 
 
 def _check_sample(raw: Any, index: int, max_tensor_bytes: int) -> RawSample:
-    if not isinstance(raw, dict):
-        raise ProtocolError(f"sample must be a map, got {type(raw).__name__}", field=f"samples[{index}]")
-    seq = raw.get("seq")
-    if type(seq) is not int or not 0 <= seq <= MAX_SEQ:  # inline _check_seq: this runs per sample
-        _check_seq(seq, f"samples[{index}].seq")
-    ts = raw.get("ts")
-    if type(ts) not in (float, int) or not math.isfinite(ts):
-        raise ProtocolError(f"ts must be a finite number of unix seconds, got {ts!r}",
-                            field=f"samples[{index}].ts")
-    dtype, shape, data, _ = check_tensor(raw.get("x"), field=f"samples[{index}].x",
-                                         max_bytes=max_tensor_bytes)
-    y = raw.get("y")
-    if y is not None:
-        y = _check_label(y, f"samples[{index}].y")
-    meta = raw.get("meta")
-    if meta is not None and not isinstance(meta, dict):
-        raise ProtocolError(f"meta must be a map, got {type(meta).__name__}", field=f"samples[{index}].meta")
+    # Runs once per sample on the ingest hot path: field names are built only when something is wrong.
+    try:
+        if type(raw) is not dict:
+            raise ProtocolError(f"sample must be a map, got {type(raw).__name__}", field="")
+        seq = raw.get("seq")
+        if type(seq) is not int or not 0 <= seq <= MAX_SEQ:
+            _check_seq(seq, "seq")
+        ts = raw.get("ts")
+        if type(ts) not in (float, int) or not math.isfinite(ts):
+            raise ProtocolError(f"ts must be a finite number of unix seconds, got {ts!r}", field="ts")
+        dtype, shape, data, _ = check_tensor(raw.get("x"), field="x", max_bytes=max_tensor_bytes)
+        y = raw.get("y")
+        if y is not None:
+            y = _check_label(y, "y")
+        meta = raw.get("meta")
+        if meta is not None and type(meta) is not dict:
+            raise ProtocolError(f"meta must be a map, got {type(meta).__name__}", field="meta")
+    except ProtocolError as exc:
+        where = f"samples[{index}]" + (f".{exc.field}" if exc.field else "")
+        raise ProtocolError(exc.detail, field=where) from None
     return RawSample(seq, float(ts), y, dtype, shape, data, meta)
 
 
