@@ -75,6 +75,14 @@ def register(parser: argparse.ArgumentParser) -> None:
         metavar="T",
         help="send a partial batch once its oldest sample is T ms old (default 50)",
     )
+    pub.add_argument(
+        "--max-message-kb",
+        type=float,
+        default=1000.0,
+        metavar="KB",
+        help="split a batch into envelopes of at most KB kilobytes (default 1000: Mosquitto 2.1 refuses "
+        "packets over 2,000,000 bytes; use 120 for AWS IoT Core)",
+    )
     pub.add_argument("--spool", metavar="DIR", help="spool directory (default ~/.lepton/spool/FLEET/ID)")
     pub.add_argument(
         "--spool-max-mb", type=float, default=256.0, metavar="MB", help="spool bound (default 256)"
@@ -138,6 +146,7 @@ def run(args: argparse.Namespace) -> int:
         once=args.once,
         batch_size=args.batch,
         batch_ms=args.batch_ms,
+        max_message_bytes=int(args.max_message_kb * 1000),
         spool_dir=args.spool,
         spool_max_bytes=int(args.spool_max_mb * 1024 * 1024),
         on_full=args.on_full,

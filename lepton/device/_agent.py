@@ -54,6 +54,11 @@ from lepton.protocol import (
 
 log = logging.getLogger(__name__)
 
+# msgpack framing around the spooled sample bodies: the envelope's map, "v", "device", "pipeline" and
+# the samples array; per sample the "seq" and "ts" entries. Upper bounds, so envelopes stay under the limit.
+_ENVELOPE_OVERHEAD = 256
+_SAMPLE_OVERHEAD = 32
+
 __all__ = ["DeviceAgent", "DeviceConfig", "RunSummary", "default_spool_dir"]
 
 
@@ -83,6 +88,9 @@ class DeviceConfig:
     once: bool = False
     batch_size: int = 32
     batch_ms: float = 50.0
+    #: Upper bound of one samples message. Mosquitto 2.1 refuses packets over 2,000,000 bytes by default
+    #: and AWS IoT Core over 128 KB: a batch that would exceed this is split into several envelopes.
+    max_message_bytes: int = 1_000_000
     spool_dir: str | Path | None = None
     spool_max_bytes: int = 256 * 1024 * 1024
     on_full: str = "drop-oldest"
@@ -121,6 +129,8 @@ class DeviceConfig:
             raise ConfigError(f"batch size must be in [1, 65536], got {self.batch_size}")
         if self.batch_ms < 0:
             raise ConfigError(f"batch-ms must be >= 0, got {self.batch_ms}")
+        if self.max_message_bytes < 1024:
+            raise ConfigError(f"max message size must be >= 1 KiB, got {self.max_message_bytes} bytes")
         if self.on_full not in ON_FULL_POLICIES:
             raise ConfigError(f"on-full must be one of {', '.join(ON_FULL_POLICIES)}, got {self.on_full!r}")
         if self.window < self.batch_size:
@@ -244,6 +254,7 @@ class DeviceAgent:
         self._ack_inbox: list[tuple[int, int]] = []
         self._stop = threading.Event()
         self._stopped_by = "running"
+        self._warned_oversize = False
         self._connected = threading.Event()
         self._resend = threading.Event()
         self._net_stop = threading.Event()
@@ -526,11 +537,20 @@ class DeviceAgent:
         client = self._client
         assert client is not None
         start = 0
-        # Samples spooled under another pipeline (the spec changed across a restart) keep their own hash.
+        limit = self.config.max_message_bytes
+        # Samples spooled under another pipeline (the spec changed across a restart) keep their own hash;
+        # an envelope also ends before it would outgrow max_message_bytes (at least one sample each).
         while start < len(rows):
-            end = start
+            end, size = start, _ENVELOPE_OVERHEAD
             while end < len(rows) and rows[end].pipeline == rows[start].pipeline:
+                size += len(rows[end].body) + _SAMPLE_OVERHEAD
+                if end > start and size > limit:
+                    break
                 end += 1
+            if end == start + 1 and size > limit and not self._warned_oversize:
+                self._warned_oversize = True
+                log.warning("device %s: one sample (seq %d) is over %d bytes on its own; brokers with a "
+                            "smaller packet limit will refuse it", self.device_id, rows[start].seq, limit)
             try:
                 payload = encode_samples(
                     self.device_id, [r.to_sample() for r in rows[start:end]], pipeline=rows[start].pipeline

@@ -27,6 +27,7 @@ class Acker:
         self.labels: dict[str, dict[int, object]] = defaultdict(dict)
         self.shapes: set[tuple] = set()
         self.envelopes = 0
+        self.max_payload = 0
         self.client = new_client(
             self.url,
             client_id=client_id or f"acker-{uuid.uuid4().hex[:8]}",
@@ -46,6 +47,7 @@ class Acker:
         env = decode_samples(msg.payload, expected_device=device)
         with self.lock:
             self.envelopes += 1
+            self.max_payload = max(self.max_payload, len(msg.payload))
             self.pipelines.add(env.pipeline)
             for s in env.samples:
                 self.seen[device][s.seq].add(s.ts)

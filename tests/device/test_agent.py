@@ -41,6 +41,21 @@ def test_every_sample_arrives_once_with_labels_and_leaves_the_spool(broker, flee
     assert acker.envelopes < 300  # batched
 
 
+def test_a_batch_is_split_to_stay_under_the_message_size_limit(amqtt_broker, fleet, tmp_path):
+    # 32 samples of 4 KiB each would make a ~130 KB envelope; AWS IoT Core refuses messages over 128 KB.
+    frames = [(np.full((32, 32), i, np.float32), i % 10) for i in range(96)]
+    broker = amqtt_broker
+    with Acker(broker.url("worker", "acker", fleet=fleet), fleet) as acker:
+        time.sleep(0.2)
+        summary = make_agent(broker, fleet, tmp_path, source=frames, pipeline={"ops": []}, once=True,
+                             batch_size=32, batch_ms=500, max_message_bytes=20_000).run()
+
+    assert summary.ok and summary.acked == 96
+    assert acker.seqs("dev-1") == set(range(96)) and acker.reused("dev-1") == []
+    assert 0 < acker.max_payload <= 20_000
+    assert acker.envelopes >= 96 // 4  # at most 4 samples of 4 KiB fit in 20 KB
+
+
 def test_retained_status_online_then_offline_and_telemetry(broker, fleet, tmp_path):
     with (
         Acker(broker.url("worker", "acker", fleet=fleet), fleet),
