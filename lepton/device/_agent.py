@@ -6,13 +6,14 @@ Three threads, each with one job:
   pipeline (and the model, when one is configured), appends each sample to the spool. It never touches
   the network, so a broker outage only makes the spool grow.
 * **publisher**: reads the spool in seq order after a cursor, packs up to ``batch_size`` samples or what
-  arrived within ``batch_ms`` into one envelope (:func:`lepton.protocol.encode_samples` with the pipeline
-  hash) and publishes it with QoS 1. A sample leaves the spool only when a range on
-  ``devices/{id}/acks`` covers it: a broker PUBACK proves nothing (Mosquitto drops silently when a queue
-  is full, amqtt does not queue anonymous sessions). After a reconnect, or when no ack made progress for
-  ``ack_timeout`` seconds, the cursor goes back to the start (go-back-N) and everything unacknowledged is
-  sent again; the cloud stores by ``(device, seq)`` exactly once, so a duplicate costs bandwidth only.
-  The number of unacknowledged samples in flight is capped by ``window``.
+  arrived within ``batch_ms`` into one envelope (:func:`lepton.protocol.encode_samples_packed`, with the
+  pipeline hash, splicing the spooled sample bodies without re-encoding them) and publishes it with QoS 1. A
+  sample leaves the spool only when a range on ``devices/{id}/acks`` covers it: a broker PUBACK proves
+  nothing (Mosquitto drops silently when a queue is full, amqtt does not queue anonymous sessions). After a
+  reconnect, or when no ack made progress for ``ack_timeout`` seconds, the cursor goes back to the start
+  (go-back-N) and everything unacknowledged is sent again; the cloud stores by ``(device, seq)`` exactly
+  once, so a duplicate costs bandwidth only. The number of unacknowledged samples in flight is capped by
+  ``window``.
 * **network**: runs paho's loop and reconnects with exponential backoff and jitter, so a fleet that lost
   its broker does not reconnect in lock-step when it comes back.
 
@@ -34,6 +35,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import paho.mqtt.client as mqtt
 
 from lepton.device._pipeline import FrameError, Pipeline
@@ -47,7 +49,7 @@ from lepton.protocol import (
     connect,
     decode_acks,
     encode_json,
-    encode_samples,
+    encode_samples_packed,
     new_client,
     validate_id,
 )
@@ -552,8 +554,9 @@ class DeviceAgent:
                 log.warning("device %s: one sample (seq %d) is over %d bytes on its own; brokers with a "
                             "smaller packet limit will refuse it", self.device_id, rows[start].seq, limit)
             try:
-                payload = encode_samples(
-                    self.device_id, [r.to_sample() for r in rows[start:end]], pipeline=rows[start].pipeline
+                payload = encode_samples_packed(
+                    self.device_id, [(r.seq, r.ts, r.body) for r in rows[start:end]],
+                    pipeline=rows[start].pipeline,
                 )
             except ProtocolError as exc:  # cannot happen for what append() stored; never loop on it
                 log.error(
@@ -696,10 +699,16 @@ class DeviceAgent:
             prediction = runtime.predict(x) if runtime is not None else None
             if prediction is not None and label is not None:
                 runtime.record_truth(prediction, str(label))
+            if isinstance(label, np.generic):  # labels from numpy arrays (custom sources) go as plain values
+                label = label.item()
             try:
                 seq = self.spool.append(x, label, pipeline=self.pipeline.hash)
             except SpoolFull:
                 return  # block policy interrupted by stop()
+            except ProtocolError as exc:  # e.g. a label that is neither int nor str: skip, never crash
+                c.frame_errors += 1
+                log.warning("device %s: sample skipped: %s", self.device_id, exc)
+                continue
             with self._lock:
                 c.captured += 1
                 c.preprocess_s += spent

@@ -40,7 +40,7 @@ import msgpack
 import numpy as np
 
 from lepton.errors import ConfigError, LeptonError
-from lepton.protocol import Sample, decode_tensor, encode_tensor
+from lepton.protocol import Sample, decode_tensor, encode_sample_body
 
 log = logging.getLogger(__name__)
 
@@ -190,10 +190,8 @@ class Spool:
     # -- writing ------------------------------------------------------------------------------------
     @staticmethod
     def encode_body(x: np.ndarray, y: int | str | None = None, meta: dict[str, Any] | None = None) -> bytes:
-        item: dict[str, Any] = {"x": encode_tensor(x), "y": y}
-        if meta:
-            item["meta"] = meta
-        return msgpack.packb(item, use_bin_type=True)
+        # The protocol's per-sample body: the publisher splices it into envelopes as it is.
+        return encode_sample_body(x, y, meta)
 
     def append(
         self,

@@ -84,6 +84,55 @@ def encode_samples(device: str, samples: Iterable[Sample], *, pipeline: str | No
     return msgpack.packb(body, use_bin_type=True)
 
 
+def encode_sample_body(
+    x: np.ndarray, y: int | str | None = None, meta: dict[str, Any] | None = None
+) -> bytes:
+    """The part of one sample that does not change when it is resent: msgpack ``{"x", "y"[, "meta"]}``.
+
+    A device stores this in its spool once, at capture, and builds every (re)send of the sample with
+    :func:`encode_samples_packed`, so the tensor is never decoded and encoded again.
+    """
+    item: dict[str, Any] = {"x": encode_tensor(x), "y": _check_label(y, "y")}
+    if meta:
+        if not isinstance(meta, dict):
+            raise ProtocolError(f"meta must be a map, got {type(meta).__name__}", field="meta")
+        item["meta"] = meta
+    return msgpack.packb(item, use_bin_type=True)
+
+
+_SEQ_KEY = msgpack.packb("seq")
+_TS_KEY = msgpack.packb("ts")
+
+
+def encode_samples_packed(
+    device: str, items: Iterable[tuple[int, float, bytes]], *, pipeline: str | None = None
+) -> bytes:
+    """Encode ``(seq, ts, body)`` items, each body from :func:`encode_sample_body`, into an envelope.
+
+    The result is byte for byte what :func:`encode_samples` makes of the same samples: the sample map
+    is ``seq``, ``ts`` and then the body's own entries, spliced without unpacking the body.
+    """
+    validate_id(device, kind="device")
+    packer = msgpack.Packer(use_bin_type=True)
+    parts: list[bytes] = []
+    for seq, ts, body in items:
+        _check_seq(seq, "samples[].seq")
+        head = body[0] if body else 0
+        if head not in (0x82, 0x83):  # fixmap of {"x", "y"} or {"x", "y", "meta"}
+            raise ProtocolError("a sample body must come from encode_sample_body", field="samples[].body")
+        parts.append(bytes((head + 2,)) + _SEQ_KEY + packer.pack(seq) + _TS_KEY + packer.pack(float(ts))
+                     + body[1:])
+    if not parts:
+        raise ProtocolError("an envelope carries at least one sample", field="samples")
+    out = [bytes((0x84 if pipeline is not None else 0x83,)), packer.pack("v"), packer.pack(PROTOCOL_VERSION),
+           packer.pack("device"), packer.pack(device), packer.pack("samples"),
+           packer.pack_array_header(len(parts))]
+    out += parts
+    if pipeline is not None:
+        out += [packer.pack("pipeline"), packer.pack(str(pipeline))]
+    return b"".join(out)
+
+
 def _unpack(payload: bytes | bytearray | memoryview, max_bytes: int) -> Any:
     if not isinstance(payload, (bytes, bytearray, memoryview)):
         raise ProtocolError(f"payload must be bytes, got {type(payload).__name__}", field="payload")

@@ -287,3 +287,16 @@ def test_reconnect_backoff_grows_with_jitter_and_resets():
     assert len(fleet_delays) > 40  # devices coming back together do not reconnect in lock-step
     b.reset()
     assert b.next() <= 0.5
+
+
+def test_numpy_labels_from_a_custom_source_are_sent_as_plain_values(amqtt_broker, fleet, tmp_path):
+    labels = np.arange(20, dtype=np.int64) % 3  # what `zip(images, y)` over numpy arrays yields
+    frames = [(np.full((4, 4), i, np.float32), labels[i]) for i in range(20)]
+    frames.append((np.zeros((4, 4), np.float32), 1.5))
+    with Acker(amqtt_broker.url("worker", "acker", fleet=fleet), fleet) as acker:
+        time.sleep(0.2)
+        summary = make_agent(amqtt_broker, fleet, tmp_path, source=frames, pipeline={"ops": []},
+                             once=True).run()
+
+    assert summary.ok and summary.acked == 20 and summary.frame_errors == 1  # the float label is refused
+    assert [acker.labels["dev-1"][s] for s in range(20)] == [int(v) for v in labels]

@@ -490,3 +490,43 @@ def test_pipeline_hash_is_canonical():
 
     assert a == b and len(a) == 16 and int(a, 16) >= 0
     assert pipeline_hash({"ops": []}) != a
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, 2**63 - 1),
+            st.floats(allow_nan=False, allow_infinity=False, width=64),
+            st.sampled_from(["float32", "uint8", "int64", "bool", "float16"]),
+            st.lists(st.integers(0, 4), max_size=3),
+            st.one_of(st.none(), st.integers(-(2**63), 2**63 - 1), st.text(max_size=20)),
+            st.one_of(st.none(), st.just({}),
+                      st.dictionaries(st.text(max_size=5), st.integers(-1000, 1000), max_size=3)),
+        ),
+        min_size=1,
+        max_size=6,
+    ),
+    st.one_of(st.none(), st.text(min_size=1, max_size=16)),
+)
+def test_packed_bodies_make_the_same_bytes_as_encode_samples(items, pipeline):
+    from lepton.protocol import encode_sample_body, encode_samples_packed
+
+    samples = [Sample(seq=seq, ts=ts, x=np.zeros(shape, dtype=dtype), y=y, meta=meta)
+               for seq, ts, dtype, shape, y, meta in items]
+
+    packed = encode_samples_packed(
+        "cam-1", [(s.seq, s.ts, encode_sample_body(s.x, s.y, s.meta)) for s in samples], pipeline=pipeline
+    )
+
+    assert packed == encode_samples("cam-1", samples, pipeline=pipeline)
+    assert decode_samples(packed, expected_device="cam-1").samples[-1].seq == samples[-1].seq
+
+
+def test_packed_envelope_refuses_a_body_it_did_not_make():
+    from lepton.protocol import encode_samples_packed
+
+    with pytest.raises(ProtocolError) as exc:
+        encode_samples_packed("cam-1", [(0, 1.0, msgpack.packb([1, 2]))])
+    assert exc.value.field == "samples[].body"
+    with pytest.raises(ProtocolError):
+        encode_samples_packed("cam-1", [])
