@@ -247,7 +247,7 @@ def preprocessing(repeats: int) -> list[dict]:
 def spool_costs(n: int, workdir: Path) -> dict:
     """Where a device's per-sample time goes, single-threaded: spool append, read + envelope encode, ack."""
     from lepton.device import Pipeline, Spool, open_source
-    from lepton.protocol import encode_samples
+    from lepton.protocol import encode_samples_packed
 
     p, src = Pipeline.from_preset("digits"), iter(open_source("digits"))
     frames = [next(src) for _ in range(1797)]
@@ -260,7 +260,8 @@ def spool_costs(n: int, workdir: Path) -> dict:
         out["capture_append_per_s"] = n / (time.perf_counter() - t0)
         t0, cursor = time.perf_counter(), -1
         while rows := spool.read_after(cursor, 32):
-            encode_samples("bench", [r.to_sample() for r in rows], pipeline=p.hash)
+            # What the agent's publisher does: splice the spooled bodies, no tensor re-encoding.
+            encode_samples_packed("bench", [(r.seq, r.ts, r.body) for r in rows], pipeline=p.hash)
             cursor = rows[-1].seq
         out["read_encode_batch32_per_s"] = n / (time.perf_counter() - t0)
         t0 = time.perf_counter()
