@@ -22,7 +22,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from lepton.errors import ConfigError
 from lepton.protocol import BrokerURL, Topics, connect, decode_json, new_client, parse_manifest
@@ -89,6 +89,7 @@ class Demo:
         self.topics = Topics(fleet=self.fleet)
         self.view = FleetView()
         self._procs: dict[str, subprocess.Popen] = {}
+        self._logs: list[IO[bytes]] = []  # children's stdout/stderr files, closed in stop()
         self._stopping = threading.Event()
         self._monitor = None
 
@@ -102,7 +103,7 @@ class Demo:
         proc = subprocess.Popen([sys.executable, "-m", "lepton", *argv], stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True,
                                 env={**os.environ, **(env or {})})
-        proc._lepton_log = out  # type: ignore[attr-defined]
+        self._logs.append(out)
         self._procs[name] = proc
         log.info("started %s (pid %d): %s", name, proc.pid, " ".join(argv))
         return proc
@@ -153,24 +154,23 @@ class Demo:
     def stop(self) -> None:
         """SIGINT every child (devices first, then the worker, then the broker), then SIGKILL stragglers."""
         self._stopping.set()
-        order = [n for n in self._procs if n.startswith("dev-")] + ["worker", "broker"]
-        for name in order:
-            proc = self._procs.get(name)
-            if proc is None:
-                continue
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGINT)
-                except ProcessLookupError:
-                    pass
-            if name == "broker" or name == "worker":
+        # Devices drain their last acks while the worker and broker still run; then the worker, then
+        # the broker. Each group gets SIGINT together and is waited for once.
+        devices = [n for n in self._procs if n.startswith("dev-")]
+        for group in (devices, ["worker"], ["broker"]):
+            procs = [self._procs[n] for n in group if n in self._procs]
+            for proc in procs:
+                if proc.poll() is None:
+                    try:
+                        os.killpg(proc.pid, signal.SIGINT)
+                    except ProcessLookupError:
+                        pass
+            for proc in procs:
                 self._wait(proc, 15)
-        for proc in self._procs.values():
-            self._wait(proc, 15)
         if self._monitor is not None:
             self._monitor.stop()
-        for proc in self._procs.values():
-            proc._lepton_log.close()  # type: ignore[attr-defined]
+        for out in self._logs:
+            out.close()
 
     @staticmethod
     def _wait(proc: subprocess.Popen, timeout: float) -> None:
