@@ -49,6 +49,7 @@ from lepton.protocol import (
     ModelManifest,
     ModelPackage,
     Topics,
+    assemble_package,
     parse_manifest,
     validate_id,
     verify_chunk,
@@ -116,6 +117,10 @@ class _Assembly:
     manifest_wall: float | None = None
     chunks: dict[int, bytes] = field(default_factory=dict)
     rejected: str | None = None  # reason code; further messages of this version are dropped
+    # Set with ``manifest`` once its signature verified; from then on every chunk in ``chunks`` has
+    # been checked against the manifest (on arrival, or when the manifest came), so _finish does not
+    # hash them again.
+    signed_by: str | None = None
     stuck_reported: bool = False
 
     @property
@@ -423,7 +428,7 @@ class ModelRuntime:
         asm = self._assemblies[version] = _Assembly(version=version, chunks=asm.chunks if asm else {})
         asm.manifest_payload, asm.manifest_seen, asm.manifest_wall = payload, mono, wall
         try:
-            verify_signature(signed, signature, self.public_key)
+            asm.signed_by = verify_signature(signed, signature, self.public_key)
             self._check_compatible(manifest)
         except ModelRejected as exc:
             asm.rejected, asm.chunks = exc.reason, {}
@@ -501,7 +506,8 @@ class ModelRuntime:
         version = asm.version
         t0 = time.perf_counter()
         try:
-            package = verify_package(asm.manifest_payload, asm.chunks, public_key=self.public_key)
+            package = assemble_package(asm.manifest, asm.chunks, signed_by=asm.signed_by,
+                                       chunks_verified=True)
         except ModelRejected as exc:
             asm.rejected, asm.chunks = exc.reason, {}
             self._reject(version, exc)
