@@ -176,7 +176,7 @@ def raw_sample_rows(device: str, pipeline: str | None, samples: Sequence[RawSamp
     dumps = json.dumps
     return [
         (device, r.seq, r.ts, None if r.y is None else str(r.y), r.dtype, r.shape, bytes(r.data), pipeline,
-         received_at, dumps(r.meta, separators=(",", ":"), sort_keys=True, default=str) if r.meta else None)
+         received_at, dumps(r.meta, separators=(",", ":"), sort_keys=True, allow_nan=False) if r.meta else None)
         for r in samples
     ]
 

@@ -12,6 +12,11 @@ Design (why it is exactly-once and durable):
   deque and wakes the network thread through its socket pair, so calling it from the writer is safe.
 - A PUBACK carries a packet id that is only meaningful on the connection the message arrived on: after
   a reconnect we skip acks of older messages (the broker redelivers them, the index drops them).
+- Every message is decoded, validated and turned into rows inside its own error boundary: a message
+  that cannot be stored is dead-lettered (report + quarantine) and acknowledged, never retried, so one
+  device's poison never stalls the fleet. Only transient failures (disk full, I/O errors, a locked
+  index) are retried, with backoff, and the status says so (``retrying``, ``last_error``). A failure
+  of an unknown kind splits the batch until the message that causes it is alone, then dead-letters it.
 - Duplicates (redelivery, device resends, a resend reaching another worker of the group) are dropped
   by the shared :class:`~lepton.cloud._index.SampleIndex` inside the same exclusive transaction that
   records the new rows, so two workers on one folder never store a sample twice.
@@ -25,11 +30,13 @@ import contextlib
 import logging
 import os
 import queue
+import sqlite3
 import subprocess
 import sys
 import threading
 import time
 import uuid
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,7 +59,15 @@ from lepton.protocol import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["IngestWorker", "WorkerConfig"]
+__all__ = ["DEFAULT_WORKER_MAX_PAYLOAD_BYTES", "IngestWorker", "WorkerConfig"]
+
+#: The worker's default ceiling for one message: well above the device's 1,000,000-byte envelopes,
+#: and what ``max_packet_size`` in the project's mosquitto.conf allows.
+DEFAULT_WORKER_MAX_PAYLOAD_BYTES = 16 * 1024 * 1024
+
+#: Failures that say nothing about the messages being written: the disk is full or failing, the index
+#: is locked or unreadable for a while. They are retried, with backoff, and the batch stays unacked.
+_TRANSIENT = (OSError, sqlite3.OperationalError)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -79,7 +94,14 @@ class WorkerConfig:
     idle_ms: float = 5.0
     status_interval: float = 2.0
     max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES
-    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
+    #: larger messages are dead-lettered unread; keep it at the broker's max_packet_size.
+    max_payload_bytes: int = DEFAULT_WORKER_MAX_PAYLOAD_BYTES
+    #: payload bytes received and not yet written, at most: beyond it paho's network thread waits
+    #: (QoS 1: the broker holds the rest) and QoS 0 messages are dropped and counted.
+    max_queue_bytes: int = 256 * 1024 * 1024
+    #: quarantine bounds, bytes per device and in total (payloads are de-duplicated by hash).
+    quarantine_device_bytes: int = 64 * 1024 * 1024
+    quarantine_bytes: int = 1024 * 1024 * 1024
     #: at most this many per-sample dead-letter reports per message (then one summary report).
     max_reports_per_message: int = 16
     # -- training trigger ---------------------------------------------------------------------------
@@ -100,6 +122,10 @@ class WorkerConfig:
         BrokerURL.parse(self.broker)
         if self.batch < 1 or self.max_pending < 1 or self.batch_ms < 0:
             raise ConfigError("--batch and --max-pending must be >= 1 and --batch-ms >= 0")
+        if self.max_payload_bytes < 1024 or self.max_queue_bytes < self.max_payload_bytes:
+            raise ConfigError("--max-payload-kb must be >= 1 and --max-queue-mb at least one payload")
+        if self.quarantine_device_bytes < 0 or self.quarantine_bytes < 0:
+            raise ConfigError("--quarantine-mb and --quarantine-device-mb must be >= 0")
         if (self.train_every or self.train_interval) and not (self.model or self.train_command):
             raise ConfigError("--train-every/--train-interval need --model NAME")
 
@@ -112,6 +138,9 @@ class _Message:
     topic: str
     payload: bytes
     received_at: float
+    retain: bool = False
+    #: set when writing this message failed for a reason no retry can fix: dead-letter it.
+    unstorable: str | None = None
 
 
 @dataclass
@@ -122,7 +151,10 @@ class WorkerStats:
     dead_letters: int = 0  # bad messages + bad samples
     files: int = 0
     bytes: int = 0
-    errors: int = 0
+    errors: int = 0  # failed write attempts (transient: retried) and internal errors (isolated)
+    retrying: bool = False
+    last_error: str | None = None
+    dropped_qos0: int = 0  # QoS 0 messages dropped because the receive queue was full
     last_write: float | None = None
     labelled_since_train: int = 0
     train_runs: int = 0
@@ -142,6 +174,7 @@ class IngestWorker:
     def __init__(self, config: WorkerConfig) -> None:
         from lepton.cloud._dataset import DATA_DIR
         from lepton.cloud._index import SqliteIndex
+        from lepton.cloud._quarantine import Quarantine, QuarantineLimits
 
         self.config = config
         self.topics = Topics(fleet=config.fleet)
@@ -152,8 +185,15 @@ class IngestWorker:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.quarantine_dir.mkdir(parents=True, exist_ok=True)
         self.index = SqliteIndex(self.dir / "index.sqlite")
+        self.quarantine = Quarantine(
+            self.quarantine_dir,
+            QuarantineLimits(device_bytes=config.quarantine_device_bytes, total_bytes=config.quarantine_bytes),
+        )
         self.stats = WorkerStats()
         self._q: queue.Queue[_Message] = queue.Queue()
+        # Payload bytes in ``_q``: added by paho's network thread, taken by the writer, under _q_cond.
+        self._q_bytes = 0
+        self._q_cond = threading.Condition()
         self._gen = 0
         self._stop = threading.Event()
         self._stopped = threading.Event()
@@ -168,6 +208,7 @@ class IngestWorker:
         self._client = None
         self._topic_cache: dict[str, Any] = {}
         self._rejected_seqs: dict[str, set[int]] = {}
+        self._pending_dead = 0
         self.started_at = time.time()
 
     # -- lifecycle ------------------------------------------------------------------------------------
@@ -292,7 +333,30 @@ class IngestWorker:
             return
         if self._stop.is_set():
             return  # stopping: not acked, so the broker delivers it again to the next session
-        self._q.put(_Message(self._gen, msg.mid, msg.qos, msg.topic, msg.payload, time.time()))
+        size = len(msg.payload)
+        limit = self.config.max_queue_bytes
+        with self._q_cond:
+            if self._q_bytes + size > limit:
+                if msg.qos == 0:  # nothing would resend it, and nothing may grow without bound
+                    self.stats.dropped_qos0 += 1
+                    if self.stats.dropped_qos0 in (1, 10, 100, 1000) or self.stats.dropped_qos0 % 10_000 == 0:
+                        log.warning("worker %s: receive queue full (%d bytes): dropped %d QoS 0 messages",
+                                    self.config.name, self._q_bytes, self.stats.dropped_qos0)
+                    return
+                # QoS 1: hold paho's network thread (TCP back-pressure; the broker keeps the rest
+                # unacked) until the writer frees room.
+                while self._q_bytes + size > limit and self._q_bytes and not self._stop.is_set():
+                    self._q_cond.wait(0.5)
+            self._q_bytes += size
+        self._q.put(
+            _Message(self._gen, msg.mid, msg.qos, msg.topic, msg.payload, time.time(), bool(msg.retain))
+        )
+
+    def _take(self, msg: _Message) -> _Message:
+        with self._q_cond:
+            self._q_bytes -= len(msg.payload)
+            self._q_cond.notify_all()
+        return msg
 
     _probe_topic: str | None = None
 
@@ -331,7 +395,7 @@ class IngestWorker:
         """Gather one batch and write it; False once stopping and the queue is empty."""
         cfg = self.config
         try:
-            first = self._q.get(timeout=0.2)
+            first = self._take(self._q.get(timeout=0.2))
         except queue.Empty:
             self._poll_training()
             return not self._stop.is_set()
@@ -347,7 +411,7 @@ class IngestWorker:
             if len(batch) >= _MIN_WINDOW:
                 left = min(left, cfg.idle_ms / 1000)
             try:
-                batch.append(self._q.get(timeout=left) if left > 0 else self._q.get_nowait())
+                batch.append(self._take(self._q.get(timeout=left) if left > 0 else self._q.get_nowait()))
             except queue.Empty:
                 break
             n_samples += _samples_hint(batch[-1])
@@ -356,19 +420,31 @@ class IngestWorker:
         return True
 
     def _process_with_retry(self, batch: list[_Message]) -> None:
+        """Write ``batch``: retry transient failures with backoff; isolate anything else.
+
+        A failure that is not transient is a message the writer cannot store that the protocol's rules
+        let through (a bug, or a rule still missing): the batch is split in halves until that message
+        is alone, and then it is dead-lettered and acknowledged, so it can never stall ingest.
+        """
         delay = 0.5
+        st = self.stats
         while True:
             try:
                 self._process(batch)
+                if st.retrying:
+                    log.warning("worker %s: writing works again", self.config.name)
+                    st.retrying = False
+                    self._publish_status()
                 return
-            except Exception:  # disk full, index locked too long...: keep the messages, retry
-                self.stats.errors += 1
-                log.exception(
-                    "worker %s: writing a batch of %d messages failed; retrying in %.1fs",
-                    self.config.name,
-                    len(batch),
-                    delay,
+            except _TRANSIENT as exc:  # disk full, I/O error, index locked: keep the messages, retry
+                st.errors += 1
+                st.retrying = True
+                st.last_error = f"{type(exc).__name__}: {exc}"[:300]
+                log.error(
+                    "worker %s: writing a batch of %d messages failed (%s); retrying in %.1fs",
+                    self.config.name, len(batch), st.last_error, delay,
                 )
+                self._publish_status()
                 if self._stop.wait(delay):
                     log.warning(
                         "worker %s: stopping with %d messages unwritten (the broker redelivers them)",
@@ -377,9 +453,28 @@ class IngestWorker:
                     )
                     return
                 delay = min(delay * 2, 10.0)
+            except Exception as exc:  # deterministic: never retried as it is
+                st.errors += 1
+                st.last_error = f"{type(exc).__name__}: {exc}"[:300]
+                if len(batch) > 1:
+                    log.exception(
+                        "worker %s: a batch of %d messages cannot be written; isolating the message",
+                        self.config.name, len(batch),
+                    )
+                    half = len(batch) // 2
+                    self._process_with_retry(batch[:half])
+                    self._process_with_retry(batch[half:])
+                    return
+                log.exception("worker %s: message on %s cannot be written; dead-lettering it",
+                              self.config.name, batch[0].topic)
+                batch = [dataclasses.replace(batch[0], unstorable=f"{type(exc).__name__}: {exc}"[:300])]
 
     def _decode(self, msg: _Message, reports: list, quarantine: list) -> tuple[str, list[tuple]] | None:
-        """Rows (in dataset schema order) of the good samples of ``msg``; dead-letters the rest."""
+        """Rows (in dataset schema order) of the good samples of ``msg``; dead-letters the rest.
+
+        The message's error boundary: whatever goes wrong while reading ``msg`` or building its rows
+        costs this message only (dead-lettered), never the batch.
+        """
         from lepton.cloud._dataset import raw_sample_rows
 
         cfg = self.config
@@ -393,6 +488,18 @@ class IngestWorker:
                 if len(self._topic_cache) < 100_000:
                     self._topic_cache[msg.topic] = parsed
             device = parsed.device
+            if msg.retain:
+                # Samples are never retained (protocol v1): the broker would hand this message to
+                # every worker that ever subscribes. Dead-letter it; what the device sent live (with
+                # the retain flag cleared by the broker) was stored then.
+                raise ProtocolError(
+                    "retained samples message: samples are published with retain=false; "
+                    "clear it with an empty retained message on this topic",
+                    field="retain",
+                )
+            if msg.unstorable is not None:
+                raise ProtocolError(f"the dataset writer cannot store this message ({msg.unstorable})",
+                                    field="payload")
             # The protocol's validating decoder, in its raw form: no numpy array per sample, the
             # tensor bytes go to Parquet as they arrived.
             device, pipeline, good, bad = decode_samples_raw(
@@ -401,6 +508,7 @@ class IngestWorker:
                 max_tensor_bytes=cfg.max_tensor_bytes,
                 max_payload_bytes=cfg.max_payload_bytes,
             )
+            rows = raw_sample_rows(device, pipeline, good, msg.received_at)
         except ProtocolError as exc:
             self._dead_letter(msg, device, [(None, str(exc), exc.field)], reports, quarantine)
             return None
@@ -422,50 +530,64 @@ class IngestWorker:
                 seq = raw.get("seq") if isinstance(raw, dict) else None
                 if type(seq) is int and 0 <= seq <= MAX_SEQ:
                     self._rejected_seqs.setdefault(device, set()).add(seq)
-        return device, raw_sample_rows(device, pipeline, good, msg.received_at)
+        return device, rows
+
+    def _table(self, parts: list[tuple[_Message, str, list[tuple]]], reports: list, quarantine: list):
+        """The batch's Arrow table, built once; a message whose rows the schema refuses is found,
+        dead-lettered and left out (its seqs acked: resending cannot repair it)."""
+        from lepton.cloud._dataset import table_from_rows
+
+        try:
+            return parts, table_from_rows([r for _m, _d, rows in parts for r in rows])
+        except Exception:  # noqa: BLE001 - which message it was is found below
+            pass
+        kept = []
+        for msg, device, rows in parts:
+            try:
+                table_from_rows(rows)
+            except Exception as exc:
+                log.warning("worker %s: rows of a message on %s do not fit the dataset schema: %s",
+                            self.config.name, msg.topic, exc)
+                self._dead_letter(msg, device, [(None, f"cannot be stored: {type(exc).__name__}: {exc}",
+                                                 "samples")], reports, quarantine)
+                self._rejected_seqs.setdefault(device, set()).update(r[1] for r in rows)
+                continue
+            kept.append((msg, device, rows))
+        return kept, table_from_rows([r for _m, _d, rows in kept for r in rows])
 
     def _process(self, batch: list[_Message]) -> None:
-        from lepton.cloud._dataset import (
-            fsync_dir,
-            new_file_name,
-            table_from_rows,
-            write_atomic,
-            write_parquet_synced,
-        )
+        from lepton.cloud._dataset import fsync_dir, new_file_name, write_parquet_synced
         from lepton.cloud._index import finish_file
 
         cfg = self.config
-        rows: list[tuple] = []
-        seen: dict[str, set[int]] = {}
         reports: list[dict[str, Any]] = []
         quarantine: list[tuple[str, bytes, dict[str, Any]]] = []
-        n_valid = 0
-        self.stats.received += len(batch)
         self._rejected_seqs = {}
+        self._pending_dead = 0
+        parts = []
         for msg in batch:
             decoded = self._decode(msg, reports, quarantine)
-            if decoded is None:
-                continue
-            device, part = decoded
-            n_valid += len(part)
-            rows += part
-            seqs = seen.setdefault(device, set())
-            seqs.update([row[1] for row in part])
+            if decoded is not None and decoded[1]:
+                parts.append((msg, *decoded))
+        parts, table = self._table(parts, reports, quarantine)
+        rows = [r for _m, _d, part in parts for r in part]
+        n_valid = len(rows)
+        seen: dict[str, set[int]] = {}
+        for _m, device, part in parts:
+            seen.setdefault(device, set()).update(row[1] for row in part)
         # Seqs of valid samples only (before rejected seqs join ``seen`` for the acks).
         valid = {dev: set(seqs) for dev, seqs in seen.items()}
 
         # Quarantine first: a bad payload is on disk before its message can be acked.
         if quarantine:
             for name, payload, report in quarantine:
-                write_atomic(self.quarantine_dir / name, payload, sync_dir=False)
-                write_atomic(
-                    self.quarantine_dir / (name[:-4] + ".json"), encode_json(report), sync_dir=False
-                )
-            fsync_dir(self.quarantine_dir)
+                self.quarantine.write(name, payload, encode_json(report))
+            self.quarantine.sync()
 
-        new_rows: list[tuple] = []
+        n_new = 0
         name = None
         size = 0
+        labelled = 0
         if rows or self._my_unmarked:
             with self.index.transaction():
                 if self._my_unmarked:
@@ -478,21 +600,25 @@ class IngestWorker:
                     self.index.mark_visible(others)
                 known = {dev: self.index.known(dev, seqs) for dev, seqs in valid.items()}
                 if not any(known.values()) and sum(map(len, valid.values())) == len(rows):
-                    new_rows = rows  # the common case: nothing stored yet, no repeat inside the batch
+                    keep = None  # the common case: nothing stored yet, no repeat inside the batch
+                    n_new = len(rows)
                 else:
-                    new_rows, taken = [], set()
-                    for r in rows:
+                    keep, taken = [], set()
+                    for i, r in enumerate(rows):
                         key = (r[0], r[1])
                         if r[1] not in known[r[0]] and key not in taken:
                             taken.add(key)
-                            new_rows.append(r)
-                if new_rows:
+                            keep.append(i)
+                    n_new = len(keep)
+                if n_new:
+                    new_table = table if keep is None else table.take(keep)
+                    labelled = n_new - new_table.column("label").null_count
                     name = new_file_name(cfg.name)
                     tmp = self.data_dir / f".{name}.tmp"
-                    size = write_parquet_synced(tmp, table_from_rows(new_rows))
+                    size = write_parquet_synced(tmp, new_table)
                     for dev, seqs in valid.items():
                         self.index.add(dev, seqs - known[dev])
-                    self.index.add_file(name, rows=len(new_rows), size=size, visible=False)
+                    self.index.add_file(name, rows=n_new, size=size, visible=False)
             if name is not None:
                 try:
                     os.replace(self.data_dir / f".{name}.tmp", self.data_dir / name)
@@ -516,11 +642,11 @@ class IngestWorker:
             if msg.gen == gen and msg.qos > 0:
                 client.ack(msg.mid, msg.qos)
 
-        n_dup = n_valid - len(new_rows)
-        labelled = sum(1 for r in new_rows if r[3] is not None)
         with self._cond:
-            self.stats.stored += len(new_rows)
-            self.stats.duplicates += n_dup
+            self.stats.received += len(batch)
+            self.stats.dead_letters += self._pending_dead
+            self.stats.stored += n_new
+            self.stats.duplicates += n_valid - n_new
             if name is not None:
                 self.stats.files += 1
                 self.stats.bytes += size
@@ -537,16 +663,19 @@ class IngestWorker:
         quarantine: list[tuple[str, bytes, dict[str, Any]]],
     ) -> None:
         cfg = self.config
-        qname = f"{int(msg.received_at * 1000):013d}-{device or 'unknown'}-{uuid.uuid4().hex[:8]}.bin"
+        full = {"problems": [{"sample": i, "reason": r, "field": f} for i, r, f in problems]}
+        qname, verdict = self.quarantine.admit(device, msg.payload, report_size=len(encode_json(full)) + 400)
         base = {
             "topic": msg.topic,
             "device": device,
             "size": len(msg.payload),
             "time": msg.received_at,
             "worker": cfg.name,
-            "quarantine": qname,
+            "quarantine": qname if verdict in ("new", "duplicate") else None,
         }
-        self.stats.dead_letters += len(problems)
+        if base["quarantine"] is None:
+            base["quarantine_refused"] = verdict  # over its bounds: reported, acked, not kept
+        self._pending_dead += len(problems)
         shown = problems[: cfg.max_reports_per_message]
         for index, reason, fld in shown:
             reports.append({**base, "reason": reason, "field": fld, "sample": index})
@@ -559,13 +688,8 @@ class IngestWorker:
                     "sample": None,
                 }
             )
-        quarantine.append(
-            (
-                qname,
-                bytes(msg.payload),
-                {**base, "problems": [{"sample": i, "reason": r, "field": f} for i, r, f in problems]},
-            )
-        )
+        if verdict == "new":
+            quarantine.append((qname, bytes(msg.payload), {**base, **full}))
         log.warning(
             "worker %s: dead-lettered %d problem(s) from %s (%d bytes): %s",
             cfg.name,
@@ -598,8 +722,13 @@ class IngestWorker:
                 "bytes": st.bytes,
                 "received": st.received,
                 "errors": st.errors,
+                "retrying": st.retrying,
+                "last_error": st.last_error,
+                "dropped_qos0": st.dropped_qos0,
+                "quarantine": self.quarantine.usage(),
                 "last_write": None if st.last_write is None else round(st.last_write, 3),
                 "queue": self._q.qsize(),
+                "queue_bytes": self._q_bytes,
                 "started_at": round(self.started_at, 3),
                 "train_runs": st.train_runs,
                 "train_running": st.train_running,

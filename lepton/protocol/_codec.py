@@ -27,6 +27,9 @@ _ITEMSIZE = {name: dtype.itemsize for name, dtype in DTYPES.items()}
 #: Default ceiling for one decoded tensor (bytes). Configurable per call.
 DEFAULT_MAX_TENSOR_BYTES = 64 * 1024 * 1024
 MAX_RANK = 8
+#: Every dimension is below 2**31 (stores keep shapes as int32), and so is the product of the non-zero
+#: dimensions: an empty tensor like ``[0, 2**40]`` has no bytes, but no store can describe it either.
+MAX_DIM = 2**31 - 1
 
 
 def encode_tensor(array: np.ndarray) -> dict[str, Any]:
@@ -70,9 +73,16 @@ def check_tensor(
     shape = obj.get("shape")
     if not isinstance(shape, list) or len(shape) > MAX_RANK:
         raise ProtocolError(f"shape must be a list of at most {MAX_RANK} ints", field=f"{field}.shape")
+    extent = 1
     for dim in shape:
-        if type(dim) is not int or dim < 0:
-            raise ProtocolError(f"shape entries must be ints >= 0, got {shape!r}", field=f"{field}.shape")
+        if type(dim) is not int or not 0 <= dim <= MAX_DIM:
+            raise ProtocolError(f"shape entries must be ints in [0, 2**31-1], got {shape!r:.80}",
+                                field=f"{field}.shape")
+        if dim:
+            extent *= dim
+    if extent > MAX_DIM:
+        raise ProtocolError(f"the product of the non-zero dimensions of {shape} exceeds 2**31-1",
+                            field=f"{field}.shape")
     data = obj.get("data")
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise ProtocolError(f"data must be binary, got {type(data).__name__}", field=f"{field}.data")

@@ -22,6 +22,11 @@ MAX_SEQ = 2**63 - 1
 DEFAULT_MAX_PAYLOAD_BYTES = 256 * 1024 * 1024
 MAX_SAMPLES_PER_ENVELOPE = 65_536
 MAX_LABEL_CHARS = 256
+#: Bounds of a sample's ``meta`` map: nesting depth (the map itself is level 1), entries (keys, list
+#: items and scalars, counted over the whole tree) and characters of all its keys and strings.
+MAX_META_DEPTH = 8
+MAX_META_ITEMS = 1024
+MAX_META_CHARS = 65_536
 
 
 @dataclass(frozen=True)
@@ -74,6 +79,7 @@ def encode_samples(device: str, samples: Iterable[Sample], *, pipeline: str | No
         item: dict[str, Any] = {"seq": sample.seq, "ts": float(sample.ts), "x": encode_tensor(sample.x),
                                 "y": _check_label(sample.y, "samples[].y")}
         if sample.meta:
+            check_meta(sample.meta, field="samples[].meta")
             item["meta"] = sample.meta
         items.append(item)
     if not items:
@@ -94,8 +100,7 @@ def encode_sample_body(
     """
     item: dict[str, Any] = {"x": encode_tensor(x), "y": _check_label(y, "y")}
     if meta:
-        if not isinstance(meta, dict):
-            raise ProtocolError(f"meta must be a map, got {type(meta).__name__}", field="meta")
+        check_meta(meta)
         item["meta"] = meta
     return msgpack.packb(item, use_bin_type=True)
 
@@ -241,12 +246,59 @@ def _check_sample(raw: Any, index: int, max_tensor_bytes: int) -> RawSample:
         if y is not None:
             y = _check_label(y, "y")
         meta = raw.get("meta")
-        if meta is not None and type(meta) is not dict:
-            raise ProtocolError(f"meta must be a map, got {type(meta).__name__}", field="meta")
+        if meta is not None:
+            check_meta(meta)
     except ProtocolError as exc:
         where = f"samples[{index}]" + (f".{exc.field}" if exc.field else "")
         raise ProtocolError(exc.detail, field=where) from None
     return RawSample(seq, float(ts), y, dtype, shape, data, meta)
+
+
+_META_SCALARS = (str, int, float, bool, type(None))
+
+
+def check_meta(meta: Any, *, field: str = "meta") -> None:
+    """Check that ``meta`` is what every store can keep as JSON: a map with string keys whose values are
+    nil, booleans, 64-bit ints, finite floats, strings, arrays and maps, at most :data:`MAX_META_DEPTH`
+    deep, with at most :data:`MAX_META_ITEMS` entries and :data:`MAX_META_CHARS` characters in all.
+
+    Iterative, so a hostile depth costs no recursion; raises ProtocolError naming ``field``.
+    """
+    if type(meta) is not dict:
+        raise ProtocolError(f"meta must be a map, got {type(meta).__name__}", field=field)
+    items = chars = 0
+    stack: list[tuple[Any, int]] = [(meta, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_META_DEPTH:
+            raise ProtocolError(f"meta is nested deeper than {MAX_META_DEPTH} levels", field=field)
+        if type(node) is dict:
+            values = node.values()
+            for key in node:
+                if type(key) is not str:
+                    raise ProtocolError(f"meta keys must be strings, got {type(key).__name__}", field=field)
+                chars += len(key)
+        else:
+            values = node
+        items += len(node)
+        if items > MAX_META_ITEMS:
+            raise ProtocolError(f"meta has more than {MAX_META_ITEMS} entries", field=field)
+        for value in values:
+            kind = type(value)
+            if kind is dict or kind is list:
+                stack.append((value, depth + 1))
+            elif kind is str:
+                chars += len(value)
+            elif kind is float:
+                if not math.isfinite(value):
+                    raise ProtocolError(f"meta floats must be finite, got {value!r}", field=field)
+            elif kind is int:
+                if not -(2**63) <= value < 2**64:
+                    raise ProtocolError("meta ints must fit in 64 bits", field=field)
+            elif kind not in _META_SCALARS:
+                raise ProtocolError(f"meta values must be JSON values, got {kind.__name__}", field=field)
+        if chars > MAX_META_CHARS:
+            raise ProtocolError(f"meta holds more than {MAX_META_CHARS} characters", field=field)
 
 
 def _to_sample(r: RawSample) -> Sample:

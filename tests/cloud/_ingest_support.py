@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lepton.errors import ProtocolError
 from lepton.protocol import BrokerURL, Sample, Topics, connect, decode_acks, encode_samples, new_client
 
 REPO = Path(__file__).resolve().parents[2]
@@ -58,7 +59,14 @@ class ResendPublisher:
         self.client.on_message = self._on_ack
 
     def _on_ack(self, client, userdata, msg) -> None:  # noqa: ANN001
-        ranges = decode_acks(msg.payload)
+        # What a device does: anything that is not an acks payload on its own acks topic is ignored
+        # (an exception here would keep paho from sending the PUBACK, and the broker would stall).
+        if msg.topic != self.topics.acks(self.device):
+            return
+        try:
+            ranges = decode_acks(msg.payload)
+        except ProtocolError:
+            return
         with self.lock:
             for a, b in ranges:
                 self.acked.update(range(a, b + 1))

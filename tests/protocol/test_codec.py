@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import tracemalloc
 
 import msgpack
@@ -125,8 +127,55 @@ def test_huge_shape_is_refused_without_allocating():
     finally:
         tracemalloc.stop()
 
-    assert "exceeds the limit" in str(info.value)
+    assert "2**31-1" in str(info.value) and info.value.field == "x.shape"
     assert peak < 1_000_000
+
+
+@pytest.mark.parametrize(
+    "shape, ok",
+    [([0, 2**31], False), ([2**31 - 1, 0], True), ([0, 2**16, 2**16], False), ([0, 2**15, 2**15], True),
+     ([2**31], False)],
+)
+def test_every_dimension_and_their_extent_fit_int32(shape, ok):
+    """Stores keep shapes as int32: an empty tensor like [0, 2**31] passed the byte check (0 bytes)
+    and then made the dataset writer fail on every retry (issue 10)."""
+    from lepton.protocol import check_tensor
+
+    tensor = {"dtype": "uint8", "shape": shape, "data": b"" if 0 in shape else b"\0"}
+    if ok:
+        check_tensor(tensor)
+    else:
+        with pytest.raises(ProtocolError) as info:
+            check_tensor(tensor)
+        assert info.value.field == "x.shape"
+
+
+@pytest.mark.parametrize(
+    "meta, ok",
+    [
+        ({"source": "camera:0", "frame": [640, 480], "gain": 1.5, "on": True, "n": None}, True),
+        ({b"k": 1}, False),
+        ({"a": float("nan")}, False),
+        ({"a": float("inf")}, False),
+        ({"a": b"\x00"}, False),
+        ({"a": 2**64}, False),
+        ({"a": {"b": {"c": {"d": {"e": {"f": {"g": 1}}}}}}}, True),  # 7 levels
+        ({"a": {"b": {"c": {"d": {"e": {"f": {"g": {"h": {}}}}}}}}}, False),  # 9 levels
+        ({str(i): i for i in range(1025)}, False),
+        ({"s": "x" * 70_000}, False),
+        ([1, 2], False),
+    ],
+)
+def test_meta_is_bounded_and_json(meta, ok):
+    from lepton.protocol import check_meta
+
+    if ok:
+        check_meta(meta)
+        json.dumps(meta, allow_nan=False)
+    else:
+        with pytest.raises(ProtocolError) as info:
+            check_meta(meta)
+        assert info.value.field == "meta"
 
 
 def test_bool_data_must_be_zero_or_one():
