@@ -1,0 +1,67 @@
+"""The exactly-once index's cost must not grow with the span of a device's seqs (issue 10, item 6):
+a device that sent 1M sparse seqs made every lookup of its next batch read all of its ranges, and the
+one writer thread slowed down for every device. Work is counted in SQLite VM steps, not seconds."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from lepton.cloud._index import SqliteIndex
+
+
+def _steps(index: SqliteIndex, fn) -> int:  # noqa: ANN001
+    count = [0]
+
+    def tick() -> int:
+        count[0] += 1
+        return 0
+
+    index._db.set_progress_handler(tick, 1)
+    try:
+        fn()
+    finally:
+        index._db.set_progress_handler(None, 1)
+    return count[0]
+
+
+@pytest.fixture
+def sparse(tmp_path):
+    index = SqliteIndex(tmp_path / "index.sqlite")
+    with index.transaction():  # 100,000 single-seq ranges, 1,000 apart, for the hostile device
+        index._db.executemany("INSERT INTO ranges VALUES ('evil', ?, ?)",
+                              [(i * 1000, i * 1000) for i in range(100_000)])
+        index.add("cam-1", range(0, 5000))
+    yield index
+    index.close()
+
+
+def test_lookup_cost_does_not_grow_with_the_span(sparse):
+    with sparse.transaction():
+        narrow = _steps(sparse, lambda: sparse.known("evil", [5000, 5001]))
+        wide = _steps(sparse, lambda: sparse.known("evil", [5000, 99_999_000]))
+        honest = _steps(sparse, lambda: sparse.known("cam-1", range(5000, 5032)))
+        assert sparse.known("evil", [5000, 5001, 99_999_000, 99_999_001]) == {5000, 99_999_000}
+    assert wide <= 3 * narrow + 50, (narrow, wide)
+    assert honest < 500, honest
+
+
+def test_known_and_add_agree_with_a_set(tmp_path):
+    index = SqliteIndex(tmp_path / "index.sqlite")
+    rng = random.Random(3)
+    truth: set[int] = set()
+    for _ in range(200):
+        batch = {rng.randrange(0, 3000) for _ in range(rng.randrange(1, 40))}
+        if rng.random() < 0.3:
+            start = rng.randrange(0, 3000)
+            batch |= set(range(start, start + rng.randrange(1, 100)))
+        with index.transaction():
+            known = index.known("d", batch)
+            assert known == batch & truth
+            index.add("d", batch - known)
+        truth |= batch
+    assert index.count() == len(truth)
+    ranges = index.ranges("d")
+    assert all(b + 1 < c for (_, b), (c, _) in zip(ranges, ranges[1:], strict=False))  # merged
+    index.close()
