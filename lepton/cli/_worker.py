@@ -107,6 +107,23 @@ def register(parser: argparse.ArgumentParser) -> None:
         metavar="ARG",
         help="extra argument for lepton train (repeatable), e.g. --train-arg=--epochs=5",
     )
+    bounds = parser.add_argument_group("bounds (what one device can cost the worker)")
+    bounds.add_argument(
+        "--max-payload-kb", type=int, default=16 * 1024, metavar="KB",
+        help="larger messages are dead-lettered unread; keep it at the broker's max_packet_size (16384)",
+    )
+    bounds.add_argument(
+        "--max-queue-mb", type=int, default=256, metavar="MB",
+        help="received, unwritten payload bytes at most; beyond: QoS 1 waits, QoS 0 is dropped (256)",
+    )
+    bounds.add_argument(
+        "--quarantine-mb", type=int, default=1024, metavar="MB",
+        help="quarantined payloads kept in all, de-duplicated by hash (1024)",
+    )
+    bounds.add_argument(
+        "--quarantine-device-mb", type=int, default=64, metavar="MB",
+        help="quarantined payloads kept per device (64); beyond, dead letters are reported, not kept",
+    )
     parser.add_argument("--json", action="store_true", help="progress as one JSON status per line on stdout")
     parser.add_argument("--quiet", action="store_true", help="no progress line")
     parser.set_defaults(handler=run)
@@ -135,6 +152,10 @@ def run(args: argparse.Namespace) -> int:
         key=args.key,
         train_publish=args.train_publish,
         train_args=tuple(args.train_arg),
+        max_payload_bytes=args.max_payload_kb * 1024,
+        max_queue_bytes=args.max_queue_mb * 1024 * 1024,
+        quarantine_bytes=args.quarantine_mb * 1024 * 1024,
+        quarantine_device_bytes=args.quarantine_device_mb * 1024 * 1024,
     )
     worker = IngestWorker(config)
     stop = threading.Event()
