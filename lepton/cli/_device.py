@@ -93,7 +93,13 @@ def register(parser: argparse.ArgumentParser) -> None:
         default="drop-oldest",
         help="when the spool is full: drop the oldest samples (counted) or block capture",
     )
-    pub.add_argument("--fsync", action="store_true", help="fsync every sample (survives power loss; slower)")
+    pub.add_argument(
+        "--fsync",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="spool is power-loss safe: one fsync per group commit of samples (default). --no-fsync "
+        "survives a crash or kill -9 but a power cut can lose samples the device believed spooled",
+    )
     pub.add_argument(
         "--ack-timeout",
         type=float,

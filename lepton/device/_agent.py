@@ -96,7 +96,8 @@ class DeviceConfig:
     spool_dir: str | Path | None = None
     spool_max_bytes: int = 256 * 1024 * 1024
     on_full: str = "drop-oldest"
-    fsync: bool = False
+    #: power-loss safe spool (one fsync per group commit); False survives crashes, not power cuts.
+    fsync: bool = True
     ack_timeout: float = 10.0
     window: int = 4096
     telemetry_interval: float = 5.0
@@ -579,7 +580,9 @@ class DeviceAgent:
     def _connect(self) -> None:
         client = new_client(
             self.url,
-            client_id=self.device_id,
+            # The client-id binding (broker/README.md): a device's username is its id, or ids go under it.
+            client_id=self.device_id if self.url.username in (None, self.device_id)
+            else f"{self.url.username}/{self.device_id}",
             clean_session=False,
             max_inflight=100,
             ca_certs=self.config.ca_certs,
@@ -702,7 +705,8 @@ class DeviceAgent:
             if isinstance(label, np.generic):  # labels from numpy arrays (custom sources) go as plain values
                 label = label.item()
             try:
-                seq = self.spool.append(x, label, pipeline=self.pipeline.hash)
+                # Group commit: durable within the spool's commit_ms, and never published before.
+                seq = self.spool.append_nowait(x, label, pipeline=self.pipeline.hash)
             except SpoolFull:
                 return  # block policy interrupted by stop()
             except ProtocolError as exc:  # e.g. a label that is neither int nor str: skip, never crash

@@ -8,10 +8,21 @@ Why SQLite in WAL mode rather than append-only segment files:
 * **Acks arrive out of order** (ranges from several workers, resends); deleting an arbitrary range is one
   indexed ``DELETE`` here, where segments would need tombstones and rewriting.
 * **One file, in the standard library**, readable with the ``sqlite3`` shell when debugging a field device.
-* WAL lets the capture thread write while the publisher reads. ``synchronous=NORMAL`` (the default here)
-  survives a process crash or ``kill -9`` with nothing lost (a committed transaction is in the WAL in the
-  OS page cache); pass ``fsync=True`` for ``synchronous=FULL`` if it must also survive power loss, at the
-  price of one fsync per sample.
+* WAL lets the committer write while the publisher reads.
+
+**Group commit, power-loss safe by default.** :meth:`Spool.append_nowait` gives the sample its seq and
+queues it in memory; the spool's committer thread writes every queued sample in one transaction every
+``commit_ms`` milliseconds (or as soon as ``commit_every`` are queued), with ``synchronous=FULL``: one
+fsync of the WAL per transaction, not per sample. Only committed rows exist for :meth:`read_after`, so
+nothing is published before it is durable, and :meth:`wait_for_seq` wakes on commits. A power cut
+loses at most the samples captured in the last ``commit_ms`` (never published, never acknowledged:
+as if the camera had not taken them). :meth:`append` waits for its commit. ``fsync=False``
+(``--no-fsync``) keeps ``synchronous=NORMAL``: it still survives a crash or ``kill -9`` of the process,
+but a power cut can lose committed samples (SQLite WAL then fsyncs only at checkpoints).
+
+Threads: the committer owns the write of queued rows; ``_db_lock`` serialises every use of the
+connection; ``_cond`` guards the in-memory state (``_pending``, ``_next_seq``, ``_durable_next``,
+``_bytes``, ``_depth``). Lock order: ``_db_lock`` is never taken while holding ``_cond``.
 
 The next seq is one past the highest seq ever stored: the highest row still in the table, or the value
 saved in ``meta`` in the same transaction that deletes rows (acks, drops). So it only grows, and a
@@ -100,12 +111,16 @@ class Spool:
         *,
         max_bytes: int = 256 * 1024 * 1024,
         on_full: str = "drop-oldest",
-        fsync: bool = False,
+        fsync: bool = True,
+        commit_ms: float = 5.0,
+        commit_every: int = 256,
     ) -> None:
         if on_full not in ON_FULL_POLICIES:
             raise ConfigError(f"on_full must be one of {', '.join(ON_FULL_POLICIES)}, got {on_full!r}")
         if not isinstance(max_bytes, int) or max_bytes < 256:
             raise ConfigError(f"spool max_bytes must be an int >= 256, got {max_bytes!r}")
+        if commit_ms < 0 or commit_every < 1:
+            raise ConfigError("spool commit_ms must be >= 0 and commit_every >= 1")
         self.directory = Path(directory)
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
@@ -127,7 +142,18 @@ class Spool:
         self.on_full = on_full
         self.path = self.directory / DB_NAME
         self._cond = threading.Condition(threading.RLock())
-        self._closing = False
+        self._db_lock = threading.RLock()
+        self._closing = False  # wakes blocked appends (stop)
+        self._stopping = False  # the committer writes what is queued and exits (close)
+        self.fsync = fsync
+        self.commit_ms = commit_ms
+        self.commit_every = commit_every
+        #: samples queued at most before append waits for the committer
+        self._max_pending = max(4 * commit_every, 1024)
+        self._pending: list[tuple[int, float, str | None, int, bytes]] = []
+        self._first_pending_at = 0.0
+        self._commit_error: str | None = None
+        self.commits = 0
         try:
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -136,6 +162,7 @@ class Spool:
             self._bytes, self._depth = self._db.execute(
                 "SELECT COALESCE(SUM(size), 0), COUNT(*) FROM samples"
             ).fetchone()
+            self._db_bytes = self._bytes  # what the table holds (committer and ack, under _db_lock)
             # The next seq is one past the highest seq ever stored: still in `samples`, or saved in
             # meta by ack()/drop before the rows that held it were deleted.
             self._next_seq = int(
@@ -150,6 +177,7 @@ class Spool:
                 f"spool database {str(self.path)!r} is unreadable ({exc}); move it aside to start "
                 "a fresh spool (its unacknowledged samples would be lost)"
             ) from None
+        self._durable_next = self._next_seq
         if self._depth:
             log.info(
                 "spool %s: %d unacknowledged samples (%d bytes) from a previous run",
@@ -157,15 +185,28 @@ class Spool:
                 self._depth,
                 self._bytes,
             )
+        self._committer = threading.Thread(target=self._commit_loop, name="lepton-spool-commit", daemon=True)
+        self._committer.start()
 
     # -- counters -----------------------------------------------------------------------------------
     def _meta(self, key: str) -> int:
-        return int(self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()[0])
+        with self._db_lock:
+            return int(self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()[0])
 
     @property
     def depth(self) -> int:
-        """Samples stored and not yet acknowledged."""
+        """Samples captured and not yet acknowledged (queued for commit included)."""
         return self._depth
+
+    @property
+    def durable_next(self) -> int:
+        """Every seq below this is committed (on disk, and fsynced unless ``fsync=False``)."""
+        return self._durable_next
+
+    @property
+    def pending(self) -> int:
+        """Samples queued in memory for the next commit."""
+        return len(self._pending)
 
     @property
     def bytes(self) -> int:
@@ -179,11 +220,10 @@ class Spool:
     @property
     def dropped(self) -> int:
         """Samples dropped by the drop-oldest policy over the spool's whole life."""
-        with self._cond:
-            return self._meta("dropped")
+        return self._meta("dropped")
 
     def oldest_seq(self) -> int | None:
-        with self._cond:
+        with self._db_lock:
             row = self._db.execute("SELECT MIN(seq) FROM samples").fetchone()
         return row[0]
 
@@ -203,10 +243,27 @@ class Spool:
         pipeline: str | None = None,
         timeout: float | None = None,
     ) -> int:
-        """Store one sample and return its seq (committed to disk when this returns).
+        """Store one sample and return its seq once it is committed (see :meth:`append_nowait`)."""
+        seq = self.append_nowait(x, y, ts=ts, meta=meta, pipeline=pipeline, timeout=timeout)
+        self.wait_durable(seq)
+        return seq
 
-        When full: ``drop-oldest`` deletes the oldest samples in the same transaction; ``block`` waits up
-        to ``timeout`` seconds (forever when None) for acks to free room, else raises SpoolFull.
+    def append_nowait(
+        self,
+        x: np.ndarray,
+        y: int | str | None = None,
+        *,
+        ts: float | None = None,
+        meta: dict[str, Any] | None = None,
+        pipeline: str | None = None,
+        timeout: float | None = None,
+    ) -> int:
+        """Give the sample its seq and queue it for the next group commit; return the seq.
+
+        It is on disk within ``commit_ms`` (:meth:`wait_durable` waits for it) and never published
+        before. When full: ``drop-oldest`` deletes the oldest samples in the commit's transaction;
+        ``block`` waits up to ``timeout`` seconds (forever when None) for acks to free room, else
+        raises SpoolFull.
         """
         body = self.encode_body(x, y, meta)
         size = len(body)
@@ -217,69 +274,138 @@ class Spool:
             )
         ts = time.time() if ts is None else ts
         with self._cond:
-            if self.on_full == "block" and self._bytes + size > self.max_bytes:
-                deadline = None if timeout is None else time.monotonic() + timeout
+            deadline = None if timeout is None else time.monotonic() + timeout
+
+            def wait(why: str) -> None:
+                if self._closing:
+                    raise SpoolFull("spool is closing")
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise SpoolFull(f"{why} for {timeout}s")
+                self._cond.wait(0.5 if left is None else min(left, 0.5))
+
+            if self.on_full == "block":
                 while self._bytes + size > self.max_bytes:
-                    if self._closing:
-                        raise SpoolFull("spool is closing")
-                    left = None if deadline is None else deadline - time.monotonic()
-                    if left is not None and left <= 0:
-                        raise SpoolFull(
-                            f"spool full ({self._bytes} of {self.max_bytes} bytes) for {timeout}s"
-                        )
-                    self._cond.wait(0.5 if left is None else min(left, 0.5))
-            db = self._db
+                    wait(f"spool full ({self._bytes} of {self.max_bytes} bytes)")
+            while len(self._pending) >= self._max_pending:  # the disk is slower than capture
+                wait("spool commits are behind")
             seq = self._next_seq
-            dropped_now, freed = 0, 0
-            row = (seq, ts, pipeline, size, body)
-            if self._bytes + size <= self.max_bytes:
-                # The common case is one INSERT, atomic on its own in autocommit mode: next_seq is not
-                # written per sample; it is max(seq) + 1, saved to meta only before rows are deleted.
-                db.execute("INSERT INTO samples(seq, ts, pipeline, size, body) VALUES (?, ?, ?, ?, ?)", row)
-            else:
-                db.execute("BEGIN IMMEDIATE")
-                try:
-                    need = self._bytes + size - self.max_bytes
+            if not self._pending:
+                self._first_pending_at = time.monotonic()
+            self._pending.append((seq, ts, pipeline, size, body))
+            self._next_seq = seq + 1
+            self._bytes += size
+            self._depth += 1
+            self._cond.notify_all()
+            return seq
+
+    def wait_durable(self, seq: int, timeout: float | None = None) -> bool:
+        """Wait until ``seq`` is committed; False on timeout or when the spool closed first."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._durable_next > seq or self._committer_done, timeout)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every sample appended so far is committed."""
+        return self.wait_durable(self._next_seq - 1, timeout)
+
+    # -- the committer thread -----------------------------------------------------------------------
+    _committer_done = False
+
+    def _commit_loop(self) -> None:
+        backoff = 0.05
+        while True:
+            with self._cond:
+                while not self._pending and not self._stopping:
+                    self._cond.wait()
+                if not self._pending:
+                    self._committer_done = True
+                    self._cond.notify_all()
+                    return
+                due = self._first_pending_at + self.commit_ms / 1000
+                while (len(self._pending) < self.commit_every and not self._stopping
+                       and (left := due - time.monotonic()) > 0):
+                    self._cond.wait(left)
+                batch = self._pending
+                self._pending = []
+            try:
+                dropped, freed = self._write(batch)
+            except sqlite3.Error as exc:  # disk full, I/O error: keep the rows queued and retry
+                with self._cond:
+                    self._pending = batch + self._pending
+                    self._first_pending_at = time.monotonic()
+                    if self._commit_error is None:
+                        log.error("spool %s: commit failed (%s); retrying", self.path, exc)
+                    self._commit_error = str(exc)
+                if self._stopping and backoff > 2:
+                    log.error("spool %s: closing with %d samples never committed", self.path, len(batch))
+                    with self._cond:
+                        self._committer_done = True
+                        self._cond.notify_all()
+                    return
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            backoff = 0.05
+            with self._cond:
+                self._commit_error = None
+                self._durable_next = batch[-1][0] + 1
+                self._bytes -= freed
+                self._depth -= dropped
+                self.commits += 1
+                self._cond.notify_all()
+            if dropped:
+                log.warning("spool full (%d bytes): dropped the %d oldest unacknowledged samples",
+                            self.max_bytes, dropped)
+
+    def _write(self, batch: list[tuple[int, float, str | None, int, bytes]]) -> tuple[int, int]:
+        """One transaction for ``batch`` (drop-oldest included); returns (dropped, freed bytes)."""
+        size = sum(r[3] for r in batch)
+        with self._db_lock:
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                dropped, freed, last_dropped = 0, 0, None
+                need = self._db_bytes + size - self.max_bytes
+                if need > 0:
                     for seq_, sz in db.execute("SELECT seq, size FROM samples ORDER BY seq"):
                         if freed >= need:
                             break
                         freed += sz
-                        dropped_now += 1
+                        dropped += 1
                         last_dropped = seq_
-                    db.execute(
-                        "INSERT INTO samples(seq, ts, pipeline, size, body) VALUES (?, ?, ?, ?, ?)", row
-                    )
-                    if dropped_now:
+                    if last_dropped is not None:
                         db.execute("DELETE FROM samples WHERE seq <= ?", (last_dropped,))
-                        db.execute("UPDATE meta SET value = value + ? WHERE key='dropped'", (dropped_now,))
-                    db.execute("COMMIT")
-                except BaseException:
-                    db.execute("ROLLBACK")
-                    raise
-            self._next_seq = seq + 1
-            self._bytes += size - freed
-            self._depth += 1 - dropped_now
-            if dropped_now:
-                log.warning(
-                    "spool full (%d bytes): dropped the %d oldest unacknowledged samples",
-                    self.max_bytes,
-                    dropped_now,
-                )
-            self._cond.notify_all()
-            return seq
+                rows = batch
+                while need - freed > 0 and len(rows) > 1:  # one commit bigger than the whole spool
+                    freed += rows[0][3]
+                    dropped += 1
+                    rows = rows[1:]
+                db.executemany("INSERT INTO samples(seq, ts, pipeline, size, body) VALUES (?, ?, ?, ?, ?)", rows)
+                if dropped:
+                    db.execute(
+                        "UPDATE meta SET value = ? WHERE key='next_seq' AND value < ?",
+                        (batch[-1][0] + 1, batch[-1][0] + 1),
+                    )
+                    db.execute("UPDATE meta SET value = value + ? WHERE key='dropped'", (dropped,))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            self._db_bytes += size - freed
+        return dropped, freed
 
     def ack(self, ranges: Iterable[Sequence[int]]) -> int:
         """Delete the samples whose seq falls in any inclusive ``(first, last)`` range; return how many."""
         removed = 0
-        with self._cond:
+        freed = 0
+        with self._db_lock:
             db = self._db
+            # Save next_seq before deleting: the rows about to go may hold the highest seq.
+            next_seq = self._durable_next
             db.execute("BEGIN IMMEDIATE")
             try:
-                freed = 0
-                # Save next_seq before deleting: the rows about to go may hold the highest seq.
                 db.execute(
-                    "UPDATE meta SET value = ? WHERE key='next_seq' AND value < ?",
-                    (self._next_seq, self._next_seq),
+                    "UPDATE meta SET value = ? WHERE key='next_seq' AND value < ?", (next_seq, next_seq)
                 )
                 for first, last in ranges:
                     n, sz = db.execute(
@@ -294,6 +420,8 @@ class Spool:
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
+            self._db_bytes -= freed
+        with self._cond:
             self._bytes -= freed
             self._depth -= removed
             if removed:
@@ -303,7 +431,7 @@ class Spool:
     # -- reading ------------------------------------------------------------------------------------
     def read_after(self, seq: int, limit: int) -> list[SpooledSample]:
         """Up to ``limit`` stored samples with a seq greater than ``seq``, oldest first."""
-        with self._cond:
+        with self._db_lock:  # committed rows only: nothing is published before it is durable
             rows = self._db.execute(
                 "SELECT seq, ts, pipeline, body FROM samples WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit)
             ).fetchall()
@@ -311,11 +439,12 @@ class Spool:
 
     def count_through(self, seq: int) -> int:
         """How many stored samples have a seq <= ``seq`` (the publisher's unacknowledged window)."""
-        with self._cond:
+        with self._db_lock:
             return int(self._db.execute("SELECT COUNT(*) FROM samples WHERE seq <= ?", (seq,)).fetchone()[0])
 
     def seqs(self) -> list[int]:
-        with self._cond:
+        """Committed seqs (call :meth:`flush` first to include the queued ones)."""
+        with self._db_lock:
             return [r[0] for r in self._db.execute("SELECT seq FROM samples ORDER BY seq")]
 
     def wait_for_change(self, timeout: float) -> None:
@@ -330,7 +459,7 @@ class Spool:
         fill a batch of 32 wakes once, not 32 times.
         """
         with self._cond:
-            return self._cond.wait_for(lambda: self._next_seq > seq or self._closing, timeout)
+            return self._cond.wait_for(lambda: self._durable_next > seq or self._closing, timeout)
 
     def wake(self) -> None:
         """Wake :meth:`wait_for_change` sleepers (e.g. acks arrived to be applied)."""
@@ -349,7 +478,12 @@ class Spool:
             if self._db is None:
                 return
             self._closing = True
+            self._stopping = True  # the committer writes what is queued, then exits
             self._cond.notify_all()
+        self._committer.join()
+        with self._db_lock:
+            if self._db is None:
+                return
             try:
                 self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             except sqlite3.Error as exc:  # a reader elsewhere: the WAL is simply kept, still consistent
