@@ -134,3 +134,46 @@ def test_a_failure_of_unknown_kind_is_isolated_to_its_message(amqtt_broker, flee
     assert sorted(r["device"] for r in reports) == ["bad-table", "bad-write"], reports
     assert all(r["quarantine"] for r in reports)
     assert status["retrying"] is False and status["dead_letters"] == 2
+
+
+def test_receive_queue_is_bounded_while_the_writer_is_stuck(broker, fleet, tmp_path):
+    """A device firing large QoS 0 messages at a worker whose disk is full: before, the queue grew
+    without bound (64 MB messages grew the worker by 0.8 GB). Now QoS 0 beyond the byte bound is dropped
+    and counted, and the queue never holds more than the bound."""
+    from lepton.protocol import BrokerURL, Topics, connect, encode_samples, new_client
+    from tests.cloud._ingest_support import make_samples
+
+    limit = 400_000
+    with small_disk(tmp_path / "disk") as disk:
+        worker = IngestWorker(
+            WorkerConfig(broker=broker.url("worker", "w1", fleet=fleet), fleet=fleet, data=disk, name="w1",
+                         batch_ms=20, max_queue_bytes=limit, max_payload_bytes=200_000)
+        )
+        worker.start()
+        url = BrokerURL.parse(broker.url("device", "cam-1", fleet=fleet))
+        client = new_client(url, client_id="cam-1")
+        connect(client, url)
+        try:
+            ballast = _fill(disk)
+            topic = Topics(fleet=fleet).samples("cam-1")
+            peak = 0
+            for i in range(60):  # 60 x ~50 KB = 3 MB at QoS 0
+                payload = encode_samples("cam-1", make_samples(i, 1, size=12_500))
+                client.publish(topic, payload, qos=0)
+                peak = max(peak, worker.status()["queue_bytes"])
+                time.sleep(0.01)
+            deadline = time.monotonic() + 5
+            while worker.status()["dropped_qos0"] == 0 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            status = worker.status()
+            ballast.unlink()
+        finally:
+            client.disconnect()
+            client.loop_stop()
+            worker.stop()
+        assert status["retrying"] is True, str(status)
+        assert peak <= limit and status["queue_bytes"] <= limit, (peak, status)
+        if broker.kind == "mosquitto":
+            assert status["dropped_qos0"] > 0, str(status)
+        else:  # amqtt 0.12 delivers at the subscription's QoS 1: paho's thread waits instead (back-pressure)
+            assert status["queue"] < 60, str(status)
