@@ -325,6 +325,7 @@ def peak_rss(broker, fleet: str, n: int, workdir: Path) -> dict:
     spec_file = workdir / "digits-blur.json"
     spec_file.write_text(json.dumps(RSS_SPEC))
     manifest, chunks = build_package(
+        fleet=fleet,
         name="digits",
         version=1,
         data=_mlp_onnx(),

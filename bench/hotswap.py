@@ -170,7 +170,7 @@ def stall_probe(size_bytes: int, reps: int, results: mp.Queue) -> None:
                            public_key=load_public_key(pub), pipeline_hash=PIPE, input_shape=(N_IN,))
 
     def messages(version: int, data: bytes) -> list[tuple[str, bytes]]:
-        manifest, chunks = build_package(name=MODEL, version=version, data=data,
+        manifest, chunks = build_package(fleet=topics.fleet, name=MODEL, version=version, data=data,
                                          input_spec={"name": "x", "shape": [-1, N_IN], "dtype": "float32"},
                                          labels=[str(i) for i in range(N_OUT)],
                                          pipeline={"hash": PIPE, "spec": {}}, private_key=key)
@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
             raise RuntimeError("device processes did not start")
 
         def publish(version: int, data: bytes, parent: int | None) -> tuple[float, float, int]:
-            manifest, chunks = build_package(name=MODEL, version=version, data=data,
+            manifest, chunks = build_package(fleet=fleet, name=MODEL, version=version, data=data,
                                              input_spec={"name": "x", "shape": [-1, N_IN],
                                                          "dtype": "float32"},
                                              labels=[str(i) for i in range(N_OUT)],

@@ -109,8 +109,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     )
     bounds = parser.add_argument_group("bounds (what one device can cost the worker)")
     bounds.add_argument(
-        "--max-payload-kb", type=int, default=16 * 1024, metavar="KB",
-        help="larger messages are dead-lettered unread; keep it at the broker's max_packet_size (16384)",
+        "--max-payload-kb", type=int, default=4096, metavar="KB",
+        help="larger messages are dead-lettered unread; keep it at the broker's max_packet_size (4096)",
     )
     bounds.add_argument(
         "--max-queue-mb", type=int, default=256, metavar="MB",

@@ -1,13 +1,22 @@
-"""Model delivery over MQTT: retained chunks, then the retained manifest, then cleanup.
+"""Model delivery over MQTT: the retained manifest, then the retained chunks, then cleanup.
 
-Order matters. Chunks go first (QoS 1, retained), then the manifest, so a device that sees the new
-manifest finds every chunk already retained. Only then are the chunks of the superseded version
-cleared with empty retained payloads (MQTT's way to delete a retained message). Each step is
+Order matters. The manifest goes first, so a device that is online verifies it before any chunk
+arrives and then checks every chunk as it comes, holding only verified bytes (a device with little
+RAM can write them straight to flash). Then the chunks, then the chunks of the superseded version
+are cleared with empty retained payloads (MQTT's way to delete a retained message). Each step is
 confirmed by the messages' echo on the publisher's own subscription before the next one starts (a
-PUBACK alone proves little: see :class:`_Echoes`).
+PUBACK alone proves little: see :class:`_Echoes`). Every model message is published at QoS 0: no
+broker queues a QoS 0 message for an offline persistent session, so a device that was away gets only
+what is retained when it re-subscribes (amqtt queues by the publisher's QoS, Mosquitto by the lower
+of both); the echoes make up for the missing PUBACKs, and a missing echo is published again.
 
-A device that connects at any later time rebuilds the current model from retained messages alone:
-:func:`fetch_model` does exactly that, and :func:`publish_package` uses it to read the result back.
+A device that connects at any later time rebuilds the current model from retained messages alone
+(their order on a new subscription is up to the broker): :func:`fetch_model` does exactly that, and
+:func:`publish_package` uses it to read the result back.
+
+A retained manifest decides something here (the version to refuse going below, the chunks to clear)
+only once it verified: with the publisher's public key when it signs, see
+:func:`~lepton.protocol.open_manifest`. A forged manifest is logged and left alone.
 """
 
 from __future__ import annotations
@@ -30,7 +39,7 @@ from lepton.protocol import (
     connect,
     load_public_key,
     new_client,
-    parse_manifest,
+    open_manifest,
     verify_package,
 )
 
@@ -41,6 +50,10 @@ __all__ = ["DeliveryError", "PublishResult", "fetch_model", "publish_package"]
 
 #: While waiting for a complete model, fetch_model re-subscribes this often (seconds).
 RESUBSCRIBE_S = 1.0
+#: Model messages are published at QoS 0 (see the module docstring); a message whose echo does not
+#: come back is sent again this many times.
+MODEL_QOS = 0
+RESENDS = 2
 
 
 class DeliveryError(LeptonError):
@@ -75,10 +88,14 @@ def _url(url: str | BrokerURL) -> BrokerURL:
     return url if isinstance(url, BrokerURL) else BrokerURL.parse(url)
 
 
+def _client_id(url: BrokerURL, role: str) -> str:
+    # ``user/...``: brokers that bind client ids to users accept it (see broker/README.md)
+    suffix = f"lepton-{role}-{uuid.uuid4().hex[:12]}"
+    return f"{url.username}/{suffix}" if url.username else suffix
+
+
 def _client(url: BrokerURL, role: str):
-    client = new_client(
-        url, client_id=f"lepton-{role}-{uuid.uuid4().hex[:12]}", clean_session=True, max_inflight=20
-    )
+    client = new_client(url, client_id=_client_id(url, role), clean_session=True, max_inflight=20)
     connect(client, url)
     return client
 
@@ -163,28 +180,33 @@ def publish_package(
     chunks: list[bytes],
     *,
     supersedes: dict[int, int] | None = None,
+    public_key=None,  # noqa: ANN001
     verify: bool = True,
     timeout: float = 30.0,
     probe_timeout: float = 1.0,
 ) -> PublishResult:
-    """Publish one model version built by :func:`lepton.protocol.build_package`.
+    """Publish one model version built by :func:`lepton.protocol.build_package` for ``fleet``.
 
     ``supersedes`` maps versions whose chunks must be cleared to their chunk counts (the registry
     knows the last one it published; the version the broker currently retains is added here).
+    ``public_key`` (an Ed25519 public key or the path of its PEM file; the signer's own) verifies
+    the package and the manifest the broker retains: an unverified retained manifest decides nothing,
+    neither the refusal below nor which chunks to clear. Without a key (an unsigned fleet, whose
+    devices run ``--no-verify``) nothing can be verified and the retained manifest is taken as it is.
     Refuses to publish a version that is not newer than the one the broker retains, so devices only
     ever move forward. Every message is confirmed by its echo on the publisher's own subscription
     before the next step; with ``verify`` the model is also read back from retained messages alone,
     by a new connection, as a device joining later would, and compared byte for byte.
     """
-    manifest, _, _ = parse_manifest(manifest_payload)
+    if isinstance(public_key, (str, Path)):
+        public_key = load_public_key(public_key)
+    manifest, _ = open_manifest(manifest_payload, public_key=public_key, fleet=fleet)
     topics = Topics(fleet=fleet)
     name, version = manifest.name, manifest.version
     burl = _url(url)
     started = time.monotonic()
     echoes = _Echoes(topics.model(name))
-    client = new_client(
-        burl, client_id=f"lepton-publisher-{uuid.uuid4().hex[:12]}", clean_session=True, max_inflight=20
-    )
+    client = new_client(burl, client_id=_client_id(burl, "publisher"), clean_session=True, max_inflight=20)
     client.on_message, client.on_subscribe = echoes.on_message, echoes.on_subscribe
     connect(client, burl)
     cleared: dict[int, int] = {}
@@ -195,10 +217,13 @@ def publish_package(
         echoes.got_retained.wait(probe_timeout)  # retained messages follow the SUBACK
         supersedes = dict(supersedes or {})
         if echoes.retained_manifest is not None:
-            try:
-                old, _, _ = parse_manifest(echoes.retained_manifest)
-            except ModelRejected:
-                log.warning("the retained manifest of %s on %s is unreadable; replacing it", name, fleet)
+            try:  # verify first: a forged manifest must not block publishing nor pick what to clear
+                old, _ = open_manifest(
+                    echoes.retained_manifest, public_key=public_key, fleet=fleet, model=name
+                )
+            except ModelRejected as exc:
+                log.warning("ignoring the retained manifest of %s on %s (%s: %s); replacing it",
+                            name, fleet, exc.reason, exc.detail)
             else:
                 if old.version >= version and old.sha256 != manifest.sha256:
                     raise DeliveryError(
@@ -209,9 +234,17 @@ def publish_package(
                 supersedes[old.version] = max(supersedes.get(old.version, 0), len(old.chunks))
 
         def send(items: list[tuple[str, bytes]], what: str) -> None:
-            infos = [client.publish(topic, payload, qos=1, retain=True) for topic, payload in items]
-            _wait_all(infos, timeout, what)
-            missing = echoes.wait(Counter(_Echoes.key(t, p) for t, p in items), timeout)
+            expected = Counter(_Echoes.key(t, p) for t, p in items)
+            todo = items
+            for attempt in range(RESENDS + 1):
+                infos = [client.publish(t, p, qos=MODEL_QOS, retain=True) for t, p in todo]
+                _wait_all(infos, timeout, what)
+                missing = echoes.wait(expected, timeout if attempt == RESENDS else min(timeout, 5.0))
+                if not missing:
+                    return
+                todo = [(t, p) for t, p in items if _Echoes.key(t, p) in missing]
+                log.info("%d of %d messages (%s) did not come back; sending them again", len(todo),
+                         len(items), what)
             if missing:
                 raise DeliveryError(
                     f"the broker acknowledged but did not deliver {sum(missing.values())} of {len(items)} "
@@ -220,11 +253,12 @@ def publish_package(
                     f"(grant this user readwrite on {topics.model_filter(name)})"
                 )
 
+        send([(topics.model(name), manifest_payload)], "the manifest")
         send(
-            [(topics.model_chunk(name, version, i), c) for i, c in enumerate(chunks)],
+            # an empty chunk (an empty model's only one) cannot be retained: receivers take it as sent
+            [(topics.model_chunk(name, version, i), c) for i, c in enumerate(chunks) if c],
             f"{len(chunks)} chunks of {name} v{version}",
         )
-        send([(topics.model(name), manifest_payload)], "the manifest")
         log.info(
             "published %s v%d to %s: %d chunks, %d bytes", name, version, fleet, len(chunks), manifest.size
         )
@@ -238,7 +272,7 @@ def publish_package(
     finally:
         _close(client)
     if verify:
-        package = fetch_model(burl, fleet, name, None, timeout=min(timeout, 15.0), min_version=version)
+        package = fetch_model(burl, fleet, name, public_key, timeout=min(timeout, 15.0), min_version=version)
         if package.manifest.version != version or package.manifest.sha256 != manifest.sha256:
             raise DeliveryError(
                 f"read-back found {name} v{package.manifest.version}, not v{version}: another "
@@ -270,6 +304,9 @@ def fetch_model(
     ``public_key`` is an Ed25519 public key, a path to its PEM file, or None to check hashes only.
     With ``min_version``, older manifests are skipped and the call waits for that version (brokers
     such as amqtt acknowledge a publish before their retained store holds it).
+    A manifest is verified when it arrives (signature with ``public_key``, then its fleet and model
+    against the topic), before it may replace the one being assembled: a forged manifest, retained or
+    live, is remembered only as the error to raise if nothing genuine completes.
     Raises :class:`~lepton.errors.ModelRejected` (with its reason) for a bad package and
     :class:`DeliveryError` when no complete model arrives within ``timeout`` seconds.
     """
@@ -277,24 +314,36 @@ def fetch_model(
         public_key = load_public_key(public_key)
     topics = Topics(fleet=fleet)
     lock = threading.Lock()
-    state: dict[str, Any] = {"manifest": None, "error": None}
+    state: dict[str, Any] = {"manifest": None, "parsed": None, "error": None, "complete": False}
     chunks: dict[tuple[int, int], bytes] = {}
     ready = threading.Event()
 
+    def have(m, i: int) -> bool:  # noqa: ANN001
+        return (m.version, i) in chunks or (m.size == 0 and i == 0)
+
     def check() -> None:
-        payload = state["manifest"]
-        if payload is None:
-            return
-        try:
-            m, _, _ = parse_manifest(payload)
-        except ModelRejected as exc:
-            state["error"] = exc
-            ready.set()
+        m = state["parsed"]
+        if m is None:
             return
         if min_version is not None and m.version < min_version:
             return
-        if all((m.version, i) in chunks for i in range(len(m.chunks))):
+        if all(have(m, i) for i in range(len(m.chunks))):
+            state["complete"] = True
             ready.set()
+
+    def on_manifest(payload: bytes) -> None:
+        if not payload or payload == state["manifest"]:
+            return  # a cleared manifest is unverifiable: it decides nothing either
+        try:
+            m, _ = open_manifest(payload, public_key=public_key, fleet=fleet, model=model)
+        except ModelRejected as exc:
+            state["error"] = exc  # raised only if nothing genuine arrives
+            ready.set()
+            return
+        current = state["parsed"]
+        if current is not None and m.version < current.version:
+            return
+        state["manifest"], state["parsed"], state["complete"] = payload, m, False
 
     def on_message(c, userdata, msg):  # noqa: ANN001
         try:
@@ -305,7 +354,7 @@ def fetch_model(
             return
         with lock:
             if parsed.channel == "model":
-                state["manifest"] = bytes(msg.payload) or None
+                on_manifest(bytes(msg.payload))
             elif parsed.channel == "model_chunk":
                 key = (parsed.version, parsed.chunk)
                 if msg.payload:
@@ -319,20 +368,30 @@ def fetch_model(
     try:
         client.subscribe(topics.model_filter(model), qos=1)
         deadline = time.monotonic() + timeout
-        while not ready.wait(min(RESUBSCRIBE_S, max(0.0, deadline - time.monotonic()))):
-            if time.monotonic() >= deadline:
+        while True:
+            ready.wait(min(RESUBSCRIBE_S, max(0.0, deadline - time.monotonic())))
+            with lock:
+                ready.clear()
+                complete = state["complete"]
+                # Only forged or foreign manifests so far: a plain fetch reports it; a read-back
+                # (min_version) waits for its own, which a re-subscription brings.
+                refused = state["parsed"] is None and state["error"] is not None and min_version is None
+            if complete or refused or time.monotonic() >= deadline:
                 break
             # Subscribing again makes the broker resend the retained messages. It closes a race of
             # amqtt's, which fans a publish out before storing it as retained: a subscription made in
             # between gets neither the live message nor the new retained one.
             client.subscribe(topics.model_filter(model), qos=1)
-        if not ready.is_set():
+        with lock:
+            if not state["complete"] and state["parsed"] is None and state["error"] is not None:
+                raise state["error"]
+        if not complete:
             with lock:
-                have = state["manifest"]
+                got = state["parsed"]
                 n = len(chunks)
             detail = (
                 "no retained manifest"
-                if have is None
+                if got is None
                 else f"a manifest and {n} chunk(s), not a complete model"
                 + (f" of v{min_version} or newer" if min_version else "")
             )
@@ -343,12 +402,9 @@ def fetch_model(
     finally:
         _close(client)
     with lock:
-        if state["error"] is not None:
-            raise state["error"]
-        payload = state["manifest"]
-        m, _, _ = parse_manifest(payload)
-        parts = {i: chunks[(m.version, i)] for i in range(len(m.chunks))}
-    package = verify_package(payload, parts, public_key=public_key)
+        payload, m = state["manifest"], state["parsed"]
+        parts = {i: chunks.get((m.version, i), b"") for i in range(len(m.chunks))}
+    package = verify_package(payload, parts, public_key=public_key, fleet=fleet, model=model)
     log.debug(
         "fetched %s v%d (%d bytes, sha256 %s)",
         model,

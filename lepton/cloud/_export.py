@@ -28,7 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from lepton.errors import LeptonError
+from lepton.errors import LeptonError, ModelRejected
+from lepton.protocol import check_onnx_self_contained
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +146,21 @@ def export_onnx(
         ) from exc
     finally:
         module.train(was_training)
-    return buf.getvalue()
+    data = buf.getvalue()
+    check_self_contained(data, what=f"the ONNX export of {type(module).__name__}")
+    return data
+
+
+def check_self_contained(model: bytes, *, what: str = "the model") -> None:
+    """Raise ExportError when an ONNX model keeps tensors in external data files.
+
+    Such a model cannot ship (devices refuse it: ``external_data``), and ONNX Runtime before 1.24 would
+    open whatever path it names, ``../`` included, so it is refused before any session is built here too.
+    """
+    try:
+        check_onnx_self_contained(model, what=what)
+    except ModelRejected as exc:
+        raise ExportError(f"{exc.detail}. Models over 2 GB cannot ship; make it smaller") from None
 
 
 def _device_of(module: torch.nn.Module) -> torch.device:
@@ -157,6 +172,7 @@ def onnx_session(model: bytes, *, threads: int = 1):
     """An ONNX Runtime CPU session; one intra-op thread by default (edge-like, and quiet on shared CPUs)."""
     import onnxruntime as ort
 
+    check_self_contained(model)  # before ONNX Runtime opens any file it names
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1

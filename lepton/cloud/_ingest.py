@@ -62,8 +62,8 @@ log = logging.getLogger(__name__)
 __all__ = ["DEFAULT_WORKER_MAX_PAYLOAD_BYTES", "IngestWorker", "WorkerConfig"]
 
 #: The worker's default ceiling for one message: well above the device's 1,000,000-byte envelopes,
-#: and what ``max_packet_size`` in the project's mosquitto.conf allows.
-DEFAULT_WORKER_MAX_PAYLOAD_BYTES = 16 * 1024 * 1024
+#: and exactly what ``max_packet_size`` in the project's mosquitto.conf allows (4 MiB).
+DEFAULT_WORKER_MAX_PAYLOAD_BYTES = 4 * 1024 * 1024
 
 #: Failures that say nothing about the messages being written: the disk is full or failing, the index
 #: is locked or unreadable for a while. They are retried, with backoff, and the batch stays unacked.

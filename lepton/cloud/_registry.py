@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lepton.errors import ConfigError
-from lepton.protocol import DEFAULT_CHUNK_SIZE, build_package, validate_id
+from lepton.errors import ConfigError, ModelRejected
+from lepton.protocol import DEFAULT_CHUNK_SIZE, build_package, check_onnx_self_contained, validate_id
 
 log = logging.getLogger(__name__)
 
@@ -242,16 +242,23 @@ class Registry:
         name: str,
         version: int,
         *,
+        fleet: str,
         private_key=None,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
     ) -> tuple[bytes, list[bytes]]:  # noqa: ANN001
-        """The signed manifest payload and chunk payloads of a stored version."""
+        """The manifest payload (signed for ``fleet`` and ``name``) and chunk payloads of a stored version."""
         mv = self.get(name, version)
         m = mv.manifest
+        data = mv.data()
+        try:  # devices refuse it anyway (external_data); say so before anything is published
+            check_onnx_self_contained(data, what=f"{mv.model_path}")
+        except ModelRejected as exc:
+            raise ConfigError(f"{exc.detail}; it cannot be published") from None
         return build_package(
+            fleet=fleet,
             name=name,
             version=version,
-            data=mv.data(),
+            data=data,
             input_spec=m["input"],
             labels=m["labels"],
             pipeline=m["pipeline"],
@@ -286,12 +293,17 @@ class Registry:
                 f"v{version}. Use `lepton models rollback {name} --to {version}` to ship its weights "
                 "as a new version"
             )
-        payload, chunks = self.build(name, version, private_key=private_key, chunk_size=chunk_size)
+        payload, chunks = self.build(
+            name, version, fleet=fleet, private_key=private_key, chunk_size=chunk_size
+        )
         supersedes = {}
         if previous is not None and previous["version"] != version:
             supersedes[previous["version"]] = previous["chunks"]
+        # The signer's public key: the broker's retained manifest counts only if it verifies with it.
+        public_key = private_key.public_key() if private_key is not None else None
         result = publish_package(
-            url, fleet, payload, chunks, supersedes=supersedes, verify=verify, timeout=timeout
+            url, fleet, payload, chunks, supersedes=supersedes, public_key=public_key, verify=verify,
+            timeout=timeout,
         )
         mv = self.get(name, version)
         _write_bytes(mv.path / "package.json", payload)

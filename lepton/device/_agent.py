@@ -306,10 +306,19 @@ class DeviceAgent:
             pipeline_hash=self.pipeline.hash,
             input_shape=shape,
             on_change=self._on_model_change,
+            on_resubscribe=self._resubscribe_models,
         )
 
     def _on_model_change(self, _status: dict) -> None:
         self._publish_status()
+
+    def _resubscribe_models(self) -> None:
+        """The runtime lost chunks (unverifiable orphans it dropped): the broker resends what is retained."""
+        client = self._client
+        if client is None or not self._connected.is_set() or self.runtime is None:
+            return
+        for topic_filter, qos in self.runtime.subscriptions():
+            client.subscribe(topic_filter, qos)
 
     # -- reports ------------------------------------------------------------------------------------
     def status(self, *, online: bool = True) -> dict[str, Any]:

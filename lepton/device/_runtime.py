@@ -14,10 +14,17 @@ thread) and calls :meth:`ModelRuntime.predict` for every captured sample::
 How a swap happens, and why it never stalls inference:
 
 * ``handle_message`` only parses the topic and queues the payload; it never blocks or raises.
-* One background thread assembles chunks (in any order, before or after their manifest), checks each
-  chunk's sha256 as soon as the manifest is known, verifies the whole package (sha256, size, Ed25519
-  signature, pipeline hash, input shape/dtype), writes it to disk, builds a new ``InferenceSession``
-  from that file, warms it up, swaps, and then commits it (fsync) as the last good model.
+* One background thread verifies a manifest before it lets it decide anything (size, Ed25519
+  signature, then the signed fleet and model against the topic, see
+  :func:`~lepton.protocol.open_manifest`): a forged or replayed manifest supersedes nothing, clears
+  nothing and pins no version. Chunks of a version with a verified manifest are checked against
+  their sha256 as they arrive and kept; chunks of any other version are *orphans*, unverifiable, and
+  only a bounded number of them (``max_orphan_bytes``, ``max_orphan_chunks``, ``max_orphan_versions``)
+  is held, in O(1) per chunk. Whatever was dropped is fetched again by re-subscribing (the broker
+  resends the retained chunks), which ``on_resubscribe`` does when a verified version stops making
+  progress. Then it verifies the whole package (sha256, size, pipeline hash, input shape/dtype, no
+  ONNX external data), writes it to disk, builds a new ``InferenceSession`` from that file, warms it
+  up, swaps, and then commits it (fsync) as the last good model.
 * The swap is one reference assignment (``self._current = loaded``). ``predict`` reads the reference
   once per call, so an inference in flight finishes on the old session and the next one uses the new;
   the old session is freed when its last inference returns.
@@ -50,11 +57,12 @@ from lepton.protocol import (
     ModelPackage,
     Topics,
     assemble_package,
+    check_onnx_self_contained,
+    open_manifest,
     parse_manifest,
     validate_id,
     verify_chunk,
     verify_package,
-    verify_signature,
 )
 
 log = logging.getLogger(__name__)
@@ -72,6 +80,11 @@ _ORT_TYPES = {
 }
 LATENCY_WINDOW = 2048
 ACCURACY_VERSIONS_KEPT = 8
+#: sha256 of no bytes: the one chunk of an empty model, which is never sent (an empty retained
+#: message clears the topic), so a receiver takes it as present.
+EMPTY_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+REJECTED_VERSIONS_KEPT = 16
+REFETCH_MAX_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -107,28 +120,42 @@ class _Loaded:
 
 @dataclass
 class _Assembly:
-    """Chunks (and possibly the manifest) of one version that is not served yet."""
+    """The chunks of the one version whose manifest verified and that is not served yet.
+
+    Every chunk in ``chunks`` has been checked against the manifest (on arrival, or when the
+    manifest came), so _finish does not hash them again.
+    """
 
     version: int
-    first_seen: float = field(default_factory=time.monotonic)
-    manifest_payload: bytes | None = None
-    manifest: ModelManifest | None = None
-    manifest_seen: float | None = None
-    manifest_wall: float | None = None
+    manifest: ModelManifest
+    manifest_payload: bytes
+    signed_by: str | None
+    manifest_seen: float
+    manifest_wall: float
     chunks: dict[int, bytes] = field(default_factory=dict)
-    rejected: str | None = None  # reason code; further messages of this version are dropped
-    # Set with ``manifest`` once its signature verified; from then on every chunk in ``chunks`` has
-    # been checked against the manifest (on arrival, or when the manifest came), so _finish does not
-    # hash them again.
-    signed_by: str | None = None
+    nbytes: int = 0
+    last_progress: float = 0.0
+    refetch_wait: float = 0.0  # seconds without progress before the next re-subscribe
+    refetches: int = 0
     stuck_reported: bool = False
 
-    @property
-    def nbytes(self) -> int:
-        return sum(len(c) for c in self.chunks.values())
+    def add(self, index: int, data: bytes, now: float) -> None:
+        old = self.chunks.get(index)
+        self.nbytes += len(data) - (len(old) if old is not None else 0)
+        self.chunks[index] = data
+        self.last_progress = now
 
     def complete(self) -> bool:
-        return self.manifest is not None and len(self.chunks) == len(self.manifest.chunks)
+        return len(self.chunks) == len(self.manifest.chunks)
+
+
+@dataclass
+class _Orphans:
+    """Chunks of a version without a verified manifest: unverifiable, so bounded and short-lived."""
+
+    first_seen: float
+    chunks: dict[int, bytes] = field(default_factory=dict)
+    nbytes: int = 0
 
 
 class ModelRuntime:
@@ -153,7 +180,13 @@ class ModelRuntime:
         providers: Sequence[str] = ("CPUExecutionProvider",),
         intra_op_threads: int = 1,
         assemble_timeout: float = 120.0,
-        max_pending_bytes: int = 256 * 1024 * 1024,
+        max_model_bytes: int = 256 * 1024 * 1024,
+        max_orphan_bytes: int = 32 * 1024 * 1024,
+        max_orphan_chunks: int = 1024,
+        max_orphan_versions: int = 2,
+        orphan_ttl: float = 60.0,
+        refetch_after: float = 3.0,
+        on_resubscribe: Callable[[], None] | None = None,
         warmup_runs: int = 2,
     ) -> None:
         self.topics = topics
@@ -165,13 +198,26 @@ class ModelRuntime:
         self.providers = list(providers)
         self.intra_op_threads = int(intra_op_threads)
         self.assemble_timeout = float(assemble_timeout)
-        self.max_pending_bytes = int(max_pending_bytes)
+        self.max_model_bytes = int(max_model_bytes)
+        self.max_orphan_bytes = int(max_orphan_bytes)
+        self.max_orphan_chunks = int(max_orphan_chunks)
+        self.max_orphan_versions = int(max_orphan_versions)
+        self.orphan_ttl = float(orphan_ttl)
+        self.refetch_after = float(refetch_after)
+        self.on_resubscribe = on_resubscribe
         self.warmup_runs = int(warmup_runs)
         self.store = ModelStore(store_dir, self.model)
 
         self._current: _Loaded | None = None  # THE swap point: assigned whole, read once per predict
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._assemblies: dict[int, _Assembly] = {}  # only touched by the worker thread
+        # Owned by the worker thread (others only read the ints, for reports):
+        self._pending: _Assembly | None = None
+        self._orphans: dict[int, _Orphans] = {}
+        self._orphan_bytes = 0
+        self._orphan_chunks = 0
+        self._orphans_dropped = 0
+        self._refetches = 0
+        self._rejected_versions: dict[int, str] = {}  # verified manifests refused: version -> reason
         self._error: dict[str, Any] | None = None
         self._stats_lock = threading.Lock()
         self._inferences = 0
@@ -194,8 +240,14 @@ class ModelRuntime:
     # wiring
     # ------------------------------------------------------------------------------------------
     def subscriptions(self) -> list[tuple[str, int]]:
-        """Topic filters (with QoS) to subscribe on every (re)connect: the manifest and its chunks."""
-        return [(self.topics.model(self.model), 1), (self.topics.model_filter(self.model), 1)]
+        """Topic filters (with QoS) to subscribe on every (re)connect: the manifest and its chunks.
+
+        QoS 0 on purpose: a broker queues no QoS 0 message for an offline persistent session, so a
+        device that was away does not download every version published meanwhile; it gets the
+        current one from the retained messages that every (re)subscription brings. The cloud
+        publishes model messages at QoS 0 too (amqtt queues by the publisher's QoS).
+        """
+        return [(self.topics.model_filter(self.model), 0)]
 
     def handle_message(self, topic: str, payload: bytes, retain: bool) -> bool:
         """Queue a model message for the background thread; return True if it was one of ours.
@@ -353,6 +405,7 @@ class ModelRuntime:
                 "swaps": self._swaps,
                 "model_rejections": self._rejections,
                 "model_stale_ignored": self._stale,
+                **self.buffers(),
             }
             if self._swap_log:
                 body["last_swap"] = dict(self._swap_log[-1])
@@ -365,15 +418,22 @@ class ModelRuntime:
         with self._stats_lock:
             return [dict(entry) for entry in self._swap_log]
 
+    def buffers(self) -> dict[str, int]:
+        """What the runtime holds for versions it does not serve yet, and what it dropped."""
+        pending = self._pending
+        return {
+            "model_pending_bytes": pending.nbytes if pending is not None else 0,
+            "model_orphan_bytes": self._orphan_bytes,
+            "model_orphan_chunks": self._orphan_chunks,
+            "model_orphan_versions": len(self._orphans),
+            "model_orphans_dropped": self._orphans_dropped,
+            "model_refetches": self._refetches,
+        }
+
     def _pending_summary(self) -> dict[str, Any] | None:
-        try:
-            assemblies = list(self._assemblies.values())
-        except RuntimeError:  # resized by the worker meanwhile; a report can skip one beat
+        a = self._pending
+        if a is None:
             return None
-        waiting = [a for a in assemblies if a.manifest is not None and a.rejected is None]
-        if not waiting:
-            return None
-        a = max(waiting, key=lambda a: a.version)
         return {"version": a.version, "chunks": len(a.chunks), "of": len(a.manifest.chunks)}
 
     # ------------------------------------------------------------------------------------------
@@ -393,55 +453,64 @@ class ModelRuntime:
                     if parsed.channel == "model":
                         self._on_manifest(payload, mono, wall)
                     else:
-                        self._on_chunk(parsed.version, parsed.chunk, payload)
+                        self._on_chunk(parsed.version, parsed.chunk, payload, mono)
                 self._check_stuck()
                 time.sleep(0)  # hand the GIL to a waiting inference thread now, not after the 5 ms interval
             except Exception:  # noqa: BLE001 - a bug here must not stop future swaps
                 log.exception("model runtime: unexpected error while handling a model message")
 
     def _on_manifest(self, payload: bytes, mono: float, wall: float) -> None:
-        if not payload:
+        if not payload:  # unverifiable, so it decides nothing
             log.info("model %s: retained manifest cleared; keeping v%s", self.model, self.version)
             return
-        try:
-            manifest, signed, signature = parse_manifest(payload)
-            if manifest.name != self.model:
-                raise ModelRejected("bad_manifest", f"manifest names model {manifest.name!r}, "
-                                                    f"published under {self.model!r}")
+        pending = self._pending
+        if pending is not None and pending.manifest_payload == payload:
+            return  # the same retained manifest again, already verified
+        try:  # verify first: until this returns, the payload decides nothing
+            manifest, signed_by = open_manifest(payload, public_key=self.public_key, fleet=self.topics.fleet,
+                                                model=self.model)
         except ModelRejected as exc:
-            self._reject(None, exc)
+            self._reject(_claimed_version(payload), exc)  # for the report only: it decides nothing
             return
         version = manifest.version
         current = self.version
-        if current is not None and version <= current:
+        if (current is not None and version <= current) or (pending is not None
+                                                             and version < pending.version):
             self._stale += 1
-            self._assemblies.pop(version, None)
             (log.debug if version == current else log.info)(
-                "model %s v%d ignored (stale_version): serving v%d", self.model, version, current)
+                "model %s v%d ignored (stale_version): serving v%s", self.model, version, current)
             return
-        asm = self._assemblies.get(version)
-        if asm is not None and asm.manifest_payload == payload:
-            return  # the same retained manifest again (already pending or already rejected)
-        # The retained manifest names the newest version: older assemblies can never complete.
-        for old in [v for v in self._assemblies if v < version]:
-            del self._assemblies[old]
-        asm = self._assemblies[version] = _Assembly(version=version, chunks=asm.chunks if asm else {})
-        asm.manifest_payload, asm.manifest_seen, asm.manifest_wall = payload, mono, wall
+        if version in self._rejected_versions:
+            return  # refused already; the retained manifest comes again on every reconnect
+        # A verified manifest names the newest version: older pending chunks can never be served.
+        if pending is not None:
+            self._pending = None
+        for old in [v for v in self._orphans if v < version]:
+            self._drop_orphans(old)
         try:
-            asm.signed_by = verify_signature(signed, signature, self.public_key)
+            if manifest.size > self.max_model_bytes:
+                raise ModelRejected("too_large", f"v{version} is {manifest.size} bytes; this device takes "
+                                    f"at most {self.max_model_bytes} (max_model_bytes)")
             self._check_compatible(manifest)
         except ModelRejected as exc:
-            asm.rejected, asm.chunks = exc.reason, {}
-            self._reject(version, exc)
+            self._refuse(version, exc)
+            self._drop_orphans(version)
             return
-        asm.manifest = manifest
+        asm = _Assembly(version=version, manifest=manifest, manifest_payload=payload, signed_by=signed_by,
+                        manifest_seen=mono, manifest_wall=wall, last_progress=mono,
+                        refetch_wait=self.refetch_after)
+        self._pending = asm
+        orphans = self._drop_orphans(version)
         bad = []
-        for index, data in list(asm.chunks.items()):
+        for index, data in orphans.items():
             try:
                 verify_chunk(manifest, index, data)
             except ModelRejected as exc:
-                del asm.chunks[index]
                 bad.append(exc)
+            else:
+                asm.add(index, data, mono)
+        if len(manifest.chunks) == 1 and manifest.chunks[0] == EMPTY_SHA256:
+            asm.add(0, b"", mono)  # an empty model: its one chunk is never sent
         if bad:
             self._reject(version, bad[0], keep_waiting=True)
         log.info("model %s v%d announced: %d/%d chunks here", self.model, version, len(asm.chunks),
@@ -449,57 +518,103 @@ class ModelRuntime:
         if asm.complete():
             self._finish(asm)
 
-    def _on_chunk(self, version: int, index: int, payload: bytes) -> None:
+    def _on_chunk(self, version: int, index: int, payload: bytes, now: float) -> None:
         current = self.version
         if current is not None and version <= current:
-            self._assemblies.pop(version, None)
             return
-        asm = self._assemblies.get(version)
-        if not payload:  # the cloud clears superseded chunks with an empty retained message
-            if asm is not None:
-                asm.chunks.pop(index, None)
-            return
-        newest_manifest = max((a.version for a in self._assemblies.values() if a.manifest_payload), default=0)
-        if version < newest_manifest:
-            return  # superseded before it completed
-        if asm is None:
-            asm = self._assemblies[version] = _Assembly(version=version)
-        if asm.rejected is not None:
-            return
-        if asm.manifest is not None:
+        pending = self._pending
+        if pending is not None and version == pending.version:
+            if not payload:  # the cloud clears chunks with an empty retained message
+                return
             try:
-                verify_chunk(asm.manifest, index, payload)
+                verify_chunk(pending.manifest, index, payload)
             except ModelRejected as exc:
                 self._reject(version, exc, keep_waiting=True)
                 return
-        asm.chunks[index] = payload
-        if asm.manifest is None:
-            self._bound_pending()
-        elif asm.complete():
-            self._finish(asm)
+            if index not in pending.chunks:
+                pending.add(index, payload, now)
+            if pending.complete():
+                self._finish(pending)
+            return
+        if (pending is not None and version < pending.version) or version in self._rejected_versions:
+            return  # superseded or refused
+        self._add_orphan(version, index, payload, now)
 
-    def _bound_pending(self) -> None:
-        """Chunks without a manifest are unverified: keep at most max_pending_bytes, newest first."""
-        while sum(a.nbytes for a in self._assemblies.values()) > self.max_pending_bytes:
-            orphans = [a for a in self._assemblies.values() if a.manifest is None]
-            if not orphans:
-                return
-            victim = min(orphans, key=lambda a: a.version)
-            log.warning("model %s: dropping %d unannounced chunks of v%d (over %d pending bytes)",
-                        self.model, len(victim.chunks), victim.version, self.max_pending_bytes)
-            del self._assemblies[victim.version]
+    def _add_orphan(self, version: int, index: int, payload: bytes, now: float) -> None:
+        """Hold an unverifiable chunk, within the caps; O(1) whatever is already held."""
+        group = self._orphans.get(version)
+        if not payload:
+            if group is not None and index in group.chunks:
+                self._orphan_bytes -= len(group.chunks[index])
+                group.nbytes -= len(group.chunks.pop(index))
+                self._orphan_chunks -= 1
+            return
+        old = len(group.chunks[index]) if group is not None and index in group.chunks else None
+        growth = len(payload) - (old or 0)
+        if (old is None and self._orphan_chunks >= self.max_orphan_chunks) \
+                or self._orphan_bytes + growth > self.max_orphan_bytes:
+            self._orphans_dropped += 1  # fetched again by a re-subscription once its manifest verifies
+            return
+        if group is None:
+            if len(self._orphans) >= self.max_orphan_versions:
+                lowest = min(self._orphans)  # at most max_orphan_versions entries: O(1)
+                if lowest > version:
+                    self._orphans_dropped += 1
+                    return
+                self._drop_orphans(lowest)
+                if self._orphan_chunks >= self.max_orphan_chunks:
+                    self._orphans_dropped += 1
+                    return
+            group = self._orphans[version] = _Orphans(first_seen=now)
+        group.chunks[index] = payload
+        group.nbytes += growth
+        self._orphan_bytes += growth
+        if old is None:
+            self._orphan_chunks += 1
+
+    def _drop_orphans(self, version: int) -> dict[int, bytes]:
+        group = self._orphans.pop(version, None)
+        if group is None:
+            return {}
+        self._orphan_bytes -= group.nbytes
+        self._orphan_chunks -= len(group.chunks)
+        return group.chunks
+
+    def _refuse(self, version: int, exc: ModelRejected) -> None:
+        """A verified manifest that this device cannot use: remember it, so its chunks are dropped."""
+        self._rejected_versions[version] = exc.reason
+        while len(self._rejected_versions) > REJECTED_VERSIONS_KEPT:
+            del self._rejected_versions[min(self._rejected_versions)]
+        self._reject(version, exc)
 
     def _check_stuck(self) -> None:
         now = time.monotonic()
-        for asm in self._assemblies.values():
-            if asm.manifest is None or asm.rejected or asm.stuck_reported:
-                continue
-            if now - (asm.manifest_seen or asm.first_seen) > self.assemble_timeout:
-                asm.stuck_reported = True
-                missing = [i for i in range(len(asm.manifest.chunks)) if i not in asm.chunks]
-                self._reject(asm.version, ModelRejected(
-                    "missing_chunk", f"chunks {missing[:10]} of v{asm.version} have not arrived after "
-                    f"{self.assemble_timeout:.0f}s; still waiting"), keep_waiting=True)
+        for version in [v for v, g in self._orphans.items() if now - g.first_seen > self.orphan_ttl]:
+            self._orphans_dropped += len(self._orphans[version].chunks)
+            self._drop_orphans(version)
+        asm = self._pending
+        if asm is None:
+            return
+        if now - asm.last_progress > asm.refetch_wait and self.on_resubscribe is not None:
+            # Chunks were lost (dropped as orphans, or by the broker): subscribing again makes the
+            # broker resend every retained chunk; those already here are skipped.
+            asm.refetches += 1
+            asm.last_progress = now
+            asm.refetch_wait = min(REFETCH_MAX_S, asm.refetch_wait * 2)
+            with self._stats_lock:
+                self._refetches += 1
+            log.info("model %s v%d: %d/%d chunks, none new for a while; re-subscribing to fetch the rest",
+                     self.model, asm.version, len(asm.chunks), len(asm.manifest.chunks))
+            try:
+                self.on_resubscribe()
+            except Exception:  # noqa: BLE001 - the agent's callback must not break the runtime
+                log.exception("model runtime: on_resubscribe callback failed")
+        if not asm.stuck_reported and now - asm.manifest_seen > self.assemble_timeout:
+            asm.stuck_reported = True
+            missing = [i for i in range(len(asm.manifest.chunks)) if i not in asm.chunks]
+            self._reject(asm.version, ModelRejected(
+                "missing_chunk", f"chunks {missing[:10]} of v{asm.version} have not arrived after "
+                f"{self.assemble_timeout:.0f}s; still waiting"), keep_waiting=True)
 
     def _finish(self, asm: _Assembly) -> None:
         """All chunks are here: verify the whole package, load and warm it up, store it, swap."""
@@ -509,10 +624,15 @@ class ModelRuntime:
             package = assemble_package(asm.manifest, asm.chunks, signed_by=asm.signed_by,
                                        chunks_verified=True)
         except ModelRejected as exc:
-            asm.rejected, asm.chunks = exc.reason, {}
-            self._reject(version, exc)
+            self._pending = None
+            self._refuse(version, exc)
             return
-        asm.chunks = {}  # the package holds the bytes now
+        self._pending = None  # the package holds the bytes now
+        try:  # before ONNX Runtime sees it: it would open the files external data names
+            check_onnx_self_contained(package.data, what=f"v{version}")
+        except ModelRejected as exc:
+            self._refuse(version, exc)
+            return
         t1 = time.perf_counter()
         path: Path | None = None
         try:  # staged on disk first: ONNX Runtime loads a file without holding the GIL for long
@@ -524,22 +644,20 @@ class ModelRuntime:
         try:
             loaded = self._load(package, source="broker", path=path)
         except ModelRejected as exc:
-            asm.rejected = exc.reason
             if path is not None:
                 self.store.discard(version)
-            self._reject(version, exc)
+            self._refuse(version, exc)
             return
         current = self.version
         if current is not None and version <= current:  # cannot happen with one worker; stay safe
-            self._assemblies.pop(version, None)
             return
         t3 = time.perf_counter()
         ready_ms = (time.monotonic() - asm.manifest_seen) * 1000.0 if asm.manifest_seen else None
         steps = {"verify_ms": round((t1 - t0) * 1000, 3), "stage_ms": round((t2 - t1) * 1000, 3),
                  "load_ms": round((t3 - t2) * 1000, 3)}
         self._swap(loaded, manifest_wall=asm.manifest_wall, ready_ms=ready_ms, steps=steps)
-        for v in [v for v in self._assemblies if v <= version]:
-            del self._assemblies[v]
+        for v in [v for v in self._orphans if v <= version]:
+            self._drop_orphans(v)
         if path is not None:  # after the swap: serving does not wait for fsync
             try:
                 self.store.commit(asm.manifest_payload, version)
@@ -574,8 +692,10 @@ class ModelRuntime:
         before = self._error
         changed = before is None or (before["reason"], before["version"]) != (exc.reason, version)
         self._error = error
-        log.warning("model %s%s rejected (%s): %s; keeping %s", self.model, f" v{version}" if version else "",
-                    exc.reason, exc.detail, f"v{self.version}" if self.version else "no model")
+        # A repeat is logged at debug: whoever may write models/ must not be able to flood the log.
+        (log.warning if changed else log.debug)(
+            "model %s%s rejected (%s): %s; keeping %s", self.model, f" v{version}" if version else "",
+            exc.reason, exc.detail, f"v{self.version}" if self.version else "no model")
         if changed:
             self._notify()
 
@@ -674,10 +794,10 @@ class ModelRuntime:
             manifest, _, _ = parse_manifest(payload)
             chunks = {i: data[i * manifest.chunk_size:(i + 1) * manifest.chunk_size]
                       for i in range(len(manifest.chunks))}
-            package = verify_package(payload, chunks, public_key=self.public_key)
-            if package.manifest.name != self.model:
-                raise ModelRejected("bad_manifest", f"the stored package is model {package.manifest.name!r}")
+            package = verify_package(payload, chunks, public_key=self.public_key, fleet=self.topics.fleet,
+                                     model=self.model)
             self._check_compatible(package.manifest)
+            check_onnx_self_contained(package.data, what=f"the stored v{package.manifest.version}")
             loaded = self._load(package, source="disk", path=path)
         except ModelRejected as exc:
             self._error = {"reason": exc.reason, "message": f"stored model {path}: {exc.detail}",
@@ -685,6 +805,14 @@ class ModelRuntime:
             log.warning("not serving the stored model %s (%s): %s", path, exc.reason, exc.detail)
             return
         self._swap(loaded, manifest_wall=None, ready_ms=None)
+
+
+def _claimed_version(payload: bytes) -> int | None:
+    """The version a refused manifest claims, unverified, to name it in the error report."""
+    try:
+        return parse_manifest(payload)[0].version
+    except ModelRejected:
+        return None
 
 
 def _fits(shape: Sequence[int], dims: Sequence[int]) -> bool:

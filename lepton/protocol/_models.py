@@ -6,9 +6,15 @@ Wire layout (see docs/protocol.md, "Model delivery"):
 * ``{root}/models/{model}`` — retained, the JSON envelope ``{"v": 1, "manifest": "<manifest JSON text>",
   "signature": {"alg": "ed25519", "key_id": hex, "sig": b64}}``.
 
-The signature covers the UTF-8 bytes of the ``manifest`` string exactly as sent, so a verifier needs
-no JSON canonicalisation. The manifest lists each chunk's sha256, so every chunk is verifiable on its
-own and the whole model again by ``sha256``.
+The signature covers the *decoded* ``manifest`` string (the JSON string value, after JSON unescaping),
+encoded as UTF-8: for a manifest made by :func:`build_package` (pure ASCII) those are the bytes between
+the quotes. A verifier needs no JSON canonicalisation. The manifest names its fleet and model, which
+every verifier checks against the topic it came on, and lists each chunk's sha256, so every chunk is
+verifiable on its own and the whole model again by ``sha256``.
+
+Verify first, then act: :func:`open_manifest` checks the payload's size, then the signature, then
+the fields and the destination, before a caller may let the version decide anything (supersede,
+clear, pin). :func:`parse_manifest` (no signature check) is only for display.
 
 This module is shared by both sides: the device verifies, the cloud builds and signs. ``cryptography``
 is imported only when a signature is made or checked.
@@ -41,18 +47,28 @@ REJECT_REASONS = {
     "incompatible_input": "the model's input name, shape or dtype does not fit the device's features",
     "load_failed": "ONNX Runtime could not load or run the model",
     "stale_version": "the version is not newer than the one being served",
+    "wrong_fleet": "the signed manifest names another fleet than the topic it was published on",
+    "wrong_model": "the signed manifest names another model than the topic it was published on",
+    "too_large": "the manifest, a chunk or the model exceeds the receiver's size limits",
+    "external_data": "the ONNX model refers to external data files, which Lepton never loads",
 }
+
+#: Largest manifest payload a verifier reads (about 14,000 chunk digests: a 1.3 GB model at 96 KiB).
+MAX_MANIFEST_BYTES = 1024 * 1024
 
 #: Default chunk size: comfortably under AWS IoT Core's 128 KB message limit.
 DEFAULT_CHUNK_SIZE = 96 * 1024
 MANIFEST_KIND = "lepton-model"
-REQUIRED_FIELDS = ("name", "version", "sha256", "size", "chunk_size", "chunks", "input", "labels", "pipeline")
+REQUIRED_FIELDS = (
+    "fleet", "name", "version", "sha256", "size", "chunk_size", "chunks", "input", "labels", "pipeline",
+)
 
 
 @dataclass(frozen=True)
 class ModelManifest:
     """The parsed manifest of one model version."""
 
+    fleet: str
     name: str
     version: int
     sha256: str
@@ -154,6 +170,7 @@ def _raw_public(public_key) -> bytes:
 # ------------------------------------------------------------------------------------------------
 def build_package(
     *,
+    fleet: str,
     name: str,
     version: int,
     data: bytes,
@@ -167,11 +184,12 @@ def build_package(
     private_key=None,
     created: float | None = None,
 ) -> tuple[bytes, list[bytes]]:
-    """Build the retained manifest payload and the chunk payloads of one model version.
+    """Build the retained manifest payload and the chunk payloads of one model version for ``fleet``.
 
     ``pipeline`` is ``{"hash": str, "spec": ...}``; ``input_spec`` is ``{"name", "shape", "dtype"}``
     with ``-1`` for the dynamic batch dimension. Signs with ``private_key`` (Ed25519) when given.
     """
+    validate_id(fleet, kind="fleet")
     validate_id(name, kind="model")
     if type(version) is not int or version < 1:
         raise ProtocolError(f"version must be an int >= 1, got {version!r}", field="version")
@@ -180,6 +198,7 @@ def build_package(
     chunks = [bytes(data[i:i + chunk_size]) for i in range(0, len(data), chunk_size)] or [b""]
     manifest = {
         "kind": MANIFEST_KIND,
+        "fleet": fleet,
         "name": name,
         "version": version,
         "format": "onnx",
@@ -211,21 +230,52 @@ def build_package(
 # verifying (device side)
 # ------------------------------------------------------------------------------------------------
 def parse_manifest(payload: bytes) -> tuple[ModelManifest, bytes, dict[str, Any] | None]:
-    """Parse the retained manifest payload, without checking the signature.
+    """Parse the retained manifest payload, without checking the signature (for display only).
 
     Returns ``(manifest, signed_bytes, signature_or_None)``; raises ModelRejected("bad_manifest").
+    Anything that acts on a manifest uses :func:`open_manifest`, which verifies first.
     """
+    signed, signature = parse_envelope(payload)
+    return _parse_body(signed), signed, signature
+
+
+def parse_envelope(
+    payload: bytes, *, max_bytes: int = MAX_MANIFEST_BYTES
+) -> tuple[bytes, dict[str, Any] | None]:
+    """The outer JSON of a manifest payload: ``(signed_bytes, signature_or_None)``, nothing trusted yet.
+
+    Raises ModelRejected("too_large") above ``max_bytes`` (checked before any parsing) and
+    ModelRejected("bad_manifest") for anything that is not ``{"v": 1, "manifest": str, "signature": ...}``.
+    """
+    try:
+        size = len(payload)
+    except TypeError:
+        raise ModelRejected("bad_manifest", "the manifest payload is not bytes") from None
+    if size > max_bytes:
+        raise ModelRejected("too_large", f"the manifest payload is {size} bytes, over the {max_bytes} limit")
     try:
         outer = json.loads(bytes(payload))
         if not isinstance(outer, dict) or outer.get("v") != 1 or not isinstance(outer.get("manifest"), str):
             raise ValueError("expected {'v': 1, 'manifest': <string>, 'signature': ...}")
         signed = outer["manifest"].encode()
+        signature = outer.get("signature")
+        if signature is not None and not isinstance(signature, dict):
+            raise ValueError("signature must be an object or null")
+    # RecursionError: deeply nested JSON; TypeError: payload is not bytes-like
+    except (ValueError, UnicodeError, TypeError, RecursionError) as exc:
+        raise ModelRejected("bad_manifest", f"cannot read the model manifest: {exc}") from None
+    return signed, signature
+
+
+def _parse_body(signed: bytes) -> ModelManifest:
+    try:
         body = json.loads(signed)
         if not isinstance(body, dict) or body.get("kind") != MANIFEST_KIND:
             raise ValueError(f"manifest kind must be {MANIFEST_KIND!r}")
         missing = [f for f in REQUIRED_FIELDS if f not in body]
         if missing:
             raise ValueError(f"missing fields {missing}")
+        validate_id(body["fleet"], kind="fleet")
         validate_id(body["name"], kind="model")
         if type(body["version"]) is not int or body["version"] < 1:
             raise ValueError("version must be an int >= 1")
@@ -242,6 +292,9 @@ def parse_manifest(payload: bytes) -> tuple[ModelManifest, bytes, dict[str, Any]
             raise ValueError("sha256 and chunks must be 64 lowercase hex digits")
         if not isinstance(body["input"], dict) or not isinstance(body["pipeline"], dict):
             raise ValueError("input and pipeline must be objects")
+        pipe_hash = body["pipeline"].get("hash")
+        if pipe_hash is not None and not isinstance(pipe_hash, str):
+            raise ValueError("pipeline.hash must be a string or null")
         if not isinstance(body["labels"], list):
             raise ValueError("labels must be a list")
         if not isinstance(body.get("metrics") or {}, dict):
@@ -249,20 +302,49 @@ def parse_manifest(payload: bytes) -> tuple[ModelManifest, bytes, dict[str, Any]
         created = body.get("created") or 0.0
         if type(created) not in (int, float):
             raise ValueError("created must be a number of unix seconds")
-        signature = outer.get("signature")
-        if signature is not None and not isinstance(signature, dict):
-            raise ValueError("signature must be an object or null")
-    # RecursionError: deeply nested JSON; TypeError: payload is not bytes-like
-    except (ValueError, UnicodeDecodeError, ProtocolError, TypeError, RecursionError) as exc:
+    except (ValueError, UnicodeError, ProtocolError, TypeError, RecursionError) as exc:
         raise ModelRejected("bad_manifest", f"cannot read the model manifest: {exc}") from None
-    manifest = ModelManifest(
-        name=body["name"], version=body["version"], sha256=body["sha256"], size=body["size"],
-        chunk_size=body["chunk_size"], chunks=tuple(chunks), input=body["input"],
+    return ModelManifest(
+        fleet=body["fleet"], name=body["name"], version=body["version"], sha256=body["sha256"],
+        size=body["size"], chunk_size=body["chunk_size"], chunks=tuple(chunks), input=body["input"],
         labels=tuple(body["labels"]), pipeline=body["pipeline"], metrics=body.get("metrics") or {},
         created=float(created), parent=body.get("parent"),
         format=body.get("format", "onnx"), quantization=body.get("quantization", "none"), raw=body,
     )
-    return manifest, signed, signature
+
+
+def open_manifest(
+    payload: bytes,
+    *,
+    public_key,
+    fleet: str,
+    model: str | None = None,
+    max_bytes: int = MAX_MANIFEST_BYTES,
+) -> tuple[ModelManifest, str | None]:
+    """Verify, then parse: the one way to read a manifest that is allowed to decide anything.
+
+    In this order: the payload's size (``too_large``), its envelope (``bad_manifest``), the Ed25519
+    signature over the decoded manifest string (``unsigned``, ``unknown_key``, ``bad_signature``;
+    skipped when ``public_key`` is None, i.e. ``--no-verify``), the fields (``bad_manifest``), then the
+    destination: the signed ``fleet`` and ``name`` must be the ones of the topic it arrived on
+    (``wrong_fleet``, ``wrong_model``), so a package signed for one fleet cannot be replayed on
+    another that trusts the same key. Returns ``(manifest, signer_key_id_or_None)``.
+    """
+    signed, signature = parse_envelope(payload, max_bytes=max_bytes)
+    signer = verify_signature(signed, signature, public_key)
+    manifest = _parse_body(signed)
+    check_destination(manifest, fleet=fleet, model=model)
+    return manifest, signer
+
+
+def check_destination(manifest: ModelManifest, *, fleet: str, model: str | None = None) -> None:
+    """Raise ModelRejected("wrong_fleet"/"wrong_model") unless the manifest names this fleet and model."""
+    if manifest.fleet != fleet:
+        raise ModelRejected("wrong_fleet", f"v{manifest.version} is signed for fleet {manifest.fleet!r}, "
+                            f"not {fleet!r}; publish it again for this fleet")
+    if model is not None and manifest.name != model:
+        raise ModelRejected("wrong_model", f"the manifest names model {manifest.name!r}, "
+                            f"published under {model!r}")
 
 
 def _is_sha256(value: object) -> bool:
@@ -307,14 +389,22 @@ def verify_package(
     chunks: Mapping[int, bytes],
     *,
     public_key=None,
+    fleet: str | None = None,
+    model: str | None = None,
 ) -> ModelPackage:
     """Verify a manifest and its chunks; return the package or raise ModelRejected with a reason.
 
     With ``public_key=None`` the signature is not checked (a device started with ``--no-verify``);
-    hashes always are.
+    hashes always are. With ``fleet`` (and ``model``) the signed destination must match them.
     """
-    manifest, signed, signature = parse_manifest(manifest_payload)
-    signer = verify_signature(signed, signature, public_key)
+    if fleet is not None:
+        manifest, signer = open_manifest(manifest_payload, public_key=public_key, fleet=fleet, model=model)
+    else:
+        signed, signature = parse_envelope(manifest_payload)
+        signer = verify_signature(signed, signature, public_key)
+        manifest = _parse_body(signed)
+        if model is not None and manifest.name != model:
+            check_destination(manifest, fleet=manifest.fleet, model=model)
     return assemble_package(manifest, chunks, signed_by=signer)
 
 
@@ -341,3 +431,100 @@ def assemble_package(
     if len(data) != manifest.size or hashlib.sha256(data).hexdigest() != manifest.sha256:
         raise ModelRejected("hash_mismatch", f"assembled v{manifest.version} does not match its sha256/size")
     return ModelPackage(manifest=manifest, data=data, signed_by=signed_by)
+
+
+# ------------------------------------------------------------------------------------------------
+# ONNX: refuse external data without onnx or onnxruntime
+# ------------------------------------------------------------------------------------------------
+# Which fields of which ONNX protobuf messages hold other messages, as far as they can lead to a
+# TensorProto (field numbers from onnx.proto). Everything else is skipped without being parsed.
+_MODEL, _GRAPH, _NODE, _ATTR, _TENSOR, _SPARSE, _FUNC, _TRAIN = range(8)
+_ONNX_CHILDREN = {
+    _MODEL: {7: _GRAPH, 20: _TRAIN, 25: _FUNC},
+    _TRAIN: {1: _GRAPH, 2: _GRAPH},
+    _FUNC: {7: _NODE, 11: _ATTR},
+    _GRAPH: {1: _NODE, 5: _TENSOR, 15: _SPARSE},
+    _NODE: {5: _ATTR},
+    _ATTR: {5: _TENSOR, 6: _GRAPH, 10: _TENSOR, 11: _GRAPH, 22: _SPARSE, 23: _SPARSE},
+    _SPARSE: {1: _TENSOR, 2: _TENSOR},
+    _TENSOR: {},
+}
+_TENSOR_NAME, _TENSOR_EXTERNAL_DATA, _TENSOR_DATA_LOCATION = 8, 13, 14
+_ONNX_MAX_DEPTH = 64
+
+
+def onnx_external_data(data: bytes) -> list[str]:
+    """Names of the tensors of an ONNX model that keep their data in external files.
+
+    A tensor has external data when its ``data_location`` is EXTERNAL (1) or it carries
+    ``external_data`` entries. Onnxruntime would open the files they name, relative to the model and
+    (before 1.24) even through ``../``: a model must be self-contained. This walks the protobuf wire
+    format itself (model, graphs, nodes, attributes, subgraphs, sparse tensors, functions, training
+    info), so the device needs neither ``onnx`` nor onnxruntime to check it. Raises
+    ModelRejected("load_failed") when ``data`` is not a well-formed protobuf.
+    """
+    found: list[str] = []
+    view = memoryview(bytes(data))
+    _walk_onnx(view, 0, len(view), _MODEL, 0, found)
+    return found
+
+
+def check_onnx_self_contained(data: bytes, *, what: str = "the model") -> None:
+    """Raise ModelRejected("external_data") when an ONNX model refers to external data files."""
+    external = onnx_external_data(data)
+    if external:
+        names = ", ".join(repr(n) for n in external[:5])
+        raise ModelRejected("external_data", f"{what} keeps {len(external)} tensor(s) in external files "
+                            f"({names}); export it with all weights inside the .onnx file")
+
+
+def _varint(view: memoryview, pos: int, end: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= end or shift > 63:
+            raise ModelRejected("load_failed", "not an ONNX model: truncated or malformed protobuf")
+        byte = view[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, pos
+        shift += 7
+
+
+def _walk_onnx(view: memoryview, pos: int, end: int, kind: int, depth: int, found: list[str]) -> None:
+    if depth > _ONNX_MAX_DEPTH:
+        raise ModelRejected("load_failed", f"not a usable ONNX model: nested deeper than {_ONNX_MAX_DEPTH}")
+    children = _ONNX_CHILDREN[kind]
+    name = ""
+    external = False
+    while pos < end:
+        key, pos = _varint(view, pos, end)
+        field, wire = key >> 3, key & 7
+        if field == 0:
+            raise ModelRejected("load_failed", "not an ONNX model: field number 0 in the protobuf")
+        if wire == 0:
+            value, pos = _varint(view, pos, end)
+            if kind == _TENSOR and field == _TENSOR_DATA_LOCATION and value == 1:
+                external = True
+        elif wire == 1:
+            pos += 8
+        elif wire == 5:
+            pos += 4
+        elif wire == 2:
+            length, pos = _varint(view, pos, end)
+            if pos + length > end:
+                raise ModelRejected("load_failed", "not an ONNX model: a field runs past its message")
+            child = children.get(field)
+            if child is not None:
+                _walk_onnx(view, pos, pos + length, child, depth + 1, found)
+            elif kind == _TENSOR and field == _TENSOR_EXTERNAL_DATA:
+                external = True
+            elif kind == _TENSOR and field == _TENSOR_NAME:
+                name = bytes(view[pos:pos + min(length, 200)]).decode("utf-8", "replace")
+            pos += length
+        else:  # groups (3, 4) are not used by ONNX; 6, 7 do not exist
+            raise ModelRejected("load_failed", f"not an ONNX model: protobuf wire type {wire}")
+        if pos > end:
+            raise ModelRejected("load_failed", "not an ONNX model: truncated protobuf")
+    if external:
+        found.append(name or "<unnamed>")

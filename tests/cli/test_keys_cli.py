@@ -20,7 +20,8 @@ def test_generate_writes_a_pair_that_signs_and_verifies_a_model(tmp_path, capsys
     private, public = tmp_path / "keys" / "fleet-a.key", tmp_path / "keys" / "fleet-a.pub"
     assert report["private"] == str(private) and report["public"] == str(public)
     assert private.stat().st_mode & 0o777 == 0o600
-    manifest, chunks = build_package(name="m", version=1, data=b"onnx" * 500, input_spec={}, labels=[0, 1],
+    manifest, chunks = build_package(fleet="f1", name="m", version=1, data=b"onnx" * 500, input_spec={},
+                                     labels=[0, 1],
                                      pipeline={}, private_key=load_private_key(private))
     package = verify_package(manifest, dict(enumerate(chunks)), public_key=load_public_key(public))
     assert package.signed_by == report["key_id"]

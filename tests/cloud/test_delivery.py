@@ -23,8 +23,22 @@ from lepton.testing import MosquittoBroker
 from tests.conftest import _mosquitto_or_skip
 
 
-def _package(version, *, data, manifest, chunk_size=32 * 1024, key=None, parent=None):
+
+def other_weights(version) -> bytes:
+    """A second valid ONNX model: the fp32 export when int8 shipped, else the shipped one re-labelled
+    (the export ships fp32 alone when int8 loses too much accuracy, so model.fp32.onnx may not exist)."""
+    fp32 = version.path / "model.fp32.onnx"
+    if fp32.exists():
+        return fp32.read_bytes()
+    import onnx
+
+    model = onnx.load_from_string(version.data())
+    model.doc_string = "another version"
+    return model.SerializeToString()
+
+def _package(version, *, fleet, data, manifest, chunk_size=32 * 1024, key=None, parent=None):
     return build_package(
+        fleet=fleet,
         name="digits",
         version=version,
         data=data,
@@ -44,7 +58,7 @@ def _retained_once(url: str, topic_filter: str, *, until, timeout: float = 10.0)
     got: dict[str, bytes] = {}
     done = threading.Event()
     lock = threading.Lock()
-    client = new_client(BrokerURL.parse(url), client_id="probe-retained")
+    client = new_client(BrokerURL.parse(url), client_id=f"{BrokerURL.parse(url).username}/probe-retained")
 
     def on_message(c, userdata, msg):
         with lock:
@@ -81,7 +95,7 @@ def _retained_settles_to(url: str, topic_filter: str, expected: set[str], *, att
 def test_late_subscriber_rebuilds_the_exact_signed_model(broker, fleet, trained_digits, keypair):
     _, _, version = trained_digits
     data = version.data()
-    payload, chunks = _package(1, data=data, manifest=version.manifest, key=load_private_key(keypair[0]))
+    payload, chunks = _package(1, fleet=fleet, data=data, manifest=version.manifest, key=load_private_key(keypair[0]))
     assert len(chunks) > 1
 
     result = publish_package(broker.url("worker", "trainer", fleet=fleet), fleet, payload, chunks)
@@ -103,9 +117,9 @@ def test_superseded_chunks_are_cleared_and_versions_only_move_forward(broker, fl
     url = broker.url("worker", "trainer", fleet=fleet)
     topics = Topics(fleet=fleet)
     v1_data = version.data()
-    v2_data = (version.path / "model.fp32.onnx").read_bytes()
-    p1, c1 = _package(1, data=v1_data, manifest=version.manifest)
-    p2, c2 = _package(2, data=v2_data, manifest=version.manifest, parent=1)
+    v2_data = other_weights(version)
+    p1, c1 = _package(1, fleet=fleet, data=v1_data, manifest=version.manifest)
+    p2, c2 = _package(2, fleet=fleet, data=v2_data, manifest=version.manifest, parent=1)
     publish_package(url, fleet, p1, c1)
 
     # v2 does not say what it supersedes: the publisher finds v1 in the broker's retained manifest
@@ -128,12 +142,12 @@ def test_fetch_rejects_a_foreign_key_and_an_unsigned_model(
     _, _, version = trained_digits
     url = amqtt_broker.url("worker", "trainer", fleet=fleet)
     _, other_public = generate_keypair(tmp_path, name="other")
-    p1, c1 = _package(1, data=version.data(), manifest=version.manifest, key=load_private_key(keypair[0]))
+    p1, c1 = _package(1, fleet=fleet, data=version.data(), manifest=version.manifest, key=load_private_key(keypair[0]))
     publish_package(url, fleet, p1, c1)
 
     with pytest.raises(ModelRejected) as foreign:
         fetch_model(url, fleet, "digits", other_public)
-    p2, c2 = _package(2, data=version.data(), manifest=version.manifest)
+    p2, c2 = _package(2, fleet=fleet, data=version.data(), manifest=version.manifest)
     publish_package(url, fleet, p2, c2)
     with pytest.raises(ModelRejected) as unsigned:
         fetch_model(url, fleet, "digits", keypair[1])
@@ -160,12 +174,12 @@ def test_mosquitto_with_a_message_size_limit_smaller_than_the_model(fleet, train
         key = load_private_key(keypair[0])
         # One message holding the whole model: Mosquitto acknowledges it but drops it, and the publisher
         # notices (the message never comes back on its own subscription).
-        whole, one_chunk = _package(1, data=data, manifest=version.manifest, chunk_size=len(data), key=key)
+        whole, one_chunk = _package(1, fleet=fleet, data=data, manifest=version.manifest, chunk_size=len(data), key=key)
         with pytest.raises(DeliveryError, match="message_size_limit"):
             publish_package(url, fleet, whole, one_chunk, timeout=3)
 
         # The default chunk size (96 KiB) fits under the limit.
-        payload, chunks = _package(2, data=data, manifest=version.manifest, chunk_size=96 * 1024, key=key)
+        payload, chunks = _package(2, fleet=fleet, data=data, manifest=version.manifest, chunk_size=96 * 1024, key=key)
         result = publish_package(url, fleet, payload, chunks)
         package = fetch_model(broker.url("device", "dev-9", fleet=fleet), fleet, "digits", keypair[1])
 
@@ -183,8 +197,7 @@ def test_a_device_runtime_hot_swaps_to_the_published_model(
     from tests.cloud.conftest import DIGITS_HASH
 
     _, _, version = trained_digits
-    payload, chunks = _package(
-        1, data=version.data(), manifest=version.manifest, key=load_private_key(keypair[0])
+    payload, chunks = _package(1, fleet=fleet, data=version.data(), manifest=version.manifest, key=load_private_key(keypair[0])
     )
     publish_package(amqtt_broker.url("worker", "trainer", fleet=fleet), fleet, payload, chunks)
     swapped = threading.Event()

@@ -149,7 +149,7 @@ def test_refused_password_is_a_broker_error(broker, fleet, tmp_path):
     assert agent.spool._db is None  # spool closed cleanly even on a failed start
 
 
-def _signed_mlp_package(tmp_path, pipeline: Pipeline):
+def _signed_mlp_package(tmp_path, pipeline: Pipeline, fleet: str):
     from onnx import TensorProto, helper, numpy_helper
 
     from lepton.protocol import build_package, generate_keypair, load_private_key
@@ -173,6 +173,7 @@ def _signed_mlp_package(tmp_path, pipeline: Pipeline):
     model.ir_version = 9
     priv, pub = generate_keypair(tmp_path / "keys", name="fleet")
     manifest, chunks = build_package(
+        fleet=fleet,
         name="digits",
         version=1,
         data=model.SerializeToString(),
@@ -189,7 +190,7 @@ def test_device_serves_a_signed_model_and_publishes_predictions(amqtt_broker, fl
 
     from lepton.protocol import BrokerURL, Topics, new_client
 
-    manifest, chunks, pub_key = _signed_mlp_package(tmp_path, Pipeline.from_preset("digits"))
+    manifest, chunks, pub_key = _signed_mlp_package(tmp_path, Pipeline.from_preset("digits"), fleet)
     topics = Topics(fleet=fleet)
     url = BrokerURL.parse(amqtt_broker.url("worker", "publisher", fleet=fleet))
     publisher = new_client(url, client_id="publisher", clean_session=True)

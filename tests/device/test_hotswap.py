@@ -68,16 +68,16 @@ def test_five_versions_and_a_rollback_under_continuous_inference(broker, keys, f
     latencies_ms: dict[int, float] = {}
     try:
         for version in range(1, 6):
-            manifest, chunks = package(version, weights[version], private, chunk_size=8192,
+            manifest, chunks = package(fleet, version, weights[version], private, chunk_size=8192,
                                        parent=version - 1 or None)
             started = pub.publish(version, manifest, chunks)
             wait_for(lambda v=version: v in loop.first_seen, what=f"first inference on v{version}")
             latencies_ms[version] = round((loop.first_seen[version] - started) * 1000, 2)
             if version > 1:  # the cloud clears superseded chunks once the new version is out
-                pub.clear(version - 1, len(package(version - 1, weights[version - 1], private,
+                pub.clear(version - 1, len(package(fleet, version - 1, weights[version - 1], private,
                                                    chunk_size=8192)[1]))
         # rollback to v2's weights: published as a new, higher version
-        manifest, chunks = package(6, weights[2], private, chunk_size=8192, parent=2)
+        manifest, chunks = package(fleet, 6, weights[2], private, chunk_size=8192, parent=2)
         started = pub.publish(6, manifest, chunks)
         wait_for(lambda: 6 in loop.first_seen, what="first inference on the rollback v6")
         latencies_ms[6] = round((loop.first_seen[6] - started) * 1000, 2)
@@ -109,19 +109,19 @@ def test_five_versions_and_a_rollback_under_continuous_inference(broker, keys, f
 
 def test_a_rejected_version_mid_stream_never_interrupts_inference(amqtt_broker, keys, fleet, tmp_path):
     private, public, other, _ = keys
-    pub = Publisher(amqtt_broker.url("worker", "cloud"), fleet)
+    pub = Publisher(amqtt_broker.url("worker", "cloud", fleet=fleet), fleet)
     runtime = make_runtime(fleet, tmp_path, public)
-    link = DeviceLink(runtime, amqtt_broker.url("device", "hs-rej"), "hs-rej")
+    link = DeviceLink(runtime, amqtt_broker.url("device", "hs-rej", fleet=fleet), "hs-rej")
     loop = InferenceLoop(runtime)
     loop.start()
     try:
-        pub.publish(1, *package(1, make_onnx(1, hidden=128), private))
+        pub.publish(1, *package(fleet, 1, make_onnx(1, hidden=128), private))
         wait_for(lambda: 1 in loop.first_seen, what="v1")
-        pub.publish(2, *package(2, b"\x08\x07garbage" * 500, private))  # signed, hashes right, not ONNX
+        pub.publish(2, *package(fleet, 2, b"\x08\x07garbage" * 500, private))  # signed, hashes right, not ONNX
         wait_for(lambda: runtime.status()["model_error"], what="rejection of v2")
-        pub.publish(3, *package(3, make_onnx(3, hidden=128), other))  # another key
+        pub.publish(3, *package(fleet, 3, make_onnx(3, hidden=128), other))  # another key
         wait_for(lambda: (runtime.status()["model_error"] or {}).get("version") == 3, what="rejection of v3")
-        pub.publish(4, *package(4, make_onnx(4, hidden=128), private))
+        pub.publish(4, *package(fleet, 4, make_onnx(4, hidden=128), private))
         wait_for(lambda: 4 in loop.first_seen, what="v4")
     finally:
         loop.stop.set()

@@ -72,7 +72,7 @@ class Watcher:
         self.predictions: list[dict] = []
         self.lock = threading.Lock()
         broker = BrokerURL.parse(url)
-        self.client = new_client(broker, client_id=f"watch-{fleet}")
+        self.client = new_client(broker, client_id=f"{broker.username}/watch-{fleet}")
         self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(
             [(self.topics.status(device), 1), (self.topics.telemetry(device), 0),
              (self.topics.predictions(device), 0)])
@@ -110,7 +110,7 @@ def test_device_process_hot_swaps_and_reports_rejections(mosquitto_broker, keys,
     labels = [str(i) for i in range(10)]
 
     def pkg(version, data, key, pipe=pipeline.hash, parent=None):
-        return build_package(name=MODEL, version=version, data=data, input_spec=spec, labels=labels,
+        return build_package(fleet=fleet, name=MODEL, version=version, data=data, input_spec=spec, labels=labels,
                              pipeline={"hash": pipe, "spec": pipeline.spec}, parent=parent, private_key=key,
                              chunk_size=1024)
 

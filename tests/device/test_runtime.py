@@ -80,9 +80,9 @@ def keys(tmp_path_factory):
     return make_keys(tmp_path_factory.mktemp("keys"))
 
 
-def package(version: int, data: bytes, private_key, *, pipeline: str = PIPE, chunk_size: int = 1024,
+def package(fleet: str, version: int, data: bytes, private_key, *, pipeline: str = PIPE, chunk_size: int = 1024,
             input_spec: dict | None = None, labels: list | None = None, parent: int | None = None):
-    return build_package(name=MODEL, version=version, data=data, input_spec=input_spec or INPUT_SPEC,
+    return build_package(fleet=fleet, name=MODEL, version=version, data=data, input_spec=input_spec or INPUT_SPEC,
                          labels=labels or LABELS, pipeline={"hash": pipeline, "spec": {"preset": "test"}},
                          metrics={"val_accuracy": 0.9}, parent=parent, chunk_size=chunk_size,
                          private_key=private_key)
@@ -121,7 +121,7 @@ class Publisher:
     def __init__(self, url: str, fleet: str) -> None:
         self.topics = Topics(fleet=fleet)
         self.url = BrokerURL.parse(url)
-        self.client = new_client(self.url, client_id=f"pub-{uuid.uuid4().hex[:8]}")
+        self.client = new_client(self.url, client_id=f"{self.url.username}/pub-{uuid.uuid4().hex[:8]}")
         connect(self.client, self.url)
 
     def publish(self, version: int, manifest: bytes, chunks: list[bytes]) -> float:
@@ -161,11 +161,18 @@ class DeviceLink:
             self.subscribed.set()
 
         def on_message(client, userdata, message):
+            self.received_bytes += len(message.payload)
             runtime.handle_message(message.topic, message.payload, message.retain)
 
+        def resubscribe():  # what the device agent does: the broker resends the retained chunks
+            for topic_filter, qos in runtime.subscriptions():
+                self.client.subscribe(topic_filter, qos)
+
+        self.received_bytes = 0
         self.client.on_connect = on_connect
         self.client.on_subscribe = on_subscribe
         self.client.on_message = on_message
+        runtime.on_resubscribe = resubscribe
         connect(self.client, self.url)
         assert self.subscribed.wait(10), "no SUBACK"
 
@@ -191,7 +198,7 @@ def test_chunks_in_any_order_before_and_after_the_manifest(tmp_path, keys, fleet
     private, public, _, _ = keys
     topics = Topics(fleet=fleet)
     data = make_onnx(1, hidden=32)
-    manifest, chunks = package(1, data, private)
+    manifest, chunks = package(fleet, 1, data, private)
     assert len(chunks) >= 4
     changes = []
     runtime = make_runtime(fleet, tmp_path, public, on_change=changes.append)
@@ -220,10 +227,10 @@ def test_stale_versions_are_ignored_without_an_error(tmp_path, keys, fleet):
     topics = Topics(fleet=fleet)
     runtime = make_runtime(fleet, tmp_path, public)
     try:
-        feed(runtime, messages(topics, 3, *package(3, make_onnx(3), private)))
+        feed(runtime, messages(topics, 3, *package(fleet, 3, make_onnx(3), private)))
         wait_for(lambda: runtime.version == 3, what="v3")
-        feed(runtime, messages(topics, 2, *package(2, make_onnx(2), private)))
-        feed(runtime, messages(topics, 3, *package(3, make_onnx(3), private)))  # retained again on reconnect
+        feed(runtime, messages(topics, 2, *package(fleet, 2, make_onnx(2), private)))
+        feed(runtime, messages(topics, 3, *package(fleet, 3, make_onnx(3), private)))  # retained again on reconnect
         wait_for(lambda: runtime.telemetry()["model_stale_ignored"] >= 2, what="stale versions counted")
         assert runtime.version == 3
         assert runtime.status()["model_error"] is None
@@ -249,16 +256,16 @@ def test_a_bad_model_is_refused_and_the_old_one_keeps_serving(tmp_path, keys, fl
     changes = []
     runtime = make_runtime(fleet, tmp_path, public, on_change=changes.append)
     try:
-        feed(runtime, messages(topics, 1, *package(1, good, private)))
+        feed(runtime, messages(topics, 1, *package(fleet, 1, good, private)))
         wait_for(lambda: runtime.version == 1, what="v1")
         data = make_onnx(2)
-        manifest, chunks = package(2, data, private)
+        manifest, chunks = package(fleet, 2, data, private)
         if case == "tampered_chunk":
             chunks[0] = bytes([chunks[0][0] ^ 0xFF]) + chunks[0][1:]
         elif case == "unsigned":
-            manifest, chunks = package(2, data, None)
+            manifest, chunks = package(fleet, 2, data, None)
         elif case == "other_key":
-            manifest, chunks = package(2, data, other)
+            manifest, chunks = package(fleet, 2, data, other)
         elif case == "forged_signature":  # right key id, signature of other bytes
             import base64
             import json
@@ -266,12 +273,12 @@ def test_a_bad_model_is_refused_and_the_old_one_keeps_serving(tmp_path, keys, fl
             outer["signature"]["sig"] = base64.b64encode(private.sign(b"something else")).decode()
             manifest = json.dumps(outer).encode()
         elif case == "wrong_pipeline":
-            manifest, chunks = package(2, data, private, pipeline=OTHER_PIPE)
+            manifest, chunks = package(fleet, 2, data, private, pipeline=OTHER_PIPE)
         elif case == "wrong_input":
-            manifest, chunks = package(2, make_onnx(2, n_in=32), private,
+            manifest, chunks = package(fleet, 2, make_onnx(2, n_in=32), private,
                                        input_spec={"name": "x", "shape": [-1, 32], "dtype": "float32"})
         elif case == "not_onnx":
-            manifest, chunks = package(2, b"this is not an ONNX graph" * 100, private)
+            manifest, chunks = package(fleet, 2, b"this is not an ONNX graph" * 100, private)
         elif case == "truncated_manifest":
             manifest = manifest[: len(manifest) // 2]
         feed(runtime, messages(topics, 2, manifest, chunks))
@@ -285,7 +292,7 @@ def test_a_bad_model_is_refused_and_the_old_one_keeps_serving(tmp_path, keys, fl
         assert runtime.telemetry()["model_rejections"] >= 1
         assert runtime.telemetry()["inference_failures"] == 0
         # a good newer version clears the error
-        feed(runtime, messages(topics, 3, *package(3, make_onnx(3), private)))
+        feed(runtime, messages(topics, 3, *package(fleet, 3, make_onnx(3), private)))
         wait_for(lambda: runtime.version == 3, what="v3")
         assert runtime.status()["model_error"] is None
     finally:
@@ -297,10 +304,10 @@ def test_no_verify_still_checks_hashes(tmp_path, keys, fleet):
     topics = Topics(fleet=fleet)
     runtime = make_runtime(fleet, tmp_path, None)  # --no-verify
     try:
-        feed(runtime, messages(topics, 1, *package(1, make_onnx(1), None)))  # unsigned is fine now
+        feed(runtime, messages(topics, 1, *package(fleet, 1, make_onnx(1), None)))  # unsigned is fine now
         wait_for(lambda: runtime.version == 1, what="unsigned v1 under --no-verify")
         assert runtime.status()["model_verify"] is False
-        manifest, chunks = package(2, make_onnx(2), private)
+        manifest, chunks = package(fleet, 2, make_onnx(2), private)
         chunks[-1] = chunks[-1][:-1] + bytes([chunks[-1][-1] ^ 1])
         feed(runtime, messages(topics, 2, manifest, chunks))
         wait_for(lambda: runtime.status()["model_error"], what="a rejection")
@@ -315,8 +322,8 @@ def test_superseded_chunks_are_dropped_and_accuracy_is_per_version(tmp_path, key
     topics = Topics(fleet=fleet)
     runtime = make_runtime(fleet, tmp_path, public)
     try:
-        m2, c2 = package(2, make_onnx(2, hidden=16), private)
-        m3, c3 = package(3, make_onnx(3), private)
+        m2, c2 = package(fleet, 2, make_onnx(2, hidden=16), private)
+        m3, c3 = package(fleet, 3, make_onnx(3), private)
         feed(runtime, [(topics.model_chunk(MODEL, 2, 0), c2[0])])  # half of v2, never completed
         feed(runtime, messages(topics, 3, m3, c3))
         wait_for(lambda: runtime.version == 3, what="v3")
@@ -339,7 +346,7 @@ def test_image_features_are_reshaped_for_a_flat_model(tmp_path, keys, fleet):
     runtime = make_runtime(fleet, tmp_path, public, input_shape=(8, 8))
     try:
         data = make_onnx(4)
-        feed(runtime, messages(Topics(fleet=fleet), 1, *package(1, data, private)))
+        feed(runtime, messages(Topics(fleet=fleet), 1, *package(fleet, 1, data, private)))
         wait_for(lambda: runtime.version == 1, what="v1")
         pred = runtime.predict(PROBE.reshape(8, 8))
         assert pred is not None and pred.index == reference(data)
@@ -354,13 +361,13 @@ def test_restart_without_a_broker_serves_the_last_good_model(tmp_path, keys, fle
     private, public, _, _ = keys
     store = tmp_path / "models"
     data = make_onnx(7, hidden=64)
-    pub = Publisher(amqtt_broker.url("worker", "cloud"), fleet)
+    pub = Publisher(amqtt_broker.url("worker", "cloud", fleet=fleet), fleet)
     runtime = make_runtime(fleet, store, public)
-    link = DeviceLink(runtime, amqtt_broker.url("device", "dev-1"), "dev-1")
+    link = DeviceLink(runtime, amqtt_broker.url("device", "dev-1", fleet=fleet), "dev-1")
     try:
-        pub.publish(1, *package(1, make_onnx(6), private))
+        pub.publish(1, *package(fleet, 1, make_onnx(6), private))
         wait_for(lambda: runtime.version == 1, what="v1")
-        pub.publish(2, *package(2, data, private))
+        pub.publish(2, *package(fleet, 2, data, private))
         wait_for(lambda: runtime.version == 2, what="v2")
     finally:
         link.close()
@@ -399,7 +406,7 @@ def test_restart_without_a_broker_serves_the_last_good_model(tmp_path, keys, fle
 
 def test_the_stored_model_must_fit_the_current_pipeline(tmp_path, keys, fleet):
     private, public, _, _ = keys
-    manifest, chunks = package(1, make_onnx(1), private)
+    manifest, chunks = package(fleet, 1, make_onnx(1), private)
     ModelStore(tmp_path, MODEL).save(manifest, b"".join(chunks))
     runtime = make_runtime(fleet, tmp_path, public, pipeline_hash=OTHER_PIPE)
     try:
@@ -422,9 +429,9 @@ def test_late_joiner_assembles_the_current_model_from_retained_messages(broker, 
     pub = Publisher(broker.url("worker", "cloud", fleet=fleet), fleet)
     v1, v2 = make_onnx(11, hidden=48), make_onnx(12, hidden=48)
     try:
-        m1, c1 = package(1, v1, private)
+        m1, c1 = package(fleet, 1, v1, private)
         pub.publish(1, m1, c1)
-        m2, c2 = package(2, v2, private, parent=1)
+        m2, c2 = package(fleet, 2, v2, private, parent=1)
         pub.publish(2, m2, c2)  # v1's chunks are left retained too: the runtime must not care
         assert len(c2) > 5
     finally:
@@ -444,19 +451,19 @@ def test_late_joiner_assembles_the_current_model_from_retained_messages(broker, 
 def test_rejections_through_the_broker_keep_the_old_model_and_report_the_reason(amqtt_broker, keys, fleet,
                                                                                 tmp_path):
     private, public, other, _ = keys
-    pub = Publisher(amqtt_broker.url("worker", "cloud"), fleet)
+    pub = Publisher(amqtt_broker.url("worker", "cloud", fleet=fleet), fleet)
     runtime = make_runtime(fleet, tmp_path, public)
-    link = DeviceLink(runtime, amqtt_broker.url("device", "dev-r"), "dev-r")
+    link = DeviceLink(runtime, amqtt_broker.url("device", "dev-r", fleet=fleet), "dev-r")
     good = make_onnx(21)
     try:
-        pub.publish(1, *package(1, good, private))
+        pub.publish(1, *package(fleet, 1, good, private))
         wait_for(lambda: runtime.version == 1, what="v1")
-        m, c = package(2, make_onnx(22), private)
+        m, c = package(fleet, 2, make_onnx(22), private)
         c[1] = c[1][:100] + bytes([c[1][100] ^ 0x01]) + c[1][101:]
         bad = [("chunk_hash_mismatch", (m, c)),
-               ("unsigned", package(3, make_onnx(23), None)),
-               ("unknown_key", package(4, make_onnx(24), other)),
-               ("incompatible_pipeline", package(5, make_onnx(25), private, pipeline=OTHER_PIPE))]
+               ("unsigned", package(fleet, 3, make_onnx(23), None)),
+               ("unknown_key", package(fleet, 4, make_onnx(24), other)),
+               ("incompatible_pipeline", package(fleet, 5, make_onnx(25), private, pipeline=OTHER_PIPE))]
         for version, (reason, (manifest, chunks)) in enumerate(bad, start=2):
             pub.publish(version, manifest, chunks)
             wait_for(lambda r=reason: (runtime.status()["model_error"] or {}).get("reason") == r, what=reason)
@@ -476,7 +483,7 @@ def test_serving_a_model_imports_no_training_stack(tmp_path, keys, fleet):
     import sys
 
     private, _, _, pub_path = keys
-    ModelStore(tmp_path, MODEL).save(*_joined(package(1, make_onnx(1), private)))
+    ModelStore(tmp_path, MODEL).save(*_joined(package(fleet, 1, make_onnx(1), private)))
     code = f"""
 import sys
 import numpy as np
@@ -509,7 +516,7 @@ def test_garbage_on_model_topics_never_raises_and_never_replaces_the_model(tmp_p
     runtime = make_runtime(fleet, tmp_path, public)
     good = make_onnx(9)
     try:
-        feed(runtime, messages(topics, 1, *package(1, good, private)))
+        feed(runtime, messages(topics, 1, *package(fleet, 1, good, private)))
         wait_for(lambda: runtime.version == 1, what="v1")
         topic_choices = st.sampled_from([topics.model(MODEL), topics.model_chunk(MODEL, 2, 0),
                                          topics.model_chunk(MODEL, 7, 3), f"{topics.model(MODEL)}/junk",
@@ -528,7 +535,7 @@ def test_garbage_on_model_topics_never_raises_and_never_replaces_the_model(tmp_p
         assert runtime._worker.is_alive()
         assert not [r for r in caplog.records if "unexpected error" in r.getMessage()]
         # and a good newer version still gets through afterwards
-        feed(runtime, messages(topics, 2, *package(2, make_onnx(10), private)))
+        feed(runtime, messages(topics, 2, *package(fleet, 2, make_onnx(10), private)))
         wait_for(lambda: runtime.version == 2, what="v2 after the garbage")
     finally:
         runtime.close()

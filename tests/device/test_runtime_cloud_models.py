@@ -42,6 +42,7 @@ def test_cloud_exported_fp32_and_int8_models_hot_swap_on_the_device(tmp_path, ke
     try:
         for version, data, quant in ((1, fp32, "none"), (2, int8, "int8")):
             manifest, chunks = build_package(
+                fleet=fleet,
                 name="digits", version=version, data=data, labels=labels, quantization=quant,
                 input_spec={"name": "input", "shape": [-1, *shape], "dtype": "float32", "output": "logits"},
                 pipeline={"hash": pipeline.hash, "spec": None}, private_key=private)

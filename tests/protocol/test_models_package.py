@@ -35,7 +35,7 @@ def keys(tmp_path_factory):
 
 
 def build(data=ODD_DATA, **overrides):
-    kwargs = dict(name="digits", version=3, data=data, input_spec={"name": "x", "shape": [-1, 1, 8, 8],
+    kwargs = dict(fleet="f1", name="digits", version=3, data=data, input_spec={"name": "x", "shape": [-1, 1, 8, 8],
                                                                     "dtype": "float32"},
                   labels=list(range(10)), pipeline={"hash": "0123456789abcdef", "spec": {"ops": []}},
                   metrics={"accuracy": 0.97}, parent=2, quantization="int8", chunk_size=1024,
