@@ -217,6 +217,8 @@ class ModelRuntime:
         self._orphan_chunks = 0
         self._orphans_dropped = 0
         self._refetches = 0
+        self._refetch_wait = float(refetch_after)  # between re-subscriptions for a missing manifest
+        self._last_refetch = 0.0
         self._rejected_versions: dict[int, str] = {}  # verified manifests refused: version -> reason
         self._error: dict[str, Any] | None = None
         self._stats_lock = threading.Lock()
@@ -580,6 +582,19 @@ class ModelRuntime:
         self._orphan_chunks -= len(group.chunks)
         return group.chunks
 
+    def _refetch(self, now: float, why: str) -> None:
+        if self.on_resubscribe is None:
+            return
+        self._last_refetch = now
+        self._refetch_wait = min(REFETCH_MAX_S, self._refetch_wait * 2)
+        with self._stats_lock:
+            self._refetches += 1
+        log.info("model %s: %s; re-subscribing to fetch the retained messages again", self.model, why)
+        try:
+            self.on_resubscribe()
+        except Exception:  # noqa: BLE001 - the agent's callback must not break the runtime
+            log.exception("model runtime: on_resubscribe callback failed")
+
     def _refuse(self, version: int, exc: ModelRejected) -> None:
         """A verified manifest that this device cannot use: remember it, so its chunks are dropped."""
         self._rejected_versions[version] = exc.reason
@@ -594,21 +609,20 @@ class ModelRuntime:
             self._drop_orphans(version)
         asm = self._pending
         if asm is None:
+            # Chunks of a newer version but no manifest (a broker such as amqtt may fan a manifest out
+            # before it stores it as retained, so a new subscriber can miss it): ask again, with backoff.
+            if self._orphans and now - min(g.first_seen for g in self._orphans.values()) > self._refetch_wait \
+                    and now - self._last_refetch > self._refetch_wait:
+                self._refetch(now, "chunks of a newer version but no manifest")
             return
-        if now - asm.last_progress > asm.refetch_wait and self.on_resubscribe is not None:
+        if now - asm.last_progress > asm.refetch_wait:
             # Chunks were lost (dropped as orphans, or by the broker): subscribing again makes the
             # broker resend every retained chunk; those already here are skipped.
             asm.refetches += 1
             asm.last_progress = now
             asm.refetch_wait = min(REFETCH_MAX_S, asm.refetch_wait * 2)
-            with self._stats_lock:
-                self._refetches += 1
-            log.info("model %s v%d: %d/%d chunks, none new for a while; re-subscribing to fetch the rest",
-                     self.model, asm.version, len(asm.chunks), len(asm.manifest.chunks))
-            try:
-                self.on_resubscribe()
-            except Exception:  # noqa: BLE001 - the agent's callback must not break the runtime
-                log.exception("model runtime: on_resubscribe callback failed")
+            self._refetch(now, f"v{asm.version}: {len(asm.chunks)}/{len(asm.manifest.chunks)} chunks, "
+                          "none new for a while")
         if not asm.stuck_reported and now - asm.manifest_seen > self.assemble_timeout:
             asm.stuck_reported = True
             missing = [i for i in range(len(asm.manifest.chunks)) if i not in asm.chunks]
@@ -658,6 +672,7 @@ class ModelRuntime:
         self._swap(loaded, manifest_wall=asm.manifest_wall, ready_ms=ready_ms, steps=steps)
         for v in [v for v in self._orphans if v <= version]:
             self._drop_orphans(v)
+        self._refetch_wait = self.refetch_after
         if path is not None:  # after the swap: serving does not wait for fsync
             try:
                 self.store.commit(asm.manifest_payload, version)

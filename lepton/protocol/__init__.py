@@ -59,7 +59,15 @@ from lepton.protocol._models import (
     verify_package,
     verify_signature,
 )
-from lepton.protocol._mqtt import BrokerURL, connect, new_client
+from lepton.protocol._mqtt import (
+    BrokerURL,
+    ResolvedBroker,
+    child_environment,
+    connect,
+    new_client,
+    read_password_file,
+    resolve_broker,
+)
 from lepton.protocol._topics import DEFAULT_PREFIX, DEVICE_CHANNELS, ParsedTopic, Topics
 
 __all__ = [
@@ -83,6 +91,7 @@ __all__ = [
     "ParsedTopic",
     "REJECT_REASONS",
     "RawSample",
+    "ResolvedBroker",
     "Sample",
     "SamplesEnvelope",
     "Topics",
@@ -92,6 +101,7 @@ __all__ = [
     "check_meta",
     "check_onnx_self_contained",
     "check_tensor",
+    "child_environment",
     "connect",
     "decode_acks",
     "decode_json",
@@ -115,6 +125,8 @@ __all__ = [
     "parse_envelope",
     "parse_manifest",
     "pipeline_hash",
+    "read_password_file",
+    "resolve_broker",
     "seqs_to_ranges",
     "validate_id",
     "verify_chunk",

@@ -89,9 +89,10 @@ def package(fleet: str, version: int, data: bytes, private_key, *, pipeline: str
 
 
 def messages(topics: Topics, version: int, manifest: bytes, chunks: list[bytes]) -> list[tuple[str, bytes]]:
-    """The retained messages of one version, exactly the layout of lepton/protocol/_models.py."""
-    out = [(topics.model_chunk(MODEL, version, i), c) for i, c in enumerate(chunks)]
-    return out + [(topics.model(MODEL), manifest)]
+    """The retained messages of one version, exactly the layout of lepton/protocol/_models.py, in the
+    documented order (manifest first); tests that need another order reorder them."""
+    return [(topics.model(MODEL), manifest)] + [(topics.model_chunk(MODEL, version, i), c)
+                                                for i, c in enumerate(chunks)]
 
 
 def feed(runtime: ModelRuntime, msgs: list[tuple[str, bytes]]) -> None:
@@ -116,27 +117,51 @@ def make_runtime(fleet: str, store: Path, public_key, **kw) -> ModelRuntime:
 
 
 class Publisher:
-    """The cloud side of delivery: retained chunks first, then the retained manifest, QoS 1."""
+    """The cloud side of delivery, in the documented order: the retained manifest, then the chunks.
+
+    Each publish waits until every message came back on the publisher's own subscription: amqtt
+    acknowledges a publish before it processes it and drops what is queued when the client leaves.
+    """
 
     def __init__(self, url: str, fleet: str) -> None:
         self.topics = Topics(fleet=fleet)
         self.url = BrokerURL.parse(url)
         self.client = new_client(self.url, client_id=f"{self.url.username}/pub-{uuid.uuid4().hex[:8]}")
-        connect(self.client, self.url)
+        self.echoes: dict[tuple[str, bytes], int] = {}
+        self.cond = threading.Condition()
+        subscribed = threading.Event()
 
-    def publish(self, version: int, manifest: bytes, chunks: list[bytes]) -> float:
-        """Publish and wait for every PUBACK; return the wall-clock time publishing started."""
-        started = time.time()
-        infos = [self.client.publish(t, p, qos=1, retain=True)
-                 for t, p in messages(self.topics, version, manifest, chunks)]
+        def on_message(client, userdata, message):
+            if not message.retain:
+                with self.cond:
+                    key = (message.topic, bytes(message.payload))
+                    self.echoes[key] = self.echoes.get(key, 0) + 1
+                    self.cond.notify_all()
+
+        self.client.on_message = on_message
+        self.client.on_subscribe = lambda *a: subscribed.set()
+        connect(self.client, self.url)
+        self.client.subscribe(self.topics.model_filter(MODEL), 0)
+        assert subscribed.wait(10), "no SUBACK for the publisher's echo subscription"
+
+    def _send(self, items: list[tuple[str, bytes]]) -> None:
+        with self.cond:
+            for key in items:
+                self.echoes.pop(key, None)
+        infos = [self.client.publish(t, p, qos=1, retain=True) for t, p in items]
         for info in infos:
             info.wait_for_publish(30)
+        with self.cond:
+            assert self.cond.wait_for(lambda: all(k in self.echoes for k in items), 30), "echoes missing"
+
+    def publish(self, version: int, manifest: bytes, chunks: list[bytes]) -> float:
+        """Publish and wait for every echo; return the wall-clock time publishing started."""
+        started = time.time()
+        self._send(messages(self.topics, version, manifest, chunks))
         return started
 
     def clear(self, version: int, n_chunks: int) -> None:
-        for info in [self.client.publish(self.topics.model_chunk(MODEL, version, i), b"", qos=1, retain=True)
-                     for i in range(n_chunks)]:
-            info.wait_for_publish(30)
+        self._send([(self.topics.model_chunk(MODEL, version, i), b"") for i in range(n_chunks)])
 
     def close(self) -> None:
         self.client.disconnect()
@@ -146,10 +171,10 @@ class Publisher:
 class DeviceLink:
     """A paho client that feeds a runtime the way the device agent does."""
 
-    def __init__(self, runtime: ModelRuntime, url: str, client_id: str) -> None:
+    def __init__(self, runtime: ModelRuntime, url: str, client_id: str, *, clean_session: bool = True) -> None:
         self.runtime = runtime
         self.url = BrokerURL.parse(url)
-        self.client = new_client(self.url, client_id=client_id)
+        self.client = new_client(self.url, client_id=client_id, clean_session=clean_session)
         self.subscribed = threading.Event()
 
         def on_connect(client, userdata, flags, reason_code, properties):
@@ -204,8 +229,8 @@ def test_chunks_in_any_order_before_and_after_the_manifest(tmp_path, keys, fleet
     runtime = make_runtime(fleet, tmp_path, public, on_change=changes.append)
     try:
         assert runtime.predict(PROBE) is None  # nothing loaded yet
-        msgs = messages(topics, 1, manifest, chunks)
-        order = [msgs[3], msgs[1], msgs[-1], msgs[0]] + msgs[4:-1] + [msgs[2]]  # manifest in the middle
+        m, cs = messages(topics, 1, manifest, chunks)[0], messages(topics, 1, manifest, chunks)[1:]
+        order = [cs[3], cs[1], m, cs[0]] + cs[4:] + [cs[2]]  # manifest in the middle
         feed(runtime, order)
         wait_for(lambda: runtime.version == 1, what="v1")
         pred = runtime.predict(PROBE)
