@@ -36,6 +36,7 @@ from sharing one spool.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -72,6 +73,17 @@ CREATE TABLE IF NOT EXISTS samples (
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT OR IGNORE INTO meta(key, value) VALUES ('next_seq', 0), ('dropped', 0), ('schema', 1);
 """
+
+
+def _open_private(path: Path) -> int:
+    """Open (creating) ``path`` read-write with mode 0600, whatever the umask or an older file's mode."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
 
 
 class SpoolFull(LeptonError):
@@ -123,8 +135,8 @@ class Spool:
             raise ConfigError("spool commit_ms must be >= 0 and commit_every >= 1")
         self.directory = Path(directory)
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            self._lock_fd = os.open(self.directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._lock_fd = _open_private(self.directory / LOCK_NAME)
         except OSError as exc:
             raise ConfigError(
                 f"cannot use spool directory {str(self.directory)!r}: {exc.strerror}; "
@@ -154,6 +166,19 @@ class Spool:
         self._first_pending_at = 0.0
         self._commit_error: str | None = None
         self.commits = 0
+        try:
+            # Samples are the device's data: 0600 whatever the umask. SQLite (default 0644) gives its
+            # -wal and -shm files the database file's mode, so creating that one first covers all three;
+            # files of an older version are tightened here too.
+            os.close(_open_private(self.path))
+            for suffix in ("-wal", "-shm"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.chmod(f"{self.path}{suffix}", 0o600)
+        except OSError as exc:
+            os.close(self._lock_fd)
+            raise ConfigError(
+                f"cannot use spool database {str(self.path)!r}: {exc.strerror}; pass a writable --spool DIR"
+            ) from None
         try:
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
             self._db.execute("PRAGMA journal_mode=WAL")

@@ -143,3 +143,37 @@ def test_kill_9_while_writing_loses_nothing_committed_and_never_reuses_a_seq(tmp
             for row in spool.read_after(-1, 5):
                 sample = row.to_sample()
                 assert sample.x.shape == (64,) and float(sample.x[0]) == sample.y
+
+
+@pytest.mark.parametrize("umask", [0o000, 0o022])
+def test_spool_files_are_private_whatever_the_umask(tmp_path, umask):
+    """Samples (and the WAL/SHM beside them) are the device's data: never readable by other local users."""
+    directory = tmp_path / "spool"
+    old = os.umask(umask)
+    try:
+        spool = Spool(directory, fsync=False)
+    finally:
+        os.umask(old)
+    try:
+        spool.append(x(1), y=1)
+        assert spool.flush(timeout=30)
+        deadline = time.monotonic() + 30
+        while not (directory / "spool.sqlite3-wal").exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        names = ["spool.sqlite3", "spool.sqlite3-wal", "spool.sqlite3-shm", "spool.lock"]
+        modes = {n: (directory / n).stat().st_mode & 0o777 for n in names}
+        assert modes == dict.fromkeys(names, 0o600)
+        assert directory.stat().st_mode & 0o077 == 0
+    finally:
+        spool.close()
+
+
+def test_an_existing_world_readable_spool_is_made_private_on_open(tmp_path):
+    with Spool(tmp_path, fsync=False) as spool:
+        spool.append(x(1), y=1)
+    for name in ("spool.sqlite3", "spool.lock"):
+        (tmp_path / name).chmod(0o644)  # what earlier versions created
+    with Spool(tmp_path, fsync=False) as spool:
+        assert spool.depth == 1
+        assert {n: (tmp_path / n).stat().st_mode & 0o777 for n in ("spool.sqlite3", "spool.lock")} == {
+            "spool.sqlite3": 0o600, "spool.lock": 0o600}
