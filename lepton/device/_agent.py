@@ -406,7 +406,7 @@ class DeviceAgent:
         self._backoff.reset()
         client.subscribe(self.topics.acks(self.device_id), qos=1)
         if self.runtime is not None:
-            for topic_filter, qos in self.runtime.subscriptions():
+            for topic_filter, qos in self.runtime.on_connected(session_present=bool(flags.session_present)):
                 client.subscribe(topic_filter, qos)
         self._connected.set()
         self._resend.set()  # whatever was in flight may be lost: go back to the oldest unacked sample

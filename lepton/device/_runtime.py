@@ -186,6 +186,7 @@ class ModelRuntime:
         max_orphan_versions: int = 2,
         orphan_ttl: float = 60.0,
         refetch_after: float = 3.0,
+        reconnect_quiet: float = 2.0,
         on_resubscribe: Callable[[], None] | None = None,
         warmup_runs: int = 2,
     ) -> None:
@@ -204,6 +205,7 @@ class ModelRuntime:
         self.max_orphan_versions = int(max_orphan_versions)
         self.orphan_ttl = float(orphan_ttl)
         self.refetch_after = float(refetch_after)
+        self.reconnect_quiet = float(reconnect_quiet)
         self.on_resubscribe = on_resubscribe
         self.warmup_runs = int(warmup_runs)
         self.store = ModelStore(store_dir, self.model)
@@ -219,6 +221,8 @@ class ModelRuntime:
         self._refetches = 0
         self._refetch_wait = float(refetch_after)  # between re-subscriptions for a missing manifest
         self._last_refetch = 0.0
+        self._resumed_at: float | None = None  # set by on_connected (network thread), cleared by the worker
+        self._last_heard = 0.0  # written by handle_message (network thread)
         self._rejected_versions: dict[int, str] = {}  # verified manifests refused: version -> reason
         self._error: dict[str, Any] | None = None
         self._stats_lock = threading.Lock()
@@ -251,6 +255,20 @@ class ModelRuntime:
         """
         return [(self.topics.model_filter(self.model), 0)]
 
+    def on_connected(self, *, session_present: bool) -> list[tuple[str, int]]:
+        """What to subscribe right after a CONNACK; the caller subscribes to the returned filters.
+
+        A new session subscribes now. A resumed session already holds the subscription, and brokers
+        differ: amqtt resends the retained messages of a resumed session's filters on its own,
+        Mosquitto does not (MQTT sends retained messages on SUBSCRIBE only). Subscribing again at once
+        would make amqtt send the current model twice, so the runtime waits ``reconnect_quiet``
+        seconds and re-subscribes (``on_resubscribe``) only if no model message came meanwhile.
+        """
+        if not session_present or self.on_resubscribe is None:
+            return self.subscriptions()
+        self._resumed_at = time.monotonic()
+        return []
+
     def handle_message(self, topic: str, payload: bytes, retain: bool) -> bool:
         """Queue a model message for the background thread; return True if it was one of ours.
 
@@ -265,6 +283,7 @@ class ModelRuntime:
             return False
         if parsed.channel not in ("model", "model_chunk") or parsed.model != self.model:
             return False
+        self._last_heard = time.monotonic()
         if not self._closed.is_set():
             try:
                 data = bytes(payload) if payload is not None else b""
@@ -563,7 +582,7 @@ class ModelRuntime:
                 if lowest > version:
                     self._orphans_dropped += 1
                     return
-                self._drop_orphans(lowest)
+                self._orphans_dropped += len(self._drop_orphans(lowest))
                 if self._orphan_chunks >= self.max_orphan_chunks:
                     self._orphans_dropped += 1
                     return
@@ -604,6 +623,11 @@ class ModelRuntime:
 
     def _check_stuck(self) -> None:
         now = time.monotonic()
+        resumed = self._resumed_at
+        if resumed is not None and now - resumed > self.reconnect_quiet:
+            self._resumed_at = None
+            if self._last_heard < resumed:  # the broker resent nothing: ask for the retained state
+                self._refetch(now, "a resumed session brought no model message")
         for version in [v for v, g in self._orphans.items() if now - g.first_seen > self.orphan_ttl]:
             self._orphans_dropped += len(self._orphans[version].chunks)
             self._drop_orphans(version)

@@ -176,10 +176,12 @@ class DeviceLink:
         self.url = BrokerURL.parse(url)
         self.client = new_client(self.url, client_id=client_id, clean_session=clean_session)
         self.subscribed = threading.Event()
+        self.connected = threading.Event()
 
         def on_connect(client, userdata, flags, reason_code, properties):
             if not reason_code.is_failure:
-                for topic_filter, qos in runtime.subscriptions():
+                self.connected.set()
+                for topic_filter, qos in runtime.on_connected(session_present=flags.session_present):
                     client.subscribe(topic_filter, qos)
 
         def on_subscribe(client, userdata, mid, reason_codes, properties):
@@ -199,7 +201,9 @@ class DeviceLink:
         self.client.on_message = on_message
         runtime.on_resubscribe = resubscribe
         connect(self.client, self.url)
-        assert self.subscribed.wait(10), "no SUBACK"
+        assert self.connected.wait(10), "no CONNACK"
+        if clean_session:
+            assert self.subscribed.wait(10), "no SUBACK"
 
     def close(self) -> None:
         self.client.disconnect()
