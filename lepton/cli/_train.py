@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from lepton.cli import _exit
+from lepton.cli import _credentials, _exit
 from lepton.errors import ConfigError
 
 DESCRIPTION = """\
@@ -19,13 +19,23 @@ with PyTorch Lightning, in this process. Then:
      loses at most --max-int8-drop accuracy points, else fp32 ships and the report says why;
   3. the evaluation gate: score the version deployed to this fleet with ONNX Runtime on the SAME
      validation set; the new version passes if its accuracy >= deployed - --tolerance points;
+     a version that cannot be compared (other pipeline or input shape) is refused unless
+     --force-incomparable;
   4. store the version in DIR/models/NAME/VERSION/ (model.onnx, manifest.json, report.json);
   5. with --publish (and the gate passed): sign with --key (Ed25519) and publish it as retained MQTT
      messages, chunks first, then the manifest, then clear the superseded version's chunks.
 
-One model = one preprocessing pipeline: the pipeline with most labelled samples is used (or --pipeline),
-samples of other pipelines are left out and counted in the report. The train/validation split is a
-hash of (device, seq), so validation samples never become training data in later retrains.
+One model = one preprocessing pipeline, pinned: --pipeline, else the deployed version's pipeline,
+else (first version) the one sent by the most devices. Samples of other pipelines are left out and
+counted in the report.
+
+Validation: judge the gate on samples devices cannot write. --val-data PATH (a Parquet file or folder
+in the dataset schema, e.g. labelled by a person) and/or --trusted-devices ID,ID (the validation side
+of their (device, seq) hash split). Without either the gate uses the fleet's own split, and the report
+says "validation": {"source": "fleet-split", "trusted": false}: a device sending wrong labels then
+skews the yardstick too. No device holds more than --max-device-share of the training set (default
+0.34; the rest of its samples is dropped, the same ones every retrain); the report lists per-device
+counts used and dropped.
 
 Exit codes: 0 trained (and published, if asked); 5 the gate refused the new version (kept on disk,
 not shipped); 2 bad flags or unusable data; 3 broker unreachable or refused; 1 other failure.
@@ -33,7 +43,7 @@ not shipped); 2 bad flags or unusable data; 3 broker unreachable or refused; 1 o
 examples:
   lepton train --data ./data --fleet demo --model digits --epochs 15
   lepton train --data ./data --fleet demo --model digits --publish \\
-      --broker mqtt://trainer:secret@localhost:1883 --key keys/lepton.key --json
+      --broker mqtt://trainer@localhost:1883 --password-file trainer.pw --key keys/lepton.key --json
 """
 
 
@@ -60,7 +70,8 @@ def register(parser: argparse.ArgumentParser) -> None:
         "--pipeline",
         metavar="HASH",
         default=None,
-        help="train on this pipeline hash (default: the one with most labelled samples)",
+        help="train on this pipeline hash (default: the deployed version's; for a first version "
+        "the one sent by the most devices)",
     )
     parser.add_argument(
         "--pipeline-spec",
@@ -68,6 +79,30 @@ def register(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="JSON file with the device's preprocessing spec, put into the manifest "
         "(its hash selects the pipeline unless --pipeline is given)",
+    )
+    parser.add_argument(
+        "--val-data",
+        metavar="PATH",
+        default=None,
+        help="trusted validation set: a Parquet file or folder in the dataset schema (docs/dataset.md)",
+    )
+    parser.add_argument(
+        "--trusted-devices",
+        metavar="ID,ID",
+        default=None,
+        help="only these devices' validation-side samples form the validation set",
+    )
+    parser.add_argument(
+        "--max-device-share",
+        type=float,
+        default=0.34,
+        metavar="FRACTION",
+        help="cap each device's share of the training set (default 0.34; 1 turns the cap off)",
+    )
+    parser.add_argument(
+        "--force-incomparable",
+        action="store_true",
+        help="ship a version the gate cannot compare with the deployed one (other pipeline/shape)",
     )
     parser.add_argument(
         "--tolerance",
@@ -85,9 +120,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-quantize", action="store_true", help="ship the fp32 model, skip int8")
     parser.add_argument("--publish", action="store_true", help="publish the new version if the gate passes")
-    parser.add_argument(
-        "--broker", metavar="URL", default=None, help="mqtt://user:password@host:port (with --publish)"
-    )
+    _credentials.add_broker_arguments(parser, help="with --publish: broker URL mqtt://USER@HOST:PORT")
     parser.add_argument(
         "--key",
         metavar="FILE",
@@ -126,6 +159,16 @@ def run(args: argparse.Namespace) -> int:
         pipeline = pipeline or pipeline_hash(spec)
     if args.key and not Path(args.key).is_file():
         raise ConfigError(f"--key {args.key} not found; create a key pair with `lepton keys generate`")
+    trusted: tuple[str, ...] = ()
+    if args.trusted_devices is not None:
+        trusted = tuple(d.strip() for d in args.trusted_devices.split(",") if d.strip())
+        if not trusted:
+            raise ConfigError(
+                "--trusted-devices is empty; give device ids separated by commas, e.g. cam-1,cam-2"
+            )
+
+    # Only a publishing run needs (and reads) broker credentials; the worker's child gets them in env.
+    broker = _credentials.broker_url(args, "train", needed_for=" with --publish") if args.publish else None
 
     import pytorch_lightning as pl
 
@@ -144,10 +187,14 @@ def run(args: argparse.Namespace) -> int:
         module=args.module,
         pipeline=pipeline,
         pipeline_spec=spec,
+        val_data=Path(args.val_data) if args.val_data else None,
+        trusted_devices=trusted,
+        max_device_share=args.max_device_share,
+        force_incomparable=args.force_incomparable,
         tolerance_points=args.tolerance,
         export=ExportConfig(quantize=not args.no_quantize, max_int8_drop_points=args.max_int8_drop),
         publish=args.publish,
-        broker=args.broker,
+        broker=broker,
         key=Path(args.key) if args.key else None,
         chunk_size=args.chunk_size or DEFAULT_CHUNK_SIZE,
         progress=not args.quiet and sys.stderr.isatty(),
@@ -170,6 +217,9 @@ def run(args: argparse.Namespace) -> int:
     callbacks = [] if args.quiet or config.progress else [EpochLine()]
     result = train(config, callbacks=callbacks)
     report = result.report
+    validation = report.get("validation", {})
+    if not validation.get("trusted"):
+        print(f"lepton train: warning: {validation.get('warning')}", file=sys.stderr)
     if args.json:
         print(json.dumps(report, sort_keys=True, default=str))
     else:
@@ -179,6 +229,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _summary(r: dict) -> str:
     e, g, d = r["export"], r["gate"], r["data"]
+    v, dev = r.get("validation", {}), r.get("devices", {})
     size = e["shipped_size_bytes"]
     ratio = size / e["fp32_size_bytes"] if e.get("fp32_size_bytes") else 1.0
     int8 = (
@@ -191,6 +242,14 @@ def _summary(r: dict) -> str:
         f"  data        {d['train_samples']} train / {d['val_samples']} val, pipeline {d['pipeline']}, "
         f"shape {d['shape']}, {len(d['labels'])} classes; left out: {d['other_pipelines']} other pipelines, "
         f"{d['other_shapes']} other shapes, {d['unlabelled']} unlabelled",
+        f"  pipeline    {d['pipeline']} (pinned by {d.get('pipeline_pinned_by', '?')})",
+        (
+            f"  validation  {v.get('source')}, {v.get('samples')} samples, trusted"
+            if v.get("trusted")
+            else f"  validation  {v.get('source')}, {v.get('samples')} samples -- {v.get('warning')}"
+        ),
+        f"  devices     {len(dev.get('per_device', {}))}, max share {dev.get('effective_share')}, "
+        f"{dev.get('dropped', 0)} training samples dropped by the cap",
         f"  accuracy    fp32 {e['fp32_accuracy']:.4f} ({e['fp32_latency_ms']:.3f} ms), {int8}",
         f"  shipped     {e['shipped']}, {size} bytes = {ratio:.2f}x fp32 ({e['reason']})",
         f"  export      max |onnx - torch| = {e['max_abs_diff']:.2g}",

@@ -5,7 +5,20 @@ and ignored), one row per sample: ``device, seq, ts, label, dtype, shape, x, pip
 meta`` with ``x`` the raw little-endian C-order tensor bytes.
 
 One model is trained on one preprocessing pipeline: samples of other pipelines, unlabelled samples
-and samples whose shape/dtype differ from the pipeline's majority are left out and counted.
+and samples whose shape/dtype differ from the pipeline's majority are left out and counted. The
+pipeline is the pinned one (``pin_pipeline``: the deployed model's, or the operator's), else the one
+sent by the most devices (then most samples), so one device inventing a pipeline cannot take over.
+
+Validation (the set the gate and the best-epoch choice are judged on) comes from a source devices
+cannot write when there is one: ``val_data`` (Parquet files in the dataset schema, e.g. samples
+labelled by a person) and/or the validation side of ``trusted_devices``. Without either it is the
+fleet's own split (``trusted: false`` in the report): a device that sends wrong labels then poisons
+the yardstick as well as the training data.
+
+No device dominates: each device keeps at most ``max_device_share`` of the training samples (and of
+the fleet-split validation samples); the excess is dropped by a stable hash of ``(device, seq)``, so
+the same samples are dropped in every retrain. With fewer than ``1 / max_device_share`` devices the
+cap is an equal share (``1 / devices``).
 
 The train/validation split is a hash of ``(device, seq)``: a sample lands on the same side in every
 retrain, so a validation sample never becomes training data later and accuracies of successive
@@ -24,6 +37,7 @@ import hashlib
 import logging
 import math
 from collections import Counter
+from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +53,16 @@ from lepton.protocol import DTYPES, validate_id
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DataConfig", "DatasetInfo", "ParquetDataModule", "dataset_files", "is_validation", "sort_labels"]
+__all__ = [
+    "DataConfig",
+    "DatasetInfo",
+    "ParquetDataModule",
+    "dataset_files",
+    "device_caps",
+    "is_validation",
+    "parquet_files",
+    "sort_labels",
+]
 
 META_COLUMNS = ["device", "seq", "label", "pipeline", "dtype", "shape"]
 _SCALE = float(2**64)
@@ -49,13 +72,21 @@ _SCALE = float(2**64)
 class DataConfig:
     """Where the data is and how to split and batch it.
 
-    ``pipeline`` selects the pipeline hash to train on (default: the one with most labelled samples).
+    ``pipeline`` selects the pipeline hash to train on; with ``pin_pipeline`` it is used even when
+    None (samples without a pipeline hash), else None means the pipeline sent by most devices.
     ``labels`` fixes the class list (default: every label of the selected samples, sorted).
+    ``val_data`` / ``trusted_devices`` give a validation set devices cannot write (see the module
+    docstring); ``max_device_share`` caps each device's share of the training set (1.0: no cap).
     """
 
     root: Path
     fleet: str
     pipeline: str | None = None
+    pin_pipeline: bool = False
+    pinned_by: str | None = None
+    val_data: Path | None = None
+    trusted_devices: tuple[str, ...] = ()
+    max_device_share: float = 0.34
     labels: tuple[str, ...] | None = None
     val_fraction: float = 0.2
     batch_size: int = 64
@@ -71,6 +102,28 @@ class DataConfig:
             raise ConfigError(f"val_fraction must be between 0 and 1, got {self.val_fraction}")
         if self.batch_size < 1:
             raise ConfigError(f"batch size must be >= 1, got {self.batch_size}")
+        if not 0.0 < self.max_device_share <= 1.0:
+            raise ConfigError(
+                f"--max-device-share must be a fraction in (0, 1], got {self.max_device_share}; "
+                "e.g. 0.34 (1 turns the cap off)"
+            )
+        if self.pipeline is not None:
+            object.__setattr__(self, "pin_pipeline", True)
+        object.__setattr__(self, "trusted_devices", tuple(self.trusted_devices))
+        for device in self.trusted_devices:
+            try:
+                validate_id(device, kind="device")
+            except ValueError:
+                raise ConfigError(
+                    f"--trusted-devices: {device!r} is not a device id; give ids separated by commas"
+                ) from None
+        if self.val_data is not None:
+            object.__setattr__(self, "val_data", Path(self.val_data))
+            parquet_files(self.val_data)  # fail on a bad path now, before a long scan
+
+    @property
+    def trusted(self) -> bool:
+        return self.val_data is not None or bool(self.trusted_devices)
 
 
 @dataclass
@@ -91,9 +144,16 @@ class DatasetInfo:
     unknown_labels: int
     pipelines: dict[str, int] = field(default_factory=dict)
     class_counts: dict[str, int] = field(default_factory=dict)
+    pipeline_pinned_by: str = "devices"
+    #: Where the validation set came from: ``{"source", "trusted", "samples", ...}``.
+    validation: dict[str, Any] = field(default_factory=dict)
+    #: The per-device cap: ``{"max_share", "effective_share", "dropped", "per_device": {...}}``.
+    devices: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(vars(self))
+        d.pop("validation")
+        d.pop("devices")
         d["shape"] = list(self.shape)
         d["labels"] = list(self.labels)
         return d
@@ -111,6 +171,56 @@ def is_validation(device: str, seq: int, val_fraction: float) -> bool:
     """The deterministic split: a hash of (device, seq), the same in every retrain and process."""
     digest = hashlib.blake2b(f"{device}\x00{seq}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") / _SCALE < val_fraction
+
+
+def _cap_rank(device: str, seq: int) -> float:
+    # A second, independent hash: which of a capped device's samples are dropped (stable across retrains).
+    digest = hashlib.blake2b(f"cap\x00{device}\x00{seq}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / _SCALE
+
+
+def device_caps(counts: dict[str, int], max_share: float) -> tuple[dict[str, int], float]:
+    """How many samples each device may keep so none holds more than ``max_share`` of the result.
+
+    Returns ``(keep, share)``: ``keep[d] = min(counts[d], L)`` for the largest water level ``L`` with
+    ``L <= share * sum(keep)``, where ``share = max(max_share, 1 / len(counts))`` (with fewer than
+    ``1 / max_share`` devices no cap can hold, so each device gets an equal share).
+
+    >>> device_caps({"a": 600, "b": 600, "c": 600, "poison": 1800}, 0.34)[0]["poison"]
+    927
+    """
+    if not counts:
+        return {}, max_share
+    share = max(max_share, 1.0 / len(counts))
+    if share >= 1.0:
+        return dict(counts), 1.0
+    lo, hi = 0, max(counts.values())
+    # share * sum(min(c, L)) - L is concave with value 0 at L = 0, so the feasible L form one interval.
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if mid <= share * sum(min(c, mid) for c in counts.values()) + 1e-9:
+            lo = mid
+        else:
+            hi = mid - 1
+    return {d: min(c, lo) for d, c in counts.items()}, share
+
+
+def parquet_files(path: str | Path) -> list[Path]:
+    """The Parquet files of ``--val-data``: one file, or a folder's ``*.parquet`` (hidden names skipped)."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.glob("*.parquet") if not p.name.startswith((".", "_")))
+        if files:
+            return files
+        raise ConfigError(
+            f"--val-data {path}: no *.parquet files in that folder; give a Parquet file or a folder "
+            "of them in the dataset schema (docs/dataset.md)"
+        )
+    raise ConfigError(
+        f"--val-data {path} not found; give a Parquet file or folder in the dataset schema (docs/dataset.md)"
+    )
 
 
 def sort_labels(labels) -> tuple[str, ...]:  # noqa: ANN001
@@ -155,7 +265,12 @@ class _Rows:
 
 
 class _Selection:
-    """Which rows a model uses: pipeline, shape, dtype, known label; which side of the split."""
+    """Which rows a model uses (pipeline, shape, dtype, known label), which side of the split each
+    fleet row is on, and which rows the per-device cap drops.
+
+    Validation rows come from ``val_rows`` (all of them: a trusted file) and/or the validation side
+    of ``trusted`` devices; without either, from the hash split of every device.
+    """
 
     def __init__(
         self,
@@ -165,26 +280,62 @@ class _Selection:
         shape: tuple[int, ...],
         label_index: dict[str, int],
         val_fraction: float,
+        rows: _Rows,
+        val_rows: _Rows | None = None,
+        trusted: frozenset[str] = frozenset(),
     ) -> None:
         self.pipeline, self.dtype, self.shape = pipeline, dtype, list(shape)
         self.label_index = label_index
         self.val_fraction = val_fraction
         self.np_dtype = DTYPES[dtype]
+        self.rows, self.val_rows, self.trusted = rows, val_rows, trusted
+        #: (device, seq) of the trusted file: the fleet's copy of such a sample is never trained on.
+        self.exclude: set[tuple[str, int]] = set()
+        #: side -> device -> cap rank below which a row is kept (absent: not capped).
+        self.thresholds: dict[str, dict[str, float]] = {"train": {}, "val": {}}
 
-    def iter_split(self, rows: _Rows, split: str) -> Iterator[tuple[np.ndarray, int]]:
-        want_val = split == "val"
+    def index_of(self, cols: dict[str, list], i: int) -> int | None:
+        label = cols["label"][i]
+        if label is None or cols["pipeline"][i] != self.pipeline or cols["dtype"][i] != self.dtype:
+            return None
+        if list(cols["shape"][i] or []) != self.shape:
+            return None
+        return self.label_index.get(str(label))
+
+    def fleet_side(self, device: str, seq: int) -> str | None:
+        """``train``, ``val`` or None (left out) for a fleet row, before the cap."""
+        if (device, seq) in self.exclude:
+            return None
+        if self.trusted:
+            if device in self.trusted and is_validation(device, seq, self.val_fraction):
+                return "val"
+            return "train"
+        if self.val_rows is not None:
+            return "train"
+        return "val" if is_validation(device, seq, self.val_fraction) else "train"
+
+    def capped_out(self, side: str, device: str, seq: int) -> bool:
+        limit = self.thresholds[side].get(device)
+        return limit is not None and _cap_rank(device, seq) >= limit
+
+    def iter_split(self, split: str) -> Iterator[tuple[np.ndarray, int]]:
+        """``(x, label index)`` of one split, in file order."""
+        if split == "val" and self.val_rows is not None:
+            yield from self._iter(self.val_rows, None)
+        if split == "train" or self.trusted or self.val_rows is None:
+            yield from self._iter(self.rows, split)
+
+    def _iter(self, rows: _Rows, split: str | None) -> Iterator[tuple[np.ndarray, int]]:
         for cols in rows.batches(META_COLUMNS + ["x"]):
             xs = cols["x"]
-            for i, label in enumerate(cols["label"]):
-                if label is None or cols["pipeline"][i] != self.pipeline:
-                    continue
-                if cols["dtype"][i] != self.dtype or list(cols["shape"][i] or []) != self.shape:
-                    continue
-                index = self.label_index.get(str(label))
+            for i in range(len(cols["label"])):
+                index = self.index_of(cols, i)
                 if index is None:
                     continue
-                if is_validation(cols["device"][i], cols["seq"][i], self.val_fraction) != want_val:
-                    continue
+                device, seq = cols["device"][i], cols["seq"][i]
+                if split is not None:  # a fleet row (split None: every matching row of the trusted file)
+                    if self.fleet_side(device, seq) != split or self.capped_out(split, device, seq):
+                        continue
                 try:
                     x = (
                         np.frombuffer(xs[i].as_py(), dtype=self.np_dtype)
@@ -193,11 +344,7 @@ class _Selection:
                     )
                 except (ValueError, TypeError):  # bytes do not fit dtype x shape: skip, never crash training
                     log.warning(
-                        "sample %s/%s: x does not hold %s %s; skipped",
-                        cols["device"][i],
-                        cols["seq"][i],
-                        self.dtype,
-                        self.shape,
+                        "sample %s/%s: x does not hold %s %s; skipped", device, seq, self.dtype, self.shape
                     )
                     continue
                 yield x, index
@@ -213,7 +360,7 @@ class _StreamDataset(IterableDataset):
         self.shuffle_buffer, self.seed, self.epoch = shuffle_buffer, seed, 0
 
     def __iter__(self):
-        source = self.selection.iter_split(self.rows, self.split)
+        source = self.selection.iter_split(self.split)
         if self.split == "val" or self.shuffle_buffer <= 1:
             for x, y in source:
                 yield torch.from_numpy(x), y
@@ -276,6 +423,7 @@ class ParquetDataModule(pl.LightningDataModule):
         self._rows = _Rows(files, read_rows=cfg.read_rows)
         rows = unlabelled = 0
         pipelines: Counter = Counter()
+        pipeline_devices: dict[Any, set] = {}
         kinds: Counter = Counter()  # (pipeline, dtype, shape) of labelled rows
         label_counts: Counter = Counter()
         for cols in self._rows.batches(META_COLUMNS):
@@ -286,6 +434,7 @@ class ParquetDataModule(pl.LightningDataModule):
                     continue
                 p = cols["pipeline"][i]
                 pipelines[p] += 1
+                pipeline_devices.setdefault(p, set()).add(cols["device"][i])
                 kinds[(p, cols["dtype"][i], tuple(cols["shape"][i] or ()))] += 1
                 label_counts[(p, str(label))] += 1
         if not pipelines:
@@ -293,12 +442,18 @@ class ParquetDataModule(pl.LightningDataModule):
                 f"no labelled samples for fleet {cfg.fleet!r} under {cfg.root} ({rows} rows, "
                 f"{unlabelled} unlabelled); devices must send labels to train on"
             )
-        pipeline = cfg.pipeline
-        if pipeline is None:
-            pipeline = max(pipelines, key=lambda p: (pipelines[p], p or ""))
-        elif pipeline not in pipelines:
-            known = ", ".join(str(p) for p in pipelines)
-            raise ConfigError(f"no labelled samples of pipeline {pipeline!r}; the dataset has: {known}")
+        if cfg.pin_pipeline:
+            pipeline, pinned_by = cfg.pipeline, cfg.pinned_by or "--pipeline"
+            if pipeline not in pipelines:
+                known = ", ".join(f"{p} ({n} samples)" for p, n in pipelines.most_common(5))
+                raise ConfigError(
+                    f"no labelled samples of pipeline {pipeline!r} (pinned by {pinned_by}); the dataset "
+                    f"has: {known}; pass --pipeline HASH to train on another one"
+                )
+        else:
+            # Most devices first: one device sending many samples under an invented hash cannot win.
+            pipeline = max(pipelines, key=lambda p: (len(pipeline_devices[p]), pipelines[p], p or ""))
+            pinned_by = "devices"
         same = {k: n for k, n in kinds.items() if k[0] == pipeline}
         _, dtype, shape = max(same, key=lambda k: same[k])
         if dtype not in DTYPES:
@@ -316,27 +471,80 @@ class ParquetDataModule(pl.LightningDataModule):
                 f"pipeline {pipeline!r} has only the label(s) {list(labels)}; need at least two classes"
             )
         index = {lab: i for i, lab in enumerate(labels)}
-        self._selection = _Selection(
-            pipeline=pipeline, dtype=dtype, shape=shape, label_index=index, val_fraction=cfg.val_fraction
-        )
-        # Second small pass over the keys only: split sizes of the selected rows.
-        n_train = n_val = unknown = 0
-        for cols in self._rows.batches(META_COLUMNS):
-            for i, label in enumerate(cols["label"]):
-                if label is None or cols["pipeline"][i] != pipeline or cols["dtype"][i] != dtype:
-                    continue
-                if tuple(cols["shape"][i] or ()) != shape:
-                    continue
-                if str(label) not in index:
-                    unknown += 1
-                elif is_validation(cols["device"][i], cols["seq"][i], cfg.val_fraction):
-                    n_val += 1
-                else:
-                    n_train += 1
-        if n_train == 0 or n_val == 0:
+        unknown_trusted = sorted(set(cfg.trusted_devices) - pipeline_devices[pipeline])
+        if unknown_trusted:
+            known = ", ".join(sorted(str(d) for d in pipeline_devices[pipeline])[:10])
             raise ConfigError(
-                f"{n_train} training and {n_val} validation samples: too few labelled samples "
-                f"of pipeline {pipeline!r} to train; collect more data"
+                f"--trusted-devices: no labelled samples of pipeline {pipeline!r} from "
+                f"{', '.join(unknown_trusted)}; check the ids (devices with samples: {known})"
+            )
+        val_rows = (
+            _Rows(parquet_files(cfg.val_data), read_rows=cfg.read_rows) if cfg.val_data is not None else None
+        )
+        sel = self._selection = _Selection(
+            pipeline=pipeline,
+            dtype=dtype,
+            shape=shape,
+            label_index=index,
+            val_fraction=cfg.val_fraction,
+            rows=self._rows,
+            val_rows=val_rows,
+            trusted=frozenset(cfg.trusted_devices),
+        )
+        validation: dict[str, Any] = {"trusted": cfg.trusted}
+        n_trusted_file = 0
+        if val_rows is not None:
+            n_trusted_file = self._scan_val_data(val_rows, sel, validation)
+        # Second small pass over the keys only: sides, per-device counts, cap ranks.
+        unknown = 0
+        ranks: dict[str, dict[str, array]] = {"train": {}, "val": {}}
+        for cols in self._rows.batches(META_COLUMNS):
+            for i in range(len(cols["label"])):
+                if cols["label"][i] is None:
+                    continue
+                idx = sel.index_of(cols, i)
+                if idx is None:
+                    if cols["pipeline"][i] == pipeline and str(cols["label"][i]) not in index:
+                        unknown += 1
+                    continue
+                device, seq = cols["device"][i], cols["seq"][i]
+                side = sel.fleet_side(device, seq)
+                if side is None:
+                    continue
+                ranks[side].setdefault(device, array("d")).append(_cap_rank(device, seq))
+        overlap = len(sel.exclude)
+        n_train, devices = self._apply_cap(sel, "train", ranks["train"])
+        val_capped = not cfg.trusted
+        if val_capped:
+            n_val, val_cap = self._apply_cap(sel, "val", ranks["val"])
+            devices["val_dropped"] = val_cap["dropped"]
+        else:
+            n_val = n_trusted_file + sum(len(r) for r in ranks["val"].values())
+        for device, r in ranks["val"].items():
+            devices["per_device"].setdefault(device, {"train_offered": 0, "train_used": 0, "dropped": 0})
+            devices["per_device"][device]["val_offered"] = len(r)
+        if cfg.trusted:
+            parts = (["val-data"] if cfg.val_data is not None else []) + (
+                ["trusted-devices"] if cfg.trusted_devices else []
+            )
+            validation.update(source="+".join(parts), samples=n_val)
+            if cfg.trusted_devices:
+                validation["devices"] = list(cfg.trusted_devices)
+                validation["trusted_device_samples"] = n_val - n_trusted_file
+        else:
+            validation.update(
+                source="fleet-split",
+                samples=n_val,
+                warning="UNTRUSTED validation: the gate is judged on a split of the same samples devices "
+                "sent, so a device sending wrong labels also skews the yardstick; give --val-data PATH "
+                "or --trusted-devices ID,ID",
+            )
+        if n_train == 0 or n_val == 0:
+            where = validation["source"]
+            raise ConfigError(
+                f"{n_train} training and {n_val} validation samples ({where}) of pipeline {pipeline!r}: "
+                "too few to train; collect more data"
+                + (" or trust more devices" if cfg.trusted_devices else "")
             )
         self._info = DatasetInfo(
             pipeline=pipeline,
@@ -353,15 +561,31 @@ class ParquetDataModule(pl.LightningDataModule):
             unknown_labels=unknown,
             pipelines={str(p): n for p, n in pipelines.items()},
             class_counts={lab: present.get(lab, 0) for lab in labels},
+            pipeline_pinned_by=pinned_by,
+            validation=validation,
+            devices={**devices, "val_data_overlap_left_out": overlap},
         )
+        if not cfg.trusted:
+            log.warning("dataset %s/%s: %s", cfg.root, cfg.fleet, validation["warning"])
+        if devices["dropped"]:
+            log.warning(
+                "dataset %s/%s: %d training samples dropped so no device holds more than %.0f%%",
+                cfg.root,
+                cfg.fleet,
+                devices["dropped"],
+                100 * devices["effective_share"],
+            )
         log.info(
-            "dataset %s/%s: pipeline %s, shape %s, %d train / %d val, %d other pipelines, %d unlabelled",
+            "dataset %s/%s: pipeline %s (%s), shape %s, %d train / %d val (%s), %d other pipelines, "
+            "%d unlabelled",
             cfg.root,
             cfg.fleet,
             pipeline,
+            pinned_by,
             shape,
             n_train,
             n_val,
+            validation["source"],
             self._info.other_pipelines,
             unlabelled,
         )
@@ -369,10 +593,64 @@ class ParquetDataModule(pl.LightningDataModule):
         if feature_bytes <= cfg.cache_bytes:
             self._cache = {split: self._materialize(split) for split in ("train", "val")}
 
+    def _scan_val_data(self, val_rows: _Rows, sel: _Selection, validation: dict[str, Any]) -> int:
+        """Count the trusted file's usable rows; remember their (device, seq) to keep the fleet's copy out."""
+        cfg = self.config
+        n = unknown = other = 0
+        seen: Counter = Counter()
+        for cols in val_rows.batches(META_COLUMNS):
+            for i in range(len(cols["label"])):
+                if cols["label"][i] is None:
+                    continue
+                if sel.index_of(cols, i) is None:
+                    if cols["pipeline"][i] == sel.pipeline and str(cols["label"][i]) not in sel.label_index:
+                        unknown += 1
+                    else:
+                        other += 1
+                        seen[cols["pipeline"][i]] += 1
+                    continue
+                n += 1
+                if cols["device"][i] is not None and cols["seq"][i] is not None:
+                    sel.exclude.add((cols["device"][i], cols["seq"][i]))
+        if n == 0:
+            found = ", ".join(f"{p} ({k})" for p, k in seen.most_common(5)) or "no labelled rows"
+            raise ConfigError(
+                f"--val-data {cfg.val_data}: no labelled samples of pipeline {sel.pipeline!r} with dtype "
+                f"{sel.dtype} and shape {sel.shape} (it has: {found}); give samples of the model's pipeline"
+            )
+        validation.update(
+            path=str(cfg.val_data), val_data_samples=n, val_data_unknown_labels=unknown, val_data_other=other
+        )
+        return n
+
+    def _apply_cap(
+        self, sel: _Selection, side: str, ranks: dict[str, array]
+    ) -> tuple[int, dict[str, Any]]:
+        """Set ``sel.thresholds[side]``; return the kept count and the per-device report."""
+        counts = {d: len(r) for d, r in ranks.items()}
+        keep, share = device_caps(counts, self.config.max_device_share)
+        per_device: dict[str, dict[str, int]] = {}
+        for device, r in ranks.items():
+            k = keep[device]
+            if k < len(r):
+                sel.thresholds[side][device] = sorted(r)[k]  # keep the k lowest ranks
+            per_device[str(device)] = {
+                f"{side}_offered": len(r),
+                f"{side}_used": k,
+                "dropped": len(r) - k,
+            }
+        report = {
+            "max_share": self.config.max_device_share,
+            "effective_share": round(share, 6),
+            "dropped": sum(counts.values()) - sum(keep.values()),
+            "per_device": per_device,
+        }
+        return sum(keep.values()), report
+
     def _materialize(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         assert self._selection is not None and self._rows is not None
         xs, ys = [], []
-        for x, y in self._selection.iter_split(self._rows, split):
+        for x, y in self._selection.iter_split(split):
             xs.append(x)
             ys.append(y)
         empty = np.zeros((0, *self._selection.shape), np.float32)
@@ -428,7 +706,7 @@ class ParquetDataModule(pl.LightningDataModule):
         assert self._rows is not None and self._selection is not None
         xs: list[np.ndarray] = []
         ys: list[int] = []
-        for x1, y1 in self._selection.iter_split(self._rows, split):
+        for x1, y1 in self._selection.iter_split(split):
             if limit is not None and seen >= limit:
                 break
             xs.append(x1)

@@ -9,6 +9,12 @@
   ONNX Runtime on the *same* validation set), stores the version and, when asked and the gate
   passed, signs and publishes it.
 
+Integrity: the validation set should be one devices cannot write (``val_data``,
+``trusted_devices``; the report's ``validation`` says which was used and ``trusted: false`` when it is
+the fleet's own split); no device holds more than ``max_device_share`` of the training set; the model
+is pinned to the deployed version's pipeline (or ``pipeline``), and a version the gate cannot compare
+with the deployed one is refused unless ``force_incomparable``.
+
 Accuracies in reports are fractions (0.973); tolerances are percentage points (1.0 = 0.01).
 """
 
@@ -61,8 +67,17 @@ class TrainConfig:
     patience: int = 6
     seed: int = 0
     module: str | None = None
+    #: Pin the pipeline to train on; None pins the deployed version's (else: the most devices' one).
     pipeline: str | None = None
     pipeline_spec: Any = None
+    #: A validation set devices cannot write: Parquet file/folder in the dataset schema.
+    val_data: Path | None = None
+    #: Devices whose validation-side samples form the validation set (with or without ``val_data``).
+    trusted_devices: tuple[str, ...] = ()
+    #: No device holds more than this share of the training set (1.0: no cap).
+    max_device_share: float = 0.34
+    #: Ship (publish) a version the gate cannot compare with the deployed one (other pipeline/shape).
+    force_incomparable: bool = False
     #: The gate passes when new accuracy >= deployed accuracy - tolerance_points / 100.
     tolerance_points: float = 1.0
     export: ExportConfig = field(default_factory=ExportConfig)
@@ -87,12 +102,29 @@ class TrainConfig:
             raise ConfigError(f"--chunk-size {self.chunk_size} is too small; use at least 1024 bytes")
         if self.key is not None and not Path(self.key).is_file():
             raise ConfigError(f"private key {self.key} not found; create one with `lepton keys generate`")
+        if self.val_data is not None:
+            object.__setattr__(self, "val_data", Path(self.val_data))
+        object.__setattr__(self, "trusted_devices", tuple(self.trusted_devices))
+        self.data_config()  # every data flag is checked now, before a key is loaded or a scan starts
 
-    def data_config(self) -> DataConfig:
+    def data_config(self, *, deployed: ModelVersion | None = None) -> DataConfig:
+        """The data settings; the pipeline is pinned to ``pipeline``, else to ``deployed``'s."""
+        pin: dict[str, Any] = {}
+        if self.pipeline is not None:
+            pin = {"pipeline": self.pipeline, "pin_pipeline": True, "pinned_by": "--pipeline"}
+        elif deployed is not None:
+            pin = {
+                "pipeline": deployed.manifest.get("pipeline", {}).get("hash"),
+                "pin_pipeline": True,
+                "pinned_by": f"deployed v{deployed.version}",
+            }
         return DataConfig(
             root=self.data,
             fleet=self.fleet,
-            pipeline=self.pipeline,
+            **pin,
+            val_data=self.val_data,
+            trusted_devices=self.trusted_devices,
+            max_device_share=self.max_device_share,
             val_fraction=self.val_fraction,
             batch_size=self.batch_size,
             cache_bytes=self.cache_bytes,
@@ -199,8 +231,12 @@ class RegistryCallback(pl.Callback):
         info = dm.info
         new_acc = exported.shipped_accuracy
         gate = gate_decision(
-            new_acc, evaluate_deployed(self.registry, cfg.model, cfg.fleet, dm), cfg.tolerance_points
+            new_acc,
+            evaluate_deployed(self.registry, cfg.model, cfg.fleet, dm),
+            cfg.tolerance_points,
+            force_incomparable=cfg.force_incomparable,
         )
+        gate["validation"] = {k: info.validation.get(k) for k in ("source", "trusted", "samples")}
         refused = not gate["passed"]
         shape = list(info.shape)
         metrics = {
@@ -220,6 +256,8 @@ class RegistryCallback(pl.Callback):
             "fleet": cfg.fleet,
             "status": "refused" if refused else "kept",
             "gate": gate,
+            "validation": info.validation,
+            "devices": info.devices,
             "data": info.to_dict(),
             "export": exported.report,
         }
@@ -309,19 +347,43 @@ def evaluate_deployed(
 
 
 def gate_decision(
-    new_accuracy: float, deployed: dict[str, Any] | None, tolerance_points: float
+    new_accuracy: float,
+    deployed: dict[str, Any] | None,
+    tolerance_points: float,
+    *,
+    force_incomparable: bool = False,
 ) -> dict[str, Any]:
+    """Pass or refuse: new >= deployed - tolerance on the same validation set.
+
+    A version that cannot be compared with the deployed one (another pipeline or input shape, or a
+    deployed model that fails to run) is refused unless ``force_incomparable``: shipping it is how a
+    device inventing a pipeline hash would take the fleet's model over.
+    """
     gate: dict[str, Any] = {
         "new_accuracy": new_accuracy,
         "tolerance_points": tolerance_points,
         "deployed_version": None,
         "deployed_accuracy": None,
+        "comparable": deployed is not None and bool(deployed["comparable"]),
+        "forced": False,
     }
     if deployed is None:
         return {**gate, "passed": True, "reason": "no deployed version to compare with"}
     gate["deployed_version"] = deployed["version"]
     if not deployed["comparable"]:
-        return {**gate, "passed": True, "reason": f"not comparable: {deployed['reason']}"}
+        if force_incomparable:
+            return {
+                **gate,
+                "passed": True,
+                "forced": True,
+                "reason": f"not comparable ({deployed['reason']}); shipped because of --force-incomparable",
+            }
+        return {
+            **gate,
+            "passed": False,
+            "reason": f"not comparable: {deployed['reason']}; the new version is kept on disk and not "
+            "shipped (pass --force-incomparable to ship it anyway)",
+        }
     dep = deployed["accuracy"]
     gate["deployed_accuracy"] = dep
     floor = dep - tolerance_points / 100.0
@@ -366,10 +428,12 @@ def train(
     # Fail on a bad key before minutes of training, not after.
     private_key = load_private_key(config.key) if config.key is not None else None
     pl.seed_everything(config.seed, workers=True, verbose=False)
-    dm = datamodule or ParquetDataModule(config.data_config())
+    registry = Registry(config.data)
+    dm = datamodule or ParquetDataModule(
+        config.data_config(deployed=registry.deployed(config.model, config.fleet))
+    )
     info = dm.info
     model = module or make_module(info.shape, len(info.labels), module=config.module, lr=config.lr)
-    registry = Registry(config.data)
     best = BestWeights()
     export_cb = ExportCallback(config.export)
     registry_cb = RegistryCallback(
