@@ -49,7 +49,7 @@ REJECT_REASONS = {
     "stale_version": "the version is not newer than the one being served",
     "wrong_fleet": "the signed manifest names another fleet than the topic it was published on",
     "wrong_model": "the signed manifest names another model than the topic it was published on",
-    "too_large": "the manifest, a chunk or the model exceeds the receiver's size limits",
+    "too_large": "the manifest or the model exceeds the receiver's size limits",
     "external_data": "the ONNX model refers to external data files, which Lepton never loads",
 }
 

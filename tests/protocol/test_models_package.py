@@ -270,3 +270,127 @@ def test_keys_are_written_once_with_a_private_mode(tmp_path):
         load_private_key(tmp_path / "missing.key")
     with pytest.raises(ConfigError):
         load_public_key(private)  # a private key is not a public key
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 10 item 4: verify first, destination, size, decoded string, external data
+# ------------------------------------------------------------------------------------------------
+def test_the_signature_covers_the_decoded_manifest_string(keys):
+    from lepton.protocol import open_manifest
+
+    manifest, _ = build(private_key=keys["private"], labels=["é", "ü"])
+    outer = json.loads(manifest)
+    raw_utf8 = json.dumps(outer, ensure_ascii=False).encode()  # same string, other JSON escaping
+    assert raw_utf8 != manifest
+
+    parsed, signer = open_manifest(raw_utf8, public_key=keys["public"], fleet="f1", model="digits")
+
+    assert parsed.labels == ("é", "ü") and signer == key_id(
+        keys["public"].public_bytes(*_raw_formats()))
+
+
+def _raw_formats():
+    from cryptography.hazmat.primitives import serialization
+
+    return serialization.Encoding.Raw, serialization.PublicFormat.Raw
+
+
+def test_the_signature_is_checked_before_the_fields(keys):
+    from lepton.protocol import open_manifest
+
+    manifest, _ = build(private_key=keys["private"])
+    outer = json.loads(manifest)
+    outer["manifest"] = outer["manifest"].replace('"version":3', '"version":"junk"')
+    forged = json.dumps(outer).encode()
+
+    with pytest.raises(ModelRejected) as info:
+        open_manifest(forged, public_key=keys["public"], fleet="f1")
+    assert info.value.reason == "bad_signature"  # not bad_manifest: nothing was read before the check
+
+
+def test_an_oversized_manifest_is_refused_before_parsing():
+    from lepton.protocol import MAX_MANIFEST_BYTES, open_manifest
+
+    with pytest.raises(ModelRejected) as info:
+        open_manifest(b"[" * (MAX_MANIFEST_BYTES + 1), public_key=None, fleet="f1")
+    assert info.value.reason == "too_large"
+
+
+def test_a_package_for_another_fleet_or_model_is_refused(keys):
+    manifest, chunks = build(private_key=keys["private"])
+    parts = dict(enumerate(chunks))
+
+    with pytest.raises(ModelRejected) as fleet:
+        verify_package(manifest, parts, public_key=keys["public"], fleet="f2", model="digits")
+    with pytest.raises(ModelRejected) as model:
+        verify_package(manifest, parts, public_key=keys["public"], fleet="f1", model="faces")
+    assert verify_package(manifest, parts, public_key=keys["public"], fleet="f1", model="digits").data == ODD_DATA
+
+    assert fleet.value.reason == "wrong_fleet" and model.value.reason == "wrong_model"
+
+
+def test_a_manifest_without_its_fleet_is_bad_manifest():
+    payload = _edit_manifest(fleet=_DROP)
+    assert reason(payload, {}, None) == "bad_manifest"
+
+
+def _external(tensor) -> None:
+    from onnx import TensorProto
+
+    tensor.ClearField("raw_data")
+    tensor.data_location = TensorProto.EXTERNAL
+    entry = tensor.external_data.add()
+    entry.key, entry.value = "location", "../../../etc/passwd"
+
+
+def _tiny_model(*, external_in: str | None = None) -> bytes:
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.ones((2, 2), np.float32), "w")
+    then_c = numpy_helper.from_array(np.ones(2, np.float32), "c")
+    if external_in == "subgraph":
+        _external(then_c)
+    then_g = helper.make_graph([helper.make_node("Identity", ["c"], ["t"])], "then", [],
+                               [helper.make_tensor_value_info("t", TensorProto.FLOAT, [2])], initializer=[then_c])
+    else_g = helper.make_graph([helper.make_node("Identity", ["c2"], ["e"])], "else", [],
+                               [helper.make_tensor_value_info("e", TensorProto.FLOAT, [2])],
+                               initializer=[numpy_helper.from_array(np.zeros(2, np.float32), "c2")])
+    if external_in == "initializer":
+        _external(w)
+    sparse = []
+    if external_in == "sparse":
+        values = numpy_helper.from_array(np.ones(1, np.float32), "s")
+        _external(values)
+        sparse = [helper.make_sparse_tensor(values, numpy_helper.from_array(np.zeros(1, np.int64), "si"), [2])]
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"]),
+         helper.make_node("If", ["cond"], ["z"], then_branch=then_g, else_branch=else_g)],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2]),
+              helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2]),
+         helper.make_tensor_value_info("z", TensorProto.FLOAT, [2])],
+        initializer=[w], sparse_initializer=sparse)
+    return helper.make_model(graph).SerializeToString()
+
+
+@pytest.mark.parametrize("where", ["initializer", "subgraph", "sparse"])
+def test_external_data_is_found_anywhere_in_the_model(where):
+    from lepton.protocol import check_onnx_self_contained, onnx_external_data
+
+    assert onnx_external_data(_tiny_model()) == []
+    found = onnx_external_data(_tiny_model(external_in=where))
+
+    assert len(found) == 1
+    with pytest.raises(ModelRejected) as info:
+        check_onnx_self_contained(_tiny_model(external_in=where))
+    assert info.value.reason == "external_data"
+
+
+@pytest.mark.parametrize("garbage", [b"\x0a\xff\xff\xff\xff\x0f", b"\x0b", b"\x3a\x05ab", b"\x00\x01"])
+def test_a_malformed_protobuf_is_load_failed(garbage):
+    from lepton.protocol import onnx_external_data
+
+    with pytest.raises(ModelRejected) as info:
+        onnx_external_data(garbage)
+    assert info.value.reason == "load_failed"
