@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import logging
+import os
 import ssl
+import stat
 import threading
-from dataclasses import dataclass
-from urllib.parse import unquote, urlsplit
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from urllib.parse import quote, unquote, urlsplit
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -16,6 +20,14 @@ from lepton.errors import BrokerConnectionError, ConfigError
 log = logging.getLogger(__name__)
 
 SCHEMES = {"mqtt": 1883, "tcp": 1883, "mqtts": 8883, "ssl": 8883}
+
+#: Environment variables that carry broker credentials. A process's environment is readable only by
+#: its own user (``/proc/PID/environ`` is mode 0400), unlike its argv (``/proc/PID/cmdline``: everyone).
+ENV_BROKER = "LEPTON_BROKER"  #: the whole URL, e.g. mqtt://cam-1:secret@host:1883
+ENV_PASSWORD = "LEPTON_PASSWORD"  #: only the password, for the user named in the URL
+ENV_PASSWORD_FILE = "LEPTON_PASSWORD_FILE"  #: a 0600 file holding the password
+#: a password file is one short line; anything bigger is the wrong file
+_MAX_PASSWORD_FILE = 4096
 
 
 @dataclass(frozen=True)
@@ -61,9 +73,117 @@ class BrokerURL:
     def with_credentials(self, username: str | None, password: str | None) -> BrokerURL:
         return BrokerURL(self.host, self.port, self.tls, username or self.username, password or self.password)
 
+    def secret_url(self) -> str:
+        """The URL *with* its password, for a child's environment or a config object; never log it.
+
+        >>> BrokerURL.parse("mqtt://u:p%40ss@h:1").secret_url()
+        'mqtt://u:p%40ss@h:1'
+        """
+        user = ""
+        if self.username is not None:
+            user = quote(self.username, safe="")
+            if self.password is not None:
+                user += ":" + quote(self.password, safe="")
+            user += "@"
+        return f"{'mqtts' if self.tls else 'mqtt'}://{user}{self.host}:{self.port}"
+
     def __str__(self) -> str:  # never print the password
         user = f"{self.username}@" if self.username else ""
         return f"{'mqtts' if self.tls else 'mqtt'}://{user}{self.host}:{self.port}"
+
+
+def read_password_file(path: str | os.PathLike[str]) -> str:
+    """The password in ``path`` (its first line), refusing a file that group or others may read.
+
+    The file must be a regular file without any group/other permission bits (``chmod 600``): a password
+    readable by every local user is no better than one on the command line.
+    """
+    p = Path(path)
+    try:
+        fd = os.open(p, os.O_RDONLY)
+    except OSError as exc:
+        raise ConfigError(f"cannot read password file {str(p)!r}: {exc.strerror}; "
+                          "pass --password-file PATH of a file holding the password") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"password file {str(p)!r} is not a regular file; put the password in a file")
+        if st.st_mode & 0o077:
+            raise ConfigError(f"password file {str(p)!r} is accessible by group/others (mode "
+                              f"{stat.S_IMODE(st.st_mode):04o}); run: chmod 600 {p}")
+        raw = os.read(fd, _MAX_PASSWORD_FILE + 1)
+    finally:
+        os.close(fd)
+    if len(raw) > _MAX_PASSWORD_FILE:
+        raise ConfigError(f"password file {str(p)!r} is over {_MAX_PASSWORD_FILE} bytes; "
+                          "it must hold only the password")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"password file {str(p)!r} is not UTF-8 text") from None
+    lines = text.splitlines()
+    password = lines[0] if lines else ""
+    if not password:
+        raise ConfigError(f"password file {str(p)!r} is empty; write the password on its first line")
+    return password
+
+
+@dataclass(frozen=True)
+class ResolvedBroker:
+    """A broker URL with its password looked up, and a warning for the operator if there is one."""
+
+    url: BrokerURL
+    #: set when the password came from the command line (readable by every local user)
+    warning: str | None = None
+
+
+def resolve_broker(
+    url: str | None,
+    *,
+    password_file: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+    url_from_argv: bool = True,
+) -> ResolvedBroker | None:
+    """Combine a broker URL with a password from a file or the environment; ``None`` if no URL at all.
+
+    ``url`` is the ``--broker`` flag (or ``None``: then ``$LEPTON_BROKER``). The password is, in order:
+    ``password_file`` (or ``$LEPTON_PASSWORD_FILE``), ``$LEPTON_PASSWORD``, the URL's own. A password
+    written in a URL that came from the command line still works but yields a warning. The caller
+    (a CLI edge) passes ``os.environ``; nothing here reads the process environment by itself.
+
+    >>> r = resolve_broker("mqtt://cam-1@h:1883", environ={"LEPTON_PASSWORD": "pw"})
+    >>> r.url.password, r.warning
+    ('pw', None)
+    """
+    env = environ if environ is not None else {}
+    if url is None:
+        url, url_from_argv = env.get(ENV_BROKER) or None, False
+    if url is None:
+        return None
+    parsed = BrokerURL.parse(url)
+    warning = None
+    if url_from_argv and parsed.password is not None:
+        warning = (f"the password in --broker {parsed} is visible to every local user (/proc/PID/cmdline); "
+                   f"pass it with --password-file FILE (mode 0600) or ${ENV_PASSWORD} instead")
+    password_file = password_file or env.get(ENV_PASSWORD_FILE) or None
+    password = read_password_file(password_file) if password_file else (env.get(ENV_PASSWORD) or None)
+    if password is not None:
+        if parsed.username is None:
+            raise ConfigError(f"a password was given but broker URL {parsed} names no user; "
+                              "write it as mqtt://USER@host:port")
+        parsed = replace(parsed, password=password)
+    return ResolvedBroker(parsed, warning)
+
+
+def child_environment(url: BrokerURL, environ: Mapping[str, str]) -> dict[str, str]:
+    """``environ`` for a child process that should connect as ``url``: the whole URL in $LEPTON_BROKER.
+
+    Other credential variables are dropped, so the child uses exactly these credentials (and the
+    password never appears in the child's argv).
+    """
+    env = {k: v for k, v in environ.items() if k not in (ENV_PASSWORD, ENV_PASSWORD_FILE)}
+    env[ENV_BROKER] = url.secret_url()
+    return env
 
 
 def new_client(
