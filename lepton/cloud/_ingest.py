@@ -27,6 +27,7 @@ Design (why it is exactly-once and durable):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import queue
@@ -35,25 +36,20 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lepton.errors import ConfigError, ProtocolError
+from lepton.cloud._ingest_core import BatchDecoder, DeadLetter, plan_write
+from lepton.errors import ConfigError
 from lepton.protocol import (
-    DEFAULT_MAX_PAYLOAD_BYTES,
     DEFAULT_MAX_TENSOR_BYTES,
-    MAX_SEQ,
     BrokerURL,
     Topics,
     connect,
-    decode_samples_raw,
     encode_acks,
     encode_json,
     new_client,
-    seqs_to_ranges,
     validate_id,
 )
 
@@ -187,7 +183,9 @@ class IngestWorker:
         self.index = SqliteIndex(self.dir / "index.sqlite")
         self.quarantine = Quarantine(
             self.quarantine_dir,
-            QuarantineLimits(device_bytes=config.quarantine_device_bytes, total_bytes=config.quarantine_bytes),
+            QuarantineLimits(
+                device_bytes=config.quarantine_device_bytes, total_bytes=config.quarantine_bytes
+            ),
         )
         self.stats = WorkerStats()
         self._q: queue.Queue[_Message] = queue.Queue()
@@ -206,9 +204,9 @@ class IngestWorker:
         self._rate = (time.monotonic(), 0)
         self._last_rate = 0.0
         self._client = None
-        self._topic_cache: dict[str, Any] = {}
-        self._rejected_seqs: dict[str, set[int]] = {}
-        self._pending_dead = 0
+        self._decoder = BatchDecoder(
+            self.topics, max_tensor_bytes=config.max_tensor_bytes, max_payload_bytes=config.max_payload_bytes
+        )
         self.started_at = time.time()
 
     # -- lifecycle ------------------------------------------------------------------------------------
@@ -469,114 +467,16 @@ class IngestWorker:
                               self.config.name, batch[0].topic)
                 batch = [dataclasses.replace(batch[0], unstorable=f"{type(exc).__name__}: {exc}"[:300])]
 
-    def _decode(self, msg: _Message, reports: list, quarantine: list) -> tuple[str, list[tuple]] | None:
-        """Rows (in dataset schema order) of the good samples of ``msg``; dead-letters the rest.
-
-        The message's error boundary: whatever goes wrong while reading ``msg`` or building its rows
-        costs this message only (dead-lettered), never the batch.
-        """
-        from lepton.cloud._dataset import raw_sample_rows
-
-        cfg = self.config
-        device: str | None = None
-        try:
-            parsed = self._topic_cache.get(msg.topic)
-            if parsed is None:
-                parsed = self.topics.parse(msg.topic)
-                if parsed.channel != "samples":
-                    raise ProtocolError(f"not a samples topic: {msg.topic!r}", field="topic")
-                if len(self._topic_cache) < 100_000:
-                    self._topic_cache[msg.topic] = parsed
-            device = parsed.device
-            if msg.retain:
-                # Samples are never retained (protocol v1): the broker would hand this message to
-                # every worker that ever subscribes. Dead-letter it; what the device sent live (with
-                # the retain flag cleared by the broker) was stored then.
-                raise ProtocolError(
-                    "retained samples message: samples are published with retain=false; "
-                    "clear it with an empty retained message on this topic",
-                    field="retain",
-                )
-            if msg.unstorable is not None:
-                raise ProtocolError(f"the dataset writer cannot store this message ({msg.unstorable})",
-                                    field="payload")
-            # The protocol's validating decoder, in its raw form: no numpy array per sample, the
-            # tensor bytes go to Parquet as they arrived.
-            device, pipeline, good, bad = decode_samples_raw(
-                msg.payload,
-                expected_device=device,
-                max_tensor_bytes=cfg.max_tensor_bytes,
-                max_payload_bytes=cfg.max_payload_bytes,
-            )
-            rows = raw_sample_rows(device, pipeline, good, msg.received_at)
-        except ProtocolError as exc:
-            self._dead_letter(msg, device, [(None, str(exc), exc.field)], reports, quarantine)
-            return None
-        except Exception as exc:  # the decoder promises ProtocolError; never let a surprise kill us
-            log.exception("worker %s: unexpected error decoding a message on %s", cfg.name, msg.topic)
-            self._dead_letter(
-                msg,
-                device,
-                [(None, f"internal error: {type(exc).__name__}: {exc}", None)],
-                reports,
-                quarantine,
-            )
-            return None
-        if bad:
-            self._dead_letter(msg, device, [(i, str(e), e.field) for i, _raw, e in bad], reports, quarantine)
-            # A bad sample with a readable seq is acked once quarantined: resending cannot repair it,
-            # and an unacked seq would keep the device's spool from ever draining.
-            for _i, raw, _e in bad:
-                seq = raw.get("seq") if isinstance(raw, dict) else None
-                if type(seq) is int and 0 <= seq <= MAX_SEQ:
-                    self._rejected_seqs.setdefault(device, set()).add(seq)
-        return device, rows
-
-    def _table(self, parts: list[tuple[_Message, str, list[tuple]]], reports: list, quarantine: list):
-        """The batch's Arrow table, built once; a message whose rows the schema refuses is found,
-        dead-lettered and left out (its seqs acked: resending cannot repair it)."""
-        from lepton.cloud._dataset import table_from_rows
-
-        try:
-            return parts, table_from_rows([r for _m, _d, rows in parts for r in rows])
-        except Exception:  # noqa: BLE001 - which message it was is found below
-            pass
-        kept = []
-        for msg, device, rows in parts:
-            try:
-                table_from_rows(rows)
-            except Exception as exc:
-                log.warning("worker %s: rows of a message on %s do not fit the dataset schema: %s",
-                            self.config.name, msg.topic, exc)
-                self._dead_letter(msg, device, [(None, f"cannot be stored: {type(exc).__name__}: {exc}",
-                                                 "samples")], reports, quarantine)
-                self._rejected_seqs.setdefault(device, set()).update(r[1] for r in rows)
-                continue
-            kept.append((msg, device, rows))
-        return kept, table_from_rows([r for _m, _d, rows in kept for r in rows])
-
     def _process(self, batch: list[_Message]) -> None:
+        """Carry out one batch transaction: the decisions come from the I/O-free core
+        (:mod:`lepton.cloud._ingest_core`), this does the disk, the index and the MQTT side."""
         from lepton.cloud._dataset import fsync_dir, new_file_name, write_parquet_synced
         from lepton.cloud._index import finish_file
 
         cfg = self.config
-        reports: list[dict[str, Any]] = []
-        quarantine: list[tuple[str, bytes, dict[str, Any]]] = []
-        self._rejected_seqs = {}
-        self._pending_dead = 0
-        parts = []
-        for msg in batch:
-            decoded = self._decode(msg, reports, quarantine)
-            if decoded is not None and decoded[1]:
-                parts.append((msg, *decoded))
-        parts, table = self._table(parts, reports, quarantine)
-        rows = [r for _m, _d, part in parts for r in part]
-        n_valid = len(rows)
-        seen: dict[str, set[int]] = {}
-        for _m, device, part in parts:
-            seen.setdefault(device, set()).update(row[1] for row in part)
-        # Seqs of valid samples only (before rejected seqs join ``seen`` for the acks).
-        valid = {dev: set(seqs) for dev, seqs in seen.items()}
+        decoded = self._decoder.decode(batch)
+        reports, quarantine, n_dead = self._dead_letters(batch, decoded.dead)
+        valid = decoded.seqs()
 
         # Quarantine first: a bad payload is on disk before its message can be acked.
         if quarantine:
@@ -584,11 +484,11 @@ class IngestWorker:
                 self.quarantine.write(name, payload, encode_json(report))
             self.quarantine.sync()
 
-        n_new = 0
+        plan = plan_write(decoded, {})
         name = None
         size = 0
         labelled = 0
-        if rows or self._my_unmarked:
+        if decoded.parts or self._my_unmarked:
             with self.index.transaction():
                 if self._my_unmarked:
                     self.index.mark_visible(self._my_unmarked)
@@ -598,27 +498,15 @@ class IngestWorker:
                     for other in others:
                         finish_file(self.data_dir, other)
                     self.index.mark_visible(others)
-                known = {dev: self.index.known(dev, seqs) for dev, seqs in valid.items()}
-                if not any(known.values()) and sum(map(len, valid.values())) == len(rows):
-                    keep = None  # the common case: nothing stored yet, no repeat inside the batch
-                    n_new = len(rows)
-                else:
-                    keep, taken = [], set()
-                    for i, r in enumerate(rows):
-                        key = (r[0], r[1])
-                        if r[1] not in known[r[0]] and key not in taken:
-                            taken.add(key)
-                            keep.append(i)
-                    n_new = len(keep)
-                if n_new:
-                    new_table = table if keep is None else table.take(keep)
-                    labelled = n_new - new_table.column("label").null_count
+                plan = plan_write(decoded, {dev: self.index.known(dev, seqs) for dev, seqs in valid.items()})
+                if plan.n_new:
+                    table = decoded.table if plan.keep is None else decoded.table.take(plan.keep)
+                    labelled = plan.n_new - table.column("label").null_count
                     name = new_file_name(cfg.name)
-                    tmp = self.data_dir / f".{name}.tmp"
-                    size = write_parquet_synced(tmp, new_table)
-                    for dev, seqs in valid.items():
-                        self.index.add(dev, seqs - known[dev])
-                    self.index.add_file(name, rows=n_new, size=size, visible=False)
+                    size = write_parquet_synced(self.data_dir / f".{name}.tmp", table)
+                    for dev, seqs in plan.new_seqs.items():
+                        self.index.add(dev, seqs)
+                    self.index.add_file(name, rows=plan.n_new, size=size, visible=False)
             if name is not None:
                 try:
                     os.replace(self.data_dir / f".{name}.tmp", self.data_dir / name)
@@ -629,12 +517,10 @@ class IngestWorker:
                 fsync_dir(self.data_dir)
                 self._my_unmarked.append(name)
 
-        # Durable: tell the devices (duplicates included), report dead letters, then PUBACK.
+        # Durable: tell the devices (duplicates and rejected seqs included), report, then PUBACK.
         client = self._client
-        for dev, bad_seqs in self._rejected_seqs.items():
-            seen.setdefault(dev, set()).update(bad_seqs)
-        for dev, seqs in seen.items():
-            client.publish(self.topics.acks(dev), encode_acks(seqs_to_ranges(seqs)), qos=1)
+        for dev, ranges in plan.acks.items():
+            client.publish(self.topics.acks(dev), encode_acks(ranges), qos=1)
         for report in reports:
             client.publish(self.topics.deadletter(), encode_json(report), qos=1)
         gen = self._gen
@@ -644,9 +530,9 @@ class IngestWorker:
 
         with self._cond:
             self.stats.received += len(batch)
-            self.stats.dead_letters += self._pending_dead
-            self.stats.stored += n_new
-            self.stats.duplicates += n_valid - n_new
+            self.stats.dead_letters += n_dead
+            self.stats.stored += plan.n_new
+            self.stats.duplicates += plan.n_duplicates
             if name is not None:
                 self.stats.files += 1
                 self.stats.bytes += size
@@ -654,50 +540,49 @@ class IngestWorker:
             self.stats.labelled_since_train += labelled
             self._cond.notify_all()
 
-    def _dead_letter(
-        self,
-        msg: _Message,
-        device: str | None,
-        problems: list[tuple[int | None, str, str | None]],
-        reports: list[dict[str, Any]],
-        quarantine: list[tuple[str, bytes, dict[str, Any]]],
-    ) -> None:
+    def _dead_letters(self, batch: list[_Message], dead: list[DeadLetter]):
+        """Reports to publish and payloads to quarantine for the batch's dead letters:
+        ``(reports, [(name, payload, report)], problems counted)``."""
         cfg = self.config
-        full = {"problems": [{"sample": i, "reason": r, "field": f} for i, r, f in problems]}
-        qname, verdict = self.quarantine.admit(device, msg.payload, report_size=len(encode_json(full)) + 400)
-        base = {
-            "topic": msg.topic,
-            "device": device,
-            "size": len(msg.payload),
-            "time": msg.received_at,
-            "worker": cfg.name,
-            "quarantine": qname if verdict in ("new", "duplicate") else None,
-        }
-        if base["quarantine"] is None:
-            base["quarantine_refused"] = verdict  # over its bounds: reported, acked, not kept
-        self._pending_dead += len(problems)
-        shown = problems[: cfg.max_reports_per_message]
-        for index, reason, fld in shown:
-            reports.append({**base, "reason": reason, "field": fld, "sample": index})
-        if len(problems) > len(shown):
-            reports.append(
-                {
-                    **base,
-                    "reason": f"{len(problems) - len(shown)} more bad samples in this message",
-                    "field": None,
-                    "sample": None,
-                }
+        reports: list[dict[str, Any]] = []
+        quarantine: list[tuple[str, bytes, dict[str, Any]]] = []
+        n = 0
+        for d in dead:
+            msg = batch[d.index]
+            problems = d.problems
+            n += len(problems)
+            full = {"problems": [{"sample": i, "reason": r, "field": f} for i, r, f in problems]}
+            qname, verdict = self.quarantine.admit(d.device, msg.payload,
+                                                   report_size=len(encode_json(full)) + 400)
+            base = {
+                "topic": msg.topic,
+                "device": d.device,
+                "size": len(msg.payload),
+                "time": msg.received_at,
+                "worker": cfg.name,
+                "quarantine": qname if verdict in ("new", "duplicate") else None,
+            }
+            if base["quarantine"] is None:
+                base["quarantine_refused"] = verdict  # over its bounds: reported, acked, not kept
+            shown = problems[: cfg.max_reports_per_message]
+            for index, reason, fld in shown:
+                reports.append({**base, "reason": reason, "field": fld, "sample": index})
+            if len(problems) > len(shown):
+                reports.append(
+                    {
+                        **base,
+                        "reason": f"{len(problems) - len(shown)} more bad samples in this message",
+                        "field": None,
+                        "sample": None,
+                    }
+                )
+            if verdict == "new":
+                quarantine.append((qname, bytes(msg.payload), {**base, **full}))
+            log.warning(
+                "worker %s: dead-lettered %d problem(s) from %s (%d bytes): %s",
+                cfg.name, len(problems), msg.topic, len(msg.payload), problems[0][1],
             )
-        if verdict == "new":
-            quarantine.append((qname, bytes(msg.payload), {**base, **full}))
-        log.warning(
-            "worker %s: dead-lettered %d problem(s) from %s (%d bytes): %s",
-            cfg.name,
-            len(problems),
-            msg.topic,
-            len(msg.payload),
-            problems[0][1],
-        )
+        return reports, quarantine, n
 
     # -- status ---------------------------------------------------------------------------------------
     def _status_payload(self, *, online: bool = True, update_rate: bool = False) -> bytes:
@@ -779,10 +664,19 @@ class IngestWorker:
             str(cfg.model),
         ]
         if cfg.train_publish:
-            cmd += ["--publish", "--broker", cfg.broker]
+            cmd.append("--publish")  # the broker URL goes in the environment: argv is world-readable
         if cfg.key:
             cmd += ["--key", str(cfg.key)]
         return cmd + list(cfg.train_args)
+
+    def train_environment(self) -> dict[str, str]:
+        """The training child's environment: the broker URL (with its password) in $LEPTON_BROKER
+        when it publishes, no broker credentials otherwise; never any of it in argv (/proc/PID/cmdline)."""
+        from lepton.protocol._mqtt import ENV_BROKER, child_environment
+
+        if self.config.train_publish:
+            return child_environment(self.url, os.environ)
+        return {k: v for k, v in child_environment(self.url, os.environ).items() if k != ENV_BROKER}
 
     def _poll_training(self) -> None:
         cfg = self.config
@@ -820,7 +714,8 @@ class IngestWorker:
         try:
             with open(self.dir / "train.log", "ab") as out:
                 self._train_proc = subprocess.Popen(
-                    cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+                    cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                    env=self.train_environment(),
                 )
         except OSError as exc:
             log.error("worker %s: cannot start training %s: %s", cfg.name, cmd[0], exc)

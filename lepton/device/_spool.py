@@ -405,7 +405,9 @@ class Spool:
                     freed += rows[0][3]
                     dropped += 1
                     rows = rows[1:]
-                db.executemany("INSERT INTO samples(seq, ts, pipeline, size, body) VALUES (?, ?, ?, ?, ?)", rows)
+                db.executemany(
+                    "INSERT INTO samples(seq, ts, pipeline, size, body) VALUES (?, ?, ?, ?, ?)", rows
+                )
                 if dropped:
                     db.execute(
                         "UPDATE meta SET value = ? WHERE key='next_seq' AND value < ?",

@@ -44,7 +44,8 @@ def poison_payloads(device: str) -> dict[str, bytes]:
         # shape [0, 2**31]: 0 bytes, so the size check passed, but the int32 shape column overflowed
         "shape-2^31": _envelope(device, b"\x81" + msgpack.packb("x") + _tensor([0, 2**31])),
         # a meta value that is not JSON: a NaN float, and binary data
-        "meta-nan": _envelope(device, b"\x82" + x + msgpack.packb("meta") + msgpack.packb({"a": float("nan")})),
+        "meta-nan": _envelope(device, b"\x82" + x + msgpack.packb("meta")
+                              + msgpack.packb({"a": float("nan")})),
     }
 
 

@@ -85,7 +85,7 @@ def test_close_commits_what_is_queued_and_reopen_continues(tmp_path):
 def test_drop_oldest_in_group_commit_keeps_the_bound(tmp_path):
     body = len(Spool.encode_body(np.zeros(64, np.float32), 1))
     with Spool(tmp_path, max_bytes=body * 30, commit_ms=50) as spool:
-        for i in range(100):
+        for _ in range(100):
             spool.append_nowait(np.zeros(64, np.float32), 1)
         spool.flush(5)
         assert spool.bytes <= body * 30 and spool.depth == len(spool.seqs()) <= 30

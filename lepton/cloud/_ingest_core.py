@@ -1,0 +1,220 @@
+"""The ingest batch transaction without I/O: messages in; rows, dead letters, acks and the
+exactly-once decision out.
+
+The worker (:mod:`lepton.cloud._ingest`) is a thin shell around it: paho's network thread queues
+messages, the writer thread hands a batch to :meth:`BatchDecoder.decode`, asks the index which seqs it
+already holds, gets a :class:`WritePlan` from :func:`plan_write`, and carries it out (quarantine,
+Parquet file, index commit, acks, PUBACKs). Nothing here touches a socket, a file, a clock or a lock,
+so every rule is unit-tested in microseconds (``tests/cloud/test_ingest_core.py``).
+
+Each message is decoded and turned into rows inside its own error boundary: a message that breaks a
+rule, or that the dataset schema refuses, costs that message only (a :class:`DeadLetter`), never the
+batch. A bad sample inside an otherwise good envelope is dead-lettered alone; its seq is acked (a
+resend cannot repair it, and the device's spool must drain).
+
+A :class:`BatchDecoder` is owned by the worker's writer thread (its topic cache is not locked).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from lepton.errors import ProtocolError
+from lepton.protocol import MAX_SEQ, Topics, decode_samples_raw, seqs_to_ranges
+
+__all__ = ["BatchDecoder", "DeadLetter", "DecodedBatch", "Inbound", "WritePlan", "plan_write"]
+
+
+@dataclass(frozen=True)
+class Inbound:
+    """One received message, as the shell hands it over."""
+
+    topic: str
+    payload: bytes
+    received_at: float
+    retain: bool = False
+    #: set by the shell when writing this message failed for a reason no retry can fix
+    unstorable: str | None = None
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A rejected message (``problems`` with ``sample`` None) or its bad samples."""
+
+    index: int  # of the message in the batch
+    device: str | None
+    #: ``(sample index or None, reason, field)``
+    problems: tuple[tuple[int | None, str, str | None], ...]
+
+
+@dataclass
+class DecodedBatch:
+    #: ``(message index, device, rows in dataset schema order)`` of every message with good samples
+    parts: list[tuple[int, str, list[tuple]]] = field(default_factory=list)
+    dead: list[DeadLetter] = field(default_factory=list)
+    #: seqs of dead-lettered samples to ack anyway, per device
+    rejected: dict[str, set[int]] = field(default_factory=dict)
+    #: the Arrow table of every row of ``parts``, in order (built by :meth:`BatchDecoder.decode`)
+    table: Any = None
+
+    @property
+    def rows(self) -> list[tuple]:
+        return [r for _i, _d, rows in self.parts for r in rows]
+
+    def seqs(self) -> dict[str, set[int]]:
+        """The seqs of the good samples, per device."""
+        out: dict[str, set[int]] = {}
+        for _i, device, rows in self.parts:
+            out.setdefault(device, set()).update(r[1] for r in rows)
+        return out
+
+
+@dataclass(frozen=True)
+class WritePlan:
+    """What the shell does once the index said which seqs it already holds."""
+
+    #: row indices of ``DecodedBatch.rows`` to write; None means all of them
+    keep: list[int] | None
+    n_new: int
+    n_duplicates: int
+    #: seqs to record in the index, per device
+    new_seqs: dict[str, set[int]]
+    #: ack ranges to publish per device: every seq seen (new, duplicate, rejected)
+    acks: dict[str, list[list[int]]]
+
+
+class BatchDecoder:
+    """Decode and validate a batch with the protocol's one rule set, then build its table.
+
+    >>> d = BatchDecoder(Topics(fleet="f1"))
+    >>> batch = d.decode([Inbound("lepton/f1/devices/cam-1/samples", b"junk", 0.0)])
+    >>> batch.dead[0].problems[0][2]
+    'payload'
+    """
+
+    def __init__(
+        self,
+        topics: Topics,
+        *,
+        max_tensor_bytes: int,
+        max_payload_bytes: int,
+    ) -> None:
+        self.topics = topics
+        self.max_tensor_bytes = max_tensor_bytes
+        self.max_payload_bytes = max_payload_bytes
+        self._topic_cache: dict[str, Any] = {}
+
+    def decode(self, messages: Sequence[Inbound]) -> DecodedBatch:
+        out = DecodedBatch()
+        for i, msg in enumerate(messages):
+            self._decode_one(i, msg, out)
+        self._build_table(out)
+        return out
+
+    def _device_of(self, topic: str) -> str:
+        parsed = self._topic_cache.get(topic)
+        if parsed is None:
+            parsed = self.topics.parse(topic)
+            if parsed.channel != "samples":
+                raise ProtocolError(f"not a samples topic: {topic!r}", field="topic")
+            if len(self._topic_cache) < 100_000:
+                self._topic_cache[topic] = parsed
+        return parsed.device
+
+    def _decode_one(self, i: int, msg: Inbound, out: DecodedBatch) -> None:
+        from lepton.cloud._dataset import raw_sample_rows
+
+        device: str | None = None
+        try:
+            device = self._device_of(msg.topic)
+            if msg.retain:
+                # Samples are never retained (protocol v1): the broker would hand this message to
+                # every worker that ever subscribes. What the device sent live (the broker clears the
+                # retain flag on live delivery) was stored then.
+                raise ProtocolError(
+                    "retained samples message: samples are published with retain=false; "
+                    "clear it with an empty retained message on this topic",
+                    field="retain",
+                )
+            if msg.unstorable is not None:
+                raise ProtocolError(f"the dataset writer cannot store this message ({msg.unstorable})",
+                                    field="payload")
+            # The raw form of the validating decoder: no numpy array per sample, the tensor bytes go to
+            # Parquet as they arrived.
+            device, pipeline, good, bad = decode_samples_raw(
+                msg.payload,
+                expected_device=device,
+                max_tensor_bytes=self.max_tensor_bytes,
+                max_payload_bytes=self.max_payload_bytes,
+            )
+            rows = raw_sample_rows(device, pipeline, good, msg.received_at)
+        except ProtocolError as exc:
+            out.dead.append(DeadLetter(i, device, ((None, str(exc), exc.field),)))
+            return
+        except Exception as exc:  # noqa: BLE001 - the decoder promises ProtocolError; never trust it blindly
+            reason = f"internal error: {type(exc).__name__}: {exc}"
+            out.dead.append(DeadLetter(i, device, ((None, reason, None),)))
+            return
+        if bad:
+            out.dead.append(DeadLetter(i, device, tuple((j, str(e), e.field) for j, _raw, e in bad)))
+            for _j, raw, _e in bad:
+                seq = raw.get("seq") if isinstance(raw, dict) else None
+                if type(seq) is int and 0 <= seq <= MAX_SEQ:
+                    out.rejected.setdefault(device, set()).add(seq)
+        if rows:
+            out.parts.append((i, device, rows))
+
+    @staticmethod
+    def _build_table(out: DecodedBatch) -> None:
+        """One Arrow table for the batch; a message whose rows the schema refuses is found, dead-lettered
+        and left out (its seqs acked: resending cannot repair it)."""
+        from lepton.cloud._dataset import table_from_rows
+
+        try:
+            out.table = table_from_rows(out.rows)
+            return
+        except Exception:  # noqa: BLE001 - which message it was is found below
+            pass
+        kept = []
+        for i, device, rows in out.parts:
+            try:
+                table_from_rows(rows)
+            except Exception as exc:  # noqa: BLE001
+                reason = f"cannot be stored: {type(exc).__name__}: {exc}"
+                out.dead.append(DeadLetter(i, device, ((None, reason, "samples"),)))
+                out.rejected.setdefault(device, set()).update(r[1] for r in rows)
+                continue
+            kept.append((i, device, rows))
+        out.parts = kept
+        out.table = table_from_rows(out.rows)
+
+
+def plan_write(batch: DecodedBatch, known: Mapping[str, set[int]]) -> WritePlan:
+    """Exactly-once: keep the rows whose ``(device, seq)`` the index does not hold (``known``, per
+    device) and that are not repeated inside the batch; ack everything seen."""
+    rows = batch.rows
+    valid = batch.seqs()
+    if not any(known.get(d) for d in valid) and sum(map(len, valid.values())) == len(rows):
+        keep = None  # the common case: nothing stored yet, no repeat inside the batch
+        n_new = len(rows)
+    else:
+        keep, taken = [], set()
+        for i, r in enumerate(rows):
+            key = (r[0], r[1])
+            if r[1] not in known.get(r[0], ()) and key not in taken:
+                taken.add(key)
+                keep.append(i)
+        n_new = len(keep)
+    new_seqs = {d: seqs - known.get(d, set()) for d, seqs in valid.items()}
+    seen = {d: set(s) for d, s in valid.items()}
+    for d, s in batch.rejected.items():
+        seen.setdefault(d, set()).update(s)
+    return WritePlan(
+        keep=keep,
+        n_new=n_new,
+        n_duplicates=len(rows) - n_new,
+        new_seqs={d: s for d, s in new_seqs.items() if s},
+        acks={d: seqs_to_ranges(s) for d, s in seen.items() if s},
+    )
