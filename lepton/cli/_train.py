@@ -23,7 +23,7 @@ with PyTorch Lightning, in this process. Then:
      --force-incomparable;
   4. store the version in DIR/models/NAME/VERSION/ (model.onnx, manifest.json, report.json);
   5. with --publish (and the gate passed): sign with --key (Ed25519) and publish it as retained MQTT
-     messages, chunks first, then the manifest, then clear the superseded version's chunks.
+     messages, the manifest first, then the chunks, then clear the superseded version's chunks.
 
 One model = one preprocessing pipeline, pinned: --pipeline, else the deployed version's pipeline,
 else (first version) the one sent by the most devices. Samples of other pipelines are left out and
