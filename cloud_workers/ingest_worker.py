@@ -4,6 +4,10 @@
     LEPTON_BROKER=mqtt://w1:secret@broker:1883 LEPTON_FLEET=f1 LEPTON_DATA=/data \
         python cloud_workers/ingest_worker.py --name w1 [--group ingest]
 
+Credentials: the whole URL in $LEPTON_BROKER (a process's environment is readable by its own user only),
+or --broker mqtt://w1@broker:1883 with the password in $LEPTON_PASSWORD or a 0600 --password-file
+(e.g. a mounted container secret). A password written in --broker works but every local user can read it.
+
 It is the Python API (lepton.cloud.IngestWorker) with the deployment concerns around it: settings from
 the environment (12-factor), logs on stderr, SIGTERM stops cleanly (what container runtimes send), and
 exit codes a supervisor can act on (2: fix the configuration, 3: broker unreachable; retry later).
@@ -20,6 +24,7 @@ import threading
 
 from lepton.cloud import IngestWorker, WorkerConfig
 from lepton.errors import BrokerConnectionError, ConfigError
+from lepton.protocol import resolve_broker
 
 log = logging.getLogger("lepton.cloud_workers.ingest")
 
@@ -27,7 +32,12 @@ log = logging.getLogger("lepton.cloud_workers.ingest")
 def main(argv: list[str] | None = None) -> int:
     env = os.environ
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--broker", default=env.get("LEPTON_BROKER"), help="broker URL (env LEPTON_BROKER)")
+    p.add_argument("--broker", default=None, help="broker URL (env LEPTON_BROKER)")
+    p.add_argument(
+        "--password-file",
+        default=None,
+        help="file (mode 0600) holding the broker password (env LEPTON_PASSWORD_FILE, or LEPTON_PASSWORD)",
+    )
     p.add_argument("--fleet", default=env.get("LEPTON_FLEET"), help="fleet (env LEPTON_FLEET)")
     p.add_argument("--data", default=env.get("LEPTON_DATA"), help="dataset root (env LEPTON_DATA)")
     p.add_argument(
@@ -40,17 +50,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log-level", default=env.get("LEPTON_LOG_LEVEL", "INFO"))
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    missing = [f for f in ("broker", "fleet", "data") if not getattr(args, f)]
-    if missing:
-        print(f"ingest_worker: error: set --{missing[0]} or LEPTON_{missing[0].upper()}", file=sys.stderr)
+    try:
+        resolved = resolve_broker(args.broker, password_file=args.password_file, environ=env)
+    except ConfigError as exc:
+        print(f"ingest_worker: error: {exc}", file=sys.stderr)
         return 2
+    missing = [f for f in ("fleet", "data") if not getattr(args, f)]
+    if resolved is None or missing:
+        flag = "broker" if resolved is None else missing[0]
+        print(f"ingest_worker: error: set --{flag} or LEPTON_{flag.upper()}", file=sys.stderr)
+        return 2
+    if resolved.warning:
+        print(f"ingest_worker: warning: {resolved.warning}", file=sys.stderr)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
         worker = IngestWorker(
             WorkerConfig(
-                broker=args.broker,
+                broker=resolved.url.secret_url(),
                 fleet=args.fleet,
                 data=args.data,
                 name=args.name,

@@ -6,7 +6,11 @@ signs and publishes a new version. State lives in the registry (the newest versi
 how many samples it saw), so a restarted trainer picks up where it left off.
 
     python cloud_workers/trainer.py --data /srv/lepton/data --fleet demo --model digits \\
-        --broker mqtt://trainer:secret@broker:1883 --key /etc/lepton/lepton.key --interval 600
+        --broker mqtt://trainer@broker:1883 --password-file /etc/lepton/trainer.pw \\
+        --key /etc/lepton/lepton.key --interval 600
+
+The broker password comes from --password-file (mode 0600), $LEPTON_PASSWORD, or a whole URL in
+$LEPTON_BROKER; one written in --broker works but every local user can read it in /proc/PID/cmdline.
 
 --once runs one check and exits: 0 published (or nothing to do), 5 gate refused, 1 failed.
 Failures never stop the loop: it logs them and tries again at the next interval.
@@ -16,13 +20,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
 from pathlib import Path
 
 from lepton.cloud import Registry, TrainConfig, train
-from lepton.errors import LeptonError
+from lepton.errors import ConfigError, LeptonError
+from lepton.protocol import resolve_broker
 
 log = logging.getLogger("lepton.trainer")
 
@@ -92,7 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--fleet", required=True)
     p.add_argument("--model", required=True)
-    p.add_argument("--broker", default=None, help="publish here (omit to only train and register)")
+    p.add_argument(
+        "--broker", default=None, help="publish here (env LEPTON_BROKER; without either: train and register)"
+    )
+    p.add_argument("--password-file", default=None, help="file (mode 0600) holding the broker password")
     p.add_argument("--key", type=Path, default=None)
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--tolerance", type=float, default=1.0, help="gate tolerance in accuracy points")
@@ -102,6 +111,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        resolved = resolve_broker(args.broker, password_file=args.password_file, environ=os.environ)
+    except ConfigError as exc:
+        print(f"trainer: error: {exc}", file=sys.stderr)
+        return 2
+    if resolved is not None and resolved.warning:
+        print(f"trainer: warning: {resolved.warning}", file=sys.stderr)
+    args.broker = resolved.url.secret_url() if resolved is not None else None
     if args.once:
         try:
             return check_and_train(args)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from lepton.device import DeviceAgent, DeviceConfig
 from lepton.errors import BrokerConnectionError, ConfigError
+from lepton.protocol import resolve_broker
 
 # Exit codes as in `lepton device`: 0 all acknowledged, 2 bad setting, 3 broker, 4 unacknowledged left.
 OK, USAGE, BROKER, UNACKED = 0, 2, 3, 4
@@ -16,7 +18,12 @@ OK, USAGE, BROKER, UNACKED = 0, 2, 3, 4
 
 def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--broker", required=True, help="mqtt://DEVICE_ID:PASSWORD@HOST:PORT")
+    p.add_argument("--broker", help="mqtt://DEVICE_ID@HOST:PORT (env LEPTON_BROKER: a whole URL)")
+    p.add_argument(
+        "--password-file",
+        help="file (mode 0600) holding the broker password; or set LEPTON_PASSWORD. A password written "
+        "in --broker works but every local user can read it in /proc/PID/cmdline",
+    )
     p.add_argument("--fleet", required=True)
     p.add_argument("--id", required=True, dest="device_id")
     p.add_argument("--spool", help="spool directory (default ~/.lepton/spool/FLEET/ID)")
@@ -29,9 +36,14 @@ def parser(description: str) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace, *, name: str, **settings) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
+        resolved = resolve_broker(args.broker, password_file=args.password_file, environ=os.environ)
+        if resolved is None:
+            raise ConfigError("set --broker mqtt://DEVICE_ID@HOST:PORT (or LEPTON_BROKER)")
+        if resolved.warning:
+            print(f"{name}: warning: {resolved.warning}", file=sys.stderr)
         agent = DeviceAgent(
             DeviceConfig(
-                broker=args.broker,
+                broker=resolved.url,
                 fleet=args.fleet,
                 device_id=args.device_id,
                 spool_dir=args.spool,

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Camera node: a grayscale 32x32 view of a camera (or a recorded video), published for training.
 
-devices/camera_node.py --broker mqtt://cam-1:PW@gateway:1883 --fleet plant --id cam-1 --camera 0 --rate 5
+devices/camera_node.py --broker mqtt://cam-1@gateway:1883 --password-file cam-1.pw \\
+    --fleet plant --id cam-1 --camera 0 --rate 5
 devices/camera_node.py ... --video recording.avi --limit 100      # replay a recording instead
 """
 

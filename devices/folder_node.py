@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Folder node: publish a labelled image folder once (label = sub-folder), e.g. to seed a dataset.
 
-    devices/folder_node.py --broker mqtt://seed-1:PW@localhost:1883 --fleet demo --id seed-1 --folder images/
+    devices/folder_node.py --broker mqtt://seed-1@localhost:1883 --password-file seed-1.pw \\
+        --fleet demo --id seed-1 --folder images/
 
 Corrupt images are skipped and counted; the node exits 0 once every image was acknowledged by the cloud.
 """

@@ -5,7 +5,8 @@ The "sensor" simulates a motor at 50 Hz; a worn bearing adds a 157 Hz tone and i
 256 readings becomes 64 log-magnitude spectrum bins, shape (1, 64), labelled "ok" or "fault", so a
 model can learn to tell them apart. It shows the SDK's Python API: any iterable of (frame, label).
 
-    devices/sensor_node.py --broker mqtt://vib-1:PW@localhost:1883 --fleet plant --id vib-1 --rate 20
+    devices/sensor_node.py --broker mqtt://vib-1@localhost:1883 --password-file vib-1.pw \\
+        --fleet plant --id vib-1 --rate 20
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ from typing import IO, Any
 
 from lepton.errors import ConfigError
 from lepton.protocol import BrokerURL, Topics, connect, decode_json, new_client, parse_manifest
+from lepton.protocol._mqtt import ENV_BROKER, ENV_PASSWORD, ENV_PASSWORD_FILE
 
 log = logging.getLogger(__name__)
 
@@ -100,9 +101,11 @@ class Demo:
         out = open(logs / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process in stop()
         # Own session: Ctrl-C in the terminal reaches only the demo, which stops children in order,
         # and killpg also reaches the training processes a worker spawns.
+        # Broker credentials travel in the environment (LEPTON_BROKER), never in argv, which every
+        # local user can read in /proc/PID/cmdline; the parent's own password variables are not passed.
+        base = {k: v for k, v in os.environ.items() if k not in (ENV_BROKER, ENV_PASSWORD, ENV_PASSWORD_FILE)}
         proc = subprocess.Popen([sys.executable, "-m", "lepton", *argv], stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True,
-                                env={**os.environ, **(env or {})})
+                                stdin=subprocess.DEVNULL, start_new_session=True, env={**base, **(env or {})})
         self._logs.append(out)
         self._procs[name] = proc
         log.info("started %s (pid %d): %s", name, proc.pid, " ".join(argv))
@@ -136,20 +139,20 @@ class Demo:
         self._monitor = _Monitor(urls["viewer"], self.topics, self.view)
         self._monitor.start()
         self._spawn("worker", [
-            "worker", "--broker", urls["worker"], "--fleet", self.fleet, "--data", str(self.workdir / "data"),
+            "worker", "--fleet", self.fleet, "--data", str(self.workdir / "data"),
             "--name", "demo-worker", "--model", MODEL, "--key", str(private),
             "--train-every", str(self.config.train_every), "--train-publish", "--quiet",
             f"--train-arg=--epochs={self.config.epochs}",
-        ], env={"OMP_NUM_THREADS": "1"})  # with devices, broker and worker on a few cores, one training
-        # thread is ~5x faster than torch's default of one per core fighting for them (measured here).
+        ], env={"OMP_NUM_THREADS": "1", ENV_BROKER: urls["worker"]})  # devices, broker and worker on a
+        # few cores: one training thread is ~5x faster than torch's default of one per core (measured here).
         n = self.config.devices
         for i in range(n):
             self._spawn(f"dev-{i}", [
-                "device", "--broker", urls[f"dev-{i}"], "--fleet", self.fleet, "--id", f"dev-{i}",
+                "device", "--fleet", self.fleet, "--id", f"dev-{i}",
                 "--source", f"digits:{i}/{n}", "--preset", "digits", "--once",
                 "--rate", str(self.config.rate), "--spool", str(self.workdir / "spool" / f"dev-{i}"),
                 "--model", MODEL, "--public-key", str(public), "--quiet",
-            ])
+            ], env={ENV_BROKER: urls[f"dev-{i}"]})
 
     def stop(self) -> None:
         """SIGINT every child (devices first, then the worker, then the broker), then SIGKILL stragglers."""

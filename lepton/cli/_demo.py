@@ -35,7 +35,11 @@ def register(parser: argparse.ArgumentParser) -> None:
                         help="use this broker (mqtt://user:pass@host:port) instead of the embedded one; "
                         "every process uses this one user, so it must be allowed on all topics (the "
                         "embedded broker, or Mosquitto without the project's per-device ACL); the fleet "
-                        "is then demo-<random> so earlier runs' retained models do not interfere")
+                        "is then demo-<random> so earlier runs' retained models do not interfere; its "
+                        "password: --password-file PATH (mode 0600) or $LEPTON_PASSWORD, not in the URL "
+                        "(argv is readable by every local user); children get it in their environment")
+    parser.add_argument("--password-file", metavar="PATH", default=None,
+                        help="read the --broker password from this file (mode 0600)")
     parser.add_argument("--rate", type=float, default=10.0, help="samples per second per device (default 10)")
     parser.add_argument("--train-every", type=int, default=300,
                         help="retrain after this many new labelled samples (default 300)")
@@ -50,7 +54,10 @@ def run(args: argparse.Namespace) -> int:
 
     from lepton._demo import DemoConfig, run_demo
 
-    config = DemoConfig(devices=args.devices, duration=args.duration, broker=args.broker, rate=args.rate,
+    from lepton.cli import _credentials
+
+    broker = _credentials.broker_url(args, "demo", required=False, env_url=False)
+    config = DemoConfig(devices=args.devices, duration=args.duration, broker=broker, rate=args.rate,
                         train_every=args.train_every, epochs=args.epochs,
                         workdir=Path(args.workdir) if args.workdir else None)
     result = run_demo(config, as_json=args.json)

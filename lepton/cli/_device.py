@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from lepton.cli import _exit
+from lepton.cli import _credentials, _exit
 
 DESCRIPTION = """\
 Run an edge device: capture frames from a source, preprocess them with OpenCV, keep them in a durable
@@ -20,20 +20,21 @@ presets:  digits, camera-gray-32, camera-edges-32, camera-hog, color-hist (or --
 exit codes: 0 everything captured was acknowledged, 2 bad flag/source/spec/URL, 3 broker unreachable or
 password refused, 4 stopped with unacknowledged samples (they stay in the spool for the next run).
 
+credentials: the password comes from --password-file PATH (mode 0600), $LEPTON_PASSWORD, or a whole
+URL in $LEPTON_BROKER; a password written in --broker works but is visible to every local user.
+
 examples:
-  lepton device --broker mqtt://cam-1:PW@localhost:1883 --fleet demo --id cam-1 --source digits --limit 500
-  lepton device --broker mqtts://gw:PW@broker:8883 --fleet plant --id gw --source camera:0 \\
+  lepton device --broker mqtt://cam-1@localhost:1883 --password-file cam-1.pw --fleet demo --id cam-1 \\
+      --source digits --limit 500
+  LEPTON_PASSWORD=... lepton device --broker mqtts://gw@broker:8883 --fleet plant --id gw --source camera:0 \\
       --preset camera-gray-32 --rate 5 --model digits --public-key lepton.pub --predictions
 """
 
 
 def register(parser: argparse.ArgumentParser) -> None:
     conn = parser.add_argument_group("connection")
-    conn.add_argument(
-        "--broker",
-        required=True,
-        metavar="URL",
-        help="mqtt://USER:PASSWORD@HOST:PORT or mqtts://... (user = device id on Mosquitto)",
+    _credentials.add_broker_arguments(
+        conn, help="mqtt://USER@HOST:PORT or mqtts://... (user = device id on Mosquitto)"
     )
     conn.add_argument("--fleet", required=True, help="fleet name (topics lepton/FLEET/...)")
     conn.add_argument(
@@ -134,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
     from lepton.device import DeviceAgent, DeviceConfig
     from lepton.errors import ConfigError
 
+    broker = _credentials.broker_url(args, "device")
     if args.spool_max_mb <= 0:
         raise ConfigError("--spool-max-mb must be > 0")
     if args.model is None and (args.public_key or args.no_verify or args.predictions):
@@ -142,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
         args.pipeline or args.preset or ("digits" if args.source.startswith("digits") else "camera-gray-32")
     )
     config = DeviceConfig(
-        broker=args.broker,
+        broker=broker,
         fleet=args.fleet,
         device_id=args.device_id,
         source=args.source,

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from lepton.cli import _exit
+from lepton.cli import _credentials, _exit
 from lepton.errors import ConfigError
 
 DESCRIPTION = """\
@@ -25,8 +25,8 @@ examples:
   lepton models list --data ./data
   lepton models show digits --data ./data --version 3 --json
   lepton models rollback digits --to 2 --data ./data --publish \\
-      --broker mqtt://trainer:secret@localhost:1883 --fleet demo --key keys/lepton.key
-  lepton models fetch digits --broker mqtt://viewer:pw@localhost:1883 --fleet demo \\
+      --broker mqtt://trainer@localhost:1883 --password-file trainer.pw --fleet demo --key keys/lepton.key
+  lepton models fetch digits --broker mqtt://viewer@localhost:1883 --password-file viewer.pw --fleet demo \\
       --public-key keys/lepton.pub --out digits.onnx
 """
 
@@ -49,7 +49,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.add_argument("name")
     p.add_argument("--to", type=int, required=True, metavar="V", help="the version whose weights to restore")
     p.add_argument("--publish", action="store_true", help="publish the new version (else only store it)")
-    p.add_argument("--broker", metavar="URL", help="mqtt://user:password@host:port (with --publish)")
+    _credentials.add_broker_arguments(p, help="with --publish: broker URL mqtt://USER@HOST:PORT")
     p.add_argument("--fleet", help="fleet to publish to (default: the fleet V was trained for)")
     p.add_argument("--key", metavar="FILE", help="Ed25519 private key that signs the manifest")
     p.add_argument("--chunk-size", type=int, default=None, metavar="BYTES", help="bytes per chunk message")
@@ -62,7 +62,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     )
     p.add_argument("name")
     p.add_argument("--version", type=int, default=None, help="version (default: the newest)")
-    p.add_argument("--broker", metavar="URL", required=True, help="mqtt://user:password@host:port")
+    _credentials.add_broker_arguments(p)
     p.add_argument("--fleet", help="fleet to publish to (default: the fleet the version was trained for)")
     p.add_argument("--key", metavar="FILE", help="Ed25519 private key that signs the manifest")
     p.add_argument("--chunk-size", type=int, default=None, metavar="BYTES", help="bytes per chunk message")
@@ -70,7 +70,7 @@ def register(parser: argparse.ArgumentParser) -> None:
 
     p = sub.add_parser("fetch", help="rebuild and verify the current model from retained messages")
     p.add_argument("name")
-    p.add_argument("--broker", metavar="URL", required=True, help="mqtt://user:password@host:port")
+    _credentials.add_broker_arguments(p)
     p.add_argument("--fleet", required=True)
     p.add_argument(
         "--public-key", metavar="FILE", help="verify the signature with this key (else hashes only)"
@@ -153,8 +153,7 @@ def run_rollback(args: argparse.Namespace) -> int:
     from lepton.protocol import DEFAULT_CHUNK_SIZE, load_private_key
 
     reg = _registry(args)
-    if args.publish and not args.broker:
-        raise ConfigError("--publish needs --broker mqtt://user:password@host:port")
+    broker = _credentials.broker_url(args, "models", needed_for=" with --publish") if args.publish else None
     src = reg.get(args.name, args.to)
     fleet = args.fleet or src.report.get("fleet")
     if args.publish and not fleet:
@@ -166,7 +165,7 @@ def run_rollback(args: argparse.Namespace) -> int:
         result = reg.publish(
             args.name,
             new.version,
-            url=args.broker,
+            url=broker,
             fleet=fleet,
             private_key=key,
             chunk_size=args.chunk_size or DEFAULT_CHUNK_SIZE,
@@ -189,6 +188,7 @@ def run_rollback(args: argparse.Namespace) -> int:
 def run_publish(args: argparse.Namespace) -> int:
     from lepton.protocol import DEFAULT_CHUNK_SIZE, load_private_key
 
+    broker = _credentials.broker_url(args, "models")
     reg = _registry(args)
     mv = reg.get(args.name, args.version)
     fleet = args.fleet or mv.report.get("fleet")
@@ -198,7 +198,7 @@ def run_publish(args: argparse.Namespace) -> int:
     result = reg.publish(
         args.name,
         mv.version,
-        url=args.broker,
+        url=broker,
         fleet=fleet,
         private_key=key,
         chunk_size=args.chunk_size or DEFAULT_CHUNK_SIZE,
@@ -220,7 +220,8 @@ def run_publish(args: argparse.Namespace) -> int:
 def run_fetch(args: argparse.Namespace) -> int:
     from lepton.cloud._delivery import fetch_model
 
-    package = fetch_model(args.broker, args.fleet, args.name, args.public_key, timeout=args.timeout)
+    broker = _credentials.broker_url(args, "models")
+    package = fetch_model(broker, args.fleet, args.name, args.public_key, timeout=args.timeout)
     if args.out:
         Path(args.out).write_bytes(package.data)
     m = package.manifest

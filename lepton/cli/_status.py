@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import threading
 import time
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Any
 
-from lepton.cli import _exit
+from lepton.cli import _credentials, _exit
 from lepton.errors import ConfigError
 
 DESCRIPTION = """\
@@ -28,15 +30,19 @@ version), acc (running accuracy of the served version on labelled samples, with 
 p50/p99 ms (inference latency), spool (samples waiting for the cloud's ack), seen (age of the newest
 status or telemetry message), error (the reason code of the last rejected model).
 
+Statuses are written by devices, so they are untrusted: every field is type-checked (a wrong type
+shows as "-"), strings are cut to a bounded length, control and bidi characters are shown escaped
+(\x1b, \u202e) instead of reaching the terminal, and a message over 64 KiB is ignored and counted.
+
 examples:
-  lepton status --broker mqtt://viewer:secret@localhost:1883 --fleet f1
+  lepton status --broker mqtt://viewer@localhost:1883 --password-file viewer.pw --fleet f1
   lepton status --broker mqtt://localhost:1883 --fleet f1 --json
   lepton status --broker mqtt://localhost:1883 --fleet f1 --watch --interval 2
 """
 
 
 def register(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--broker", metavar="URL", required=True, help="broker URL, e.g. mqtt://user:password@host:1883")
+    _credentials.add_broker_arguments(parser, help="broker URL, e.g. mqtt://viewer@host:1883")
     parser.add_argument("--fleet", metavar="F", required=True, help="fleet name (the F in lepton/F/...)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table "
                         "(with --watch: one JSON document per line)")
@@ -66,7 +72,7 @@ class FleetView:
     fleet: str
     devices: dict[str, _Entry] = field(default_factory=dict)
     workers: dict[str, _Entry] = field(default_factory=dict)
-    ignored: int = 0  # payloads that are not protocol v1 JSON
+    ignored: int = 0  # payloads that are not protocol v1 JSON, too big, or beyond MAX_ENTRIES
     lock: threading.Lock = field(default_factory=threading.Lock)
     last_message: float = 0.0
 
@@ -87,6 +93,9 @@ class FleetView:
             return
         with self.lock:
             self.last_message = time.monotonic()
+            if len(payload) > MAX_PAYLOAD or (name not in book and len(book) >= MAX_ENTRIES):
+                self.ignored += 1
+                return
             if not payload:  # a cleared retained message: the device or worker was removed
                 entry = book.get(name)
                 if entry is not None:
@@ -113,56 +122,136 @@ class FleetView:
                 "ignored_messages": self.ignored}
 
 
-def _num(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+#: a status or telemetry message bigger than this is ignored (a device's honest status is a few KiB)
+MAX_PAYLOAD = 64 * 1024
+#: devices (and workers) kept at most: retained topics are cheap for whoever can write them
+MAX_ENTRIES = 10_000
+MAX_TEXT = 64  # ids, model names, reason codes, worker fields
+MAX_MESSAGE = 300  # a model error's message
+#: raw status/telemetry kept in --json: nesting depth and items per object/list
+MAX_DEPTH, MAX_ITEMS = 4, 32
+#: control (Cc: ESC, CR, BEL, ...), format (Cf: bidi overrides, zero-width), line/paragraph separators,
+#: surrogates, private-use and unassigned code points: shown escaped, never written to a terminal
+_UNSAFE = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
+_INT_MAX = 2**63 - 1
 
 
-def _int(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+def clean_text(value: Any, limit: int = MAX_TEXT) -> str | None:
+    r"""A device-supplied string made safe to print: escaped control characters, at most ``limit`` chars.
+
+    >>> clean_text("\x1b[2Jok\u202e")
+    '\\x1b[2Jok\\u202e'
+    >>> clean_text(["not", "a", "string"]) is None
+    True
+    """
+    if not isinstance(value, str):
+        return None
+    out: list[str] = []
+    size = 0
+    for ch in value[: limit + 1]:  # never look at more than we may show
+        piece = ch.encode("unicode_escape").decode("ascii") if unicodedata.category(ch) in _UNSAFE else ch
+        out.append(piece)
+        size += len(piece)
+        if size > limit:
+            break
+    text = "".join(out)
+    if len(text) > limit or len(value) > limit:
+        return text[: limit - 1] + "\u2026"
+    return text
+
+
+def _num(value: Any, lo: float | None = None, hi: float | None = None) -> float | None:
+    """A finite number within [lo, hi], else None (bools, strings, NaN, Infinity and 10**400 are not)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    if not math.isfinite(number) or (lo is not None and number < lo) or (hi is not None and number > hi):
+        return None
+    return number
+
+
+def _int(value: Any, lo: int = 0, hi: int = _INT_MAX) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi else None
+
+
+def _bool(value: Any) -> bool | None:
+    return value if isinstance(value, bool) else None
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def plain(value: Any, depth: int = 0) -> Any:
+    """A bounded, typed copy of a device's report for --json: clean strings, finite numbers, cut lists."""
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, int):
+        return _int(value, -_INT_MAX, _INT_MAX)
+    if isinstance(value, float):
+        return _num(value)
+    if isinstance(value, str):
+        return clean_text(value, MAX_MESSAGE)
+    if depth >= MAX_DEPTH:
+        return None
+    if isinstance(value, dict):
+        items = list(value.items())[:MAX_ITEMS]
+        return {clean_text(str(k)) or "?": plain(v, depth + 1) for k, v in items}
+    if isinstance(value, list):
+        return [plain(v, depth + 1) for v in value[:MAX_ITEMS]]
+    return None
 
 
 def device_row(name: str, status: dict | None, telemetry: dict | None, now: float) -> dict[str, Any]:
-    """One device's row; field names per docs/protocol.md ("Status", "Telemetry", "Predictions")."""
-    status, telemetry = status or {}, telemetry or {}
-    version = status.get("model_version")
-    if not isinstance(version, int):
-        version = telemetry.get("model_version") if isinstance(telemetry.get("model_version"), int) else None
+    """One device's row; field names per docs/protocol.md ("Status", "Telemetry", "Predictions").
+
+    Every field is checked for its type and range: a field of the wrong type is shown as missing.
+    """
+    status, telemetry = _dict(status), _dict(telemetry)
+    version = _int(status.get("model_version"))
+    if version is None:
+        version = _int(telemetry.get("model_version"))
     accuracy = samples = None
     acc = status.get("accuracy")
-    if isinstance(acc, dict) and version is not None and isinstance(acc.get(str(version)), dict):
-        accuracy, samples = _num(acc[str(version)].get("accuracy")), acc[str(version)].get("samples")
-    elif _num(acc) is not None:
-        accuracy = _num(acc)
-    latency = telemetry.get("inference_ms") if isinstance(telemetry.get("inference_ms"), dict) else {}
+    if isinstance(acc, dict):
+        entry = _dict(acc.get(str(version))) if version is not None else {}
+        accuracy, samples = _num(entry.get("accuracy"), 0.0, 1.0), _int(entry.get("samples"))
+    else:
+        accuracy = _num(acc, 0.0, 1.0)
+    latency = _dict(telemetry.get("inference_ms"))
     error = status.get("model_error")
     if isinstance(error, dict):
-        error_reason, error_message = error.get("reason"), error.get("message")
+        error_reason = clean_text(error.get("reason"))
+        error_message = clean_text(error.get("message"), MAX_MESSAGE)
     else:
-        error_reason, error_message = (str(error) if error else None), None
-    stamps = [t for t in (_num(status.get("ts")), _num(telemetry.get("ts"))) if t is not None]
+        error_reason, error_message = (clean_text(error) or None), None
+    s_ts, t_ts = _num(status.get("ts"), 0.0), _num(telemetry.get("ts"), 0.0)
+    stamps = [t for t in (s_ts, t_ts) if t is not None]
     last_seen = max(stamps) if stamps else None
     # the fresher of the two reports tells the spool depth
-    t_ts, s_ts = _num(telemetry.get("ts")), _num(status.get("ts"))
-    spool_src = telemetry if "spool_depth" in telemetry and (s_ts is None or (t_ts or 0) >= s_ts) else status
-    online = status.get("online")
+    t_depth, s_depth = _int(telemetry.get("spool_depth")), _int(status.get("spool_depth"))
+    spool_depth = t_depth if t_depth is not None and (s_ts is None or (t_ts or 0) >= s_ts) else s_depth
     return {
-        "device": name,
-        "online": online if isinstance(online, bool) else None,
-        "model": status.get("model") if isinstance(status.get("model"), str) else None,
+        "device": clean_text(name) or "?",
+        "online": _bool(status.get("online")),
+        "model": clean_text(status.get("model")),
         "model_version": version,
         "accuracy": accuracy,
-        "accuracy_samples": samples if isinstance(samples, int) else None,
-        "inference_ms_p50": _num(latency.get("p50")),
-        "inference_ms_p99": _num(latency.get("p99")),
+        "accuracy_samples": samples,
+        "inference_ms_p50": _num(latency.get("p50"), 0.0),
+        "inference_ms_p99": _num(latency.get("p99"), 0.0),
         "inferences": _int(telemetry.get("inferences")),
         "swaps": _int(telemetry.get("swaps")),
-        "spool_depth": _int(spool_src.get("spool_depth")),
+        "spool_depth": spool_depth,
         "last_seen": last_seen,
         "last_seen_s": round(now - last_seen, 1) if last_seen is not None else None,
         "model_error": error_reason,
         "model_error_message": error_message,
-        "status": status or None,
-        "telemetry": telemetry or None,
+        "status": plain(status) or None,
+        "telemetry": plain(telemetry) or None,
     }
 
 
@@ -173,17 +262,31 @@ _WORKER_SKIP = ("v", "ts", "online", "worker", "fleet", "group", "started_at", "
                 "train_last_started")
 
 
+def _scalar(value: Any) -> int | float | str | bool | None:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return _int(value, -_INT_MAX, _INT_MAX)
+    if isinstance(value, float):
+        return _num(value)
+    return clean_text(value)
+
+
 def worker_row(name: str, status: dict | None, now: float) -> dict[str, Any]:
-    status = status or {}
-    ts = _num(status.get("ts"))
-    online = status.get("online")
-    scalars = {k: v for k, v in status.items()
-               if k not in _WORKER_SKIP and isinstance(v, (int, float, str, bool))}
+    status = _dict(status)
+    ts = _num(status.get("ts"), 0.0)
+    scalars: dict[str, Any] = {}
+    for k, v in list(status.items())[: 4 * MAX_ITEMS]:
+        if k in _WORKER_SKIP or not isinstance(v, (int, float, str, bool)):
+            continue
+        value = _scalar(v)
+        if value is not None:
+            scalars[clean_text(k) or "?"] = value
     summary = {k: scalars.pop(k) for k in _WORKER_FIRST if k in scalars}
-    summary.update(sorted(scalars.items()))
-    return {"worker": name, "online": online if isinstance(online, bool) else None, "last_seen": ts,
+    summary.update(sorted(scalars.items())[:MAX_ITEMS])
+    return {"worker": clean_text(name) or "?", "online": _bool(status.get("online")), "last_seen": ts,
             "last_seen_s": round(now - ts, 1) if ts is not None else None, "summary": summary,
-            "status": status or None}
+            "status": plain(status) or None}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -248,7 +351,8 @@ def render(snapshot: dict[str, Any]) -> str:
         out.append("")
         out += _table(["worker", "online", "seen", "status"], rows, right={2})
     if snapshot.get("ignored_messages"):
-        out.append(f"({snapshot['ignored_messages']} message(s) ignored: not protocol v1 JSON)")
+        out.append(f"({snapshot['ignored_messages']} message(s) ignored: not protocol v1 JSON, over "
+                   f"{MAX_PAYLOAD // 1024} KiB, or beyond {MAX_ENTRIES} devices)")
     return "\n".join(out)
 
 
@@ -311,7 +415,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"bad --fleet: {exc}") from None
     if args.timeout <= 0 or args.interval <= 0:
         raise ConfigError("--timeout and --interval must be > 0 seconds")
-    view, client = collect(args.broker, args.fleet, timeout=args.timeout, prefix=args.prefix,
+    broker = _credentials.broker_url(args, "status")
+    view, client = collect(broker, args.fleet, timeout=args.timeout, prefix=args.prefix,
                            keep_open=args.watch)
     if not args.watch:
         _emit(view.snapshot(), args.json, clear=False)

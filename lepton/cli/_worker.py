@@ -9,7 +9,7 @@ import signal
 import sys
 import threading
 
-from lepton.cli import _exit
+from lepton.cli import _credentials, _exit
 
 DESCRIPTION = """\
 Subscribe to every device's samples of a fleet and store them exactly once as Parquet under
@@ -30,22 +30,21 @@ run at a time, output in DIR/FLEET/train.log. --train-arg passes extra flags (re
 Runs until SIGINT/SIGTERM, then writes what it received and exits 0.
 
 environment: LEPTON_BROKER, LEPTON_FLEET, LEPTON_DATA provide defaults for --broker, --fleet, --data.
+The broker password comes from --password-file PATH (mode 0600), $LEPTON_PASSWORD or $LEPTON_BROKER;
+a password written in --broker works but is visible to every local user. The training child gets
+the broker URL in its environment ($LEPTON_BROKER), never on its command line.
 
 examples:
-  lepton worker --broker mqtt://w1:secret@localhost:1883 --fleet f1 --data ./data
-  lepton worker --broker mqtt://w2:secret@localhost:1883 --fleet f1 --data ./data --group ingest --name w2
+  lepton worker --broker mqtt://w1@localhost:1883 --password-file w1.pw --fleet f1 --data ./data
+  LEPTON_BROKER=mqtt://w2:secret@localhost:1883 lepton worker --fleet f1 --data ./data --group ingest \\
+      --name w2
   lepton worker ... --train-every 500 --model digits --key model.key --train-publish --train-arg=--epochs=5
 """
 
 
 def register(parser: argparse.ArgumentParser) -> None:
     env = os.environ
-    parser.add_argument(
-        "--broker",
-        default=env.get("LEPTON_BROKER"),
-        metavar="URL",
-        help="broker URL mqtt://user:password@host:1883 (env LEPTON_BROKER)",
-    )
+    _credentials.add_broker_arguments(parser, help="broker URL mqtt://USER@HOST:1883")
     parser.add_argument("--fleet", default=env.get("LEPTON_FLEET"), help="fleet name (env LEPTON_FLEET)")
     parser.add_argument(
         "--data",
@@ -98,7 +97,9 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, metavar="NAME", help="model to train (with --train-*)")
     parser.add_argument("--key", default=None, metavar="FILE", help="signing key passed to lepton train")
     parser.add_argument(
-        "--train-publish", action="store_true", help="pass --publish --broker URL to lepton train"
+        "--train-publish",
+        action="store_true",
+        help="pass --publish to lepton train (the broker URL goes in its environment)",
     )
     parser.add_argument(
         "--train-arg",
@@ -133,11 +134,12 @@ def run(args: argparse.Namespace) -> int:
     from lepton.cloud._ingest import IngestWorker, WorkerConfig
     from lepton.errors import ConfigError
 
-    for flag in ("broker", "fleet", "data"):
+    broker = _credentials.broker_url(args, "worker")
+    for flag in ("fleet", "data"):
         if not getattr(args, flag):
             raise ConfigError(f"--{flag} is required (or set LEPTON_{flag.upper()})")
     config = WorkerConfig(
-        broker=args.broker,
+        broker=broker,
         fleet=args.fleet,
         data=args.data,
         name=args.name,

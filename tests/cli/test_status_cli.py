@@ -57,7 +57,7 @@ def runtime_status(tmp_path, fleet: str) -> tuple[dict, dict]:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 9
     priv, pub = generate_keypair(tmp_path / "keys")
-    manifest, chunks = build_package(name="clf", version=3, data=model.SerializeToString(),
+    manifest, chunks = build_package(fleet=fleet, name="clf", version=3, data=model.SerializeToString(),
                                      input_spec={"name": "x", "shape": [-1, 4], "dtype": "float32"},
                                      labels=["a", "b", "c"], pipeline={"hash": "p1", "spec": {}},
                                      private_key=load_private_key(priv))
@@ -142,7 +142,7 @@ def test_table(populated):
 
 def test_watch_follows_live_updates_until_ctrl_c(amqtt_broker, fleet):
     topics = Topics(fleet=fleet)
-    url = amqtt_broker.url("device", "dev-w")
+    url = amqtt_broker.url("device", "dev-w", fleet=fleet)
     publish_retained(url, [(topics.status("dev-w"), encode_json({"online": True, "model_version": 1}))],
                      "dev-w")
     proc = subprocess.Popen([*CLI, "status", "--broker", amqtt_broker.anonymous_url(), "--fleet", fleet,
@@ -184,3 +184,110 @@ def test_an_empty_fleet_and_bad_flags(amqtt_broker, fleet):
     amqtt_broker.stop()
     down = lepton("status", "--broker", f"mqtt://127.0.0.1:{port}", "--fleet", fleet)
     assert down.returncode == 3 and "cannot reach broker" in down.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# statuses are untrusted input: one device's retained status must not break the view for everyone
+# ------------------------------------------------------------------------------------------------
+_HUGE = 10 ** 400  # a valid JSON int (under Python's 4300 digits), too big for a float
+#: raw payloads (JSON that encode_json would refuse to write: NaN, Infinity, huge ints)
+POISON_STATUS = {
+    "p-types": b'{"v":1,"online":"yes","model":{"version":[]},"model_version":[],"spool_depth":"x",'
+               b'"accuracy":{"3":[]},"model_error":{"reason":["r"],"message":{"m":1}},"ts":"now"}',
+    "p-nan": b'{"v":1,"online":true,"model_version":3,"accuracy":{"3":{"accuracy":NaN,"samples":"x"}},'
+             b'"spool_depth":NaN,"ts":NaN}',
+    "p-huge": ('{"v":1,"model_version":%d,"spool_depth":%d,"ts":%d,"accuracy":%d}'
+               % (_HUGE, _HUGE, _HUGE, _HUGE)).encode(),
+    "p-escape": json.dumps({"v": 1, "online": True, "model": "\x1b[2J\x1b[31mEVIL\r",
+                            "model_error": {"reason": "\x1b]0;pwned\x07bad\u202egnp.exe",
+                                            "message": "line1\r\nline2\x1b[1A\u2028" + "A" * 50_000},
+                            "ts": 1e308}).encode(),
+    "p-list": b'{"v":1,"online":[true],"model":["clf"],"model_error":"' + b"E" * 40_000 + b'",'
+              b'"accuracy":[1,2],"ts":-1}',
+}
+POISON_TELEMETRY = {
+    "p-types": b'{"v":1,"inference_ms":{"p50":"1","p99":Infinity},"spool_depth":-5,"inferences":1.5,'
+               b'"swaps":true,"model_version":{"x":1},"ts":Infinity}',
+    "p-nan": b'{"v":1,"inference_ms":[1,2],"spool_depth":1e400,"ts":-Infinity}',
+}
+_UNSAFE = ("\x1b", "\r", "\x07", "\u202e", "\u2028", "\x00")
+
+
+def _strict_json(text: str):
+    def refuse(name: str):
+        raise AssertionError(f"{name} in the JSON output")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_hostile_statuses_neither_crash_the_view_nor_reach_the_terminal(broker, fleet):
+    topics = Topics(fleet=fleet)
+    honest = {"device": "dev-ok", "online": True, "model": "clf", "model_version": 2, "spool_depth": 7,
+              "accuracy": {"2": {"accuracy": 0.5, "samples": 10}}}
+    publish_retained(broker.url("device", "dev-ok", fleet=fleet),
+                     [(topics.status("dev-ok"), encode_json(honest))], "dev-ok")
+    for name, payload in POISON_STATUS.items():
+        items = [(topics.status(name), payload)]
+        if name in POISON_TELEMETRY:
+            items.append((topics.telemetry(name), POISON_TELEMETRY[name]))
+        publish_retained(broker.url("device", name, fleet=fleet), items, name)
+    worker = json.dumps({"v": 1, "online": "yes", "stored": "\x1b[2J" + "S" * 40_000, "\x1b[31mkey": 1,
+                         "queue": 10 ** 300, "errors": 3, "nested": {"a": [1] * 2000},
+                         "ts": "x"}).encode()
+    publish_retained(broker.url("worker", "w-evil", fleet=fleet), [(topics.worker_status("w-evil"), worker)],
+                     "w-evil")
+    viewer = broker.url("viewer", "viewer-9", fleet=fleet)
+
+    table = lepton("status", "--broker", viewer, "--fleet", fleet, "--timeout", "5")
+    as_json = lepton("status", "--broker", viewer, "--fleet", fleet, "--timeout", "5", "--json")
+
+    assert table.returncode == 0, table.stderr
+    assert as_json.returncode == 0, as_json.stderr
+    for out in (table.stdout, as_json.stdout):
+        assert not any(ch in out for ch in _UNSAFE), [ch for ch in _UNSAFE if ch in out]
+        assert len(out) < 60_000  # 500 kB of hostile strings are cut, not echoed
+    lines = table.stdout.splitlines()
+    assert lines[0] == f"fleet {fleet}: 6 device(s), 3 online, 1 worker(s)"  # dev-ok, p-nan, p-escape
+    assert max(len(line) for line in lines) < 1000
+    row = next(line for line in lines if line.startswith("dev-ok")).split()
+    assert row[:5] == ["dev-ok", "yes", "v2", "0.500", "(10)"] and row[7] == "7"
+    assert any(line.startswith("p-escape") and "\\x1b[2J" not in line and "\\x1b]0;pwned" in line
+               for line in lines)  # an escape is shown as text, never sent raw
+    body = _strict_json(as_json.stdout)
+    devices = {d["device"]: d for d in body["devices"]}
+    assert set(devices) == {"dev-ok", *POISON_STATUS}
+    assert devices["dev-ok"]["accuracy"] == 0.5 and devices["dev-ok"]["spool_depth"] == 7
+    types = devices["p-types"]
+    assert types["online"] is None and types["model"] is None and types["model_version"] is None
+    assert types["spool_depth"] is None and types["inference_ms_p50"] is None  # "1" is not a number
+    assert types["inference_ms_p99"] is None and types["inferences"] is None and types["swaps"] is None
+    assert types["model_error"] is None and types["model_error_message"] is None and types["last_seen"] is None
+    nan = devices["p-nan"]
+    assert nan["accuracy"] is None and nan["accuracy_samples"] is None and nan["spool_depth"] is None
+    assert nan["model_version"] == 3 and nan["last_seen"] is None
+    huge = devices["p-huge"]
+    assert huge["model_version"] is None and huge["spool_depth"] is None and huge["accuracy"] is None
+    assert huge["last_seen"] is None
+    evil = devices["p-escape"]
+    assert evil["model"].startswith("\\x1b[2J") and "EVIL" in evil["model"]
+    assert "\\u202e" in evil["model_error"] and len(evil["model_error_message"]) <= 500
+    assert devices["p-list"]["model_error"].startswith("EEE") and len(devices["p-list"]["model_error"]) <= 100
+    for d in devices.values():  # the raw reports are kept, but typed and bounded too
+        assert len(json.dumps(d)) < 10_000
+    (w,) = body["workers"]
+    assert w["online"] is None and w["last_seen"] is None and w["summary"]["errors"] == 3
+    assert all(isinstance(v, (int, float, str, bool)) for v in w["summary"].values())
+    assert "queue" not in w["summary"] or w["summary"]["queue"] is None or w["summary"]["queue"] < 2 ** 63
+    assert len(w["summary"]["stored"]) <= 100 and "\\x1b[31mkey" in w["summary"]
+
+
+def test_an_oversized_status_is_ignored_and_counted(amqtt_broker, fleet):
+    topics = Topics(fleet=fleet)
+    url = amqtt_broker.url("device", "dev-big", fleet=fleet)
+    publish_retained(url, [(topics.status("dev-big"), encode_json({"online": True, "pad": "x" * 300_000}))],
+                     "dev-big")
+    result = lepton("status", "--broker", amqtt_broker.url("viewer", "v", fleet=fleet), "--fleet", fleet,
+                    "--json", "--timeout", "3")
+    assert result.returncode == 0, result.stderr
+    body = _strict_json(result.stdout)
+    assert body["devices"] == [] and body["ignored_messages"] == 1

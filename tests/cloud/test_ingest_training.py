@@ -84,7 +84,8 @@ def test_train_command_is_built_from_the_flags(tmp_path):
         train_publish=True,
         train_args=("--epochs", "2"),
     )
-    cmd = IngestWorker(cfg).train_command()
+    worker = IngestWorker(cfg)
+    cmd = worker.train_command()
     assert cmd[1:5] == ["-m", "lepton", "train", "--data"]
     assert cmd[5:] == [
         str(tmp_path),
@@ -93,10 +94,10 @@ def test_train_command_is_built_from_the_flags(tmp_path):
         "--model",
         "m1",
         "--publish",
-        "--broker",
-        "mqtt://w:pw@127.0.0.1:1883",
         "--key",
         "k.pem",
         "--epochs",
         "2",
     ]
+    # the password never goes in argv (world-readable /proc/PID/cmdline): the child reads its environment
+    assert worker.train_environment()["LEPTON_BROKER"] == "mqtt://w:pw@127.0.0.1:1883"
