@@ -120,6 +120,11 @@ class Demo:
         users.update({f"dev-{i}": generate_password() for i in range(self.config.devices)})
         data = self.workdir / "broker"
         write_password_file(data / "passwd", users)
+        from lepton.broker._acl import add_acl_user, role_grants
+
+        for user in users:  # each user its role's topics (the worker also publishes the trained models)
+            add_acl_user(data / "acl", user, role_grants("device" if user.startswith("dev-") else user,
+                                                         self.fleet, user))
         port = free_port()
         self._spawn("broker", ["broker", "--host", "127.0.0.1", "--port", str(port), "--data", str(data)])
         wait_for_port("127.0.0.1", port, timeout=20)
@@ -251,7 +256,9 @@ class _Monitor:
         self.url = BrokerURL.parse(url)
         self.topics = topics
         self.view = view
-        self.client = new_client(self.url, client_id=f"lepton-demo-monitor-{os.getpid()}")
+        # A client id is the username or starts with "username/" (broker/README.md, client identity).
+        name = f"demo-monitor-{os.getpid()}"
+        self.client = new_client(self.url, client_id=f"{self.url.username}/{name}" if self.url.username else name)
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
 

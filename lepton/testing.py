@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 
 from lepton.broker import BrokerSettings, EmbeddedBroker, free_port, write_password_file
+from lepton.broker._acl import ACL_HEADER, role_grants
+from lepton.broker._embedded import MAX_PACKET_SIZE
 
 __all__ = ["AmqttBroker", "MosquittoBroker", "PROJECT_ROOT", "mosquitto_available", "wait_for_port"]
 
@@ -64,21 +66,34 @@ class AmqttBroker:
     kind = "amqtt"
     supports_shared_subscriptions = False
 
-    def __init__(self, *, allow_anonymous: bool = True, workdir: str | Path | None = None) -> None:
+    def __init__(self, *, allow_anonymous: bool = True, workdir: str | Path | None = None,
+                 max_packet_size: int = MAX_PACKET_SIZE) -> None:
         self.host, self.port = "127.0.0.1", free_port()
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="lepton-amqtt-"))
         self.password_file = self.workdir / "passwd"
+        self.acl_file = self.workdir / "acl"
         write_password_file(self.password_file, {})
+        # Anonymous clients are test tools here (amqtt's own behaviour is under test): every topic.
+        self.acl_file.write_text(ACL_HEADER + ("topic readwrite #\n" if allow_anonymous else ""))
         self._creds = _Credentials()
+        self._granted: set[tuple[str, str, str]] = set()
         self._settings = BrokerSettings(host=self.host, port=self.port, password_file=self.password_file,
-                                        allow_anonymous=allow_anonymous)
+                                        acl_file=self.acl_file, allow_anonymous=allow_anonymous,
+                                        max_packet_size=max_packet_size)
         self._broker: EmbeddedBroker | None = None
 
     def url(self, role: str = "worker", name: str = "worker", *, fleet: str = "test") -> str:
-        """Broker URL with credentials for ``name`` (amqtt has no ACL: ``role``/``fleet`` are unused)."""
+        """Credentials for ``name`` with ``role``'s grants in ``fleet`` (the roles of ``broker/lepton.acl``).
+
+        Asking again for the same name with another role or fleet adds those grants (same password).
+        """
         password, created = self._creds.password(name)
         if created:
             write_password_file(self.password_file, {name: password}, append=True)
+        if (name, role, fleet) not in self._granted:
+            self._granted.add((name, role, fleet))
+            with self.acl_file.open("a", encoding="utf-8") as out:  # a second block for a name adds to it
+                out.write(f"\nuser {name}\n" + "".join(g + "\n" for g in role_grants(role, fleet, name)))
         return f"mqtt://{name}:{password}@{self.host}:{self.port}"
 
     def anonymous_url(self) -> str:
@@ -153,16 +168,27 @@ class MosquittoBroker:
 
         Asking again for the same name with another role or fleet adds those grants (same password).
         """
-        password, _ = self._creds.password(name)
+        password, created = self._creds.password(name)
         if (name, role, fleet) not in self._granted:
             self._granted.add((name, role, fleet))
-            env = dict(os.environ, LEPTON_PASSWD_FILE=str(self.password_file),
-                       LEPTON_ACL_FILE=str(self.acl_file))
-            script = str(PROJECT_ROOT / "broker" / "add-user.sh")
-            subprocess.run(["bash", script, role, fleet, name, password], env=env, check=True,
-                           capture_output=True)
+            if created:
+                self._add_user(role, fleet, name, password, self.password_file, self.acl_file)
+            else:
+                # add-user.sh refuses a known name: make the grants on scratch files, append the block.
+                scratch = Path(tempfile.mkdtemp(dir=self.workdir))
+                self._add_user(role, fleet, name, password, scratch / "passwd", scratch / "acl")
+                with self.acl_file.open("a") as out:
+                    out.write((scratch / "acl").read_text())
+                shutil.rmtree(scratch)
             self.reload()
         return f"mqtt://{name}:{password}@{self.host}:{self.port}"
+
+    @staticmethod
+    def _add_user(role: str, fleet: str, name: str, password: str, passwd: Path, acl: Path) -> None:
+        env = dict(os.environ, LEPTON_PASSWD_FILE=str(passwd), LEPTON_ACL_FILE=str(acl))
+        script = str(PROJECT_ROOT / "broker" / "add-user.sh")
+        subprocess.run(["bash", script, role, fleet, name, "-"], env=env, check=True, capture_output=True,
+                       input=password + "\n", text=True)  # the password on stdin, never on a command line
 
     def anonymous_url(self) -> str:
         return f"mqtt://{self.host}:{self.port}"

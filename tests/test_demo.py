@@ -66,7 +66,7 @@ def test_demo_stops_every_child_on_sigint(tmp_path):
 
 
 def test_demo_on_an_external_broker_uses_a_fleet_of_its_own(amqtt_broker, tmp_path):
-    url = amqtt_broker.url("worker", "demo-user")
+    url = amqtt_broker.url("admin", "demo-user")  # the demo needs a user allowed on every topic
     proc = subprocess.run(
         [sys.executable, "-m", "lepton", "demo", "--broker", url, "--devices", "2", "--rate", "40",
          "--duration", "75", "--json", "--workdir", str(tmp_path)],

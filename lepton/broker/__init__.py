@@ -1,8 +1,15 @@
 """The embedded amqtt broker (``pip install lepton[broker]``)."""
 
-from lepton.broker._embedded import BrokerSettings, EmbeddedBroker, amqtt_config, free_port, generate_password
+from lepton.broker._embedded import (
+    MAX_PACKET_SIZE,
+    BrokerSettings,
+    EmbeddedBroker,
+    amqtt_config,
+    free_port,
+    generate_password,
+)
 
-__all__ = ["BrokerSettings", "EmbeddedBroker", "amqtt_config", "free_port", "generate_password",
+__all__ = ["MAX_PACKET_SIZE", "BrokerSettings", "EmbeddedBroker", "amqtt_config", "free_port", "generate_password",
            "write_password_file"]
 
 

@@ -1,18 +1,36 @@
-"""amqtt authentication that keeps named sessions durable.
+"""amqtt plugins of the embedded broker: authentication with client-id binding, and the ACL.
 
 amqtt's own ``AnonymousAuthPlugin`` with ``allow_anonymous`` marks *every* session anonymous, and the
-broker never queues messages for an anonymous session while it is offline. This plugin marks only
-clients without a username anonymous; a named client with a valid password gets a real persistent
-session whose QoS 1 messages are queued while it is away.
+broker never queues messages for an anonymous session while it is offline. :class:`LeptonAuthPlugin`
+marks only clients without a username anonymous; a named client with a valid password gets a real
+persistent session whose QoS 1 messages are queued while it is away. It also
+
+* binds client ids to users: a named client's id is its username or starts with ``username/``, so
+  nobody can take over another client's session (``/`` cannot occur in a user name, so ``cam/x`` can
+  never be claimed by a user ``ca``); an anonymous client may not use any user's id either;
+* checks argon2 hashes in a thread (about 70 ms each), never on the event loop;
+* throttles failed logins per source address and per username (:class:`LoginThrottle`).
+
+:class:`LeptonAclPlugin` applies ``lepton.broker._acl`` rules to every PUBLISH and every delivery.
+Both run on the broker's event loop thread, which owns their state.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from amqtt.plugins.base import BaseAuthPlugin
+from amqtt.contexts import Action
+from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
+
+from lepton.broker._acl import READ, WRITE, Acl, read_acl_file
+
+log = logging.getLogger(__name__)
 
 
 def hash_password(password: str) -> str:
@@ -42,15 +60,72 @@ def write_password_file(path: str | Path, users: dict[str, str], *, append: bool
     path.parent.mkdir(parents=True, exist_ok=True)
     existing = read_password_file(path) if append and path.exists() else {}
     existing.update({u: hash_password(p) for u, p in users.items()})
-    path.touch(mode=0o600)
+    import os
+
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("".join(f"{u}:{h}\n" for u, h in existing.items()), encoding="utf-8")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # never readable by others, not even briefly
+    with os.fdopen(fd, "w", encoding="utf-8") as out:
+        out.write("".join(f"{u}:{h}\n" for u, h in existing.items()))
     tmp.chmod(0o600)
     tmp.replace(path)
 
 
+def client_id_allowed(username: str | None, client_id: str | None, users: set[str] | dict[str, str]) -> bool:
+    """The client-id binding: ``username`` or ``username/...``; anonymous ids outside every user's space.
+
+    An empty id (clean session only; amqtt assigns a random one) is allowed: it cannot name a session.
+    """
+    if not client_id:
+        return True
+    if username:
+        return client_id == username or client_id.startswith(username + "/")
+    return client_id.split("/", 1)[0] not in users
+
+
+class LoginThrottle:
+    """Backoff for failed logins, keyed by source address and by username. No I/O; the clock is passed in.
+
+    ``free`` failures per key cost nothing; each further one blocks the key for ``base * 2**k`` seconds
+    (capped at ``cap``), during which a login is refused without checking its password. A key's count
+    is forgotten ``forget`` seconds after its last failure; at most ``max_keys`` keys are remembered.
+    """
+
+    def __init__(self, *, free: int = 5, base: float = 0.5, cap: float = 60.0, forget: float = 600.0,
+                 max_keys: int = 65536) -> None:
+        self.free, self.base, self.cap, self.forget, self.max_keys = free, base, cap, forget, max_keys
+        self._state: dict[tuple[str, str], tuple[int, float, float]] = {}  # key -> failures, last, until
+
+    def blocked_for(self, keys: list[tuple[str, str]], now: float) -> float:
+        """Seconds the longest-blocked of ``keys`` stays blocked (0: try the password)."""
+        wait = 0.0
+        for key in keys:
+            state = self._state.get(key)
+            if state is not None:
+                if now - state[1] > self.forget:
+                    del self._state[key]
+                else:
+                    wait = max(wait, state[2] - now)
+        return wait
+
+    def failed(self, keys: list[tuple[str, str]], now: float) -> None:
+        for key in keys:
+            failures, last, _ = self._state.pop(key, (0, now, now))
+            if now - last > self.forget:
+                failures = 0
+            failures += 1
+            excess = failures - self.free
+            until = now + min(self.cap, self.base * 2 ** (excess - 1)) if excess > 0 else now
+            self._state[key] = (failures, now, until)
+        while len(self._state) > self.max_keys:  # oldest first (insertion order)
+            del self._state[next(iter(self._state))]
+
+    def succeeded(self, keys: list[tuple[str, str]]) -> None:
+        for key in keys:
+            self._state.pop(key, None)
+
+
 class LeptonAuthPlugin(BaseAuthPlugin):
-    """Password-file authentication; optional anonymous access for clients that send no username."""
+    """Password-file authentication with client-id binding and login throttling; optional anonymous access."""
 
     def __init__(self, context) -> None:  # noqa: ANN001
         super().__init__(context)
@@ -60,38 +135,120 @@ class LeptonAuthPlugin(BaseAuthPlugin):
         self._hasher = PasswordHash((Argon2Hasher(),))
         self._verified: dict[tuple[str, str], bool] = {}  # argon2 costs ~70 ms; reconnect storms repeat it
         self._path = self._get_config_option("password_file", None)
-        self._mtime = -1.0
+        self._mtime = None
         self._users: dict[str, str] = {}
         self._reload()
         self._allow_anonymous = bool(self._get_config_option("allow_anonymous", False))
+        self.max_packet_size = int(self._get_config_option("max_packet_size", 0) or 0)
+        self.throttle = LoginThrottle()
+        self._pending: dict[str, int] = {}  # source address -> password checks running
+        self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="lepton-argon2")
 
     def _reload(self) -> None:
         """Re-read the password file when it changed, so users can be added without a restart."""
         if not self._path:
             return
-        mtime = Path(self._path).stat().st_mtime
+        st = Path(self._path).stat()
+        mtime = (st.st_mtime_ns, st.st_size, st.st_ino)  # timestamps alone are coarser than a quick append
         if mtime != self._mtime:
             self._users, self._mtime = read_password_file(self._path), mtime
             self._verified.clear()
 
     async def authenticate(self, *, session: Session) -> bool | None:
         self._reload()
+        if not client_id_allowed(session.username, session.client_id, self._users):
+            log.warning("refused client id %r for user %r from %s: a client id is the username or starts "
+                        "with 'username/'", session.client_id, session.username, session.remote_address)
+            return False
         if not session.username:
             if self._allow_anonymous:
                 session.is_anonymous = True
                 return True
             return False
-        digest = self._users.get(session.username)
-        if digest is None:
-            return False
         key = (session.username, session.password or "")
+        if self._verified.get(key):
+            return True  # a known good pair passes even while its address is throttled
+        keys = [("addr", str(session.remote_address)), ("user", session.username)]
+        now = time.monotonic()
+        if self.throttle.blocked_for(keys, now) > 0:
+            return False
+        address = str(session.remote_address)
         if key not in self._verified:
+            digest = self._users.get(session.username)
+            if digest is None:
+                self.throttle.failed(keys, now)
+                return False
+            if self._pending.get(address, 0) >= 2:  # one source cannot queue up the hashing threads
+                return False
+            self._pending[address] = self._pending.get(address, 0) + 1
+            try:
+                ok = await asyncio.get_running_loop().run_in_executor(
+                    self._executor, self._hasher.verify, session.password or "", digest)
+            finally:
+                self._pending[address] -= 1
+                if not self._pending[address]:
+                    del self._pending[address]
             if len(self._verified) >= 4096:  # bounded: clients guessing passwords must not grow it forever
                 self._verified.clear()
-            self._verified[key] = self._hasher.verify(session.password or "", digest)
-        return self._verified[key]
+            self._verified[key] = ok
+        if self._verified[key]:
+            self.throttle.succeeded(keys)
+            return True
+        self.throttle.failed(keys, time.monotonic())
+        return False
+
+    async def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
     @dataclass
     class Config:
         password_file: str | Path | None = None
         allow_anonymous: bool = field(default=False)
+        # Largest packet (bytes) a client may send; bigger ones close its connection (0: no limit).
+        max_packet_size: int = 0
+
+
+class LeptonAclPlugin(BaseTopicPlugin):
+    """The ACL (``lepton.broker._acl``): a PUBLISH needs ``write``, every delivery ``read``.
+
+    A SUBSCRIBE is accepted whatever its filter, as Mosquitto does; only readable messages reach it.
+    The file is re-read when it changes.
+    """
+
+    def __init__(self, context) -> None:  # noqa: ANN001
+        super().__init__(context)
+        self._path = self._get_config_option("acl_file", None)
+        self._mtime = None
+        self.acl = Acl()
+        self._reload()
+
+    def _reload(self) -> None:
+        if not self._path:
+            return
+        try:
+            st = Path(self._path).stat()
+        except OSError:
+            self.acl, self._mtime = Acl(), None  # a removed file grants nothing
+            return
+        mtime = (st.st_mtime_ns, st.st_size, st.st_ino)
+        if mtime != self._mtime:
+            self.acl, self._mtime = read_acl_file(self._path), mtime
+
+    def allowed(self, session: Session | None, topic: str, access: str) -> bool:
+        self._reload()
+        if session is None:
+            return False
+        username = None if session.is_anonymous else session.username
+        return self.acl.allowed(username, session.client_id, topic, access)
+
+    async def topic_filtering(self, *, session: Session | None = None, topic: str | None = None,
+                              action: Action | None = None) -> bool:
+        if action == Action.SUBSCRIBE:
+            return True
+        if topic is None:
+            return False
+        return self.allowed(session, topic, WRITE if action == Action.PUBLISH else READ)
+
+    @dataclass
+    class Config:
+        acl_file: str | Path | None = None

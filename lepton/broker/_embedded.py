@@ -14,21 +14,30 @@ from lepton.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
+# Above the device's 1,000,000-byte envelopes and 96 KiB model chunks; the same bound as mosquitto.conf.
+MAX_PACKET_SIZE = 4 * 1024 * 1024
+
 
 @dataclass(frozen=True, kw_only=True)
 class BrokerSettings:
     """Settings of the embedded broker.
 
     ``password_file`` holds ``user:argon2-hash`` lines (see :func:`write_password_file`); named clients
-    authenticate against it and get durable persistent sessions. ``allow_anonymous`` admits clients that
-    send no username (e.g. ``mosquitto_sub`` on a dashboard); amqtt does not queue for those.
+    authenticate against it and get durable persistent sessions. A client's id must be its username or
+    start with ``username/``. ``acl_file`` holds the access rules (``lepton.broker._acl``, the format of
+    ``broker/lepton.acl``); ``None`` lets every client use every topic (tests of amqtt itself only).
+    ``allow_anonymous`` admits clients that send no username (e.g. ``mosquitto_sub`` on a dashboard) with
+    the ACL's anonymous rules; amqtt does not queue for those. ``max_packet_size`` bytes: a client sending
+    a bigger packet is disconnected (0: no limit).
     """
 
     host: str = "127.0.0.1"
     port: int = 1883
     password_file: str | Path | None = None
+    acl_file: str | Path | None = None
     allow_anonymous: bool = False
     max_connections: int = 0
+    max_packet_size: int = MAX_PACKET_SIZE
 
 
 def amqtt_config(settings: BrokerSettings) -> dict:
@@ -36,6 +45,18 @@ def amqtt_config(settings: BrokerSettings) -> dict:
     if settings.password_file is not None and not Path(settings.password_file).is_file():
         raise ConfigError(f"password file {settings.password_file} not found; create it with "
                           "`lepton broker --add-user NAME` or pass --allow-anonymous")
+    if settings.acl_file is not None and not Path(settings.acl_file).is_file():
+        raise ConfigError(f"ACL file {settings.acl_file} not found; create it with "
+                          "`lepton broker --add-user NAME --role ROLE --fleet FLEET`")
+    plugins: dict = {
+        "lepton.broker._auth.LeptonAuthPlugin": {
+            "password_file": str(settings.password_file) if settings.password_file else None,
+            "allow_anonymous": settings.allow_anonymous,
+            "max_packet_size": settings.max_packet_size,
+        },
+    }
+    if settings.acl_file is not None:
+        plugins["lepton.broker._auth.LeptonAclPlugin"] = {"acl_file": str(settings.acl_file)}
     return {
         "listeners": {
             "default": {"type": "tcp", "bind": f"{settings.host}:{settings.port}",
@@ -43,12 +64,7 @@ def amqtt_config(settings: BrokerSettings) -> dict:
         },
         # Sessions of named clients stay until they come back: the worker's queued samples must survive.
         "session_expiry_interval": None,
-        "plugins": {
-            "lepton.broker._auth.LeptonAuthPlugin": {
-                "password_file": str(settings.password_file) if settings.password_file else None,
-                "allow_anonymous": settings.allow_anonymous,
-            },
-        },
+        "plugins": plugins,
     }
 
 
@@ -63,7 +79,7 @@ def generate_password() -> str:
 
 
 class EmbeddedBroker:
-    """amqtt running in a background thread with its own event loop; start/stop from sync code.
+    """amqtt (``lepton.broker._server.LeptonBroker``) in a background thread with its own event loop.
 
     >>> broker = EmbeddedBroker(BrokerSettings(port=free_port(), allow_anonymous=True))  # doctest: +SKIP
     >>> broker.start(); broker.stop()  # doctest: +SKIP
@@ -80,7 +96,7 @@ class EmbeddedBroker:
         return f"mqtt://{self.settings.host}:{self.settings.port}"
 
     def start(self, timeout: float = 15.0) -> None:
-        from amqtt.broker import Broker
+        from lepton.broker._server import LeptonBroker as Broker
 
         config = amqtt_config(self.settings)
         ready = threading.Event()

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import socket
 import sys
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from lepton.broker._acl import ROLES
 from lepton.cli import _exit
 from lepton.errors import ConfigError
 
@@ -27,16 +29,21 @@ Good for development, tests and the demo; in production run Mosquitto with the p
 mosquitto.conf (see broker/README.md).
 
 Named clients authenticate against DIR/passwd (argon2 hashes) and get durable persistent sessions:
-QoS 1 messages are queued while they are offline. On the first start, when DIR/passwd does not exist,
-a user 'lepton' with a random password is created and the ready-to-use URL is printed once.
-Anonymous clients (--allow-anonymous) are admitted but amqtt never queues for them.
+QoS 1 messages are queued while they are offline. A client's id must be its username or start with
+'username/' (nobody takes over another client's session). DIR/acl grants each user its role's topics,
+as broker/lepton.acl does on Mosquitto: device (default; its own topics only), worker, trainer (the
+worker's training child: models only), viewer (read-only), admin (every topic; development).
+On the first start, when DIR/passwd does not exist, an admin user 'lepton' with a random password is
+created and the ready-to-use URL is printed once. Failed logins are throttled per address and user.
+Anonymous clients (--allow-anonymous) get the ACL's anonymous lines; amqtt never queues for them.
 Sessions and retained messages live in memory: a restart of this broker forgets them.
 
 examples:
   lepton broker                                 # 127.0.0.1:1883, credentials in .lepton/broker/passwd
   lepton broker --host 0.0.0.0 --port 1884 --json
-  lepton broker --add-user cam-01               # add a device (username = device id), print its URL, exit
-  lepton broker --add-user trainer:s3cret       # add or update a user with a chosen password
+  lepton broker --add-user cam-01 --fleet demo  # a device (username = device id): print its URL, exit
+  lepton broker --add-user ingest-1 --role worker --fleet demo
+  lepton broker --add-user trainer:s3cret --role trainer --fleet demo   # with a chosen password
   lepton broker --config broker/amqtt.yaml      # your own amqtt configuration
 """
 
@@ -61,8 +68,14 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-anonymous", action="store_true",
                         help="also admit clients without a username (not queued while offline)")
     parser.add_argument("--add-user", metavar="NAME[:PASSWORD]", default=None,
-                        help="add or update a user in DIR/passwd (random password unless given), "
-                        "print its URL and exit")
+                        help="add a user to DIR/passwd and its role's grants to DIR/acl (random password "
+                        "unless given), print its URL and exit")
+    parser.add_argument("--role", choices=ROLES, default="device",
+                        help="role of --add-user (default device; see broker/README.md)")
+    parser.add_argument("--fleet", default=os.environ.get("LEPTON_FLEET"),
+                        help="fleet of --add-user's grants (env LEPTON_FLEET; not for --role admin)")
+    parser.add_argument("--replace", action="store_true",
+                        help="with --add-user: replace an existing user's password and grants")
     parser.add_argument("--config", metavar="FILE", default=None,
                         help="run with this amqtt YAML/JSON configuration instead (see broker/amqtt.yaml)")
     parser.add_argument("--json", action="store_true",
@@ -73,19 +86,30 @@ def register(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from lepton.broker import BrokerSettings, amqtt_config, free_port, generate_password, write_password_file
 
+    from lepton.broker._acl import add_acl_user, read_acl_file, role_grants
+    from lepton.broker._auth import read_password_file
+
     data = Path(args.data).expanduser()
     passwd = (data / "passwd").resolve()
+    acl = (data / "acl").resolve()
     host = args.host or "127.0.0.1"
     port = args.port if args.port is not None else 1883
 
     if args.add_user is not None:
         name, password = _parse_user(args.add_user)
+        if args.role != "admin" and not args.fleet:
+            raise ConfigError(f"--add-user {name} --role {args.role} needs --fleet FLEET (or env LEPTON_FLEET)")
+        grants = role_grants(args.role, args.fleet or "-", name)
+        if passwd.exists() and name in read_password_file(passwd) and not args.replace:
+            raise ConfigError(f"--add-user {name}: the user exists in {passwd}; choose another name, or "
+                              "pass --replace to give it a new password and only the new role")
         password = password or generate_password()
         _ensure_dir(data)
+        add_acl_user(acl, name, grants, replace=args.replace)
         write_password_file(passwd, {name: password}, append=True)
         _report(_url(host, port, name, password), host, port, args.json)
-        print(f"lepton broker: {name} added to {passwd}; a running broker picks it up at the next connect",
-              file=sys.stderr)
+        print(f"lepton broker: {name} ({args.role}) added to {passwd} and {acl}; a running broker picks it "
+              "up at the next connect", file=sys.stderr)
         return _exit.OK
 
     if args.config is not None:
@@ -105,8 +129,14 @@ def run(args: argparse.Namespace) -> int:
         if not passwd.exists():
             user = (DEFAULT_USER, generate_password())
             _ensure_dir(data)
+            if not acl.exists() or DEFAULT_USER not in read_acl_file(acl).users:
+                add_acl_user(acl, DEFAULT_USER, role_grants("admin", "-", DEFAULT_USER))
             write_password_file(passwd, {user[0]: user[1]})
-        config = amqtt_config(BrokerSettings(host=host, port=port, password_file=passwd,
+        if not acl.exists():
+            raise ConfigError(f"{acl} not found: the embedded broker now needs an ACL; grant each user its "
+                              "role with `lepton broker --add-user NAME --role ROLE --fleet FLEET --replace`")
+        read_acl_file(acl)  # a broken line is one error here, not a traceback in the broker
+        config = amqtt_config(BrokerSettings(host=host, port=port, password_file=passwd, acl_file=acl,
                                              allow_anonymous=args.allow_anonymous))
     _check_port_free(host, port)
 
@@ -130,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _serve(config: dict[str, Any], ready, where: str) -> None:  # noqa: ANN001
-    from amqtt.broker import Broker
+    from lepton.broker._server import LeptonBroker as Broker
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

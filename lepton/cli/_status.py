@@ -375,7 +375,8 @@ def collect(url: str, fleet: str, *, timeout: float = 3.0, quiet: float = 0.3, p
     view = FleetView(fleet=fleet)
     subscribed = threading.Event()
     filters = [(topics.all_status(), 1), (topics.all_devices("telemetry"), 0)]
-    client = new_client(broker, client_id=f"lepton-status-{uuid.uuid4().hex[:10]}")
+    name = f"lepton-status-{uuid.uuid4().hex[:10]}"  # the username or "username/..." (client-id binding)
+    client = new_client(broker, client_id=f"{broker.username}/{name}" if broker.username else name)
 
     def on_connect(c, userdata, flags, reason_code, properties):  # noqa: ANN001
         if not reason_code.is_failure:

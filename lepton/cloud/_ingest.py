@@ -227,7 +227,8 @@ class IngestWorker:
         cfg = self.config
         client = new_client(
             self.url,
-            client_id=f"lepton-worker-{cfg.fleet}-{cfg.name}",
+            # "username/...": the client-id binding (broker/README.md); Mosquitto uses the username itself.
+            client_id=(f"{self.url.username}/" if self.url.username else "") + f"lepton-worker-{cfg.fleet}-{cfg.name}",
             clean_session=False,
             manual_ack=True,
             max_inflight=max(20, cfg.max_pending),

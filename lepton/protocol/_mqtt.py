@@ -196,7 +196,13 @@ def new_client(
     max_queued: int = 0,
     ca_certs: str | None = None,
 ) -> mqtt.Client:
-    """A paho 2.x client (MQTT 3.1.1, callback API v2) configured for ``url``; not yet connected."""
+    """A paho 2.x client (MQTT 3.1.1, callback API v2) configured for ``url``; not yet connected.
+
+    Brokers bind client ids to users (broker/README.md): an id other than the username goes under it,
+    ``username/client_id``.
+    """
+    if url.username and client_id and client_id != url.username and not client_id.startswith(url.username + "/"):
+        client_id = f"{url.username}/{client_id}"
     client = mqtt.Client(
         callback_api_version=CallbackAPIVersion.VERSION2,
         client_id=client_id,

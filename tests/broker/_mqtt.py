@@ -18,14 +18,21 @@ class Inbox:
 
     def __init__(self, url: str, *, client_id: str | None = None, clean_session: bool = True) -> None:
         self.url = BrokerURL.parse(url)
-        self.client_id = client_id or f"t-{uuid.uuid4().hex[:12]}"
+        # Brokers bind client ids to users: the username itself or "username/..." (broker/README.md).
+        random_id = f"t-{uuid.uuid4().hex[:12]}"
+        self.client_id = client_id or (f"{self.url.username}/{random_id}" if self.url.username else random_id)
         self.client = new_client(self.url, client_id=self.client_id, clean_session=clean_session)
         self.messages: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
         self._subacks: dict[int, list] = {}
         self._suback = threading.Condition()
         self.client.on_message = lambda client, userdata, message: self.messages.put(message)
+        self.disconnects = 0  # a kicked client sees one (paho then reconnects on its own)
+        self.client.on_disconnect = self._on_disconnect
         self.client.on_subscribe = self._on_subscribe
         connect(self.client, self.url)
+
+    def _on_disconnect(self, *args: object) -> None:
+        self.disconnects += 1
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:  # noqa: ANN001
         with self._suback:

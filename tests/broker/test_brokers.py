@@ -20,7 +20,7 @@ from tests.broker._mqtt import WAIT, Inbox
 def raw_paho_publish(url: str, topic: str, payload: bytes) -> None:
     """Publish with plain paho, no Lepton helper: what any third-party MQTT client would do."""
     parsed = BrokerURL.parse(url)
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"raw-{uuid.uuid4().hex[:8]}",
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"{parsed.username}/raw-{uuid.uuid4().hex[:8]}",
                          protocol=mqtt.MQTTv311)
     client.username_pw_set(parsed.username, parsed.password)
     connected: queue.Queue = queue.Queue()

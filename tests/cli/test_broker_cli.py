@@ -118,7 +118,7 @@ def test_sigterm_stops_the_broker_with_exit_code_zero(run_broker):
 def test_added_users_connect_and_wrong_passwords_are_refused(run_broker, tmp_path, fleet):
     data = str(tmp_path / "state")
     added = subprocess.run([sys.executable, "-m", "lepton", "broker", "--data", data, "--add-user",
-                            "cam-7:p@ss:word", "--json"], capture_output=True, text=True, timeout=60)
+                            "cam-7:p@ss:word", "--role", "admin", "--json"], capture_output=True, text=True, timeout=60)
     assert added.returncode == 0, added.stderr
     user_url = json.loads(added.stdout)["url"]
     assert BrokerURL.parse(user_url).password == "p@ss:word"
@@ -137,11 +137,17 @@ def test_added_users_connect_and_wrong_passwords_are_refused(run_broker, tmp_pat
     assert broker.interrupt()[0] == 0
 
 
-def test_allow_anonymous_admits_clients_without_a_username(run_broker, fleet):
+def test_allow_anonymous_admits_clients_without_a_username_with_the_acls_anonymous_lines(run_broker, tmp_path,
+                                                                                         fleet):
+    acl = tmp_path / ".lepton" / "broker" / "acl"
+    acl.parent.mkdir(parents=True)
+    acl.write_text(f"topic readwrite lepton/{fleet}/devices/cam-1/telemetry\n")  # before any user: anonymous
     broker = run_broker("--port", "0", "--allow-anonymous", "--json")
     port = json.loads(broker.first_line())["port"]
 
     assert round_trip(f"mqtt://127.0.0.1:{port}", fleet) == b'{"v":1}'
+    with pytest.raises(AssertionError, match="nothing arrived"):  # and nothing beyond those lines
+        round_trip(f"mqtt://127.0.0.1:{port}", f"{fleet}x")
     assert broker.interrupt()[0] == 0
 
 
@@ -182,9 +188,9 @@ def test_the_documented_amqtt_yaml_is_a_valid_config(run_broker, tmp_path, fleet
 
     port = free_port()
     text = (PROJECT_ROOT / "broker" / "amqtt.yaml").read_text()
-    assert "127.0.0.1:1883" in text and ".lepton/broker/passwd" in text
+    assert "127.0.0.1:1883" in text and ".lepton/broker/passwd" in text and ".lepton/broker/acl" in text
     (tmp_path / "amqtt.yaml").write_text(text.replace("127.0.0.1:1883", f"127.0.0.1:{port}"))
-    added = subprocess.run([sys.executable, "-m", "lepton", "broker", "--add-user", "w1:pw", "--json"],
+    added = subprocess.run([sys.executable, "-m", "lepton", "broker", "--add-user", "w1:pw", "--role", "admin", "--json"],
                            cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert added.returncode == 0, added.stderr
 
