@@ -184,6 +184,7 @@ class ModelRuntime:
         max_orphan_bytes: int = 32 * 1024 * 1024,
         max_orphan_chunks: int = 1024,
         max_orphan_versions: int = 2,
+        max_inbox_bytes: int = 64 * 1024 * 1024,
         orphan_ttl: float = 60.0,
         refetch_after: float = 3.0,
         reconnect_quiet: float = 2.0,
@@ -203,6 +204,7 @@ class ModelRuntime:
         self.max_orphan_bytes = int(max_orphan_bytes)
         self.max_orphan_chunks = int(max_orphan_chunks)
         self.max_orphan_versions = int(max_orphan_versions)
+        self.max_inbox_bytes = int(max_inbox_bytes)
         self.orphan_ttl = float(orphan_ttl)
         self.refetch_after = float(refetch_after)
         self.reconnect_quiet = float(reconnect_quiet)
@@ -212,6 +214,9 @@ class ModelRuntime:
 
         self._current: _Loaded | None = None  # THE swap point: assigned whole, read once per predict
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._inbox_lock = threading.Lock()
+        self._inbox_bytes = 0  # payload bytes queued for the worker
+        self._inbox_dropped = 0
         # Owned by the worker thread (others only read the ints, for reports):
         self._pending: _Assembly | None = None
         self._orphans: dict[int, _Orphans] = {}
@@ -290,6 +295,11 @@ class ModelRuntime:
             except TypeError:
                 log.warning("model runtime: ignoring a non-bytes payload on %s", topic)
                 return True
+            with self._inbox_lock:  # the queue is unverified input too: bounded in bytes
+                if self._inbox_bytes + len(data) > self.max_inbox_bytes:
+                    self._inbox_dropped += 1  # fetched again by a re-subscription if it was genuine
+                    return True
+                self._inbox_bytes += len(data)
             self._inbox.put((parsed, data, time.monotonic(), time.time()))
         return True
 
@@ -449,6 +459,8 @@ class ModelRuntime:
             "model_orphan_versions": len(self._orphans),
             "model_orphans_dropped": self._orphans_dropped,
             "model_refetches": self._refetches,
+            "model_inbox_bytes": self._inbox_bytes,
+            "model_inbox_dropped": self._inbox_dropped,
         }
 
     def _pending_summary(self) -> dict[str, Any] | None:
@@ -471,6 +483,8 @@ class ModelRuntime:
             try:
                 if item:
                     parsed, payload, mono, wall = item
+                    with self._inbox_lock:
+                        self._inbox_bytes -= len(payload)
                     if parsed.channel == "model":
                         self._on_manifest(payload, mono, wall)
                     else:

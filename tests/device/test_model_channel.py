@@ -280,3 +280,24 @@ def test_an_offline_persistent_device_downloads_only_the_current_version(broker,
     assert 1_900_000 < one_version < 2_300_000
     assert received <= 1.2 * one_version, f"{received} bytes on reconnect for a {one_version}-byte model"
     assert runtime.predict(PROBE).index == reference(weights[6])
+
+
+def test_the_runtime_queue_is_bounded_while_its_thread_is_busy(tmp_path, keys, fleet):
+    private, public, other, _ = keys
+    topics = Topics(fleet=fleet)
+    runtime = make_runtime(fleet, tmp_path, public, max_inbox_bytes=1024 * 1024)
+    try:
+        with runtime._stats_lock:  # the worker blocks on it while it reports the forged manifest below
+            runtime.handle_message(topics.model(MODEL), forged_manifests(fleet, private, other)[0][1], True)
+            wait_for(lambda: runtime._inbox.empty(), what="the worker holding the forged manifest")
+            for i in range(100):  # 6.4 MiB of chunks arrive while the worker is stuck
+                runtime.handle_message(topics.model_chunk(MODEL, 5, i), b"z" * 65536, True)
+            held = runtime.buffers()
+        wait_for(lambda: runtime.buffers()["model_inbox_bytes"] == 0, what="the queue drained")
+        feed(runtime, messages(topics, 1, *package(fleet, 1, make_onnx(99), private)))
+        wait_for(lambda: runtime.version == 1, what="v1 once the worker runs again")
+    finally:
+        runtime.close()
+
+    assert held["model_inbox_bytes"] <= 1024 * 1024
+    assert held["model_inbox_dropped"] >= 100 - 1024 * 1024 // 65536
