@@ -1,0 +1,81 @@
+"""The embedded broker under a flood of bad passwords: argon2 runs off the event loop and failed logins
+are throttled, so other clients' round trips stay short (it went from 1 ms to 2 s)."""
+
+from __future__ import annotations
+
+import socket
+import statistics
+import struct
+import threading
+import time
+import uuid
+
+from lepton.protocol import Topics
+from tests.broker._mqtt import Inbox
+
+
+def _field(text: str) -> bytes:
+    data = text.encode()
+    return struct.pack("!H", len(data)) + data
+
+
+def connect_packet(client_id: str, username: str, password: str) -> bytes:
+    body = _field("MQTT") + bytes([4, 0xC2]) + struct.pack("!H", 60)  # 3.1.1, user+password+clean
+    body += _field(client_id) + _field(username) + _field(password)
+    length, encoded = len(body), bytearray()
+    while True:
+        byte, length = length % 128, length // 128
+        encoded.append(byte | (0x80 if length else 0))
+        if not length:
+            break
+    return bytes([0x10]) + bytes(encoded) + body
+
+
+def flood(host: str, port: int, username: str, stop: threading.Event, results: list[int]) -> None:
+    """CONNECT with a new wrong password each time, as fast as the broker answers."""
+    while not stop.is_set():
+        try:
+            with socket.create_connection((host, port), timeout=5) as s:
+                s.sendall(connect_packet(username, username, uuid.uuid4().hex))
+                reply = s.recv(4)
+                results.append(reply[3] if len(reply) == 4 else -1)
+        except OSError:
+            results.append(-2)
+
+
+def round_trips(inbox: Inbox, topic: str, n: int) -> list[float]:
+    out = []
+    for i in range(n):
+        started = time.monotonic()
+        inbox.client.publish(topic, str(i).encode(), qos=1)
+        assert inbox.get().payload == str(i).encode()
+        out.append(time.monotonic() - started)
+    return out
+
+
+def test_a_bad_password_flood_does_not_slow_down_other_clients(amqtt_broker, fleet):
+    topics = Topics(fleet=fleet)
+    topic = topics.worker_status("ingest-1")
+    amqtt_broker.url("device", "cam-a", fleet=fleet)  # the flood guesses this device's password
+    with Inbox(amqtt_broker.url("worker", "ingest-1", fleet=fleet)) as worker:
+        assert worker.subscribe(topic)
+        round_trips(worker, topic, 5)  # warm up
+        baseline = round_trips(worker, topic, 30)
+
+        stop, results = threading.Event(), []
+        threads = [threading.Thread(target=flood, args=(amqtt_broker.host, amqtt_broker.port, "cam-a", stop,
+                                                        results), daemon=True) for _ in range(8)]
+        for t in threads:
+            t.start()
+        time.sleep(1.0)  # the flood is in full swing
+        try:
+            during = round_trips(worker, topic, 30)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(10)
+
+    assert len(results) >= 50, results                    # the flood really ran
+    assert 0 not in results                                # and no guess got in
+    assert max(during) < 0.5, (statistics.median(baseline), sorted(during)[-5:])
+    assert statistics.median(during) < statistics.median(baseline) + 0.1
