@@ -141,7 +141,7 @@ class LeptonAuthPlugin(BaseAuthPlugin):
         self._allow_anonymous = bool(self._get_config_option("allow_anonymous", False))
         self.max_packet_size = int(self._get_config_option("max_packet_size", 0) or 0)
         self.throttle = LoginThrottle()
-        self._pending: dict[str, int] = {}  # source address -> password checks running
+        self._pending: dict[str, list] = {}  # source address -> [Semaphore, clients using it]
         self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="lepton-argon2")
 
     def _reload(self) -> None:
@@ -178,15 +178,19 @@ class LeptonAuthPlugin(BaseAuthPlugin):
             if digest is None:
                 self.throttle.failed(keys, now)
                 return False
-            if self._pending.get(address, 0) >= 2:  # one source cannot queue up the hashing threads
-                return False
-            self._pending[address] = self._pending.get(address, 0) + 1
+            # At most two checks per source run at once; more wait their turn (never refused: a demo
+            # or a fleet behind one NAT connects many clients at the same moment).
+            slot = self._pending.setdefault(address, [asyncio.Semaphore(2), 0])
+            slot[1] += 1
             try:
-                ok = await asyncio.get_running_loop().run_in_executor(
-                    self._executor, self._hasher.verify, session.password or "", digest)
+                async with slot[0]:
+                    if self.throttle.blocked_for(keys, time.monotonic()) > 0:
+                        return False  # blocked while this one waited
+                    ok = await asyncio.get_running_loop().run_in_executor(
+                        self._executor, self._hasher.verify, session.password or "", digest)
             finally:
-                self._pending[address] -= 1
-                if not self._pending[address]:
+                slot[1] -= 1
+                if not slot[1]:
                     del self._pending[address]
             if len(self._verified) >= 4096:  # bounded: clients guessing passwords must not grow it forever
                 self._verified.clear()

@@ -223,7 +223,8 @@ def test_fuzzed_payloads_are_dead_lettered_and_quarantined(mosquitto_broker, fle
     watch.on_message = lambda c, u, m: reports.append(decode_json(m.payload))
     connect(watch, viewer)
     proc = start_worker_process(worker_url, fleet, tmp_path, name="w1")
-    wait_status(viewer_url, fleet, "w1", lambda s: s.get("online") is True)  # subscribed: nothing is lost
+    # A user of its own: mosquitto.conf binds client ids to usernames, so a second v1 would kick `watch`.
+    wait_status(mosquitto_broker.url("viewer", "v2", fleet=fleet), fleet, "w1", lambda s: s.get("online") is True)
     pub = ResendPublisher(
         mosquitto_broker.url("device", "cam-1", fleet=fleet), fleet, "cam-1", total=10_000, per_message=100
     )
