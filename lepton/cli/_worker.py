@@ -32,7 +32,9 @@ Runs until SIGINT/SIGTERM, then writes what it received and exits 0.
 environment: LEPTON_BROKER, LEPTON_FLEET, LEPTON_DATA provide defaults for --broker, --fleet, --data.
 The broker password comes from --password-file PATH (mode 0600), $LEPTON_PASSWORD or $LEPTON_BROKER;
 a password written in --broker works but is visible to every local user. The training child gets
-the broker URL in its environment ($LEPTON_BROKER), never on its command line.
+the broker URL in its environment ($LEPTON_BROKER), never on its command line; give it a user of its
+own with --train-broker mqtt://trainer@host:1883 --train-password-file PATH (the shipped mosquitto.conf
+binds client ids to users, so a child with the worker's user would kick the worker off).
 
 examples:
   lepton worker --broker mqtt://w1@localhost:1883 --password-file w1.pw --fleet f1 --data ./data
@@ -102,6 +104,19 @@ def register(parser: argparse.ArgumentParser) -> None:
         help="pass --publish to lepton train (the broker URL goes in its environment)",
     )
     parser.add_argument(
+        "--train-broker",
+        default=None,
+        metavar="URL",
+        help="the training child's broker user, e.g. mqtt://trainer@host:1883 (env LEPTON_TRAIN_BROKER; "
+        "default: the worker's own, which brokers binding client ids to users let it kick the worker with)",
+    )
+    parser.add_argument(
+        "--train-password-file",
+        default=None,
+        metavar="PATH",
+        help="the --train-broker password (mode 0600; or a whole URL in LEPTON_TRAIN_BROKER)",
+    )
+    parser.add_argument(
         "--train-arg",
         action="append",
         default=[],
@@ -135,6 +150,20 @@ def run(args: argparse.Namespace) -> int:
     from lepton.errors import ConfigError
 
     broker = _credentials.broker_url(args, "worker")
+    train_broker = None
+    if (args.train_broker or args.train_password_file) and not args.train_publish:
+        raise ConfigError("--train-broker and --train-password-file need --train-publish")
+    if args.train_publish:
+        from lepton.protocol import resolve_broker
+
+        resolved = resolve_broker(args.train_broker, password_file=args.train_password_file,
+                                  environ={"LEPTON_BROKER": os.environ.get("LEPTON_TRAIN_BROKER", "")})
+        if resolved is None and args.train_password_file:
+            raise ConfigError("--train-password-file needs --train-broker URL (or LEPTON_TRAIN_BROKER)")
+        if resolved is not None and resolved.warning:
+            print(f"lepton worker: warning: {resolved.warning.replace('--broker', '--train-broker')}",
+                  file=sys.stderr)
+        train_broker = resolved.url.secret_url() if resolved is not None else None
     for flag in ("fleet", "data"):
         if not getattr(args, flag):
             raise ConfigError(f"--{flag} is required (or set LEPTON_{flag.upper()})")
@@ -153,6 +182,7 @@ def run(args: argparse.Namespace) -> int:
         model=args.model,
         key=args.key,
         train_publish=args.train_publish,
+        train_broker=train_broker,
         train_args=tuple(args.train_arg),
         max_payload_bytes=args.max_payload_kb * 1024,
         max_queue_bytes=args.max_queue_mb * 1024 * 1024,

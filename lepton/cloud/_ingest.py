@@ -106,6 +106,10 @@ class WorkerConfig:
     model: str | None = None
     key: str | None = None
     train_publish: bool = False
+    #: the training child's broker URL (with password) when it publishes; default ``broker``. Give it a
+    #: user of its own (role trainer): brokers that bind client ids to users (mosquitto.conf
+    #: use_username_as_clientid) would let a child with the worker's user kick the worker off.
+    train_broker: str | None = None
     train_args: tuple[str, ...] = ()
     #: replaces ``python -m lepton train ...`` entirely (tests, custom trainers).
     train_command: tuple[str, ...] | None = None
@@ -116,6 +120,8 @@ class WorkerConfig:
         if self.group is not None:
             validate_id(self.group, kind="group")
         BrokerURL.parse(self.broker)
+        if self.train_broker is not None:
+            BrokerURL.parse(self.train_broker)
         if self.batch < 1 or self.max_pending < 1 or self.batch_ms < 0:
             raise ConfigError("--batch and --max-pending must be >= 1 and --batch-ms >= 0")
         if self.max_payload_bytes < 1024 or self.max_queue_bytes < self.max_payload_bytes:
@@ -675,9 +681,11 @@ class IngestWorker:
         when it publishes, no broker credentials otherwise; never any of it in argv (/proc/PID/cmdline)."""
         from lepton.protocol._mqtt import ENV_BROKER, child_environment
 
-        if self.config.train_publish:
-            return child_environment(self.url, os.environ)
-        return {k: v for k, v in child_environment(self.url, os.environ).items() if k != ENV_BROKER}
+        cfg = self.config
+        url = BrokerURL.parse(cfg.train_broker) if cfg.train_broker else self.url
+        if cfg.train_publish:
+            return child_environment(url, os.environ)
+        return {k: v for k, v in child_environment(url, os.environ).items() if k != ENV_BROKER}
 
     def _poll_training(self) -> None:
         cfg = self.config

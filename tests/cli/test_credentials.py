@@ -194,11 +194,15 @@ def test_worker_device_and_training_child_keep_passwords_off_their_command_lines
     private, public = generate_keypair(tmp_path / "keys")
     worker_bare, worker_pw = split(broker.url("worker", "w1", fleet=fleet))
     device_bare, device_pw = split(broker.url("device", "dev-1", fleet=fleet))
+    # the training child has a user of its own (client ids are bound to users): its password too
+    trainer_bare, trainer_pw = split(broker.url("trainer", "t1", fleet=fleet))
+    worker_file = password_file(tmp_path / "w.pw", worker_pw)
     worker = subprocess.Popen(
-        [*CLI, "worker", "--broker", worker_bare, "--password-file", str(password_file(tmp_path / "w.pw", worker_pw)),
+        [*CLI, "worker", "--broker", worker_bare, "--password-file", str(worker_file),
          "--fleet", fleet, "--data", str(tmp_path / "data"), "--name", "w1", "--batch-ms", "20",
          "--train-every", "150", "--model", "m1", "--key", str(private), "--train-publish",
-         "--train-arg=--epochs=2", "--train-arg=--quiet", "--quiet"],
+         "--train-arg=--epochs=2", "--train-arg=--quiet", "--quiet", "--train-broker", trainer_bare,
+         "--train-password-file", str(password_file(tmp_path / "t.pw", trainer_pw))],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_env())
     device = None
     try:
@@ -229,11 +233,11 @@ def test_worker_device_and_training_child_keep_passwords_off_their_command_lines
     assert child_env, f"no `lepton train` child seen; processes: {seen}"
     train_lines = [line for line in seen.values() if " train " in line]
     assert train_lines and all("--publish" in line and "--broker" not in line for line in train_lines)
-    assert BrokerURL.parse(child_env["LEPTON_BROKER"]).password == worker_pw
+    assert BrokerURL.parse(child_env["LEPTON_BROKER"]).password == trainer_pw
     assert "LEPTON_PASSWORD" not in child_env and "LEPTON_PASSWORD_FILE" not in child_env
     assert len(seen) >= 3  # worker, device, training child (at least)
     for pid, line in seen.items():
-        assert worker_pw not in line and device_pw not in line, (pid, line)
+        assert worker_pw not in line and device_pw not in line and trainer_pw not in line, (pid, line)
     # ...and with those credentials it published the model it trained
     deadline = time.monotonic() + 240
     while any(cmdline(pid) for pid in children) and time.monotonic() < deadline:

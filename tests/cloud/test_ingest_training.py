@@ -44,6 +44,8 @@ def test_train_every_starts_real_training_and_publishes(mosquitto_broker, fleet,
             model="m1",
             key=str(private),
             train_publish=True,
+            # a user of its own: mosquitto.conf binds client ids to usernames (use_username_as_clientid)
+            train_broker=mosquitto_broker.url("trainer", "t1", fleet=fleet),
             train_args=("--epochs", "3", "--quiet"),
         )
     )
@@ -101,3 +103,6 @@ def test_train_command_is_built_from_the_flags(tmp_path):
     ]
     # the password never goes in argv (world-readable /proc/PID/cmdline): the child reads its environment
     assert worker.train_environment()["LEPTON_BROKER"] == "mqtt://w:pw@127.0.0.1:1883"
+    own = IngestWorker(WorkerConfig(**{**cfg.__dict__, "train_broker": "mqtt://t1:tp@127.0.0.1:1883"}))
+    assert own.train_environment()["LEPTON_BROKER"] == "mqtt://t1:tp@127.0.0.1:1883"
+    assert "t1" not in " ".join(own.train_command())
