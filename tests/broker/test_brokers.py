@@ -248,11 +248,22 @@ def test_mosquitto_queues_for_a_persistent_session_across_a_restart(mosquitto_br
 def test_amqtt_does_not_queue_for_an_anonymous_persistent_session(amqtt_broker, fleet):
     """amqtt 0.12 keeps no offline queue for anonymous sessions, even with clean_session=False.
 
-    What it does instead: it keeps the session's subscription (the control message published after the
-    reconnect arrives) but drops whatever was published while the anonymous client was away. This is
-    why the embedded broker authenticates named clients with a password file.
+    It even drops a disconnected anonymous session (and its subscriptions) within a second, so the
+    subscriber subscribes again when it is back: the control published then arrives, nothing that was
+    published while it was away does. This is why the embedded broker authenticates named clients.
     """
-    received = _publish_while_away(amqtt_broker, fleet, amqtt_broker.anonymous_url(), "anon-1", count=5)
+    topics = Topics(fleet=fleet)
+    url = amqtt_broker.anonymous_url()
+    with Inbox(url, client_id="anon-1", clean_session=False) as subscriber:
+        assert subscriber.subscribe(topics.all_devices("samples"))
+    with Inbox(amqtt_broker.url("device", "cam-a", fleet=fleet), client_id="cam-a") as device:
+        for seq in range(5):
+            device.publish(topics.samples("cam-a"), f"offline-{seq}".encode())
+    with Inbox(url, client_id="anon-1", clean_session=False) as subscriber:
+        assert subscriber.subscribe(topics.all_devices("samples"))
+        with Inbox(amqtt_broker.url("device", "cam-ctl", fleet=fleet), client_id="cam-ctl") as device:
+            device.publish(topics.samples("cam-ctl"), b"control")
+        received = [m.payload for m in subscriber.until(topics.samples("cam-ctl"))]
 
     assert received == [b"control"]
 
