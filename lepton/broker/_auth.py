@@ -223,12 +223,21 @@ class LeptonAclPlugin(BaseTopicPlugin):
         super().__init__(context)
         self._path = self._get_config_option("acl_file", None)
         self._mtime = None
+        self._checked = -1e9
         self.acl = Acl()
         self._reload()
 
-    def _reload(self) -> None:
+    def _reload(self, *, force: bool = False) -> None:
+        # Per message and subscriber the file is looked at at most once a second (a stat per delivery
+        # slowed amqtt's processing of PUBACKed messages enough that a burst from a client that
+        # disconnects right after was cut short: amqtt drops what it has not processed then). Every
+        # CONNECT and SUBSCRIBE looks at it (force), so a user added a moment ago has its grants.
         if not self._path:
             return
+        now = time.monotonic()
+        if not force and now - self._checked < 1.0:
+            return
+        self._checked = now
         try:
             st = Path(self._path).stat()
         except OSError:
@@ -248,6 +257,7 @@ class LeptonAclPlugin(BaseTopicPlugin):
     async def topic_filtering(self, *, session: Session | None = None, topic: str | None = None,
                               action: Action | None = None) -> bool:
         if action == Action.SUBSCRIBE:
+            self._reload(force=True)
             return True
         if topic is None:
             return False

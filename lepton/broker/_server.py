@@ -108,6 +108,9 @@ class LeptonBroker(Broker):
         else:
             client_session.parent = 0
         client_session.lepton_authenticated = True
+        acl = self._plugin(LeptonAclPlugin)
+        if acl is not None:
+            acl._reload(force=True)  # noqa: SLF001 - grants of a user added a moment ago
 
         delay = self.config.get("timeout-disconnect-delay", 0)
         if client_session.keep_alive > 0 and isinstance(delay, int):
