@@ -35,9 +35,29 @@ def device_cmd(url: str, fleet: str, device: str, spool, *extra: str) -> list[st
     ]
 
 
+def password_off_argv(args) -> tuple[list[str], dict[str, str]]:  # noqa: ANN001
+    """The --broker URL without its password, and an environment carrying it ($LEPTON_PASSWORD): what
+    users should do (a password in argv is readable in /proc and earns a warning line)."""
+    from lepton.protocol import BrokerURL
+
+    args, env = list(args), dict(os.environ)
+    for i, arg in enumerate(args[:-1]):
+        if arg == "--broker" and "://" in args[i + 1]:
+            try:
+                url = BrokerURL.parse(args[i + 1])
+            except ValueError:
+                continue
+            if url.password:
+                env["LEPTON_PASSWORD"] = url.password
+                args[i + 1] = str(url)  # str() never shows the password
+    return args, env
+
+
 def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    args, env = password_off_argv(args)
     return subprocess.run(
-        [sys.executable, "-m", "lepton", "device", *args], capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "lepton", "device", *args], capture_output=True, text=True, timeout=timeout,
+        env=env,
     )
 
 

@@ -14,6 +14,7 @@ import pytest
 
 from lepton.cli import _exit
 from lepton.testing import MosquittoBroker
+from tests.device.test_faults import password_off_argv
 from tests.device._acker import Acker
 
 
@@ -80,8 +81,7 @@ def test_device_over_mqtts_with_a_private_ca(fleet, tmp_path, require_mosquitto)
         tls = "mqtts" + plain[len("mqtt") :].rsplit(":", 1)[0] + f":{port}"
 
         def device(*args: str) -> subprocess.CompletedProcess:
-            return subprocess.run(
-                [
+            argv, env = password_off_argv([
                     sys.executable,
                     "-m",
                     "lepton",
@@ -97,7 +97,10 @@ def test_device_over_mqtts_with_a_private_ca(fleet, tmp_path, require_mosquitto)
                     "--spool",
                     str(tmp_path / "s"),
                     *args,
-                ],
+            ])
+            return subprocess.run(
+                argv,
+                env=env,
                 capture_output=True,
                 text=True,
                 timeout=60,
