@@ -14,6 +14,11 @@ $LEPTON_BROKER; one written in --broker works but every local user can read it i
 
 --once runs one check and exits: 0 published (or nothing to do), 5 gate refused, 1 failed.
 Failures never stop the loop: it logs them and tries again at the next interval.
+
+Give it a validation set devices cannot write (--val-data, --trusted-devices): without one the gate
+is judged on the fleet's own split and every round logs that it is untrusted. Each device's share of
+the training set is capped (--max-device-share), and every version stays on the deployed version's
+pipeline (a version that cannot be compared with it is refused; this loop never forces one).
 """
 
 from __future__ import annotations
@@ -79,17 +84,25 @@ def check_and_train(args: argparse.Namespace) -> int:
         broker=args.broker,
         key=args.key,
         tolerance_points=args.tolerance,
+        val_data=args.val_data,
+        trusted_devices=tuple(d.strip() for d in (args.trusted_devices or "").split(",") if d.strip()),
+        max_device_share=args.max_device_share,
     )
     result = train(config)
     gate = result.report["gate"]
+    validation = result.report.get("validation", {})
     log.info(
-        "%s v%d: %s (val accuracy %.4f; %s)",
+        "%s v%d: %s (val accuracy %.4f on %s, %s samples; %s)",
         args.model,
         result.version.version,
         result.status,
         gate["new_accuracy"],
+        validation.get("source"),
+        validation.get("samples"),
         gate["reason"],
     )
+    if not validation.get("trusted"):
+        log.warning("%s", validation.get("warning"))
     return 5 if result.status == "refused" else 0
 
 
@@ -105,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--key", type=Path, default=None)
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--tolerance", type=float, default=1.0, help="gate tolerance in accuracy points")
+    p.add_argument("--val-data", type=Path, default=None, help="trusted validation set (Parquet file/folder)")
+    p.add_argument("--trusted-devices", default=None, metavar="ID,ID", help="devices whose samples validate")
+    p.add_argument("--max-device-share", type=float, default=0.34, help="cap on one device's training share")
     p.add_argument("--min-new", type=int, default=200, help="new labelled samples that trigger a retrain")
     p.add_argument("--interval", type=float, default=600.0, help="seconds between checks")
     p.add_argument("--once", action="store_true", help="check (and train) once, then exit")

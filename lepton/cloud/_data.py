@@ -15,8 +15,9 @@ labelled by a person) and/or the validation side of ``trusted_devices``. Without
 fleet's own split (``trusted: false`` in the report): a device that sends wrong labels then poisons
 the yardstick as well as the training data.
 
-No device dominates: each device keeps at most ``max_device_share`` of the training samples (and of
-the fleet-split validation samples); the excess is dropped by a stable hash of ``(device, seq)``, so
+No device dominates: each device keeps at most ``max_device_share`` of the untrusted samples (the
+training set, plus the validation set when it is the fleet split, as one pool); the excess is
+dropped by a stable hash of ``(device, seq)``, so
 the same samples are dropped in every retrain. With fewer than ``1 / max_device_share`` devices the
 cap is an equal share (``1 / devices``).
 
@@ -291,8 +292,11 @@ class _Selection:
         self.rows, self.val_rows, self.trusted = rows, val_rows, trusted
         #: (device, seq) of the trusted file: the fleet's copy of such a sample is never trained on.
         self.exclude: set[tuple[str, int]] = set()
-        #: side -> device -> cap rank below which a row is kept (absent: not capped).
-        self.thresholds: dict[str, dict[str, float]] = {"train": {}, "val": {}}
+        #: device -> cap rank below which a row is kept (absent: not capped).
+        self.thresholds: dict[str, float] = {}
+        #: The cap covers the untrusted rows: training, plus validation when it is the fleet split.
+        #: (One pool per device, so the split's hash noise never makes equal devices look unequal.)
+        self.capped_sides = frozenset({"train"} if trusted or val_rows is not None else {"train", "val"})
 
     def index_of(self, cols: dict[str, list], i: int) -> int | None:
         label = cols["label"][i]
@@ -315,8 +319,8 @@ class _Selection:
         return "val" if is_validation(device, seq, self.val_fraction) else "train"
 
     def capped_out(self, side: str, device: str, seq: int) -> bool:
-        limit = self.thresholds[side].get(device)
-        return limit is not None and _cap_rank(device, seq) >= limit
+        limit = self.thresholds.get(device)
+        return limit is not None and side in self.capped_sides and _cap_rank(device, seq) >= limit
 
     def iter_split(self, split: str) -> Iterator[tuple[np.ndarray, int]]:
         """``(x, label index)`` of one split, in file order."""
@@ -497,7 +501,9 @@ class ParquetDataModule(pl.LightningDataModule):
             n_trusted_file = self._scan_val_data(val_rows, sel, validation)
         # Second small pass over the keys only: sides, per-device counts, cap ranks.
         unknown = 0
-        ranks: dict[str, dict[str, array]] = {"train": {}, "val": {}}
+        capped: dict[str, array] = {}  # device -> cap ranks of its rows in the capped pool
+        sides: dict[str, bytearray] = {}  # device -> 1 per capped row on the validation side
+        trusted_val: Counter = Counter()  # device -> uncapped (trusted) validation rows
         for cols in self._rows.batches(META_COLUMNS):
             for i in range(len(cols["label"])):
                 if cols["label"][i] is None:
@@ -511,18 +517,21 @@ class ParquetDataModule(pl.LightningDataModule):
                 side = sel.fleet_side(device, seq)
                 if side is None:
                     continue
-                ranks[side].setdefault(device, array("d")).append(_cap_rank(device, seq))
+                if side not in sel.capped_sides:
+                    trusted_val[device] += 1
+                    continue
+                capped.setdefault(device, array("d")).append(_cap_rank(device, seq))
+                sides.setdefault(device, bytearray()).append(side == "val")
         overlap = len(sel.exclude)
-        n_train, devices = self._apply_cap(sel, "train", ranks["train"])
-        val_capped = not cfg.trusted
-        if val_capped:
-            n_val, val_cap = self._apply_cap(sel, "val", ranks["val"])
-            devices["val_dropped"] = val_cap["dropped"]
-        else:
-            n_val = n_trusted_file + sum(len(r) for r in ranks["val"].values())
-        for device, r in ranks["val"].items():
-            devices["per_device"].setdefault(device, {"train_offered": 0, "train_used": 0, "dropped": 0})
-            devices["per_device"][device]["val_offered"] = len(r)
+        devices = self._apply_cap(sel, capped, sides)
+        n_train = sum(d["train_used"] for d in devices["per_device"].values())
+        n_val = n_trusted_file + sum(trusted_val.values())
+        n_val += sum(d.get("val_used", 0) for d in devices["per_device"].values())
+        for device, n in trusted_val.items():
+            entry = devices["per_device"].setdefault(
+                str(device), {"train_offered": 0, "train_used": 0, "dropped": 0}
+            )
+            entry["trusted_val"] = n
         if cfg.trusted:
             parts = (["val-data"] if cfg.val_data is not None else []) + (
                 ["trusted-devices"] if cfg.trusted_devices else []
@@ -623,29 +632,34 @@ class ParquetDataModule(pl.LightningDataModule):
         )
         return n
 
-    def _apply_cap(
-        self, sel: _Selection, side: str, ranks: dict[str, array]
-    ) -> tuple[int, dict[str, Any]]:
-        """Set ``sel.thresholds[side]``; return the kept count and the per-device report."""
+    def _apply_cap(self, sel: _Selection, ranks: dict[str, array], sides: dict[str, bytearray]) -> dict:
+        """Set ``sel.thresholds`` so no device exceeds the share of the capped pool; the report."""
         counts = {d: len(r) for d, r in ranks.items()}
         keep, share = device_caps(counts, self.config.max_device_share)
         per_device: dict[str, dict[str, int]] = {}
         for device, r in ranks.items():
+            rank, is_val = np.frombuffer(r, dtype=np.float64), np.frombuffer(sides[device], dtype=np.uint8)
+            kept = np.ones(len(r), dtype=bool)
             k = keep[device]
             if k < len(r):
-                sel.thresholds[side][device] = sorted(r)[k]  # keep the k lowest ranks
-            per_device[str(device)] = {
-                f"{side}_offered": len(r),
-                f"{side}_used": k,
-                "dropped": len(r) - k,
+                limit = float(np.sort(rank)[k])  # keep the k lowest ranks
+                sel.thresholds[device] = limit
+                kept = rank < limit
+            entry = {
+                "train_offered": int((is_val == 0).sum()),
+                "train_used": int((kept & (is_val == 0)).sum()),
+                "dropped": len(r) - int(kept.sum()),
             }
+            if "val" in sel.capped_sides:
+                entry.update(val_offered=int(is_val.sum()), val_used=int((kept & (is_val == 1)).sum()))
+            per_device[str(device)] = entry
         report = {
             "max_share": self.config.max_device_share,
             "effective_share": round(share, 6),
             "dropped": sum(counts.values()) - sum(keep.values()),
             "per_device": per_device,
         }
-        return sum(keep.values()), report
+        return report
 
     def _materialize(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         assert self._selection is not None and self._rows is not None

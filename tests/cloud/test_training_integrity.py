@@ -35,8 +35,8 @@ def write_device(root: Path, fleet: str, device: str, x, labels, *, pipeline=DIG
     data = root / fleet / "data"
     data.mkdir(parents=True, exist_ok=True)
     rows = [
-        (device, pipeline, Sample(seq=i, ts=1.7e9 + i, x=x[i], y=None if labels[i] is None else str(labels[i])))
-        for i in range(len(x))
+        (device, pipeline, Sample(seq=i, ts=1.7e9 + i, x=x[i], y=None if label is None else str(label)))
+        for i, label in enumerate(labels)
     ]
     write_parquet_atomic(data / f"{name or device}.parquet", samples_to_table(rows))
     return root
@@ -115,11 +115,14 @@ def test_poisoner_is_capped_and_the_fleet_split_is_reported_untrusted(tmp_path, 
     assert "UNTRUSTED" in info.validation["warning"] and info.validation["samples"] == info.val_samples
     per = info.devices["per_device"]
     train_total = info.train_samples
-    assert per["cam-evil"]["dropped"] > 0
-    assert per["cam-evil"]["train_used"] <= 0.34 * train_total + 1
+    evil = per["cam-evil"]
+    assert evil["dropped"] > 0
+    # one pool per device (training + fleet-split validation): at most 34 % of all samples used
+    assert evil["train_used"] + evil["val_used"] <= 0.34 * (train_total + info.val_samples) + 1
     assert all(per[f"cam-{d}"]["dropped"] == 0 for d in range(3))
-    assert info.devices["dropped"] == per["cam-evil"]["dropped"]
+    assert info.devices["dropped"] == evil["dropped"]
     assert sum(p["train_used"] for p in per.values()) == train_total
+    assert sum(p["val_used"] for p in per.values()) == info.val_samples
     ys = np.concatenate([b[1] for b in dm.iter_numpy("train")])
     assert len(ys) == train_total  # the cached arrays hold exactly the capped selection
     # the streamed path drops the same rows
@@ -136,8 +139,12 @@ def test_val_data_and_trusted_devices_form_the_validation_set(tmp_path, fleet, s
     val = trusted_file(tmp_path / "trusted", tx, ty)
 
     by_file = ParquetDataModule(DataConfig(root=root, fleet=fleet, val_data=val)).info
-    by_devices = ParquetDataModule(DataConfig(root=root, fleet=fleet, trusted_devices=("cam-0", "cam-1"))).info
-    both = ParquetDataModule(DataConfig(root=root, fleet=fleet, val_data=val.parent, trusted_devices=("cam-2",)))
+    by_devices = ParquetDataModule(
+        DataConfig(root=root, fleet=fleet, trusted_devices=("cam-0", "cam-1"))
+    ).info
+    both = ParquetDataModule(
+        DataConfig(root=root, fleet=fleet, val_data=val.parent, trusted_devices=("cam-2",))
+    )
 
     assert by_file.validation["source"] == "val-data" and by_file.validation["trusted"] is True
     assert by_file.val_samples == by_file.validation["samples"] == len(tx)
@@ -147,6 +154,9 @@ def test_val_data_and_trusted_devices_form_the_validation_set(tmp_path, fleet, s
     expected = sum(is_validation(f"cam-{d}", s, 0.2) for d in (0, 1) for s in range(len(x[d::3])))
     assert by_devices.val_samples == expected and by_devices.validation["devices"] == ["cam-0", "cam-1"]
     assert by_devices.devices["per_device"]["cam-evil"].get("val_offered") is None  # never validation
+    assert by_devices.devices["per_device"]["cam-0"]["trusted_val"] == sum(
+        is_validation("cam-0", s, 0.2) for s in range(len(x[0::3]))
+    )
     assert both.info.validation["source"] == "val-data+trusted-devices"
     assert both.info.val_samples == len(tx) + sum(is_validation("cam-2", s, 0.2) for s in range(len(x[2::3])))
     vy = np.concatenate([b[1] for b in both.iter_numpy("val")])
@@ -267,8 +277,10 @@ def test_label_poisoning_is_caught_by_the_trusted_gate_and_blunted_by_the_cap(
     assert registry.deployed("digits", fleet).version == v1["version"]
     assert capped["validation"]["trusted"] is False
     assert capped["devices"]["per_device"]["cam-evil"]["dropped"] > 0
-    assert capped["devices"]["per_device"]["cam-evil"]["train_used"] <= 0.34 * capped["data"]["train_samples"] + 1
-    capped_acc = accuracy(registry.get("digits", capped["version"]).data(), tx, ty, [str(i) for i in range(10)])
+    evil, used = capped["devices"]["per_device"]["cam-evil"], capped["data"]
+    assert evil["train_used"] + evil["val_used"] <= 0.34 * (used["train_samples"] + used["val_samples"]) + 1
+    capped_model = registry.get("digits", capped["version"]).data()
+    capped_acc = accuracy(capped_model, tx, ty, [str(i) for i in range(10)])
     assert capped_acc >= 0.9 and capped_acc > old_acc + 0.1
 
 

@@ -31,6 +31,8 @@ def test_trainer_worker_retrains_once_enough_new_samples_arrived(amqtt_broker, f
         "5",
         "--min-new",
         "500",
+        "--trusted-devices",
+        "dev-0,dev-1",
         "--once",
     ]
 
@@ -40,6 +42,7 @@ def test_trainer_worker_retrains_once_enough_new_samples_arrived(amqtt_broker, f
     assert first.returncode == 0, first.stderr[-2000:]
     assert second.returncode == 0, second.stderr[-2000:]
     assert "nothing to do" in second.stderr
+    assert "on trusted-devices" in first.stderr and "UNTRUSTED" not in first.stderr
     assert Registry(digits_dir).versions("digits") == [1]
     package = fetch_model(url, fleet, "digits", keypair[1])
     assert package.manifest.version == 1 and package.manifest.metrics["val_accuracy"] >= 0.95
