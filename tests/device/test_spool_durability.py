@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from lepton.device import Spool
+from tests.conftest import REQUIRE_MOSQUITTO
 
 SCRIPT = textwrap.dedent(
     """
@@ -35,7 +36,10 @@ SCRIPT = textwrap.dedent(
 
 def _syncs(tmp_path, mode: str, n: int) -> int:
     if shutil.which("strace") is None:
-        pytest.fail("strace not found (apt-get install -y strace): it counts the spool's fsyncs")
+        message = "strace not found (apt-get install -y strace): it counts the spool's fsyncs"
+        if REQUIRE_MOSQUITTO:  # CI installs every component; a missing one fails there
+            pytest.fail(message)
+        pytest.skip(message)
     out = subprocess.run(
         ["strace", "-f", "-qq", "-c", "-e", "trace=fsync,fdatasync", sys.executable, "-c", SCRIPT,
          str(tmp_path / mode), mode, str(n)],
