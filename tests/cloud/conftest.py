@@ -97,9 +97,13 @@ def trained_digits(tmp_path_factory, digits_arrays):
     import uuid
 
     from lepton.cloud import TrainConfig, train
+    from lepton.cloud._export import ExportConfig
 
     fleet = f"s{uuid.uuid4().hex[:10]}"
     x, y = digits_arrays
     root = write_dataset(tmp_path_factory.mktemp("trained") / "data", fleet, x, list(y))
-    result = train(TrainConfig(data=root, fleet=fleet, model="digits", epochs=6))
+    # int8 ships within 2 points of fp32 here: on this fixture's 364 validation samples one point is
+    # under 4 samples, and the default 1-point rule flips with the training order (1.099 measured).
+    result = train(TrainConfig(data=root, fleet=fleet, model="digits", epochs=6,
+                               export=ExportConfig(max_int8_drop_points=2.0)))
     return root, fleet, result.version

@@ -59,7 +59,7 @@ def test_trained_digits_ships_int8_per_channel_qdq(trained_digits):
     assert report["shipped"] == "int8"
     assert report["max_abs_diff"] < 1e-3
     assert report["fp32_accuracy"] >= 0.95
-    assert report["accuracy_drop_points"] <= 1.0
+    assert report["accuracy_drop_points"] <= report["max_int8_drop_points"] == 2.0
     assert report["int8_size_bytes"] <= 0.3 * report["fp32_size_bytes"]
     proto = onnx.load_from_string(version.data())
     ops = {n.op_type for n in proto.graph.node}
