@@ -234,7 +234,8 @@ class IngestWorker:
         client = new_client(
             self.url,
             # "username/...": the client-id binding (broker/README.md); Mosquitto uses the username itself.
-            client_id=(f"{self.url.username}/" if self.url.username else "") + f"lepton-worker-{cfg.fleet}-{cfg.name}",
+            client_id=(f"{self.url.username}/" if self.url.username else "")
+            + f"lepton-worker-{cfg.fleet}-{cfg.name}",
             clean_session=False,
             manual_ack=True,
             max_inflight=max(20, cfg.max_pending),
@@ -491,7 +492,7 @@ class IngestWorker:
                 self.quarantine.write(name, payload, encode_json(report))
             self.quarantine.sync()
 
-        plan = plan_write(decoded, {})
+        plan = None
         name = None
         size = 0
         labelled = 0
@@ -524,6 +525,8 @@ class IngestWorker:
                 fsync_dir(self.data_dir)
                 self._my_unmarked.append(name)
 
+        if plan is None:  # no good samples: nothing known to look up, only rejected seqs to ack
+            plan = plan_write(decoded, {})
         # Durable: tell the devices (duplicates and rejected seqs included), report, then PUBACK.
         client = self._client
         for dev, ranges in plan.acks.items():

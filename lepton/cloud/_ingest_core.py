@@ -17,12 +17,15 @@ A :class:`BatchDecoder` is owned by the worker's writer thread (its topic cache 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from lepton.errors import ProtocolError
 from lepton.protocol import MAX_SEQ, Topics, decode_samples_raw, seqs_to_ranges
+
+log = logging.getLogger(__name__)
 
 __all__ = ["BatchDecoder", "DeadLetter", "DecodedBatch", "Inbound", "WritePlan", "plan_write"]
 
@@ -172,11 +175,13 @@ class BatchDecoder:
         and left out (its seqs acked: resending cannot repair it)."""
         from lepton.cloud._dataset import table_from_rows
 
+        rows = out.rows
         try:
-            out.table = table_from_rows(out.rows)
+            out.table = table_from_rows(rows)
             return
         except Exception:  # noqa: BLE001 - which message it was is found below
-            pass
+            log.warning("a batch of %d rows does not fit the dataset schema; checking message by message",
+                        len(rows))
         kept = []
         for i, device, rows in out.parts:
             try:

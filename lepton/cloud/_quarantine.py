@@ -96,10 +96,8 @@ class Quarantine:
             device = entry.name.rsplit("-", 1)[0] if "-" in entry.name else "unknown"
             size = entry.stat().st_size
             report = self.path / (entry.name[:-4] + ".json")
-            try:
+            if report.exists():  # a crash between the two writes leaves the payload alone
                 size += report.stat().st_size
-            except FileNotFoundError:
-                pass
             self.budget.record(entry.name, device, size)
 
     def admit(self, device: str | None, payload: bytes | bytearray | memoryview, *,

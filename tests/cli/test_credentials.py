@@ -20,7 +20,6 @@ from lepton.errors import ConfigError
 from lepton.protocol import BrokerURL, child_environment, read_password_file, resolve_broker
 
 CLI = [sys.executable, "-m", "lepton"]
-pytestmark = pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="needs Linux /proc")
 
 
 def _env(**extra: str) -> dict[str, str]:
