@@ -69,6 +69,7 @@ class FleetView:
     model_version: int | None = None
     model_size: int | None = None
     model_metrics: dict[str, Any] = field(default_factory=dict)
+    model_quantization: str | None = None
     first_model_s: float | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -241,6 +242,8 @@ class Demo:
                 "model_size_bytes": self.view.model_size,
                 "compression_ratio": (round(self.view.model_size / fp32, 3)
                                       if fp32 and self.view.model_size else None),
+                "model_quantization": self.view.model_quantization,
+                "quantization_reason": metrics.get("quantization_reason"),
                 "model_metrics": metrics,
                 "devices": devices,
                 "fleet": self.fleet,
@@ -294,6 +297,7 @@ class _Monitor:
                     self.view.model_version = manifest.version
                     self.view.model_size = manifest.size
                     self.view.model_metrics = dict(manifest.metrics)
+                    self.view.model_quantization = manifest.quantization
                 return
             body = decode_json(message.payload)
             with self.view.lock:

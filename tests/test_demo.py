@@ -39,7 +39,15 @@ def test_demo_runs_the_loop_and_leaves_no_process(tmp_path):
     assert all(d["acked"] == d["captured"] and d["spool"] == 0 for d in summary["devices"].values())
     assert summary["model_version"] >= 1
     assert summary["edge_accuracy"] is not None and summary["edge_accuracy_samples"] > 0
-    assert 0 < summary["compression_ratio"] < 0.5  # int8 shipped
+    # int8 ships when it is within a point of fp32 and faster at batch 1 on this machine; the manifest
+    # says which shipped and why, and the size follows the choice.
+    metrics, reason = summary["model_metrics"], summary["quantization_reason"]
+    if summary["model_quantization"] == "int8":
+        assert 0 < summary["compression_ratio"] < 0.5, summary
+        assert metrics["int8_latency_ms"] < metrics["fp32_latency_ms"] and "and faster" in reason
+    else:
+        assert summary["model_quantization"] == "none" and summary["compression_ratio"] == 1.0, summary
+        assert "shipping fp32" in reason
     assert summary["device_exit_codes"] == {"dev-0": 0, "dev-1": 0}
     assert not [name for name, pid in summary["pids"].items() if _alive(pid)]
 

@@ -84,6 +84,7 @@ def _print_summary(r: dict) -> None:
         f"final model (all versions: {r.get('edge_accuracy_all_versions')})",
         f"  model size             {r.get('model_size_bytes')} bytes "
         f"({r.get('compression_ratio')} of the fp32 export)",
+        f"  shipped                {r.get('model_quantization')}: {r.get('quantization_reason')}",
         f"  duration               {r.get('duration_s')} s",
         f"  files                  {r.get('workdir')}",
     ]

@@ -16,7 +16,8 @@ with PyTorch Lightning, in this process. Then:
 
   1. export ONNX (opset 17, dynamic batch) and check it against PyTorch on a validation batch;
   2. quantize to int8 (static, QDQ, per-channel, calibrated on the dataset); int8 ships only if it
-     loses at most --max-int8-drop accuracy points, else fp32 ships and the report says why;
+     loses at most --max-int8-drop accuracy points and is faster than fp32 at batch 1 on this machine
+     (--allow-slower-int8 drops the speed rule), else fp32 ships and the report says why;
   3. the evaluation gate: score the version deployed to this fleet with ONNX Runtime on the SAME
      validation set; the new version passes if its accuracy >= deployed - --tolerance points;
      a version that cannot be compared (other pipeline or input shape) is refused unless
@@ -118,6 +119,11 @@ def register(parser: argparse.ArgumentParser) -> None:
         metavar="POINTS",
         help="ship int8 only if it loses at most POINTS accuracy points vs fp32 (default 1.0)",
     )
+    parser.add_argument(
+        "--allow-slower-int8",
+        action="store_true",
+        help="ship int8 on accuracy alone, even where it is not faster than fp32 at batch 1 (size over speed)",
+    )
     parser.add_argument("--no-quantize", action="store_true", help="ship the fp32 model, skip int8")
     parser.add_argument("--publish", action="store_true", help="publish the new version if the gate passes")
     _credentials.add_broker_arguments(parser, help="with --publish: broker URL mqtt://USER@HOST:PORT")
@@ -192,7 +198,11 @@ def run(args: argparse.Namespace) -> int:
         max_device_share=args.max_device_share,
         force_incomparable=args.force_incomparable,
         tolerance_points=args.tolerance,
-        export=ExportConfig(quantize=not args.no_quantize, max_int8_drop_points=args.max_int8_drop),
+        export=ExportConfig(
+            quantize=not args.no_quantize,
+            max_int8_drop_points=args.max_int8_drop,
+            require_int8_speedup=not args.allow_slower_int8,
+        ),
         publish=args.publish,
         broker=broker,
         key=Path(args.key) if args.key else None,

@@ -250,6 +250,12 @@ class RegistryCallback(pl.Callback):
             "val_samples": info.val_samples,
             "train_samples": info.train_samples,
             "max_abs_diff": exported.report["max_abs_diff"],
+            # Which model shipped and why: accuracy within tolerance and faster at batch 1 (cloud/_export.py).
+            "quantization_reason": exported.report["reason"],
+            "fp32_latency_ms": round(exported.report["fp32_latency_ms"], 4),
+            "int8_latency_ms": (
+                round(exported.report["int8_latency_ms"], 4) if "int8_latency_ms" in exported.report else None
+            ),
         }
         report = {
             **self.extra_report,

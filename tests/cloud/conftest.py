@@ -102,8 +102,10 @@ def trained_digits(tmp_path_factory, digits_arrays):
     fleet = f"s{uuid.uuid4().hex[:10]}"
     x, y = digits_arrays
     root = write_dataset(tmp_path_factory.mktemp("trained") / "data", fleet, x, list(y))
-    # int8 ships within 2 points of fp32 here: on this fixture's 364 validation samples one point is
-    # under 4 samples, and the default 1-point rule flips with the training order (1.099 measured).
+    # This fixture is the int8 package the other tests read, so int8 must ship whatever the machine:
+    # within 2 points of fp32 (one point is under 4 of its 364 validation samples, and the default
+    # 1-point rule flips with the training order: 1.099 measured), and on accuracy alone, since
+    # whether int8 is faster at batch 1 depends on the CPU (test_export.py checks that rule).
     result = train(TrainConfig(data=root, fleet=fleet, model="digits", epochs=6,
-                               export=ExportConfig(max_int8_drop_points=2.0)))
+                               export=ExportConfig(max_int8_drop_points=2.0, require_int8_speedup=False)))
     return root, fleet, result.version

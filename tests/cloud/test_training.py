@@ -53,6 +53,10 @@ def test_digits_dataset_to_published_int8_model(broker, fleet, digits_dir, digit
         "digits",
         "--epochs",
         "8",
+        # an int8 package whatever the CPU and the training order (see tests/cloud/conftest.py)
+        "--max-int8-drop",
+        "2",
+        "--allow-slower-int8",
         "--publish",
         "--broker",
         url,
@@ -82,6 +86,11 @@ def test_digits_dataset_to_published_int8_model(broker, fleet, digits_dir, digit
     assert m.input["shape"] == [-1, 1, 8, 8] and m.input["dtype"] == "float32"
     assert m.pipeline == {"hash": DIGITS_HASH, "spec": None}
     assert m.metrics["fp32_size_bytes"] == exp["fp32_size_bytes"]
+    # the signed manifest says why int8 shipped, with both latencies
+    assert m.metrics["quantization_reason"] == exp["reason"]
+    faster = exp["int8_latency_ms"] < exp["fp32_latency_ms"]
+    assert ("and faster" if faster else "and slower, allowed") in exp["reason"]
+    assert m.metrics["int8_latency_ms"] == round(exp["int8_latency_ms"], 4) > 0
     x, y = digits_arrays
     assert _val_accuracy(package.data, x, y, m.labels) >= 0.95
 
