@@ -120,6 +120,13 @@ def register(parser: argparse.ArgumentParser) -> None:
         help="ship int8 only if it loses at most POINTS accuracy points vs fp32 (default 1.0)",
     )
     parser.add_argument(
+        "--target",
+        choices=("edge", "cloud"),
+        default="edge",
+        help="size of the built-in network: edge (small, int8, for devices; default) or cloud (about 4x "
+        "larger, the model `lepton serve` answers escalated samples with)",
+    )
+    parser.add_argument(
         "--allow-slower-int8",
         action="store_true",
         help="ship int8 on accuracy alone, even where it is not faster than fp32 at batch 1 (size over speed)",
@@ -191,6 +198,7 @@ def run(args: argparse.Namespace) -> int:
         val_fraction=args.val_fraction,
         seed=args.seed,
         module=args.module,
+        target=args.target,
         pipeline=pipeline,
         pipeline_spec=spec,
         val_data=Path(args.val_data) if args.val_data else None,
@@ -237,6 +245,11 @@ def run(args: argparse.Namespace) -> int:
     return _exit.GATE_REFUSED if result.status == "refused" else _exit.OK
 
 
+def _arch(r: dict) -> str:
+    a = r.get("training", {}).get("architecture") or {}
+    return f"{a.get('class')} ({a.get('target')}, {a.get('parameters')} parameters): {a.get('reason')}"
+
+
 def _summary(r: dict) -> str:
     e, g, d = r["export"], r["gate"], r["data"]
     v, dev = r.get("validation", {}), r.get("devices", {})
@@ -260,6 +273,7 @@ def _summary(r: dict) -> str:
         ),
         f"  devices     {len(dev.get('per_device', {}))}, max share {dev.get('effective_share')}, "
         f"{dev.get('dropped', 0)} training samples dropped by the cap",
+        f"  network     {_arch(r)}",
         f"  accuracy    fp32 {e['fp32_accuracy']:.4f} ({e['fp32_latency_ms']:.3f} ms), {int8}",
         f"  shipped     {e['shipped']}, {size} bytes = {ratio:.2f}x fp32 ({e['reason']})",
         f"  export      max |onnx - torch| = {e['max_abs_diff']:.2g}",

@@ -1,12 +1,19 @@
 """Built-in networks and the Lightning module that trains them.
 
-The network is chosen by the rank of one sample's tensor:
+The network is chosen by the rank of one sample's tensor (:func:`choose_network` says which and why):
 
-* rank 1 ``(F,)`` -> :class:`MLP`;
-* rank 2 ``(H, W)`` -> :class:`SmallCNN` with one channel;
+* rank 1 ``(F,)``, a feature vector -> :class:`MLP`;
+* rank 2 ``(C, T)``, a sensor window of C channels over T time steps -> :class:`TemporalCNN`:
+  1-D convolutions over time and max pooling over the whole window, so a pattern is recognised
+  wherever it occurs in the window (an MLP has to learn it again at every offset). Windows shorter
+  than 8 steps get the MLP. An image is ``(C, H, W)``: reshape a grayscale ``(H, W)`` to ``[1, H, W]``
+  in the pipeline (the presets do);
 * rank 3 ``(C, H, W)`` -> :class:`SmallCNN`, from 1x8x8 digits up to 3x224x224 images: stride-2
   convolutions bring large inputs down to about 16x16 first, and adaptive pooling makes the head
   independent of the input size.
+
+Each comes in two sizes, by ``target``: ``edge`` (the default: small, quick, quantizes to int8 for
+devices) and ``cloud`` (about 4x the parameters: the larger model ``lepton serve`` answers with).
 
 A user's own model is ``--module package.module:Class``: either a ``LightningModule`` (used as is;
 subclass :class:`Classifier` to inherit the training loop) or a plain ``torch.nn.Module`` producing
@@ -24,7 +31,20 @@ from torch import nn
 
 from lepton.errors import ConfigError
 
-__all__ = ["MLP", "Classifier", "SmallCNN", "build_network", "load_module_class", "make_module"]
+__all__ = [
+    "MLP",
+    "TARGETS",
+    "Classifier",
+    "SmallCNN",
+    "TemporalCNN",
+    "build_network",
+    "choose_network",
+    "load_module_class",
+    "make_module",
+]
+
+#: Model sizes: ``edge`` for devices, ``cloud`` for the larger model that answers escalated samples.
+TARGETS = ("edge", "cloud")
 
 
 def _conv(cin: int, cout: int, stride: int = 1) -> list[nn.Module]:
@@ -102,12 +122,89 @@ class MLP(nn.Module):
         return self.net(x)
 
 
-def build_network(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    """The built-in network for one sample's shape: MLP for rank 1, CNN for rank 2 and 3."""
-    rank = len(input_shape)
-    if rank in (2, 3) and min(input_shape[-2:]) >= 4:
-        return SmallCNN(input_shape=input_shape, num_classes=num_classes)
-    return MLP(input_shape=input_shape, num_classes=num_classes)
+class TemporalCNN(nn.Module):
+    """1-D convolutions over time for ``(C, T)`` sensor windows; global max pooling over time.
+
+    Stride-2 stems bring long windows down to at most 64 steps; each block doubles the channels
+    (up to 4x ``width``) and halves the time axis while it is at least 8 long.
+    """
+
+    def __init__(
+        self,
+        *,
+        input_shape: tuple[int, ...],
+        num_classes: int,
+        width: int = 16,
+        depth: int = 3,
+        hidden: int = 64,
+        dropout: float = 0.2,
+    ) -> None:
+        super().__init__()
+        if len(input_shape) != 2:
+            raise ConfigError(f"TemporalCNN needs (C, T) inputs, got shape {tuple(input_shape)}")
+        c, t = input_shape
+        self.input_shape = tuple(input_shape)
+        layers: list[nn.Module] = []
+        ch = c
+        while t > 64:
+            layers += [nn.Conv1d(ch, width, 5, stride=2, padding=2, bias=False), nn.BatchNorm1d(width), nn.ReLU()]
+            ch, t = width, (t + 1) // 2
+        for i in range(depth):
+            out = width * 2 ** min(i, 2)
+            layers += [nn.Conv1d(ch, out, 5, padding=2, bias=False), nn.BatchNorm1d(out), nn.ReLU()]
+            ch = out
+            if t >= 8 and i < depth - 1:
+                layers.append(nn.MaxPool1d(2))
+                t //= 2
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Sequential(
+            nn.AdaptiveMaxPool1d(1),  # where the pattern is does not matter, only whether it is there
+            nn.Flatten(),
+            nn.Linear(ch, hidden),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+#: Per rank and target: the class and its size settings.
+_SIZES: dict[str, dict[str, dict[str, int]]] = {
+    "MLP": {"edge": {"hidden": 256}, "cloud": {"hidden": 1024}},
+    "TemporalCNN": {"edge": {"width": 16, "depth": 3, "hidden": 64}, "cloud": {"width": 48, "depth": 4, "hidden": 128}},
+    "SmallCNN": {"edge": {"width": 32, "hidden": 128}, "cloud": {"width": 64, "hidden": 256}},
+}
+_CLASSES: dict[str, type[nn.Module]] = {"MLP": MLP, "TemporalCNN": TemporalCNN, "SmallCNN": SmallCNN}
+
+
+def choose_network(input_shape: tuple[int, ...], *, target: str = "edge") -> tuple[str, dict[str, int], str]:
+    """``(class name, size settings, reason)`` of the built-in network for one sample's shape.
+
+    >>> choose_network((3, 128))[0], choose_network((1, 8, 8))[0], choose_network((20,))[0]
+    ('TemporalCNN', 'SmallCNN', 'MLP')
+    """
+    if target not in TARGETS:
+        raise ConfigError(f"--target {target!r}: choose one of {', '.join(TARGETS)}")
+    shape = tuple(int(d) for d in input_shape)
+    rank = len(shape)
+    if rank == 3 and min(shape[-2:]) >= 4:
+        name, why = "SmallCNN", f"rank-3 input {list(shape)} (channels x height x width): 2-D convolutions"
+    elif rank == 2 and shape[1] >= 8:
+        name, why = "TemporalCNN", (
+            f"rank-2 input {list(shape)} (channels x time): 1-D convolutions over time, max-pooled, "
+            "so a pattern counts wherever it occurs"
+        )
+    else:
+        name, why = "MLP", f"rank-{rank} input {list(shape)}: flattened features"
+    return name, dict(_SIZES[name][target]), f"{why}; {target} size"
+
+
+def build_network(input_shape: tuple[int, ...], num_classes: int, *, target: str = "edge") -> nn.Module:
+    """The built-in network for one sample's shape and target (see :func:`choose_network`)."""
+    name, sizes, _ = choose_network(input_shape, target=target)
+    return _CLASSES[name](input_shape=tuple(input_shape), num_classes=num_classes, **sizes)
 
 
 class Classifier(pl.LightningModule):
@@ -124,15 +221,17 @@ class Classifier(pl.LightningModule):
         lr: float = 3e-3,
         weight_decay: float = 1e-4,
         net: nn.Module | None = None,
+        target: str = "edge",
     ) -> None:
         super().__init__()
         self.input_shape = tuple(input_shape)
         self.num_classes = num_classes
+        self.target = target
         self.lr, self.weight_decay = lr, weight_decay
         self.net = net if net is not None else self.build(self.input_shape, num_classes)
 
     def build(self, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-        return build_network(input_shape, num_classes)
+        return build_network(input_shape, num_classes, target=self.target)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -178,11 +277,16 @@ def load_module_class(spec: str) -> type:
 
 
 def make_module(
-    input_shape: tuple[int, ...], num_classes: int, *, module: str | None = None, lr: float = 3e-3
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    *,
+    module: str | None = None,
+    lr: float = 3e-3,
+    target: str = "edge",
 ) -> pl.LightningModule:
-    """The module to train: the built-in classifier, or ``package.module:Class``."""
+    """The module to train: the built-in classifier for ``target``, or ``package.module:Class``."""
     if module is None:
-        return Classifier(input_shape=input_shape, num_classes=num_classes, lr=lr)
+        return Classifier(input_shape=input_shape, num_classes=num_classes, lr=lr, target=target)
     cls = load_module_class(module)
     try:
         obj = cls(input_shape=tuple(input_shape), num_classes=num_classes)

@@ -35,7 +35,7 @@ import pytorch_lightning as pl
 
 from lepton.cloud._data import DataConfig, ParquetDataModule
 from lepton.cloud._export import ExportConfig, ExportResult, export_and_compress, onnx_accuracy, onnx_session
-from lepton.cloud._nets import make_module
+from lepton.cloud._nets import TARGETS, choose_network, make_module
 from lepton.cloud._registry import ModelVersion, Registry
 from lepton.errors import ConfigError, GateRefused
 from lepton.protocol import DEFAULT_CHUNK_SIZE, validate_id
@@ -67,6 +67,8 @@ class TrainConfig:
     patience: int = 6
     seed: int = 0
     module: str | None = None
+    #: Size of the built-in network: ``edge`` (small, int8 for devices) or ``cloud`` (larger, for serve).
+    target: str = "edge"
     #: Pin the pipeline to train on; None pins the deployed version's (else: the most devices' one).
     pipeline: str | None = None
     pipeline_spec: Any = None
@@ -94,6 +96,8 @@ class TrainConfig:
         validate_id(self.model, kind="model")
         if self.epochs < 1:
             raise ConfigError(f"--epochs must be >= 1, got {self.epochs}")
+        if self.target not in TARGETS:
+            raise ConfigError(f"--target {self.target!r}: choose one of {', '.join(TARGETS)}")
         if self.tolerance_points < 0:
             raise ConfigError(f"--tolerance must be >= 0 percentage points, got {self.tolerance_points}")
         if self.publish and not self.broker:
@@ -439,7 +443,20 @@ def train(
         config.data_config(deployed=registry.deployed(config.model, config.fleet))
     )
     info = dm.info
-    model = module or make_module(info.shape, len(info.labels), module=config.module, lr=config.lr)
+    model = module or make_module(
+        info.shape, len(info.labels), module=config.module, lr=config.lr, target=config.target
+    )
+    net = getattr(model, "net", model)
+    architecture = {
+        "class": type(net).__name__,
+        "target": config.target,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "reason": (
+            choose_network(info.shape, target=config.target)[2]
+            if config.module is None and module is None
+            else f"user module {config.module or type(model).__name__}"
+        ),
+    }
     best = BestWeights()
     export_cb = ExportCallback(config.export)
     registry_cb = RegistryCallback(
@@ -448,8 +465,8 @@ def train(
         registry,
         extra_report={
             "training": {
-                "module": config.module
-                or f"lepton.cloud.Classifier({type(getattr(model, 'net', model)).__name__})",
+                "module": config.module or f"lepton.cloud.Classifier({type(net).__name__})",
+                "architecture": architecture,
                 "epochs": config.epochs,
                 "batch_size": config.batch_size,
                 "lr": config.lr,

@@ -19,14 +19,16 @@ from lepton.cloud import (
     export_onnx,
 )
 from lepton.cloud._export import compare_latency_ms, int8_decision, onnx_session
-from lepton.cloud._nets import MLP, SmallCNN
+from lepton.cloud._nets import MLP, SmallCNN, TemporalCNN
 
 
 @pytest.mark.parametrize(
     "shape, kind",
     [
         ((1, 8, 8), SmallCNN),
-        ((8, 8), SmallCNN),
+        ((8, 8), TemporalCNN),  # rank 2 is channels x time
+        ((3, 128), TemporalCNN),
+        ((2, 1000), TemporalCNN),
         ((3, 64, 64), SmallCNN),
         ((3, 224, 224), SmallCNN),
         ((1, 28, 20), SmallCNN),
