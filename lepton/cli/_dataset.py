@@ -5,12 +5,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 from lepton.cli import _exit
 
 DESCRIPTION = """\
 stats    samples, files and bytes, with counts per device, label and pipeline (--json for scripts).
+label    import human labels for stored samples from a CSV (header device,seq,label); they are
+         kept in DIR/FLEET/labels/ (the data files are not rewritten) and win over device and
+         teacher labels by default (lepton train --labels). Pairs the dataset does not hold are
+         reported and not imported.
 compact  merge small Parquet files into compact-*.parquet files, atomically and exactly once; safe
          while workers write (it takes the same index lock, so ingest pauses while it merges).
 
@@ -20,6 +25,7 @@ The schema and layout are in docs/dataset.md.
 examples:
   lepton dataset stats ./data --fleet f1
   lepton dataset stats ./data --json
+  lepton dataset label ./data --fleet f1 --csv reviewed.csv
   lepton dataset compact ./data --fleet f1
 """
 
@@ -31,6 +37,12 @@ def register(parser: argparse.ArgumentParser) -> None:
     stats.add_argument("--fleet", default=None, help="one fleet (default: every fleet under DIR)")
     stats.add_argument("--json", action="store_true", help="print one JSON object")
     stats.set_defaults(handler=run_stats)
+    lab = sub.add_parser("label", help="import human labels (device,seq,label) from a CSV")
+    lab.add_argument("dir", metavar="DIR", help="dataset root (the worker's --data)")
+    lab.add_argument("--fleet", required=True, help="the fleet the samples belong to")
+    lab.add_argument("--csv", required=True, metavar="FILE", help="CSV with the header device,seq,label")
+    lab.add_argument("--json", action="store_true", help="print one JSON object")
+    lab.set_defaults(handler=run_label)
     comp = sub.add_parser("compact", help="merge small files atomically (safe while workers run)")
     comp.add_argument("dir", metavar="DIR", help="dataset root (the worker's --data)")
     comp.add_argument("--fleet", default=None, help="one fleet (default: every fleet under DIR)")
@@ -96,6 +108,68 @@ def run_stats(args: argparse.Namespace) -> int:
             for k, v in items.items():
                 print(f"  {k:<{width}}  {v:>7}")
     return _exit.OK
+
+
+def run_label(args: argparse.Namespace) -> int:
+    from lepton.cloud._index import open_index
+    from lepton.cloud._labels import LabelRow, LabelStore, read_label_csv
+
+    root = Path(args.dir)
+    (fleet,) = _fleets(root, args.fleet)
+    rows, problems = read_label_csv(args.csv)
+    by_device: dict[str, list[tuple[int, str]]] = {}
+    for device, seq, label in rows:
+        by_device.setdefault(device, []).append((seq, label))
+    if (root / fleet / "index.sqlite").is_file():  # the worker's index: one bounded query per device
+        index = open_index(root / fleet)
+        try:
+            known = {d: index.known(d, [q for q, _ in items]) for d, items in by_device.items()}
+        finally:
+            index.close()
+    else:  # files written without a worker: read their (device, seq) columns
+        known = _pairs_in_files(root, fleet, by_device)
+    now = time.time()
+    keep = [LabelRow(d, q, lab, "human", ts=now) for d, items in by_device.items() for q, lab in items
+            if q in known[d]]
+    unknown = [(d, q) for d, items in by_device.items() for q, _ in items if q not in known[d]]
+    path = LabelStore(root, fleet).append(keep, writer="import")
+    report = {
+        "fleet": fleet,
+        "imported": len(keep),
+        "unknown": len(unknown),
+        "unknown_examples": [f"{d}/{q}" for d, q in unknown[:10]],
+        "bad_rows": len(problems),
+        "bad_row_examples": problems[:10],
+        "file": str(path) if path else None,
+    }
+    if args.json:
+        print(json.dumps(report, indent=2, sort_keys=True))
+    else:
+        print(f"fleet {fleet}: imported {len(keep)} human labels" + (f" into {path}" if path else ""))
+        if unknown:
+            print(f"  {len(unknown)} (device, seq) pairs are not in the dataset and were not imported, "
+                  f"e.g. {', '.join(report['unknown_examples'])}")
+        for line in problems[:10]:
+            print(f"  skipped {line}")
+        if len(problems) > 10:
+            print(f"  ... and {len(problems) - 10} more bad rows")
+    # Every row imported: 0. Some rows left out (unknown pairs, bad rows): 1, with the report above.
+    return _exit.OK if not unknown and not problems else _exit.FAILURE
+
+
+def _pairs_in_files(root: Path, fleet: str, wanted: dict[str, list]) -> dict[str, set[int]]:
+    import pyarrow.parquet as pq
+
+    from lepton.cloud._dataset import Dataset
+
+    want = {d: {q for q, _ in items} for d, items in wanted.items()}
+    found: dict[str, set[int]] = {d: set() for d in wanted}
+    for path in Dataset(root, fleet).files():
+        t = pq.read_table(path, columns=["device", "seq"]).to_pydict()
+        for d, q in zip(t["device"], t["seq"], strict=True):
+            if q in want.get(d, ()):
+                found[d].add(q)
+    return found
 
 
 def run_compact(args: argparse.Namespace) -> int:

@@ -120,6 +120,21 @@ def register(parser: argparse.ArgumentParser) -> None:
         help="ship int8 only if it loses at most POINTS accuracy points vs fp32 (default 1.0)",
     )
     parser.add_argument(
+        "--labels",
+        default="human,device,teacher",
+        metavar="SOURCES",
+        help="label sources to train on, in precedence order (default human,device,teacher): human = "
+        "imported with `lepton dataset label`, device = sent with the sample, teacher = the cloud "
+        "model's answers recorded by `lepton serve --data`",
+    )
+    parser.add_argument(
+        "--min-teacher-confidence",
+        type=float,
+        default=0.9,
+        metavar="C",
+        help="ignore teacher labels whose confidence is below C (default 0.9)",
+    )
+    parser.add_argument(
         "--target",
         choices=("edge", "cloud"),
         default="edge",
@@ -186,6 +201,7 @@ def run(args: argparse.Namespace) -> int:
     import pytorch_lightning as pl
 
     from lepton.cloud._export import ExportConfig
+    from lepton.cloud._labels import parse_label_sources
     from lepton.cloud._training import TrainConfig, train
 
     config = TrainConfig(
@@ -199,6 +215,8 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         module=args.module,
         target=args.target,
+        label_sources=parse_label_sources(args.labels),
+        min_teacher_confidence=args.min_teacher_confidence,
         pipeline=pipeline,
         pipeline_spec=spec,
         val_data=Path(args.val_data) if args.val_data else None,
@@ -245,6 +263,13 @@ def run(args: argparse.Namespace) -> int:
     return _exit.GATE_REFUSED if result.status == "refused" else _exit.OK
 
 
+def _labels(r: dict) -> str:
+    lab = r.get("labels") or {}
+    rows = ", ".join(f"{k} {v}" for k, v in (lab.get("rows") or {}).items())
+    ignored = ", ".join(f"{k} {v}" for k, v in (lab.get("ignored") or {}).items()) or "none"
+    return f"{'>'.join(lab.get('precedence', []))}: {rows}; late labels ignored: {ignored}"
+
+
 def _arch(r: dict) -> str:
     a = r.get("training", {}).get("architecture") or {}
     return f"{a.get('class')} ({a.get('target')}, {a.get('parameters')} parameters): {a.get('reason')}"
@@ -271,6 +296,7 @@ def _summary(r: dict) -> str:
             if v.get("trusted")
             else f"  validation  {v.get('source')}, {v.get('samples')} samples -- {v.get('warning')}"
         ),
+        f"  labels      {_labels(r)}",
         f"  devices     {len(dev.get('per_device', {}))}, max share {dev.get('effective_share')}, "
         f"{dev.get('dropped', 0)} training samples dropped by the cap",
         f"  network     {_arch(r)}",

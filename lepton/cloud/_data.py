@@ -49,6 +49,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from lepton.cloud._labels import DEFAULT_LABEL_SOURCES, LabelResolver, LabelStore, parse_label_sources
 from lepton.errors import ConfigError
 from lepton.protocol import DTYPES, validate_id
 
@@ -66,6 +67,7 @@ __all__ = [
 ]
 
 META_COLUMNS = ["device", "seq", "label", "pipeline", "dtype", "shape"]
+LABEL_SOURCES_ALL = ("human", "device", "teacher")
 _SCALE = float(2**64)
 
 
@@ -89,6 +91,10 @@ class DataConfig:
     trusted_devices: tuple[str, ...] = ()
     max_device_share: float = 0.34
     labels: tuple[str, ...] | None = None
+    #: Label sources in precedence order (lepton/cloud/_labels.py): human, device, teacher.
+    label_sources: tuple[str, ...] = DEFAULT_LABEL_SOURCES
+    #: Teacher (cloud model) labels below this confidence are not trained on.
+    min_teacher_confidence: float = 0.9
     val_fraction: float = 0.2
     batch_size: int = 64
     cache_bytes: int = 256 * 1024 * 1024
@@ -111,6 +117,11 @@ class DataConfig:
         if self.pipeline is not None:
             object.__setattr__(self, "pin_pipeline", True)
         object.__setattr__(self, "trusted_devices", tuple(self.trusted_devices))
+        object.__setattr__(self, "label_sources", parse_label_sources(self.label_sources))
+        if not 0.0 <= self.min_teacher_confidence <= 1.0:
+            raise ConfigError(
+                f"--min-teacher-confidence must be in [0, 1], got {self.min_teacher_confidence}"
+            )
         for device in self.trusted_devices:
             try:
                 validate_id(device, kind="device")
@@ -150,11 +161,14 @@ class DatasetInfo:
     validation: dict[str, Any] = field(default_factory=dict)
     #: The per-device cap: ``{"max_share", "effective_share", "dropped", "per_device": {...}}``.
     devices: dict[str, Any] = field(default_factory=dict)
+    #: Where the labels came from: precedence, labelled rows per source, late labels ignored.
+    label_sources: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(vars(self))
         d.pop("validation")
         d.pop("devices")
+        d.pop("label_sources")
         d["shape"] = list(self.shape)
         d["labels"] = list(self.labels)
         return d
@@ -239,11 +253,30 @@ def _pq():
 
 
 class _Rows:
-    """Row iteration over record batches, with the selection rules applied."""
+    """Row iteration over record batches, with the selection rules applied.
 
-    def __init__(self, files: list[Path], *, read_rows: int) -> None:
+    With a ``resolver`` (fleet rows), the ``label`` column is the label the sample trains with, by
+    source precedence, and a ``label_source`` column says where it came from; without one (a trusted
+    validation file) the files' labels are used as they are.
+    """
+
+    def __init__(self, files: list[Path], *, read_rows: int, resolver: LabelResolver | None = None) -> None:
         self.files = files
         self.read_rows = read_rows
+        self.resolver = resolver
+        # Nothing to overlay: the device labels stand, and the per-row pass is skipped.
+        self._plain = resolver is None or (not len(resolver) and "device" in resolver.sources)
+
+    def _relabel(self, cols: dict[str, list]) -> None:
+        labels = cols["label"]
+        if self._plain:
+            if self.resolver is not None:
+                cols["label_source"] = ["device" if v is not None else None for v in labels]
+            return
+        resolve = self.resolver.resolve
+        out = [resolve(d, q, v) for d, q, v in zip(cols["device"], cols["seq"], labels, strict=True)]
+        cols["label"] = [lab for lab, _ in out]
+        cols["label_source"] = [src for _, src in out]
 
     def batches(self, columns: list[str]) -> Iterator[dict[str, list]]:
         pq = _pq()
@@ -262,6 +295,8 @@ class _Rows:
                     cols["x"] = batch.column("x")
                 for name in columns:
                     cols.setdefault(name, [None] * batch.num_rows)
+                if "label" in cols and "device" in cols and "seq" in cols:
+                    self._relabel(cols)
                 yield cols
 
 
@@ -424,7 +459,10 @@ class ParquetDataModule(pl.LightningDataModule):
                 f"no Parquet files under {cfg.root / cfg.fleet / 'data'}; check --data and --fleet "
                 "(the ingest worker writes DIR/FLEET/data/*.parquet)"
             )
-        self._rows = _Rows(files, read_rows=cfg.read_rows)
+        store = LabelStore(cfg.root, cfg.fleet)
+        resolver = store.resolver(cfg.label_sources, min_teacher_confidence=cfg.min_teacher_confidence)
+        self._rows = _Rows(files, read_rows=cfg.read_rows, resolver=resolver)
+        sources: Counter = Counter()  # label source of every labelled fleet row
         rows = unlabelled = 0
         pipelines: Counter = Counter()
         pipeline_devices: dict[Any, set] = {}
@@ -436,6 +474,7 @@ class ParquetDataModule(pl.LightningDataModule):
                 if label is None:
                     unlabelled += 1
                     continue
+                sources[cols["label_source"][i]] += 1
                 p = cols["pipeline"][i]
                 pipelines[p] += 1
                 pipeline_devices.setdefault(p, set()).add(cols["device"][i])
@@ -444,7 +483,9 @@ class ParquetDataModule(pl.LightningDataModule):
         if not pipelines:
             raise ConfigError(
                 f"no labelled samples for fleet {cfg.fleet!r} under {cfg.root} ({rows} rows, "
-                f"{unlabelled} unlabelled); devices must send labels to train on"
+                f"{unlabelled} unlabelled, label sources {','.join(cfg.label_sources)}); devices must "
+                "send labels, or import some with `lepton dataset label --csv FILE`, or let `lepton "
+                "serve --data DIR` record teacher labels"
             )
         if cfg.pin_pipeline:
             pipeline, pinned_by = cfg.pipeline, cfg.pinned_by or "--pipeline"
@@ -573,6 +614,13 @@ class ParquetDataModule(pl.LightningDataModule):
             pipeline_pinned_by=pinned_by,
             validation=validation,
             devices={**devices, "val_data_overlap_left_out": overlap},
+            label_sources={
+                "precedence": list(cfg.label_sources),
+                "min_teacher_confidence": cfg.min_teacher_confidence,
+                "rows": {s: sources.get(s, 0) for s in LABEL_SOURCES_ALL},
+                "late_labels": len(resolver),
+                "ignored": dict(resolver.ignored),
+            },
         )
         if not cfg.trusted:
             log.warning("dataset %s/%s: %s", cfg.root, cfg.fleet, validation["warning"])

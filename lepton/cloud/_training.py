@@ -78,6 +78,9 @@ class TrainConfig:
     trusted_devices: tuple[str, ...] = ()
     #: No device holds more than this share of the training set (1.0: no cap).
     max_device_share: float = 0.34
+    #: Label sources in precedence order (lepton/cloud/_labels.py) and the teacher-confidence floor.
+    label_sources: tuple[str, ...] = ("human", "device", "teacher")
+    min_teacher_confidence: float = 0.9
     #: Ship (publish) a version the gate cannot compare with the deployed one (other pipeline/shape).
     force_incomparable: bool = False
     #: The gate passes when new accuracy >= deployed accuracy - tolerance_points / 100.
@@ -129,6 +132,8 @@ class TrainConfig:
             val_data=self.val_data,
             trusted_devices=self.trusted_devices,
             max_device_share=self.max_device_share,
+            label_sources=self.label_sources,
+            min_teacher_confidence=self.min_teacher_confidence,
             val_fraction=self.val_fraction,
             batch_size=self.batch_size,
             cache_bytes=self.cache_bytes,
@@ -267,6 +272,7 @@ class RegistryCallback(pl.Callback):
             "status": "refused" if refused else "kept",
             "gate": gate,
             "validation": info.validation,
+            "labels": info.label_sources,
             "devices": info.devices,
             "data": info.to_dict(),
             "export": exported.report,
