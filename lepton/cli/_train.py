@@ -270,6 +270,14 @@ def _labels(r: dict) -> str:
     return f"{'>'.join(lab.get('precedence', []))}: {rows}; late labels ignored: {ignored}"
 
 
+def _calibration(e: dict) -> str:
+    c = e.get("calibration") or {}
+    if not c.get("samples"):
+        return "none (no validation samples)"
+    return (f"temperature {c['temperature']:.3f} on {c['samples']} validation samples; ECE "
+            f"{c['ece_raw']:.4f} raw -> {c.get('ece_calibrated')} calibrated (cross-fitted)")
+
+
 def _arch(r: dict) -> str:
     a = r.get("training", {}).get("architecture") or {}
     return f"{a.get('class')} ({a.get('target')}, {a.get('parameters')} parameters): {a.get('reason')}"
@@ -302,6 +310,7 @@ def _summary(r: dict) -> str:
         f"  network     {_arch(r)}",
         f"  accuracy    fp32 {e['fp32_accuracy']:.4f} ({e['fp32_latency_ms']:.3f} ms), {int8}",
         f"  shipped     {e['shipped']}, {size} bytes = {ratio:.2f}x fp32 ({e['reason']})",
+        f"  calibration {_calibration(e)}",
         f"  export      max |onnx - torch| = {e['max_abs_diff']:.2g}",
         f"  gate        {'passed' if g['passed'] else 'REFUSED'}: {g['reason']}",
     ]

@@ -101,6 +101,11 @@ class ExportResult:
     def shipped_accuracy(self) -> float:
         return float(self.report["shipped_accuracy"])
 
+    @property
+    def calibration(self) -> dict[str, Any] | None:
+        """``{"method": "temperature", "temperature": T, "ece_raw", "ece_calibrated", ...}``."""
+        return self.report.get("calibration")
+
 
 # ------------------------------------------------------------------------------------------------
 # export
@@ -407,6 +412,12 @@ def export_and_compress(
             )
             if quantization == "int8":
                 shipped = int8
+    # Temperature scaling on the shipped model's logits (cloud/_calibration.py): the confidence a
+    # device escalates on means what it says.
+    from lepton.cloud._calibration import calibrate
+
+    shipped_sess = int8_sess if quantization == "int8" else fp32_sess
+    report["calibration"] = calibrate(shipped_sess, datamodule.iter_numpy("val"))
     report.update(
         {
             "shipped": "int8" if quantization == "int8" else "fp32",

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["ModelVersion", "Registry"]
 
-MANIFEST_FIELDS = ("input", "labels", "pipeline", "metrics", "quantization", "parent")
+MANIFEST_FIELDS = ("input", "labels", "pipeline", "metrics", "quantization", "parent", "calibration")
 
 
 @dataclass(frozen=True)
@@ -193,6 +193,7 @@ class Registry:
         parent: int | None,
         report: dict[str, Any],
         fp32: bytes | None = None,
+        calibration: dict[str, Any] | None = None,
     ) -> ModelVersion:
         """Store a new version (next number) and return it."""
         import hashlib
@@ -211,6 +212,7 @@ class Registry:
                 "metrics": dict(metrics),
                 "quantization": quantization,
                 "parent": parent,
+                "calibration": dict(calibration) if calibration is not None else None,
                 "sha256": hashlib.sha256(model).hexdigest(),
                 "size": len(model),
                 "created": round(time.time(), 3),
@@ -268,6 +270,7 @@ class Registry:
             chunk_size=chunk_size,
             private_key=private_key,
             created=m["created"],
+            calibration=m.get("calibration"),
         )
 
     def publish(
@@ -350,4 +353,5 @@ class Registry:
             parent=to,
             report=report,
             fp32=fp32.read_bytes() if fp32.exists() else None,
+            calibration=m.get("calibration"),
         )

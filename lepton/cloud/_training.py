@@ -292,6 +292,7 @@ class RegistryCallback(pl.Callback):
             pipeline={"hash": info.pipeline, "spec": cfg.pipeline_spec},
             metrics=metrics,
             quantization=exported.quantization,
+            calibration=_manifest_calibration(exported.calibration),
             parent=deployed.version if deployed is not None else None,
             report=report,
         )
@@ -527,6 +528,14 @@ def train(
     }
     version = registry.update_report(config.model, result.version.version, training=training)
     return TrainResult(version=version, status=result.status, report=version.report)
+
+
+def _manifest_calibration(cal: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What a device needs of the calibration (T), plus the ECE figures for the operator."""
+    if not cal or not cal.get("samples"):
+        return None
+    keep = ("method", "temperature", "samples", "ece_raw", "ece_calibrated")
+    return {k: cal[k] for k in keep if cal.get(k) is not None}
 
 
 def _quiet_lightning() -> None:

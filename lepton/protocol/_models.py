@@ -25,6 +25,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -84,10 +85,17 @@ class ModelManifest:
     format: str = "onnx"
     quantization: str = "none"
     raw: dict[str, Any] | None = None
+    #: ``{"method": "temperature", "temperature": T, ...}`` or None (uncalibrated: T = 1).
+    calibration: dict[str, Any] | None = None
 
     @property
     def pipeline_hash(self) -> str | None:
         return self.pipeline.get("hash")
+
+    @property
+    def temperature(self) -> float:
+        """Divide the logits by this before the softmax: the calibrated confidence (1.0 if none)."""
+        return float((self.calibration or {}).get("temperature", 1.0))
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.raw or {})
@@ -183,6 +191,7 @@ def build_package(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     private_key=None,
     created: float | None = None,
+    calibration: Mapping[str, Any] | None = None,
 ) -> tuple[bytes, list[bytes]]:
     """Build the retained manifest payload and the chunk payloads of one model version for ``fleet``.
 
@@ -214,6 +223,9 @@ def build_package(
         "created": round(created if created is not None else time.time(), 3),
         "parent": parent,
     }
+    if calibration is not None:  # optional: older readers ignore it, older manifests lack it (T = 1)
+        _check_calibration(calibration)
+        manifest["calibration"] = dict(calibration)
     text = json.dumps(manifest, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     envelope: dict[str, Any] = {"v": 1, "manifest": text, "signature": None}
     if private_key is not None:
@@ -302,6 +314,8 @@ def _parse_body(signed: bytes) -> ModelManifest:
         created = body.get("created") or 0.0
         if type(created) not in (int, float):
             raise ValueError("created must be a number of unix seconds")
+        if body.get("calibration") is not None:
+            _check_calibration(body["calibration"])
     except (ValueError, UnicodeError, ProtocolError, TypeError, RecursionError) as exc:
         raise ModelRejected("bad_manifest", f"cannot read the model manifest: {exc}") from None
     return ModelManifest(
@@ -310,7 +324,16 @@ def _parse_body(signed: bytes) -> ModelManifest:
         labels=tuple(body["labels"]), pipeline=body["pipeline"], metrics=body.get("metrics") or {},
         created=float(created), parent=body.get("parent"),
         format=body.get("format", "onnx"), quantization=body.get("quantization", "none"), raw=body,
+        calibration=body.get("calibration"),
     )
+
+
+def _check_calibration(cal: Any) -> None:
+    if not isinstance(cal, Mapping):
+        raise ValueError("calibration must be an object or null")
+    t = cal.get("temperature")
+    if type(t) not in (int, float) or not math.isfinite(t) or not 0.01 <= t <= 100.0:
+        raise ValueError(f"calibration.temperature must be a number in [0.01, 100], got {t!r}")
 
 
 def open_manifest(
