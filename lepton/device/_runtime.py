@@ -11,20 +11,18 @@ thread) and calls :meth:`ModelRuntime.predict` for every captured sample::
     ...
     prediction = runtime.predict(features)      # None until a model is loaded
 
+This module is the shell around :class:`~lepton.device._assembler.ModelAssembler`, which holds every
+rule of the model channel (verify first, orphan caps, timeouts, refetch, the whole-package checks)
+without I/O. The shell moves messages and the time to it and carries out what it decides: build an
+``InferenceSession``, swap, store the last good model, re-subscribe, report.
+
 How a swap happens, and why it never stalls inference:
 
-* ``handle_message`` only parses the topic and queues the payload; it never blocks or raises.
-* One background thread verifies a manifest before it lets it decide anything (size, Ed25519
-  signature, then the signed fleet and model against the topic, see
-  :func:`~lepton.protocol.open_manifest`): a forged or replayed manifest supersedes nothing, clears
-  nothing and pins no version. Chunks of a version with a verified manifest are checked against
-  their sha256 as they arrive and kept; chunks of any other version are *orphans*, unverifiable, and
-  only a bounded number of them (``max_orphan_bytes``, ``max_orphan_chunks``, ``max_orphan_versions``)
-  is held, in O(1) per chunk. Whatever was dropped is fetched again by re-subscribing (the broker
-  resends the retained chunks), which ``on_resubscribe`` does when a verified version stops making
-  progress. Then it verifies the whole package (sha256, size, pipeline hash, input shape/dtype, no
-  ONNX external data), writes it to disk, builds a new ``InferenceSession`` from that file, warms it
-  up, swaps, and then commits it (fsync) as the last good model.
+* ``handle_message`` only parses the topic and queues the payload (bounded in bytes); it never
+  blocks, raises, or touches the disk.
+* One background thread (the *worker*) hands each message to the assembler. For a verified package
+  it writes the ONNX bytes to disk, builds a new ``InferenceSession`` from that file, warms it up,
+  swaps, and then commits it (fsync) as the last good model.
 * The swap is one reference assignment (``self._current = loaded``). ``predict`` reads the reference
   once per call, so an inference in flight finishes on the old session and the next one uses the new;
   the old session is freed when its last inference returns.
@@ -33,6 +31,23 @@ A rejected model (any :data:`~lepton.protocol.REJECT_REASONS` code) leaves the c
 the reason goes to ``status()["model_error"]``, the log, and ``on_change``. A version not newer than the
 one served is ignored (``stale_version``), which is not an error: it is how a device sees the retained
 manifest again after every reconnect.
+
+Who owns what (each field has one writer; the constructor writes them all before the worker starts):
+
+* paho's network thread: ``_last_heard`` and ``_resumed_at`` (the worker only reads them, passing
+  them to the assembler's ``tick``);
+* the worker thread: ``_core`` (the assembler; nobody else touches it), ``_snapshot`` (its
+  immutable :class:`~lepton.device._assembler.AssemblerStats`, replaced whole after every event, so
+  ``status()`` and ``buffers()`` read a consistent copy from any thread), ``_current`` and ``_error``
+  (replaced whole, read once by other threads);
+* ``_inbox_lock``: ``_inbox_bytes`` and ``_inbox_dropped`` (the network thread adds, the worker
+  subtracts);
+* ``_stats_lock``: the inference counters, latencies, accuracy and ``_last_failure_log`` (inference
+  threads), ``_swaps``, ``_rejections``, ``_stale`` and ``_swap_log`` (the worker; an inference marks
+  ``first_inference_ts`` in the last entry).
+
+Disk: the worker stages, fsyncs and removes model files; the constructor reads the last good model.
+Nothing here touches the disk on paho's network thread.
 """
 
 from __future__ import annotations
@@ -44,47 +59,42 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from lepton.device._assembler import (
+    INPUT_DTYPE_NAMES,
+    Announced,
+    AssemblerStats,
+    Cleared,
+    Event,
+    ModelAssembler,
+    Ready,
+    Refetch,
+    Rejected,
+    Stale,
+    check_shape,
+    fits,
+)
 from lepton.device._modelstore import ModelStore
 from lepton.errors import ModelRejected, ProtocolError
-from lepton.protocol import (
-    ModelManifest,
-    ModelPackage,
-    Topics,
-    assemble_package,
-    check_onnx_self_contained,
-    open_manifest,
-    parse_manifest,
-    validate_id,
-    verify_chunk,
-    verify_package,
-)
+from lepton.protocol import ModelManifest, ModelPackage, Topics, validate_id
 
 log = logging.getLogger(__name__)
 
 __all__ = ["ModelRuntime", "Prediction"]
 
 #: numpy dtypes a manifest may name for the model input.
-INPUT_DTYPES = {
-    "float32": np.float32, "float16": np.float16, "float64": np.float64, "uint8": np.uint8,
-    "int8": np.int8, "int32": np.int32, "int64": np.int64,
-}
+INPUT_DTYPES = {name: np.dtype(name).type for name in INPUT_DTYPE_NAMES}
 _ORT_TYPES = {
     "tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
     "tensor(uint8)": "uint8", "tensor(int8)": "int8", "tensor(int32)": "int32", "tensor(int64)": "int64",
 }
 LATENCY_WINDOW = 2048
 ACCURACY_VERSIONS_KEPT = 8
-#: sha256 of no bytes: the one chunk of an empty model, which is never sent (an empty retained
-#: message clears the topic), so a receiver takes it as present.
-EMPTY_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
-REJECTED_VERSIONS_KEPT = 16
-REFETCH_MAX_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -118,44 +128,6 @@ class _Loaded:
     loaded_at: float
 
 
-@dataclass
-class _Assembly:
-    """The chunks of the one version whose manifest verified and that is not served yet.
-
-    Every chunk in ``chunks`` has been checked against the manifest (on arrival, or when the
-    manifest came), so _finish does not hash them again.
-    """
-
-    version: int
-    manifest: ModelManifest
-    manifest_payload: bytes
-    signed_by: str | None
-    manifest_seen: float
-    manifest_wall: float
-    chunks: dict[int, bytes] = field(default_factory=dict)
-    nbytes: int = 0
-    last_progress: float = 0.0
-    refetch_wait: float = 0.0  # seconds without progress before the next re-subscribe
-    refetches: int = 0
-    stuck_reported: bool = False
-
-    def add(self, index: int, data: bytes, now: float) -> None:
-        old = self.chunks.get(index)
-        self.nbytes += len(data) - (len(old) if old is not None else 0)
-        self.chunks[index] = data
-        self.last_progress = now
-
-    def complete(self) -> bool:
-        return len(self.chunks) == len(self.manifest.chunks)
-
-
-@dataclass
-class _Orphans:
-    """Chunks of a version without a verified manifest: unverifiable, so bounded and short-lived."""
-
-    first_seen: float
-    chunks: dict[int, bytes] = field(default_factory=dict)
-    nbytes: int = 0
 
 
 class ModelRuntime:
@@ -164,7 +136,9 @@ class ModelRuntime:
     ``public_key=None`` means the device runs with ``--no-verify``: hashes are still checked, the
     signature is not. ``pipeline_hash`` (the hash of the device's preprocessing spec) must equal the
     model's; ``None`` skips that check. ``input_shape`` is the feature shape the pipeline produces,
-    without the batch dimension; ``None`` skips the shape check.
+    without the batch dimension; ``None`` skips the shape check. The limits and timeouts are the
+    assembler's (see :class:`~lepton.device._assembler.ModelAssembler`), except ``max_inbox_bytes``,
+    the bound of the queue between paho's thread and the worker.
     """
 
     def __init__(
@@ -199,37 +173,26 @@ class ModelRuntime:
         self.on_change = on_change
         self.providers = list(providers)
         self.intra_op_threads = int(intra_op_threads)
-        self.assemble_timeout = float(assemble_timeout)
-        self.max_model_bytes = int(max_model_bytes)
-        self.max_orphan_bytes = int(max_orphan_bytes)
-        self.max_orphan_chunks = int(max_orphan_chunks)
-        self.max_orphan_versions = int(max_orphan_versions)
         self.max_inbox_bytes = int(max_inbox_bytes)
-        self.orphan_ttl = float(orphan_ttl)
-        self.refetch_after = float(refetch_after)
-        self.reconnect_quiet = float(reconnect_quiet)
         self.on_resubscribe = on_resubscribe
         self.warmup_runs = int(warmup_runs)
         self.store = ModelStore(store_dir, self.model)
 
+        self._core = ModelAssembler(
+            fleet=topics.fleet, model=self.model, public_key=public_key, pipeline_hash=pipeline_hash,
+            input_shape=self.input_shape, assemble_timeout=assemble_timeout, max_model_bytes=max_model_bytes,
+            max_orphan_bytes=max_orphan_bytes, max_orphan_chunks=max_orphan_chunks,
+            max_orphan_versions=max_orphan_versions, orphan_ttl=orphan_ttl, refetch_after=refetch_after,
+            reconnect_quiet=reconnect_quiet)
+        self._snapshot: AssemblerStats = self._core.stats()
         self._current: _Loaded | None = None  # THE swap point: assigned whole, read once per predict
+        self._error: dict[str, Any] | None = None
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._inbox_lock = threading.Lock()
         self._inbox_bytes = 0  # payload bytes queued for the worker
         self._inbox_dropped = 0
-        # Owned by the worker thread (others only read the ints, for reports):
-        self._pending: _Assembly | None = None
-        self._orphans: dict[int, _Orphans] = {}
-        self._orphan_bytes = 0
-        self._orphan_chunks = 0
-        self._orphans_dropped = 0
-        self._refetches = 0
-        self._refetch_wait = float(refetch_after)  # between re-subscriptions for a missing manifest
-        self._last_refetch = 0.0
-        self._resumed_at: float | None = None  # set by on_connected (network thread), cleared by the worker
-        self._last_heard = 0.0  # written by handle_message (network thread)
-        self._rejected_versions: dict[int, str] = {}  # verified manifests refused: version -> reason
-        self._error: dict[str, Any] | None = None
+        self._resumed_at: float | None = None
+        self._last_heard = 0.0
         self._stats_lock = threading.Lock()
         self._inferences = 0
         self._failures = 0
@@ -268,6 +231,7 @@ class ModelRuntime:
         Mosquitto does not (MQTT sends retained messages on SUBSCRIBE only). Subscribing again at once
         would make amqtt send the current model twice, so the runtime waits ``reconnect_quiet``
         seconds and re-subscribes (``on_resubscribe``) only if no model message came meanwhile.
+        Called from paho's network thread.
         """
         if not session_present or self.on_resubscribe is None:
             return self.subscriptions()
@@ -349,11 +313,13 @@ class ModelRuntime:
             index = int(np.argmax(scores))
             confidence = float(scores[index])
         except Exception as exc:  # noqa: BLE001 - counted and logged; the device keeps running
+            now = time.monotonic()
             with self._stats_lock:
                 self._failures += 1
-            now = time.monotonic()
-            if now - self._last_failure_log > 10:
-                self._last_failure_log = now
+                loud = now - self._last_failure_log > 10
+                if loud:
+                    self._last_failure_log = now
+            if loud:
                 log.warning("inference failed on %s v%d: %s", self.model, current.manifest.version, exc)
             return None
         latency_ms = (time.perf_counter() - start) * 1000.0
@@ -377,9 +343,9 @@ class ModelRuntime:
         if not current.batched:
             return arr
         shape = current.sample_shape
-        if _fits(arr.shape, shape):
+        if fits(arr.shape, shape):
             arr = arr[np.newaxis, ...]
-        elif not (arr.ndim == len(shape) + 1 and arr.shape[0] == 1 and _fits(arr.shape[1:], shape)):
+        elif not (arr.ndim == len(shape) + 1 and arr.shape[0] == 1 and fits(arr.shape[1:], shape)):
             if all(d > 0 for d in shape) and arr.size == math.prod(shape):
                 arr = arr.reshape((1, *shape))  # e.g. an (8, 8) image for a model that takes 64 features
         return np.ascontiguousarray(arr)
@@ -395,24 +361,28 @@ class ModelRuntime:
             while len(self._accuracy) > ACCURACY_VERSIONS_KEPT:
                 del self._accuracy[min(self._accuracy)]
 
+
     # ------------------------------------------------------------------------------------------
-    # reports
+    # reports (any thread)
     # ------------------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
         """Fields merged into the device's retained status (see docs/protocol.md, "Predictions")."""
         current = self._current
+        snap = self._snapshot  # published whole by the worker: consistent, and never a live dict
+        error = self._error
         with self._stats_lock:
             accuracy = {str(v): {"accuracy": round(c / n, 4) if n else None, "correct": c, "samples": n}
                         for v, (c, n) in sorted(self._accuracy.items())}
-        error = dict(self._error) if self._error else None
-        pending = self._pending_summary()
+        pending = None
+        if snap.pending is not None:
+            pending = dict(zip(("version", "chunks", "of"), snap.pending, strict=True))
         body: dict[str, Any] = {
             "model": self.model,
             "model_version": current.manifest.version if current else None,
             "model_sha256": current.manifest.sha256 if current else None,
             "model_source": current.source if current else None,
             "model_quantization": current.manifest.quantization if current else None,
-            "model_error": error,
+            "model_error": dict(error) if error else None,
             "model_pending": pending,
             "model_verify": self.public_key is not None,
             "accuracy": accuracy,
@@ -421,6 +391,7 @@ class ModelRuntime:
 
     def telemetry(self) -> dict[str, Any]:
         """Counters for the device's telemetry report."""
+        buffers = self.buffers()
         with self._stats_lock:
             lat = np.fromiter(self._latencies, dtype=np.float64)
             n = self._inferences
@@ -436,7 +407,7 @@ class ModelRuntime:
                 "swaps": self._swaps,
                 "model_rejections": self._rejections,
                 "model_stale_ignored": self._stale,
-                **self.buffers(),
+                **buffers,
             }
             if self._swap_log:
                 body["last_swap"] = dict(self._swap_log[-1])
@@ -451,26 +422,22 @@ class ModelRuntime:
 
     def buffers(self) -> dict[str, int]:
         """What the runtime holds for versions it does not serve yet, and what it dropped."""
-        pending = self._pending
+        snap = self._snapshot
+        with self._inbox_lock:
+            inbox_bytes, inbox_dropped = self._inbox_bytes, self._inbox_dropped
         return {
-            "model_pending_bytes": pending.nbytes if pending is not None else 0,
-            "model_orphan_bytes": self._orphan_bytes,
-            "model_orphan_chunks": self._orphan_chunks,
-            "model_orphan_versions": len(self._orphans),
-            "model_orphans_dropped": self._orphans_dropped,
-            "model_refetches": self._refetches,
-            "model_inbox_bytes": self._inbox_bytes,
-            "model_inbox_dropped": self._inbox_dropped,
+            "model_pending_bytes": snap.pending_bytes,
+            "model_orphan_bytes": snap.orphan_bytes,
+            "model_orphan_chunks": snap.orphan_chunks,
+            "model_orphan_versions": snap.orphan_versions,
+            "model_orphans_dropped": snap.orphans_dropped,
+            "model_refetches": snap.refetches,
+            "model_inbox_bytes": inbox_bytes,
+            "model_inbox_dropped": inbox_dropped,
         }
 
-    def _pending_summary(self) -> dict[str, Any] | None:
-        a = self._pending
-        if a is None:
-            return None
-        return {"version": a.version, "chunks": len(a.chunks), "of": len(a.manifest.chunks)}
-
     # ------------------------------------------------------------------------------------------
-    # background thread: assemble, verify, load, swap
+    # the worker thread: feed the assembler, carry out its decisions
     # ------------------------------------------------------------------------------------------
     def _run(self) -> None:
         while True:
@@ -485,206 +452,53 @@ class ModelRuntime:
                     parsed, payload, mono, wall = item
                     with self._inbox_lock:
                         self._inbox_bytes -= len(payload)
+                    t0 = time.perf_counter()  # a Ready package was joined and verified inside this call
                     if parsed.channel == "model":
-                        self._on_manifest(payload, mono, wall)
+                        events = self._core.receive_manifest(payload, mono, wall=wall)
                     else:
-                        self._on_chunk(parsed.version, parsed.chunk, payload, mono)
-                self._check_stuck()
+                        events = self._core.receive_chunk(parsed.version, parsed.chunk, payload, mono)
+                    self._apply(events, verify_ms=(time.perf_counter() - t0) * 1000.0)
+                self._apply(self._core.tick(time.monotonic(), resumed_at=self._resumed_at,
+                                            last_heard=self._last_heard,
+                                            can_refetch=self.on_resubscribe is not None))
                 time.sleep(0)  # hand the GIL to a waiting inference thread now, not after the 5 ms interval
             except Exception:  # noqa: BLE001 - a bug here must not stop future swaps
                 log.exception("model runtime: unexpected error while handling a model message")
 
-    def _on_manifest(self, payload: bytes, mono: float, wall: float) -> None:
-        if not payload:  # unverifiable, so it decides nothing
-            log.info("model %s: retained manifest cleared; keeping v%s", self.model, self.version)
-            return
-        pending = self._pending
-        if pending is not None and pending.manifest_payload == payload:
-            return  # the same retained manifest again, already verified
-        try:  # verify first: until this returns, the payload decides nothing
-            manifest, signed_by = open_manifest(payload, public_key=self.public_key, fleet=self.topics.fleet,
-                                                model=self.model)
-        except ModelRejected as exc:
-            self._reject(_claimed_version(payload), exc)  # for the report only: it decides nothing
-            return
-        version = manifest.version
-        current = self.version
-        if (current is not None and version <= current) or (pending is not None
-                                                             and version < pending.version):
-            self._stale += 1
-            (log.debug if version == current else log.info)(
-                "model %s v%d ignored (stale_version): serving v%s", self.model, version, current)
-            return
-        if version in self._rejected_versions:
-            return  # refused already; the retained manifest comes again on every reconnect
-        # A verified manifest names the newest version: older pending chunks can never be served.
-        if pending is not None:
-            self._pending = None
-        for old in [v for v in self._orphans if v < version]:
-            self._drop_orphans(old)
-        try:
-            if manifest.size > self.max_model_bytes:
-                raise ModelRejected("too_large", f"v{version} is {manifest.size} bytes; this device takes "
-                                    f"at most {self.max_model_bytes} (max_model_bytes)")
-            self._check_compatible(manifest)
-        except ModelRejected as exc:
-            self._refuse(version, exc)
-            self._drop_orphans(version)
-            return
-        asm = _Assembly(version=version, manifest=manifest, manifest_payload=payload, signed_by=signed_by,
-                        manifest_seen=mono, manifest_wall=wall, last_progress=mono,
-                        refetch_wait=self.refetch_after)
-        self._pending = asm
-        orphans = self._drop_orphans(version)
-        bad = []
-        for index, data in orphans.items():
-            try:
-                verify_chunk(manifest, index, data)
-            except ModelRejected as exc:
-                bad.append(exc)
-            else:
-                asm.add(index, data, mono)
-        if len(manifest.chunks) == 1 and manifest.chunks[0] == EMPTY_SHA256:
-            asm.add(0, b"", mono)  # an empty model: its one chunk is never sent
-        if bad:
-            self._reject(version, bad[0], keep_waiting=True)
-        log.info("model %s v%d announced: %d/%d chunks here", self.model, version, len(asm.chunks),
-                 len(manifest.chunks))
-        if asm.complete():
-            self._finish(asm)
+    def _apply(self, events: list[Event], *, verify_ms: float = 0.0) -> None:
+        """Publish the assembler's new state, then carry out each decision."""
+        self._snapshot = self._core.stats()
+        for event in events:
+            if isinstance(event, Ready):
+                self._finish(event, verify_ms=verify_ms)
+            elif isinstance(event, Rejected):
+                self._reject(event.version, event.error)
+            elif isinstance(event, Refetch):
+                self._refetch(event.why)
+            elif isinstance(event, Stale):
+                with self._stats_lock:
+                    self._stale += 1
+                (log.debug if event.version == event.serving else log.info)(
+                    "model %s v%d ignored (stale_version): serving v%s", self.model, event.version,
+                    event.serving)
+            elif isinstance(event, Announced):
+                log.info("model %s v%d announced: %d/%d chunks here", self.model, event.version, event.have,
+                         event.of)
+            elif isinstance(event, Cleared):
+                log.info("model %s: retained manifest cleared; keeping v%s", self.model, event.serving)
 
-    def _on_chunk(self, version: int, index: int, payload: bytes, now: float) -> None:
-        current = self.version
-        if current is not None and version <= current:
+    def _refetch(self, why: str) -> None:
+        if self.on_resubscribe is None:  # it asks only when it can (can_refetch), unless set to None since
             return
-        pending = self._pending
-        if pending is not None and version == pending.version:
-            if not payload:  # the cloud clears chunks with an empty retained message
-                return
-            try:
-                verify_chunk(pending.manifest, index, payload)
-            except ModelRejected as exc:
-                self._reject(version, exc, keep_waiting=True)
-                return
-            if index not in pending.chunks:
-                pending.add(index, payload, now)
-            if pending.complete():
-                self._finish(pending)
-            return
-        if (pending is not None and version < pending.version) or version in self._rejected_versions:
-            return  # superseded or refused
-        self._add_orphan(version, index, payload, now)
-
-    def _add_orphan(self, version: int, index: int, payload: bytes, now: float) -> None:
-        """Hold an unverifiable chunk, within the caps; O(1) whatever is already held."""
-        group = self._orphans.get(version)
-        if not payload:
-            if group is not None and index in group.chunks:
-                self._orphan_bytes -= len(group.chunks[index])
-                group.nbytes -= len(group.chunks.pop(index))
-                self._orphan_chunks -= 1
-            return
-        old = len(group.chunks[index]) if group is not None and index in group.chunks else None
-        growth = len(payload) - (old or 0)
-        if (old is None and self._orphan_chunks >= self.max_orphan_chunks) \
-                or self._orphan_bytes + growth > self.max_orphan_bytes:
-            self._orphans_dropped += 1  # fetched again by a re-subscription once its manifest verifies
-            return
-        if group is None:
-            if len(self._orphans) >= self.max_orphan_versions:
-                lowest = min(self._orphans)  # at most max_orphan_versions entries: O(1)
-                if lowest > version:
-                    self._orphans_dropped += 1
-                    return
-                self._orphans_dropped += len(self._drop_orphans(lowest))
-                if self._orphan_chunks >= self.max_orphan_chunks:
-                    self._orphans_dropped += 1
-                    return
-            group = self._orphans[version] = _Orphans(first_seen=now)
-        group.chunks[index] = payload
-        group.nbytes += growth
-        self._orphan_bytes += growth
-        if old is None:
-            self._orphan_chunks += 1
-
-    def _drop_orphans(self, version: int) -> dict[int, bytes]:
-        group = self._orphans.pop(version, None)
-        if group is None:
-            return {}
-        self._orphan_bytes -= group.nbytes
-        self._orphan_chunks -= len(group.chunks)
-        return group.chunks
-
-    def _refetch(self, now: float, why: str) -> None:
-        if self.on_resubscribe is None:
-            return
-        self._last_refetch = now
-        self._refetch_wait = min(REFETCH_MAX_S, self._refetch_wait * 2)
-        with self._stats_lock:
-            self._refetches += 1
         log.info("model %s: %s; re-subscribing to fetch the retained messages again", self.model, why)
         try:
             self.on_resubscribe()
         except Exception:  # noqa: BLE001 - the agent's callback must not break the runtime
             log.exception("model runtime: on_resubscribe callback failed")
 
-    def _refuse(self, version: int, exc: ModelRejected) -> None:
-        """A verified manifest that this device cannot use: remember it, so its chunks are dropped."""
-        self._rejected_versions[version] = exc.reason
-        while len(self._rejected_versions) > REJECTED_VERSIONS_KEPT:
-            del self._rejected_versions[min(self._rejected_versions)]
-        self._reject(version, exc)
-
-    def _check_stuck(self) -> None:
-        now = time.monotonic()
-        resumed = self._resumed_at
-        if resumed is not None and now - resumed > self.reconnect_quiet:
-            self._resumed_at = None
-            if self._last_heard < resumed:  # the broker resent nothing: ask for the retained state
-                self._refetch(now, "a resumed session brought no model message")
-        for version in [v for v, g in self._orphans.items() if now - g.first_seen > self.orphan_ttl]:
-            self._orphans_dropped += len(self._orphans[version].chunks)
-            self._drop_orphans(version)
-        asm = self._pending
-        if asm is None:
-            # Chunks of a newer version but no manifest (a broker such as amqtt may fan a manifest out
-            # before it stores it as retained, so a new subscriber can miss it): ask again, with backoff.
-            if self._orphans and now - min(g.first_seen for g in self._orphans.values()) > self._refetch_wait \
-                    and now - self._last_refetch > self._refetch_wait:
-                self._refetch(now, "chunks of a newer version but no manifest")
-            return
-        if now - asm.last_progress > asm.refetch_wait:
-            # Chunks were lost (dropped as orphans, or by the broker): subscribing again makes the
-            # broker resend every retained chunk; those already here are skipped.
-            asm.refetches += 1
-            asm.last_progress = now
-            asm.refetch_wait = min(REFETCH_MAX_S, asm.refetch_wait * 2)
-            self._refetch(now, f"v{asm.version}: {len(asm.chunks)}/{len(asm.manifest.chunks)} chunks, "
-                          "none new for a while")
-        if not asm.stuck_reported and now - asm.manifest_seen > self.assemble_timeout:
-            asm.stuck_reported = True
-            missing = [i for i in range(len(asm.manifest.chunks)) if i not in asm.chunks]
-            self._reject(asm.version, ModelRejected(
-                "missing_chunk", f"chunks {missing[:10]} of v{asm.version} have not arrived after "
-                f"{self.assemble_timeout:.0f}s; still waiting"), keep_waiting=True)
-
-    def _finish(self, asm: _Assembly) -> None:
-        """All chunks are here: verify the whole package, load and warm it up, store it, swap."""
-        version = asm.version
-        t0 = time.perf_counter()
-        try:
-            package = assemble_package(asm.manifest, asm.chunks, signed_by=asm.signed_by,
-                                       chunks_verified=True)
-        except ModelRejected as exc:
-            self._pending = None
-            self._refuse(version, exc)
-            return
-        self._pending = None  # the package holds the bytes now
-        try:  # before ONNX Runtime sees it: it would open the files external data names
-            check_onnx_self_contained(package.data, what=f"v{version}")
-        except ModelRejected as exc:
-            self._refuse(version, exc)
-            return
+    def _finish(self, ready: Ready, *, verify_ms: float) -> None:
+        """A verified package: stage it on disk, load and warm it up, swap, commit it as the last good one."""
+        package, version = ready.package, ready.version
         t1 = time.perf_counter()
         path: Path | None = None
         try:  # staged on disk first: ONNX Runtime loads a file without holding the GIL for long
@@ -698,22 +512,21 @@ class ModelRuntime:
         except ModelRejected as exc:
             if path is not None:
                 self.store.discard(version)
-            self._refuse(version, exc)
+            self._apply(self._core.refuse(version, exc))
             return
         current = self.version
         if current is not None and version <= current:  # cannot happen with one worker; stay safe
             return
         t3 = time.perf_counter()
-        ready_ms = (time.monotonic() - asm.manifest_seen) * 1000.0 if asm.manifest_seen else None
-        steps = {"verify_ms": round((t1 - t0) * 1000, 3), "stage_ms": round((t2 - t1) * 1000, 3),
+        ready_ms = (time.monotonic() - ready.manifest_seen) * 1000.0
+        steps = {"verify_ms": round(verify_ms, 3), "stage_ms": round((t2 - t1) * 1000, 3),
                  "load_ms": round((t3 - t2) * 1000, 3)}
-        self._swap(loaded, manifest_wall=asm.manifest_wall, ready_ms=ready_ms, steps=steps)
-        for v in [v for v in self._orphans if v <= version]:
-            self._drop_orphans(v)
-        self._refetch_wait = self.refetch_after
+        self._swap(loaded, manifest_wall=ready.manifest_wall, ready_ms=ready_ms, steps=steps)
+        self._core.served(version)
+        self._snapshot = self._core.stats()
         if path is not None:  # after the swap: serving does not wait for fsync
             try:
-                self.store.commit(asm.manifest_payload, version)
+                self.store.commit(ready.manifest_payload, version)
             except OSError as exc:  # serving matters more than the disk copy
                 log.warning("model %s v%d: cannot store it as the last good model in %s: %s",
                             self.model, version, self.store.directory, exc)
@@ -738,7 +551,7 @@ class ModelRuntime:
                  loaded.manifest.size, loaded.manifest.sha256[:12])
         self._notify()
 
-    def _reject(self, version: int | None, exc: ModelRejected, *, keep_waiting: bool = False) -> None:
+    def _reject(self, version: int | None, exc: ModelRejected) -> None:
         with self._stats_lock:
             self._rejections += 1
         error = {"reason": exc.reason, "message": exc.detail, "version": version, "ts": round(time.time(), 3)}
@@ -761,25 +574,8 @@ class ModelRuntime:
             log.exception("model runtime: on_change callback failed")
 
     # ------------------------------------------------------------------------------------------
-    # verification helpers
+    # loading
     # ------------------------------------------------------------------------------------------
-    def _check_compatible(self, manifest: ModelManifest) -> None:
-        if self.pipeline_hash is not None and manifest.pipeline_hash != self.pipeline_hash:
-            raise ModelRejected("incompatible_pipeline", f"v{manifest.version} was trained on pipeline "
-                                f"{manifest.pipeline_hash!r}, this device runs {self.pipeline_hash!r}")
-        spec = manifest.input
-        dtype = spec.get("dtype", "float32")
-        if dtype not in INPUT_DTYPES:
-            raise ModelRejected("incompatible_input", f"v{manifest.version} takes dtype {dtype!r}; "
-                                f"supported: {sorted(INPUT_DTYPES)}")
-        shape = spec.get("shape")
-        if shape is not None and not (isinstance(shape, list) and all(isinstance(d, (int, str)) or d is None
-                                                                       for d in shape)):
-            raise ModelRejected("incompatible_input",
-                                f"v{manifest.version} has a malformed input shape {shape!r}")
-        if shape is not None and self.input_shape is not None:
-            _check_shape(manifest.version, shape, self.input_shape)
-
     def _load(self, package: ModelPackage, *, source: str, path: Path | None = None) -> _Loaded:
         """Build an InferenceSession and warm it up; raise ModelRejected("load_failed").
 
@@ -813,7 +609,7 @@ class ModelRuntime:
                                 f"but the ONNX graph takes {dtype_name}")
         dims = [d if isinstance(d, int) and d > 0 else -1 for d in node.shape]
         if self.input_shape is not None:
-            _check_shape(manifest.version, dims, self.input_shape)
+            check_shape(manifest.version, dims, self.input_shape)
         batched = len(dims) >= 2  # features are at least 1-D, so a batched input is at least 2-D
         sample_shape = tuple(dims[1:]) if batched else tuple(dims)
         dtype = INPUT_DTYPES[dtype_name]
@@ -838,19 +634,15 @@ class ModelRuntime:
                        dtype=dtype, sample_shape=sample_shape, batched=batched, labels=labels, source=source,
                        loaded_at=time.time())
 
+
     def _load_from_disk(self) -> None:
+        """At start-up (before the worker runs): serve the last good model, verified like a new one."""
         stored = self.store.load()
         if stored is None:
             return
         payload, data, path = stored
         try:
-            manifest, _, _ = parse_manifest(payload)
-            chunks = {i: data[i * manifest.chunk_size:(i + 1) * manifest.chunk_size]
-                      for i in range(len(manifest.chunks))}
-            package = verify_package(payload, chunks, public_key=self.public_key, fleet=self.topics.fleet,
-                                     model=self.model)
-            self._check_compatible(package.manifest)
-            check_onnx_self_contained(package.data, what=f"the stored v{package.manifest.version}")
+            package = self._core.verify_stored(payload, data)
             loaded = self._load(package, source="disk", path=path)
         except ModelRejected as exc:
             self._error = {"reason": exc.reason, "message": f"stored model {path}: {exc.detail}",
@@ -858,30 +650,8 @@ class ModelRuntime:
             log.warning("not serving the stored model %s (%s): %s", path, exc.reason, exc.detail)
             return
         self._swap(loaded, manifest_wall=None, ready_ms=None)
-
-
-def _claimed_version(payload: bytes) -> int | None:
-    """The version a refused manifest claims, unverified, to name it in the error report."""
-    try:
-        return parse_manifest(payload)[0].version
-    except ModelRejected:
-        return None
-
-
-def _fits(shape: Sequence[int], dims: Sequence[int]) -> bool:
-    return len(shape) == len(dims) and all(d == -1 or d == n for d, n in zip(dims, shape, strict=True))
-
-
-def _check_shape(version: int, model_shape: Sequence[Any], features: tuple[int, ...]) -> None:
-    """The model's input (batch dimension first, or none) must accept the device's feature shape."""
-    dims = [d if isinstance(d, int) and d > 0 else -1 for d in model_shape]
-    for candidate in ([dims[1:]] if len(dims) >= 2 else []) + [dims]:
-        if _fits(features, candidate):
-            return
-        if candidate and all(d > 0 for d in candidate) and math.prod(candidate) == math.prod(features):
-            return  # same number of values: the runtime reshapes (e.g. 8x8 image -> 64 features)
-    raise ModelRejected("incompatible_input", f"v{version} takes input shape {list(model_shape)}, "
-                        f"this device's features are {list(features)}")
+        self._core.served(package.manifest.version)
+        self._snapshot = self._core.stats()
 
 
 def _short(exc: BaseException) -> str:

@@ -267,8 +267,11 @@ def parse_envelope(
         raise ModelRejected("too_large", f"the manifest payload is {size} bytes, over the {max_bytes} limit")
     try:
         outer = json.loads(bytes(payload))
-        if not isinstance(outer, dict) or outer.get("v") != 1 or not isinstance(outer.get("manifest"), str):
+        if not isinstance(outer, dict) or not isinstance(outer.get("manifest"), str):
             raise ValueError("expected {'v': 1, 'manifest': <string>, 'signature': ...}")
+        # ``True == 1`` and ``1.0 == 1`` in Python, not on the wire: like the samples envelope, the int 1 only
+        if type(outer.get("v")) is not int or outer["v"] != 1:
+            raise ValueError(f"unsupported version {outer.get('v')!r}, expected the int 1")
         signed = outer["manifest"].encode()
         signature = outer.get("signature")
         if signature is not None and not isinstance(signature, dict):

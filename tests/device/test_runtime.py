@@ -568,3 +568,44 @@ def test_garbage_on_model_topics_never_raises_and_never_replaces_the_model(tmp_p
         wait_for(lambda: runtime.version == 2, what="v2 after the garbage")
     finally:
         runtime.close()
+
+
+def test_reports_from_other_threads_read_a_consistent_snapshot_while_versions_assemble(tmp_path, keys, fleet):
+    # status() and buffers() run on the agent's threads while the worker assembles: they read the
+    # snapshot the worker publishes whole, never its live assembly (issue 11 item 2).
+    private, public, _, _ = keys
+    topics = Topics(fleet=fleet)
+    runtime = make_runtime(fleet, tmp_path, public)
+    seen, errors, stop = [], [], threading.Event()
+
+    def report() -> None:
+        while not stop.is_set():
+            try:
+                status, buffers = runtime.status(), runtime.buffers()
+                runtime.telemetry()
+            except Exception as exc:  # noqa: BLE001 - collected and asserted on below
+                errors.append(exc)
+                return
+            seen.append((status["model_pending"], buffers))
+            time.sleep(0.0005)  # often, but leaving the worker the GIL most of the time
+
+    reader = threading.Thread(target=report)
+    reader.start()
+    try:
+        for version in (1, 2, 3):
+            data = make_onnx(70 + version, hidden=64)
+            msgs = messages(topics, version, *package(fleet, version, data, private))
+            feed(runtime, msgs[1:] + msgs[:1])  # orphans first, then the manifest claims them
+            wait_for(lambda v=version: runtime.version == v, what=f"v{version}")
+    finally:
+        stop.set()
+        reader.join(10)
+        runtime.close()
+
+    assert errors == []
+    assert seen, "the reader never ran"
+    for pending, buffers in seen:
+        assert pending is None or 0 <= pending["chunks"] <= pending["of"]
+        assert buffers["model_orphan_bytes"] >= 0 and buffers["model_orphan_chunks"] >= 0
+        assert buffers["model_inbox_bytes"] >= 0
+    assert runtime.telemetry()["swaps"] == 3 and runtime.status()["model_pending"] is None

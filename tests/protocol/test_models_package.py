@@ -242,6 +242,23 @@ def test_malformed_manifests_are_bad_manifest(payload):
     assert reason(payload, {}, None) == "bad_manifest"
 
 
+@pytest.mark.parametrize("version", [True, 1.0, 2, "1", None])
+def test_the_envelope_version_is_the_int_1_only(keys, version):
+    # ``True == 1`` and ``1.0 == 1`` in Python, but not on the wire (as in the samples envelope). The
+    # signature covers the inner manifest only, so a genuine signature does not make such an envelope valid.
+    manifest, chunks = build(private_key=keys["private"])
+    outer = json.loads(manifest)
+    outer["v"] = version
+    payload = json.dumps(outer).encode()
+
+    with pytest.raises(ModelRejected) as info:
+        parse_manifest(payload)
+
+    assert info.value.reason == "bad_manifest" and repr(version) in info.value.detail
+    assert reason(payload, dict(enumerate(chunks)), keys["public"]) == "bad_manifest"
+    assert verify_package(manifest, dict(enumerate(chunks)), public_key=keys["public"]).data == ODD_DATA
+
+
 def test_size_that_disagrees_with_the_chunks_is_hash_mismatch():
     # Same chunk count, one byte shorter: every chunk hash is right, the whole is not.
     manifest = _edit_manifest(size=len(ODD_DATA) - 1)
