@@ -308,6 +308,8 @@ class ModelRuntime:
             if scores.size == 0 or not np.all(np.isfinite(scores)):
                 raise ValueError(f"model output has no finite scores (shape {out.shape})")
             if not (np.all(scores >= 0) and abs(float(scores.sum()) - 1.0) < 1e-3):
+                # Logits: the calibrated confidence is softmax(logits / T), T from the signed manifest.
+                scores = scores / current.manifest.temperature
                 scores = np.exp(scores - scores.max())
                 scores /= scores.sum()
             index = int(np.argmax(scores))

@@ -609,3 +609,40 @@ def test_reports_from_other_threads_read_a_consistent_snapshot_while_versions_as
         assert buffers["model_orphan_bytes"] >= 0 and buffers["model_orphan_chunks"] >= 0
         assert buffers["model_inbox_bytes"] >= 0
     assert runtime.telemetry()["swaps"] == 3 and runtime.status()["model_pending"] is None
+
+
+def _logits_onnx(seed: int) -> bytes:
+    """make_onnx without its Softmax: the model outputs raw logits, as lepton train's models do."""
+    import onnx
+
+    model = onnx.load_from_string(make_onnx(seed))
+    graph = model.graph
+    softmax = next(n for n in graph.node if n.op_type == "Softmax")
+    graph.node.remove(softmax)
+    graph.output[0].name = "logits"
+    return model.SerializeToString()
+
+
+@pytest.mark.parametrize("temperature", [None, 0.5, 3.0])
+def test_confidence_is_the_softmax_of_logits_over_the_manifests_temperature(tmp_path, keys, fleet, temperature):
+    import onnxruntime as ort
+
+    private, public, _, _ = keys
+    data = _logits_onnx(4)
+    calibration = None if temperature is None else {"method": "temperature", "temperature": temperature}
+    manifest, chunks = build_package(
+        fleet=fleet, name=MODEL, version=1, data=data, input_spec=INPUT_SPEC, labels=LABELS,
+        pipeline={"hash": PIPE, "spec": None}, private_key=private, calibration=calibration)
+    logits = ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(None, {"x": PROBE[None, :]})[0][0]
+    z = logits.astype(np.float64) / (temperature or 1.0)
+    expected = float(np.exp(z - z.max()).max() / np.exp(z - z.max()).sum())
+    runtime = make_runtime(fleet, tmp_path, public)
+    try:
+        feed(runtime, messages(Topics(fleet=fleet), 1, manifest, chunks))
+        wait_for(lambda: runtime.version == 1, what="v1")
+        pred = runtime.predict(PROBE)
+    finally:
+        runtime.close()
+
+    assert pred.index == int(np.argmax(logits))  # the temperature never changes the answer
+    assert pred.confidence == pytest.approx(expected, rel=1e-6)
