@@ -25,7 +25,15 @@ from pathlib import Path
 from typing import IO, Any
 
 from lepton.errors import ConfigError
-from lepton.protocol import DEFAULT_PREFIX, BrokerURL, Topics, connect, decode_json, new_client, parse_manifest
+from lepton.protocol import (
+    DEFAULT_PREFIX,
+    BrokerURL,
+    Topics,
+    connect,
+    decode_json,
+    new_client,
+    parse_manifest,
+)
 from lepton.protocol._mqtt import ENV_BROKER, ENV_PASSWORD, ENV_PASSWORD_FILE
 
 log = logging.getLogger(__name__)
@@ -146,7 +154,8 @@ class Demo:
         self._monitor = _Monitor(urls["viewer"], self.topics, self.view)
         self._monitor.start()
         self._spawn("worker", [
-            "worker", "--fleet", self.fleet, "--prefix", self.topics.prefix, "--data", str(self.workdir / "data"),
+            "worker", "--fleet", self.fleet, "--prefix", self.topics.prefix,
+            "--data", str(self.workdir / "data"),
             "--name", "demo-worker", "--model", MODEL, "--key", str(private),
             "--train-every", str(self.config.train_every), "--train-publish", "--quiet",
             f"--train-arg=--epochs={self.config.epochs}",

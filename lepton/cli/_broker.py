@@ -45,7 +45,7 @@ examples:
   lepton broker --add-user cam-01 --fleet demo  # a device (username = device id): print its URL, exit
   lepton broker --add-user ingest-1 --role worker --fleet demo
   lepton broker --add-user trainer:s3cret --role trainer --fleet demo   # with a chosen password
-  lepton broker --add-user cam-01 --fleet demo --prefix acme/site-3/lepton   # grants on acme/site-3/lepton/demo/...
+  lepton broker --add-user cam-01 --fleet demo --prefix acme/site-3/lepton  # acme/site-3/lepton/demo/...
   lepton broker --config broker/amqtt.yaml      # your own amqtt configuration
 """
 

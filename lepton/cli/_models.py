@@ -219,7 +219,8 @@ def run_publish(args: argparse.Namespace) -> int:
         )
     else:
         print(
-            f"{args.name} v{mv.version} published to fleet {fleet} ({prefix}/{fleet}/...): {result.chunks} chunks, "
+            f"{args.name} v{mv.version} published to fleet {fleet} ({prefix}/{fleet}/...): "
+            f"{result.chunks} chunks, "
             f"signed={key is not None}, cleared {result.cleared or 'nothing'}"
         )
     return _exit.OK

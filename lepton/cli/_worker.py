@@ -24,9 +24,10 @@ their spool. Its status (retained, Last Will) is on PREFIX/FLEET/workers/NAME/st
 Mosquitto, EMQX, VerneMQ; not the embedded amqtt broker). Workers of a group must use the same --data
 folder (the index is shared through SQLite locking; use a local filesystem) and distinct --name.
 
---train-every N / --train-interval S start `python -m lepton train --data DIR --fleet F --prefix P --model NAME`
-as a separate process when N new labelled samples arrived (or S seconds passed with new ones); one
-run at a time, output in DIR/FLEET/train.log. --train-arg passes extra flags (repeat it).
+--train-every N / --train-interval S start
+`python -m lepton train --data DIR --fleet F --prefix P --model NAME` as a separate process when N new
+labelled samples arrived (or S seconds passed with new ones); one run at a time, output in
+DIR/FLEET/train.log. --train-arg passes extra flags (repeat it).
 
 Runs until SIGINT/SIGTERM, then writes what it received and exits 0.
 

@@ -331,7 +331,8 @@ class Registry:
             name,
             version,
             status="published",
-            publication={**result.to_dict(), "fleet": fleet, "prefix": prefix, "signed": private_key is not None},
+            publication={**result.to_dict(), "fleet": fleet, "prefix": prefix,
+                         "signed": private_key is not None},
         )
         return result
 
