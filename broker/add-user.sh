@@ -2,8 +2,11 @@
 # Give a device, a cloud worker, a trainer or a read-only viewer credentials on a Mosquitto broker that
 # runs the project's mosquitto.conf, and grant its topics in the ACL file.
 #
-#   broker/add-user.sh device|worker|trainer|viewer FLEET NAME [PASSWORD|-]
+#   broker/add-user.sh [--prefix P] device|worker|trainer|viewer FLEET NAME [PASSWORD|-]
 #
+# The grants are on P/FLEET/... (--prefix P, else $LEPTON_PREFIX, else "lepton"), the topic prefix the
+# user's programs run with (`--prefix P` / $LEPTON_PREFIX on every lepton command), e.g.
+# --prefix acme/site-3/lepton grants a device acme/site-3/lepton/FLEET/devices/NAME/samples.
 # PASSWORD "-" reads the password from the first line of stdin; without it a random one is made.
 # (A PASSWORD given as an argument is visible to every local user in /proc while this script runs.)
 # The password never reaches mosquitto_passwd's command line: it is hashed from a private 0600 file.
@@ -15,9 +18,22 @@
 # Prints the broker URL to hand out. Then reload Mosquitto: kill -HUP $(pidof mosquitto)
 set -euo pipefail
 umask 077
-usage() { echo "usage: $0 device|worker|trainer|viewer FLEET NAME [PASSWORD|-]" >&2; exit 2; }
+usage() { echo "usage: $0 [--prefix P] device|worker|trainer|viewer FLEET NAME [PASSWORD|-]" >&2; exit 2; }
+prefix=${LEPTON_PREFIX:-lepton}
+case ${1-} in
+  --prefix) [ $# -ge 2 ] || usage; prefix=$2; shift 2 ;;
+  --prefix=*) prefix=${1#--prefix=}; shift ;;
+esac
 [ $# -ge 3 ] && [ $# -le 4 ] || usage
 role=$1 fleet=$2 name=$3
+# The rules of lepton.protocol.validate_prefix: topic levels, no wildcards, no '$' or '/' at the start,
+# no '/' at the end, no whitespace or control characters (the ACL file separates fields with spaces).
+if [ -z "$prefix" ] || [[ $prefix == *[+#]* || $prefix == '$'* || $prefix == /* || $prefix == */ ]] \
+   || [[ $prefix =~ [[:space:][:cntrl:]] ]]; then
+  echo "error: bad --prefix '$prefix': use topic levels joined by '/' without + # or spaces, not starting" \
+       "with \$ or /, not ending with /, e.g. --prefix acme/site-3/lepton" >&2
+  exit 2
+fi
 if [ "${4-}" = "-" ]; then
   IFS= read -r password || [ -n "${password-}" ] || { echo "error: no password on stdin" >&2; exit 2; }
 else
@@ -32,27 +48,27 @@ for id in "$fleet" "$name"; do
 done
 case $role in
   # A device writes only its own channels in its own fleet, and reads its acks and its fleet's models.
-  device) grants="topic write lepton/$fleet/devices/$name/samples
-topic write lepton/$fleet/devices/$name/status
-topic write lepton/$fleet/devices/$name/telemetry
-topic write lepton/$fleet/devices/$name/predictions
-topic read lepton/$fleet/devices/$name/acks
-topic read lepton/$fleet/models/#" ;;
-  worker) grants="topic read lepton/$fleet/devices/+/samples
-topic write lepton/$fleet/devices/+/acks
-topic read lepton/$fleet/devices/+/status
-topic read lepton/$fleet/devices/+/telemetry
-topic readwrite lepton/$fleet/models/#
-topic write lepton/$fleet/deadletter
-topic readwrite lepton/$fleet/workers/#" ;;
+  device) grants="topic write $prefix/$fleet/devices/$name/samples
+topic write $prefix/$fleet/devices/$name/status
+topic write $prefix/$fleet/devices/$name/telemetry
+topic write $prefix/$fleet/devices/$name/predictions
+topic read $prefix/$fleet/devices/$name/acks
+topic read $prefix/$fleet/models/#" ;;
+  worker) grants="topic read $prefix/$fleet/devices/+/samples
+topic write $prefix/$fleet/devices/+/acks
+topic read $prefix/$fleet/devices/+/status
+topic read $prefix/$fleet/devices/+/telemetry
+topic readwrite $prefix/$fleet/models/#
+topic write $prefix/$fleet/deadletter
+topic readwrite $prefix/$fleet/workers/#" ;;
   # The worker's training child (lepton train --publish): publishes models and nothing else.
-  trainer) grants="topic readwrite lepton/$fleet/models/#" ;;
-  viewer) grants="topic read lepton/$fleet/devices/+/status
-topic read lepton/$fleet/devices/+/telemetry
-topic read lepton/$fleet/devices/+/predictions
-topic read lepton/$fleet/workers/+/status
-topic read lepton/$fleet/models/#
-topic read lepton/$fleet/deadletter" ;;
+  trainer) grants="topic readwrite $prefix/$fleet/models/#" ;;
+  viewer) grants="topic read $prefix/$fleet/devices/+/status
+topic read $prefix/$fleet/devices/+/telemetry
+topic read $prefix/$fleet/devices/+/predictions
+topic read $prefix/$fleet/workers/+/status
+topic read $prefix/$fleet/models/#
+topic read $prefix/$fleet/deadletter" ;;
   *) usage ;;
 esac
 if [ -f "$passwd_file" ] && grep -q "^$name:" "$passwd_file"; then

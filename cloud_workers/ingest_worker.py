@@ -2,7 +2,7 @@
 """Deployable ingest worker: one process per container/VM, configured by environment or flags.
 
     LEPTON_BROKER=mqtt://w1:secret@broker:1883 LEPTON_FLEET=f1 LEPTON_DATA=/data \
-        python cloud_workers/ingest_worker.py --name w1 [--group ingest]
+        python cloud_workers/ingest_worker.py --name w1 [--group ingest] [--prefix acme/site-3/lepton]
 
 Credentials: the whole URL in $LEPTON_BROKER (a process's environment is readable by its own user only),
 or --broker mqtt://w1@broker:1883 with the password in $LEPTON_PASSWORD or a 0600 --password-file
@@ -22,6 +22,7 @@ import signal
 import sys
 import threading
 
+from lepton.cli._prefix import add_prefix_argument, resolve_prefix
 from lepton.cloud import IngestWorker, WorkerConfig
 from lepton.errors import BrokerConnectionError, ConfigError
 from lepton.protocol import resolve_broker
@@ -39,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         help="file (mode 0600) holding the broker password (env LEPTON_PASSWORD_FILE, or LEPTON_PASSWORD)",
     )
     p.add_argument("--fleet", default=env.get("LEPTON_FLEET"), help="fleet (env LEPTON_FLEET)")
+    add_prefix_argument(p)
     p.add_argument("--data", default=env.get("LEPTON_DATA"), help="dataset root (env LEPTON_DATA)")
     p.add_argument(
         "--name", default=env.get("LEPTON_WORKER_NAME", "worker"), help="worker name (env LEPTON_WORKER_NAME)"
@@ -51,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        prefix = resolve_prefix(args)
         resolved = resolve_broker(args.broker, password_file=args.password_file, environ=env)
     except ConfigError as exc:
         print(f"ingest_worker: error: {exc}", file=sys.stderr)
@@ -70,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             WorkerConfig(
                 broker=resolved.url.secret_url(),
                 fleet=args.fleet,
+                prefix=prefix,
                 data=args.data,
                 name=args.name,
                 group=args.group,

@@ -31,6 +31,7 @@ import sys
 import threading
 from pathlib import Path
 
+from lepton.cli._prefix import add_prefix_argument, resolve_prefix
 from lepton.cloud import Registry, TrainConfig, train
 from lepton.errors import ConfigError, LeptonError
 from lepton.protocol import resolve_broker
@@ -78,6 +79,7 @@ def check_and_train(args: argparse.Namespace) -> int:
     config = TrainConfig(
         data=args.data,
         fleet=args.fleet,
+        prefix=args.prefix,
         model=args.model,
         epochs=args.epochs,
         publish=args.broker is not None,
@@ -110,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--fleet", required=True)
+    add_prefix_argument(p)
     p.add_argument("--model", required=True)
     p.add_argument(
         "--broker", default=None, help="publish here (env LEPTON_BROKER; without either: train and register)"
@@ -128,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        args.prefix = resolve_prefix(args)
         resolved = resolve_broker(args.broker, password_file=args.password_file, environ=os.environ)
     except ConfigError as exc:
         print(f"trainer: error: {exc}", file=sys.stderr)

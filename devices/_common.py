@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 
+from lepton.cli._prefix import add_prefix_argument, resolve_prefix
 from lepton.device import DeviceAgent, DeviceConfig
 from lepton.errors import BrokerConnectionError, ConfigError
 from lepton.protocol import resolve_broker
@@ -25,6 +26,7 @@ def parser(description: str) -> argparse.ArgumentParser:
         "in --broker works but every local user can read it in /proc/PID/cmdline",
     )
     p.add_argument("--fleet", required=True)
+    add_prefix_argument(p)
     p.add_argument("--id", required=True, dest="device_id")
     p.add_argument("--spool", help="spool directory (default ~/.lepton/spool/FLEET/ID)")
     p.add_argument("--rate", type=float, help="samples per second")
@@ -45,6 +47,7 @@ def run(args: argparse.Namespace, *, name: str, **settings) -> int:
             DeviceConfig(
                 broker=resolved.url,
                 fleet=args.fleet,
+                prefix=resolve_prefix(args),
                 device_id=args.device_id,
                 spool_dir=args.spool,
                 rate_hz=args.rate,

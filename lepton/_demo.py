@@ -25,7 +25,15 @@ from pathlib import Path
 from typing import IO, Any
 
 from lepton.errors import ConfigError
-from lepton.protocol import BrokerURL, Topics, connect, decode_json, new_client, parse_manifest
+from lepton.protocol import (
+    DEFAULT_PREFIX,
+    BrokerURL,
+    Topics,
+    connect,
+    decode_json,
+    new_client,
+    parse_manifest,
+)
 from lepton.protocol._mqtt import ENV_BROKER, ENV_PASSWORD, ENV_PASSWORD_FILE
 
 log = logging.getLogger(__name__)
@@ -44,6 +52,7 @@ class DemoConfig:
     epochs: int = 10
     workdir: Path | None = None
     keep: bool = False
+    prefix: str = DEFAULT_PREFIX  # topics {prefix}/{fleet}/...; every child gets --prefix
 
 
 @dataclass
@@ -88,7 +97,7 @@ class Demo:
         # run's fresh registry) would make the devices ignore every new model as stale: use a fleet
         # of our own there.
         self.fleet = FLEET if config.broker is None else f"{FLEET}-{uuid.uuid4().hex[:8]}"
-        self.topics = Topics(fleet=self.fleet)
+        self.topics = Topics(fleet=self.fleet, prefix=config.prefix)
         self.view = FleetView()
         self._procs: dict[str, subprocess.Popen] = {}
         self._logs: list[IO[bytes]] = []  # children's stdout/stderr files, closed in stop()
@@ -125,7 +134,7 @@ class Demo:
 
         for user in users:  # each user its role's topics (the worker also publishes the trained models)
             add_acl_user(data / "acl", user, role_grants("device" if user.startswith("dev-") else user,
-                                                         self.fleet, user))
+                                                         self.fleet, user, prefix=self.topics.prefix))
         port = free_port()
         self._spawn("broker", ["broker", "--host", "127.0.0.1", "--port", str(port), "--data", str(data)])
         wait_for_port("127.0.0.1", port, timeout=20)
@@ -145,7 +154,8 @@ class Demo:
         self._monitor = _Monitor(urls["viewer"], self.topics, self.view)
         self._monitor.start()
         self._spawn("worker", [
-            "worker", "--fleet", self.fleet, "--data", str(self.workdir / "data"),
+            "worker", "--fleet", self.fleet, "--prefix", self.topics.prefix,
+            "--data", str(self.workdir / "data"),
             "--name", "demo-worker", "--model", MODEL, "--key", str(private),
             "--train-every", str(self.config.train_every), "--train-publish", "--quiet",
             f"--train-arg=--epochs={self.config.epochs}",
@@ -154,7 +164,7 @@ class Demo:
         n = self.config.devices
         for i in range(n):
             self._spawn(f"dev-{i}", [
-                "device", "--fleet", self.fleet, "--id", f"dev-{i}",
+                "device", "--fleet", self.fleet, "--prefix", self.topics.prefix, "--id", f"dev-{i}",
                 "--source", f"digits:{i}/{n}", "--preset", "digits", "--once",
                 "--rate", str(self.config.rate), "--spool", str(self.workdir / "spool" / f"dev-{i}"),
                 "--model", MODEL, "--public-key", str(public), "--quiet",

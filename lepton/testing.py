@@ -27,6 +27,7 @@ from pathlib import Path
 from lepton.broker import BrokerSettings, EmbeddedBroker, free_port, write_password_file
 from lepton.broker._acl import ACL_HEADER, role_grants
 from lepton.broker._embedded import MAX_PACKET_SIZE
+from lepton.protocol import DEFAULT_PREFIX
 
 __all__ = ["AmqttBroker", "MosquittoBroker", "PROJECT_ROOT", "mosquitto_available", "wait_for_port"]
 
@@ -76,24 +77,27 @@ class AmqttBroker:
         # Anonymous clients are test tools here (amqtt's own behaviour is under test): every topic.
         self.acl_file.write_text(ACL_HEADER + ("topic readwrite #\n" if allow_anonymous else ""))
         self._creds = _Credentials()
-        self._granted: set[tuple[str, str, str]] = set()
+        self._granted: set[tuple[str, str, str, str]] = set()
         self._settings = BrokerSettings(host=self.host, port=self.port, password_file=self.password_file,
                                         acl_file=self.acl_file, allow_anonymous=allow_anonymous,
                                         max_packet_size=max_packet_size)
         self._broker: EmbeddedBroker | None = None
 
-    def url(self, role: str = "worker", name: str = "worker", *, fleet: str = "test") -> str:
-        """Credentials for ``name`` with ``role``'s grants in ``fleet`` (the roles of ``broker/lepton.acl``).
+    def url(self, role: str = "worker", name: str = "worker", *, fleet: str = "test",
+            prefix: str = DEFAULT_PREFIX) -> str:
+        """Credentials for ``name`` with ``role``'s grants in ``fleet`` under ``prefix`` (the roles of
+        ``broker/lepton.acl``).
 
-        Asking again for the same name with another role or fleet adds those grants (same password).
+        Asking again for the same name with another role, fleet or prefix adds those grants (same password).
         """
         password, created = self._creds.password(name)
         if created:
             write_password_file(self.password_file, {name: password}, append=True)
-        if (name, role, fleet) not in self._granted:
-            self._granted.add((name, role, fleet))
+        if (name, role, fleet, prefix) not in self._granted:
+            self._granted.add((name, role, fleet, prefix))
+            grants = role_grants(role, fleet, name, prefix=prefix)
             with self.acl_file.open("a", encoding="utf-8") as out:  # a second block for a name adds to it
-                out.write(f"\nuser {name}\n" + "".join(g + "\n" for g in role_grants(role, fleet, name)))
+                out.write(f"\nuser {name}\n" + "".join(g + "\n" for g in grants))
         return f"mqtt://{name}:{password}@{self.host}:{self.port}"
 
     def anonymous_url(self) -> str:
@@ -136,7 +140,7 @@ class MosquittoBroker:
         self.password_file = self.workdir / "lepton.passwd"
         self.acl_file = self.workdir / "lepton.acl"
         self.log_file = self.workdir / "mosquitto.log"
-        self._granted: set[tuple[str, str, str]] = set()
+        self._granted: set[tuple[str, str, str, str]] = set()
         self.conf_file = self.workdir / "mosquitto.conf"
         shutil.copy(PROJECT_ROOT / "broker" / "lepton.acl", self.acl_file)
         self._creds = _Credentials()
@@ -163,20 +167,21 @@ class MosquittoBroker:
             text += "\nuser root\n"
         return text + "\n" + extra + "\n"
 
-    def url(self, role: str = "worker", name: str = "worker", *, fleet: str = "test") -> str:
-        """Create ``name`` with ``broker/add-user.sh`` and return its broker URL.
+    def url(self, role: str = "worker", name: str = "worker", *, fleet: str = "test",
+            prefix: str = DEFAULT_PREFIX) -> str:
+        """Create ``name`` with ``broker/add-user.sh [--prefix P]`` and return its broker URL.
 
-        Asking again for the same name with another role or fleet adds those grants (same password).
+        Asking again for the same name with another role, fleet or prefix adds those grants (same password).
         """
         password, created = self._creds.password(name)
-        if (name, role, fleet) not in self._granted:
-            self._granted.add((name, role, fleet))
+        if (name, role, fleet, prefix) not in self._granted:
+            self._granted.add((name, role, fleet, prefix))
             if created:
-                self._add_user(role, fleet, name, password, self.password_file, self.acl_file)
+                self._add_user(role, fleet, name, password, self.password_file, self.acl_file, prefix)
             else:
                 # add-user.sh refuses a known name: make the grants on scratch files, append the block.
                 scratch = Path(tempfile.mkdtemp(dir=self.workdir))
-                self._add_user(role, fleet, name, password, scratch / "passwd", scratch / "acl")
+                self._add_user(role, fleet, name, password, scratch / "passwd", scratch / "acl", prefix)
                 with self.acl_file.open("a") as out:
                     out.write((scratch / "acl").read_text())
                 shutil.rmtree(scratch)
@@ -184,10 +189,13 @@ class MosquittoBroker:
         return f"mqtt://{name}:{password}@{self.host}:{self.port}"
 
     @staticmethod
-    def _add_user(role: str, fleet: str, name: str, password: str, passwd: Path, acl: Path) -> None:
+    def _add_user(role: str, fleet: str, name: str, password: str, passwd: Path, acl: Path,
+                  prefix: str = DEFAULT_PREFIX) -> None:
         env = dict(os.environ, LEPTON_PASSWD_FILE=str(passwd), LEPTON_ACL_FILE=str(acl))
+        env.pop("LEPTON_PREFIX", None)  # --prefix below says it
         script = str(PROJECT_ROOT / "broker" / "add-user.sh")
-        subprocess.run(["bash", script, role, fleet, name, "-"], env=env, check=True, capture_output=True,
+        subprocess.run(["bash", script, "--prefix", prefix, role, fleet, name, "-"], env=env, check=True,
+                       capture_output=True,
                        input=password + "\n", text=True)  # the password on stdin, never on a command line
 
     def anonymous_url(self) -> str:

@@ -21,22 +21,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lepton.errors import ConfigError
-from lepton.protocol import ID_PATTERN
+from lepton.protocol import DEFAULT_PREFIX, ID_PATTERN
+from lepton.protocol._topics import prefix_problem
 
 READ, WRITE = "read", "write"
 ACCESS = {"read": frozenset({READ}), "write": frozenset({WRITE}), "readwrite": frozenset({READ, WRITE})}
 ROLES = ("device", "worker", "trainer", "viewer", "admin")
 
 
-def role_grants(role: str, fleet: str, name: str, *, prefix: str = "lepton") -> list[str]:
-    """ACL lines of ``role`` for user ``name`` in ``fleet``: the same grants as ``broker/add-user.sh``.
+def role_grants(role: str, fleet: str, name: str, *, prefix: str = DEFAULT_PREFIX) -> list[str]:
+    """ACL lines of ``role`` for user ``name`` in ``fleet`` under ``prefix``: the same grants as
+    ``broker/add-user.sh [--prefix P]``.
 
     >>> role_grants("device", "demo", "cam-01")[0]
     'topic write lepton/demo/devices/cam-01/samples'
+    >>> role_grants("device", "demo", "cam-01", prefix="acme/site-3/lepton")[0]
+    'topic write acme/site-3/lepton/demo/devices/cam-01/samples'
     """
     for value in (fleet, name):
         if not ID_PATTERN.fullmatch(value):
             raise ConfigError(f"{value!r} is not a valid id: use 1-64 of A-Z a-z 0-9 _ -")
+    problem = prefix_problem(prefix)
+    if problem is not None:
+        raise ConfigError(f"bad --prefix {prefix!r}: {problem}; use topic levels joined by '/', "
+                          "e.g. --prefix acme/site-3/lepton")
     p = f"{prefix}/{fleet}"
     if role == "device":
         # A device writes only its own channels in its own fleet, and reads its acks and its fleet's models.
@@ -55,7 +63,7 @@ def role_grants(role: str, fleet: str, name: str, *, prefix: str = "lepton") -> 
                 f"topic read {p}/devices/+/predictions", f"topic read {p}/workers/+/status",
                 f"topic read {p}/models/#", f"topic read {p}/deadletter"]
     if role == "admin":
-        # Development only (the embedded broker's first user): every topic of every fleet.
+        # Development only (the embedded broker's first user): every topic of every fleet of ``prefix``.
         return [f"topic readwrite {prefix}/#"]
     raise ConfigError(f"unknown role {role!r}: choose one of {', '.join(ROLES)}")
 

@@ -15,7 +15,7 @@ from typing import Any
 from urllib.parse import quote
 
 from lepton.broker._acl import ROLES
-from lepton.cli import _exit
+from lepton.cli import _exit, _prefix
 from lepton.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,8 @@ Named clients authenticate against DIR/passwd (argon2 hashes) and get durable pe
 QoS 1 messages are queued while they are offline. A client's id must be its username or start with
 'username/' (nobody takes over another client's session). DIR/acl grants each user its role's topics,
 as broker/lepton.acl does on Mosquitto: device (default; its own topics only), worker, trainer (the
-worker's training child: models only), viewer (read-only), admin (every topic; development).
+worker's training child: models only), viewer (read-only), admin (every topic; development), all
+under --prefix P (env LEPTON_PREFIX, default lepton): grants cover P/FLEET/... (admin: P/#).
 On the first start, when DIR/passwd does not exist, an admin user 'lepton' with a random password is
 created and the ready-to-use URL is printed once. Failed logins are throttled per address and user.
 Anonymous clients (--allow-anonymous) get the ACL's anonymous lines; amqtt never queues for them.
@@ -44,6 +45,7 @@ examples:
   lepton broker --add-user cam-01 --fleet demo  # a device (username = device id): print its URL, exit
   lepton broker --add-user ingest-1 --role worker --fleet demo
   lepton broker --add-user trainer:s3cret --role trainer --fleet demo   # with a chosen password
+  lepton broker --add-user cam-01 --fleet demo --prefix acme/site-3/lepton  # acme/site-3/lepton/demo/...
   lepton broker --config broker/amqtt.yaml      # your own amqtt configuration
 """
 
@@ -74,6 +76,7 @@ def register(parser: argparse.ArgumentParser) -> None:
                         help="role of --add-user (default device; see broker/README.md)")
     parser.add_argument("--fleet", default=os.environ.get("LEPTON_FLEET"),
                         help="fleet of --add-user's grants (env LEPTON_FLEET; not for --role admin)")
+    _prefix.add_prefix_argument(parser)
     parser.add_argument("--replace", action="store_true",
                         help="with --add-user: replace an existing user's password and grants")
     parser.add_argument("--config", metavar="FILE", default=None,
@@ -89,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
     from lepton.broker._acl import add_acl_user, read_acl_file, role_grants
     from lepton.broker._auth import read_password_file
 
+    prefix = _prefix.resolve_prefix(args)
     data = Path(args.data).expanduser()
     passwd = (data / "passwd").resolve()
     acl = (data / "acl").resolve()
@@ -99,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         name, password = _parse_user(args.add_user)
         if args.role != "admin" and not args.fleet:
             raise ConfigError(f"--add-user {name} --role {args.role} needs --fleet FLEET (or env LEPTON_FLEET)")
-        grants = role_grants(args.role, args.fleet or "-", name)
+        grants = role_grants(args.role, args.fleet or "-", name, prefix=prefix)
         if passwd.exists() and name in read_password_file(passwd) and not args.replace:
             raise ConfigError(f"--add-user {name}: the user exists in {passwd}; choose another name, or "
                               "pass --replace to give it a new password and only the new role")
@@ -130,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
             user = (DEFAULT_USER, generate_password())
             _ensure_dir(data)
             if not acl.exists() or DEFAULT_USER not in read_acl_file(acl).users:
-                add_acl_user(acl, DEFAULT_USER, role_grants("admin", "-", DEFAULT_USER))
+                add_acl_user(acl, DEFAULT_USER, role_grants("admin", "-", DEFAULT_USER, prefix=prefix))
             write_password_file(passwd, {user[0]: user[1]})
         if not acl.exists():
             raise ConfigError(f"{acl} not found: the embedded broker now needs an ACL; grant each user its "

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from lepton.cli import _exit
+from lepton.cli import _exit, _prefix
 
 DESCRIPTION = """\
 Run the whole Lepton loop on this machine with real processes talking MQTT:
@@ -45,6 +45,7 @@ def register(parser: argparse.ArgumentParser) -> None:
                         help="retrain after this many new labelled samples (default 300)")
     parser.add_argument("--epochs", type=int, default=10, help="training epochs per model (default 10)")
     parser.add_argument("--workdir", default=None, help="folder for broker, dataset, spools, models and logs")
+    _prefix.add_prefix_argument(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON summary on stdout at the end")
     parser.set_defaults(handler=run)
 
@@ -56,9 +57,10 @@ def run(args: argparse.Namespace) -> int:
 
     from lepton.cli import _credentials
 
+    prefix = _prefix.resolve_prefix(args)
     broker = _credentials.broker_url(args, "demo", required=False, env_url=False)
     config = DemoConfig(devices=args.devices, duration=args.duration, broker=broker, rate=args.rate,
-                        train_every=args.train_every, epochs=args.epochs,
+                        train_every=args.train_every, epochs=args.epochs, prefix=prefix,
                         workdir=Path(args.workdir) if args.workdir else None)
     result = run_demo(config, as_json=args.json)
     if args.json:

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from lepton.cli import _credentials, _exit
+from lepton.cli import _credentials, _exit, _prefix
 
 DESCRIPTION = """\
 Run an edge device: capture frames from a source, preprocess them with OpenCV, keep them in a durable
@@ -36,7 +36,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     _credentials.add_broker_arguments(
         conn, help="mqtt://USER@HOST:PORT or mqtts://... (user = device id on Mosquitto)"
     )
-    conn.add_argument("--fleet", required=True, help="fleet name (topics lepton/FLEET/...)")
+    conn.add_argument("--fleet", required=True, help="fleet name (topics PREFIX/FLEET/...)")
+    _prefix.add_prefix_argument(conn)
     conn.add_argument(
         "--id", required=True, dest="device_id", metavar="ID", help="device id (also the client id)"
     )
@@ -135,6 +136,7 @@ def run(args: argparse.Namespace) -> int:
     from lepton.device import DeviceAgent, DeviceConfig
     from lepton.errors import ConfigError
 
+    prefix = _prefix.resolve_prefix(args)
     broker = _credentials.broker_url(args, "device")
     if args.spool_max_mb <= 0:
         raise ConfigError("--spool-max-mb must be > 0")
@@ -146,6 +148,7 @@ def run(args: argparse.Namespace) -> int:
     config = DeviceConfig(
         broker=broker,
         fleet=args.fleet,
+        prefix=prefix,
         device_id=args.device_id,
         source=args.source,
         pipeline=pipeline,

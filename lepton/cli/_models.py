@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from lepton.cli import _credentials, _exit
+from lepton.cli import _credentials, _exit, _prefix
 from lepton.errors import ConfigError
 
 DESCRIPTION = """\
@@ -51,6 +51,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--publish", action="store_true", help="publish the new version (else only store it)")
     _credentials.add_broker_arguments(p, help="with --publish: broker URL mqtt://USER@HOST:PORT")
     p.add_argument("--fleet", help="fleet to publish to (default: the fleet V was trained for)")
+    _prefix.add_prefix_argument(p)
     p.add_argument("--key", metavar="FILE", help="Ed25519 private key that signs the manifest")
     p.add_argument("--chunk-size", type=int, default=None, metavar="BYTES", help="bytes per chunk message")
     p.set_defaults(handler=run_rollback)
@@ -64,6 +65,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--version", type=int, default=None, help="version (default: the newest)")
     _credentials.add_broker_arguments(p)
     p.add_argument("--fleet", help="fleet to publish to (default: the fleet the version was trained for)")
+    _prefix.add_prefix_argument(p)
     p.add_argument("--key", metavar="FILE", help="Ed25519 private key that signs the manifest")
     p.add_argument("--chunk-size", type=int, default=None, metavar="BYTES", help="bytes per chunk message")
     p.set_defaults(handler=run_publish)
@@ -72,6 +74,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.add_argument("name")
     _credentials.add_broker_arguments(p)
     p.add_argument("--fleet", required=True)
+    _prefix.add_prefix_argument(p)
     p.add_argument(
         "--public-key", metavar="FILE", help="verify the signature with this key (else hashes only)"
     )
@@ -153,6 +156,7 @@ def run_rollback(args: argparse.Namespace) -> int:
     from lepton.protocol import DEFAULT_CHUNK_SIZE, load_private_key
 
     reg = _registry(args)
+    prefix = _prefix.resolve_prefix(args)
     broker = _credentials.broker_url(args, "models", needed_for=" with --publish") if args.publish else None
     src = reg.get(args.name, args.to)
     fleet = args.fleet or src.report.get("fleet")
@@ -167,6 +171,7 @@ def run_rollback(args: argparse.Namespace) -> int:
             new.version,
             url=broker,
             fleet=fleet,
+            prefix=prefix,
             private_key=key,
             chunk_size=args.chunk_size or DEFAULT_CHUNK_SIZE,
         )
@@ -188,6 +193,7 @@ def run_rollback(args: argparse.Namespace) -> int:
 def run_publish(args: argparse.Namespace) -> int:
     from lepton.protocol import DEFAULT_CHUNK_SIZE, load_private_key
 
+    prefix = _prefix.resolve_prefix(args)
     broker = _credentials.broker_url(args, "models")
     reg = _registry(args)
     mv = reg.get(args.name, args.version)
@@ -200,18 +206,21 @@ def run_publish(args: argparse.Namespace) -> int:
         mv.version,
         url=broker,
         fleet=fleet,
+        prefix=prefix,
         private_key=key,
         chunk_size=args.chunk_size or DEFAULT_CHUNK_SIZE,
     )
     if args.json:
         print(
             json.dumps(
-                {"version": mv.version, "fleet": fleet, "publication": result.to_dict()}, sort_keys=True
+                {"version": mv.version, "fleet": fleet, "prefix": prefix, "publication": result.to_dict()},
+                sort_keys=True,
             )
         )
     else:
         print(
-            f"{args.name} v{mv.version} published to fleet {fleet}: {result.chunks} chunks, "
+            f"{args.name} v{mv.version} published to fleet {fleet} ({prefix}/{fleet}/...): "
+            f"{result.chunks} chunks, "
             f"signed={key is not None}, cleared {result.cleared or 'nothing'}"
         )
     return _exit.OK
@@ -220,8 +229,9 @@ def run_publish(args: argparse.Namespace) -> int:
 def run_fetch(args: argparse.Namespace) -> int:
     from lepton.cloud._delivery import fetch_model
 
+    prefix = _prefix.resolve_prefix(args)
     broker = _credentials.broker_url(args, "models")
-    package = fetch_model(broker, args.fleet, args.name, args.public_key, timeout=args.timeout)
+    package = fetch_model(broker, args.fleet, args.name, args.public_key, timeout=args.timeout, prefix=prefix)
     if args.out:
         Path(args.out).write_bytes(package.data)
     m = package.manifest

@@ -12,7 +12,7 @@ import unicodedata
 from dataclasses import dataclass, field
 from typing import Any
 
-from lepton.cli import _credentials, _exit
+from lepton.cli import _credentials, _exit, _prefix
 from lepton.errors import ConfigError
 
 DESCRIPTION = """\
@@ -43,7 +43,7 @@ examples:
 
 def register(parser: argparse.ArgumentParser) -> None:
     _credentials.add_broker_arguments(parser, help="broker URL, e.g. mqtt://viewer@host:1883")
-    parser.add_argument("--fleet", metavar="F", required=True, help="fleet name (the F in lepton/F/...)")
+    parser.add_argument("--fleet", metavar="F", required=True, help="fleet name (the F in PREFIX/F/...)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table "
                         "(with --watch: one JSON document per line)")
     parser.add_argument("--watch", action="store_true", help="keep watching and redraw until Ctrl-C")
@@ -51,7 +51,7 @@ def register(parser: argparse.ArgumentParser) -> None:
                         help="longest wait for retained messages before printing (default 3 s)")
     parser.add_argument("--interval", metavar="S", type=float, default=2.0,
                         help="redraw period with --watch (default 2 s)")
-    parser.add_argument("--prefix", default="lepton", help="topic prefix (default lepton)")
+    _prefix.add_prefix_argument(parser)
     parser.set_defaults(handler=run)
 
 
@@ -416,8 +416,9 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"bad --fleet: {exc}") from None
     if args.timeout <= 0 or args.interval <= 0:
         raise ConfigError("--timeout and --interval must be > 0 seconds")
+    prefix = _prefix.resolve_prefix(args)
     broker = _credentials.broker_url(args, "status")
-    view, client = collect(broker, args.fleet, timeout=args.timeout, prefix=args.prefix,
+    view, client = collect(broker, args.fleet, timeout=args.timeout, prefix=prefix,
                            keep_open=args.watch)
     if not args.watch:
         _emit(view.snapshot(), args.json, clear=False)

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from lepton.cli import _credentials, _exit
+from lepton.cli import _credentials, _exit, _prefix
 from lepton.errors import ConfigError
 
 DESCRIPTION = """\
@@ -52,8 +52,9 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, metavar="DIR", help="dataset directory (holds FLEET/data/)")
     parser.add_argument("--fleet", required=True, help="fleet whose samples to train on and publish to")
     parser.add_argument(
-        "--model", required=True, metavar="NAME", help="model name (topic lepton/FLEET/models/NAME)"
+        "--model", required=True, metavar="NAME", help="model name (topic PREFIX/FLEET/models/NAME)"
     )
+    _prefix.add_prefix_argument(parser)
     parser.add_argument(
         "--epochs", type=int, default=20, help="maximum epochs (early stopping on val accuracy; default 20)"
     )
@@ -172,6 +173,7 @@ def register(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from lepton.protocol import DEFAULT_CHUNK_SIZE, pipeline_hash
 
+    prefix = _prefix.resolve_prefix(args)
     data = Path(args.data)
     if not data.is_dir():
         raise ConfigError(
@@ -207,6 +209,7 @@ def run(args: argparse.Namespace) -> int:
     config = TrainConfig(
         data=data,
         fleet=args.fleet,
+        prefix=prefix,
         model=args.model,
         epochs=args.epochs,
         batch_size=args.batch_size,

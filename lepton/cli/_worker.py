@@ -9,27 +9,30 @@ import signal
 import sys
 import threading
 
-from lepton.cli import _credentials, _exit
+from lepton.cli import _credentials, _exit, _prefix
 
 DESCRIPTION = """\
 Subscribe to every device's samples of a fleet and store them exactly once as Parquet under
 DIR/FLEET/data/ (schema: docs/dataset.md). A message is acknowledged to the broker only after all its
 samples are fsynced and committed to the index (DIR/FLEET/index.sqlite), or dead-lettered: bad
-messages and bad samples are reported on lepton/FLEET/deadletter and kept in DIR/FLEET/quarantine/.
+messages and bad samples are reported on PREFIX/FLEET/deadletter and kept in DIR/FLEET/quarantine/.
 After each write the worker publishes the stored seq ranges on devices/ID/acks, so devices can delete
-their spool. Its status (retained, Last Will) is on lepton/FLEET/workers/NAME/status.
+their spool. Its status (retained, Last Will) is on PREFIX/FLEET/workers/NAME/status. PREFIX is
+--prefix (env LEPTON_PREFIX, default lepton); one --data folder serves one prefix.
 
 --group NAME splits the stream between several workers with a shared subscription ($share/NAME/...;
 Mosquitto, EMQX, VerneMQ; not the embedded amqtt broker). Workers of a group must use the same --data
 folder (the index is shared through SQLite locking; use a local filesystem) and distinct --name.
 
---train-every N / --train-interval S start `python -m lepton train --data DIR --fleet F --model NAME`
-as a separate process when N new labelled samples arrived (or S seconds passed with new ones); one
-run at a time, output in DIR/FLEET/train.log. --train-arg passes extra flags (repeat it).
+--train-every N / --train-interval S start
+`python -m lepton train --data DIR --fleet F --prefix P --model NAME` as a separate process when N new
+labelled samples arrived (or S seconds passed with new ones); one run at a time, output in
+DIR/FLEET/train.log. --train-arg passes extra flags (repeat it).
 
 Runs until SIGINT/SIGTERM, then writes what it received and exits 0.
 
-environment: LEPTON_BROKER, LEPTON_FLEET, LEPTON_DATA provide defaults for --broker, --fleet, --data.
+environment: LEPTON_BROKER, LEPTON_FLEET, LEPTON_PREFIX, LEPTON_DATA provide defaults for --broker,
+--fleet, --prefix, --data.
 The broker password comes from --password-file PATH (mode 0600), $LEPTON_PASSWORD or $LEPTON_BROKER;
 a password written in --broker works but is visible to every local user. The training child gets
 the broker URL in its environment ($LEPTON_BROKER), never on its command line; give it a user of its
@@ -48,6 +51,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     env = os.environ
     _credentials.add_broker_arguments(parser, help="broker URL mqtt://USER@HOST:1883")
     parser.add_argument("--fleet", default=env.get("LEPTON_FLEET"), help="fleet name (env LEPTON_FLEET)")
+    _prefix.add_prefix_argument(parser)
     parser.add_argument(
         "--data",
         default=env.get("LEPTON_DATA"),
@@ -149,6 +153,7 @@ def run(args: argparse.Namespace) -> int:
     from lepton.cloud._ingest import IngestWorker, WorkerConfig
     from lepton.errors import ConfigError
 
+    prefix = _prefix.resolve_prefix(args)
     broker = _credentials.broker_url(args, "worker")
     train_broker = None
     if (args.train_broker or args.train_password_file) and not args.train_publish:
@@ -170,6 +175,7 @@ def run(args: argparse.Namespace) -> int:
     config = WorkerConfig(
         broker=broker,
         fleet=args.fleet,
+        prefix=prefix,
         data=args.data,
         name=args.name,
         group=args.group,

@@ -33,6 +33,7 @@ from typing import Any
 
 from lepton.errors import LeptonError, ModelRejected, ProtocolError
 from lepton.protocol import (
+    DEFAULT_PREFIX,
     BrokerURL,
     ModelPackage,
     Topics,
@@ -184,8 +185,10 @@ def publish_package(
     verify: bool = True,
     timeout: float = 30.0,
     probe_timeout: float = 1.0,
+    prefix: str = DEFAULT_PREFIX,
 ) -> PublishResult:
-    """Publish one model version built by :func:`lepton.protocol.build_package` for ``fleet``.
+    """Publish one model version built by :func:`lepton.protocol.build_package` for ``fleet``, on
+    ``{prefix}/{fleet}/models/...``.
 
     ``supersedes`` maps versions whose chunks must be cleared to their chunk counts (the registry
     knows the last one it published; the version the broker currently retains is added here).
@@ -201,7 +204,7 @@ def publish_package(
     if isinstance(public_key, (str, Path)):
         public_key = load_public_key(public_key)
     manifest, _ = open_manifest(manifest_payload, public_key=public_key, fleet=fleet)
-    topics = Topics(fleet=fleet)
+    topics = Topics(fleet=fleet, prefix=prefix)
     name, version = manifest.name, manifest.version
     burl = _url(url)
     started = time.monotonic()
@@ -272,7 +275,8 @@ def publish_package(
     finally:
         _close(client)
     if verify:
-        package = fetch_model(burl, fleet, name, public_key, timeout=min(timeout, 15.0), min_version=version)
+        package = fetch_model(burl, fleet, name, public_key, timeout=min(timeout, 15.0), min_version=version,
+                              prefix=prefix)
         if package.manifest.version != version or package.manifest.sha256 != manifest.sha256:
             raise DeliveryError(
                 f"read-back found {name} v{package.manifest.version}, not v{version}: another "
@@ -298,8 +302,10 @@ def fetch_model(
     timeout: float = 10.0,
     *,
     min_version: int | None = None,
+    prefix: str = DEFAULT_PREFIX,
 ) -> ModelPackage:  # noqa: ANN001
-    """Rebuild and verify the current package of ``model`` from retained messages alone.
+    """Rebuild and verify the current package of ``model`` from retained messages alone (topics
+    ``{prefix}/{fleet}/models/{model}/#``).
 
     ``public_key`` is an Ed25519 public key, a path to its PEM file, or None to check hashes only.
     With ``min_version``, older manifests are skipped and the call waits for that version (brokers
@@ -312,7 +318,7 @@ def fetch_model(
     """
     if isinstance(public_key, (str, Path)):
         public_key = load_public_key(public_key)
-    topics = Topics(fleet=fleet)
+    topics = Topics(fleet=fleet, prefix=prefix)
     lock = threading.Lock()
     state: dict[str, Any] = {"manifest": None, "parsed": None, "error": None, "complete": False}
     chunks: dict[tuple[int, int], bytes] = {}

@@ -44,6 +44,7 @@ from lepton.cloud._ingest_core import BatchDecoder, DeadLetter, plan_write
 from lepton.errors import ConfigError
 from lepton.protocol import (
     DEFAULT_MAX_TENSOR_BYTES,
+    DEFAULT_PREFIX,
     BrokerURL,
     Topics,
     connect,
@@ -78,6 +79,8 @@ class WorkerConfig:
     fleet: str
     data: str | Path
     name: str = "worker"
+    #: topics are ``{prefix}/{fleet}/...``; the training child gets the same ``--prefix``.
+    prefix: str = DEFAULT_PREFIX
     #: shared-subscription group: several workers with the same group split the stream.
     group: str | None = None
     #: ``None`` probes the broker; ``False`` refuses ``group`` at once (e.g. known amqtt).
@@ -115,7 +118,7 @@ class WorkerConfig:
     train_command: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
-        validate_id(self.fleet, kind="fleet")
+        Topics(fleet=self.fleet, prefix=self.prefix)  # validates both
         validate_id(self.name, kind="worker")
         if self.group is not None:
             validate_id(self.group, kind="group")
@@ -179,7 +182,7 @@ class IngestWorker:
         from lepton.cloud._quarantine import Quarantine, QuarantineLimits
 
         self.config = config
-        self.topics = Topics(fleet=config.fleet)
+        self.topics = Topics(fleet=config.fleet, prefix=config.prefix)
         self.url = BrokerURL.parse(config.broker)
         self.dir = Path(config.data) / config.fleet
         self.data_dir = self.dir / DATA_DIR
@@ -670,6 +673,8 @@ class IngestWorker:
             str(cfg.data),
             "--fleet",
             cfg.fleet,
+            "--prefix",
+            cfg.prefix,
             "--model",
             str(cfg.model),
         ]

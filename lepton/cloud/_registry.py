@@ -7,7 +7,7 @@ Layout under the dataset directory ``DIR``::
     DIR/models/{name}/{version}/manifest.json     the manifest fields (input, labels, pipeline, metrics, ...)
     DIR/models/{name}/{version}/report.json       the training report; written last = version complete
     DIR/models/{name}/{version}/package.json      the signed manifest payload as last published
-    DIR/models/{name}/deployed.json               {fleet: {version, chunks, published_at, broker}}
+    DIR/models/{name}/deployed.json               {fleet: {version, chunks, published_at, broker, prefix}}
     DIR/models/{name}/high_water                  the highest version ever allocated
 
 Versions only go up: a number is reserved with an atomic ``mkdir`` above the high-water mark, so two
@@ -28,7 +28,13 @@ from pathlib import Path
 from typing import Any
 
 from lepton.errors import ConfigError, ModelRejected
-from lepton.protocol import DEFAULT_CHUNK_SIZE, build_package, check_onnx_self_contained, validate_id
+from lepton.protocol import (
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_PREFIX,
+    build_package,
+    check_onnx_self_contained,
+    validate_id,
+)
 
 log = logging.getLogger(__name__)
 
@@ -280,12 +286,15 @@ class Registry:
         *,
         url: str,
         fleet: str,
+        prefix: str = DEFAULT_PREFIX,
         private_key=None,  # noqa: ANN001
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         verify: bool = True,
         timeout: float = 30.0,
     ):
-        """Publish a stored version to ``fleet`` and record it as deployed there; returns PublishResult."""
+        """Publish a stored version to ``fleet`` (topics ``{prefix}/{fleet}/models/...``) and record it as
+        deployed there; returns PublishResult. Deployments are keyed by fleet: one registry (one
+        ``--data`` folder) serves one prefix."""
         from lepton.cloud._delivery import publish_package
         from lepton.protocol import BrokerURL
 
@@ -306,7 +315,7 @@ class Registry:
         public_key = private_key.public_key() if private_key is not None else None
         result = publish_package(
             url, fleet, payload, chunks, supersedes=supersedes, public_key=public_key, verify=verify,
-            timeout=timeout,
+            timeout=timeout, prefix=prefix,
         )
         mv = self.get(name, version)
         _write_bytes(mv.path / "package.json", payload)
@@ -317,6 +326,7 @@ class Registry:
             "chunk_size": chunk_size,
             "published_at": round(time.time(), 3),
             "broker": str(BrokerURL.parse(url)),
+            "prefix": prefix,
             "signed": private_key is not None,
         }
         _write_json(self._dir(name) / "deployed.json", deps)
@@ -324,7 +334,8 @@ class Registry:
             name,
             version,
             status="published",
-            publication={**result.to_dict(), "fleet": fleet, "signed": private_key is not None},
+            publication={**result.to_dict(), "fleet": fleet, "prefix": prefix,
+                         "signed": private_key is not None},
         )
         return result
 

@@ -38,7 +38,7 @@ from lepton.cloud._export import ExportConfig, ExportResult, export_and_compress
 from lepton.cloud._nets import TARGETS, choose_network, make_module
 from lepton.cloud._registry import ModelVersion, Registry
 from lepton.errors import ConfigError, GateRefused
-from lepton.protocol import DEFAULT_CHUNK_SIZE, validate_id
+from lepton.protocol import DEFAULT_CHUNK_SIZE, DEFAULT_PREFIX, Topics, validate_id
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,8 @@ class TrainConfig:
     data: Path
     fleet: str
     model: str
+    #: publishing goes to ``{prefix}/{fleet}/models/{model}``.
+    prefix: str = DEFAULT_PREFIX
     epochs: int = 20
     batch_size: int = 64
     lr: float = 3e-3
@@ -95,7 +97,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data", Path(self.data))
-        validate_id(self.fleet, kind="fleet")
+        Topics(fleet=self.fleet, prefix=self.prefix)  # validates both
         validate_id(self.model, kind="model")
         if self.epochs < 1:
             raise ConfigError(f"--epochs must be >= 1, got {self.epochs}")
@@ -313,6 +315,7 @@ class RegistryCallback(pl.Callback):
                     version.version,
                     url=cfg.broker,
                     fleet=cfg.fleet,
+                    prefix=cfg.prefix,
                     private_key=key,
                     chunk_size=cfg.chunk_size,
                 )

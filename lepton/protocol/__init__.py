@@ -68,7 +68,7 @@ from lepton.protocol._mqtt import (
     read_password_file,
     resolve_broker,
 )
-from lepton.protocol._topics import DEFAULT_PREFIX, DEVICE_CHANNELS, ParsedTopic, Topics
+from lepton.protocol._topics import DEFAULT_PREFIX, DEVICE_CHANNELS, ParsedTopic, Topics, validate_prefix
 
 __all__ = [
     "BrokerURL",
@@ -129,6 +129,7 @@ __all__ = [
     "resolve_broker",
     "seqs_to_ranges",
     "validate_id",
+    "validate_prefix",
     "verify_chunk",
     "verify_package",
     "verify_signature",

@@ -13,6 +13,35 @@ DEFAULT_PREFIX = "lepton"
 DEVICE_CHANNELS = ("samples", "acks", "status", "telemetry", "predictions")
 
 
+def prefix_problem(value: object) -> str | None:
+    """Why ``value`` cannot be a topic prefix, or ``None`` when it can (see :func:`validate_prefix`)."""
+    if not isinstance(value, str) or not value:
+        return "it must be a non-empty string"
+    if any(c in value for c in "+#\0") or value.startswith("$"):
+        return "no wildcards, no leading '$'"
+    if value.startswith("/") or value.endswith("/"):
+        return "no leading or trailing '/'"
+    if any(c.isspace() or not c.isprintable() for c in value):
+        return "no whitespace or control characters"
+    return None
+
+
+def validate_prefix(value: object) -> str:
+    """Return ``value`` if it can be a topic prefix, else raise ProtocolError (``field="prefix"``).
+
+    A prefix is one or more topic levels (``lepton``, ``acme/site-3/lepton``): not empty, no ``+``,
+    ``#``, NUL or whitespace (ACL files separate their fields with spaces), no leading ``$`` or ``/``,
+    no trailing ``/``.
+
+    >>> validate_prefix("acme/site-3/lepton")
+    'acme/site-3/lepton'
+    """
+    problem = prefix_problem(value)
+    if problem is not None:
+        raise ProtocolError(f"bad topic prefix {value!r}: {problem}", field="prefix")
+    return value  # type: ignore[return-value]
+
+
 @dataclass(frozen=True)
 class ParsedTopic:
     """What a topic names. ``channel`` is one of DEVICE_CHANNELS, ``"model"``, ``"model_chunk"``,
@@ -43,12 +72,7 @@ class Topics:
 
     def __post_init__(self) -> None:
         validate_id(self.fleet, kind="fleet")
-        if not self.prefix or any(c in self.prefix for c in "+#\0") or self.prefix.startswith("$"):
-            raise ProtocolError(f"bad topic prefix {self.prefix!r}: no wildcards, no leading '$'",
-                                field="prefix")
-        if self.prefix.startswith("/") or self.prefix.endswith("/"):
-            raise ProtocolError(f"bad topic prefix {self.prefix!r}: no leading or trailing '/'",
-                                field="prefix")
+        validate_prefix(self.prefix)
 
     @property
     def root(self) -> str:

@@ -55,12 +55,33 @@ def test_viewers_only_read_and_unknown_users_get_nothing():
     assert not acl.allowed(None, "anon", "lepton/f1/devices/cam-a/status", "read")
 
 
-def test_the_python_roles_are_the_grants_add_user_sh_writes():
+@pytest.mark.parametrize("prefix", [None, "acme/site-3/lepton"])
+def test_the_python_roles_are_the_grants_add_user_sh_writes(prefix):
     script = (PROJECT_ROOT / "broker" / "add-user.sh").read_text()
     for role in ("device", "worker", "trainer", "viewer"):
         block = script.split(f"  {role}) grants=\"", 1)[1].split('" ;;', 1)[0]
-        expected = block.replace("$fleet", "F").replace("$name", "N").splitlines()
-        assert role_grants(role, "F", "N") == expected, role
+        expected = block.replace("$prefix", prefix or "lepton").replace("$fleet", "F").replace("$name", "N")
+        kwargs = {"prefix": prefix} if prefix else {}
+        assert role_grants(role, "F", "N", **kwargs) == expected.splitlines(), role
+
+
+def test_grants_for_a_custom_prefix_match_only_that_prefix():
+    p = "acme/site-3/lepton"
+    acl = Acl.parse("user cam-a\n" + "\n".join(role_grants("device", "f1", "cam-a", prefix=p))
+                    + "\nuser admin\n" + "\n".join(role_grants("admin", "-", "admin", prefix=p)))
+
+    assert acl.allowed("cam-a", "cam-a", "acme/site-3/lepton/f1/devices/cam-a/samples", "write")
+    assert acl.allowed("cam-a", "cam-a", "acme/site-3/lepton/f1/models/digits", "read")
+    assert not acl.allowed("cam-a", "cam-a", "lepton/f1/devices/cam-a/samples", "write")
+    assert not acl.allowed("cam-a", "cam-a", "acme/site-4/lepton/f1/models/digits", "read")
+    assert acl.allowed("admin", "admin", "acme/site-3/lepton/f9/deadletter", "write")
+    assert not acl.allowed("admin", "admin", "lepton/f9/deadletter", "write")
+
+
+@pytest.mark.parametrize("prefix", ["", "a b", "$SYS", "/lepton", "lepton/", "a/#"])
+def test_a_bad_prefix_is_a_config_error_naming_the_flag(prefix):
+    with pytest.raises(ConfigError, match="--prefix"):
+        role_grants("device", "f1", "cam-a", prefix=prefix)
 
 
 def test_anonymous_lines_come_before_any_user_and_patterns_substitute_the_user_and_client():

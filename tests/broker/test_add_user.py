@@ -30,9 +30,13 @@ def files(tmp_path, require_mosquitto):
     env = dict(os.environ, PATH=f"{spy}:{os.environ['PATH']}", LEPTON_PASSWD_FILE=str(etc / "lepton.passwd"),
                LEPTON_ACL_FILE=str(etc / "lepton.acl"))
 
-    def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-        return subprocess.run(["bash", SCRIPT, *args], env=env, cwd=tmp_path, input=stdin, text=True,
-                              capture_output=True, timeout=60)
+    env.pop("LEPTON_PREFIX", None)
+
+    def run(*args: str, stdin: str | None = None,
+            prefix_env: str | None = None) -> subprocess.CompletedProcess:
+        extra = {"LEPTON_PREFIX": prefix_env} if prefix_env is not None else {}
+        return subprocess.run(["bash", SCRIPT, *args], env={**env, **extra}, cwd=tmp_path, input=stdin,
+                              text=True, capture_output=True, timeout=60)
 
     run.etc, run.log, run.root = etc, tmp_path / "argv.log", tmp_path  # type: ignore[attr-defined]
     return run
@@ -83,6 +87,10 @@ def test_a_name_with_grants_but_no_password_is_refused_too(files):
 @pytest.mark.parametrize("args", [
     ("device", "f1", "$(touch PWNED)"), ("device", "f1;touch PWNED", "cam-1"), ("device", "f1", "a/b"),
     ("device", "f1", "cam\nuser evil"), ("root", "f1", "cam-1"), ("device", "f1"),
+    ("--prefix", "a b", "device", "f1", "cam-1"), ("--prefix", "$SYS", "device", "f1", "cam-1"),
+    ("--prefix", "a/#", "device", "f1", "cam-1"), ("--prefix", "/a", "device", "f1", "cam-1"),
+    ("--prefix", "a/", "device", "f1", "cam-1"), ("--prefix", "", "device", "f1", "cam-1"),
+    ("--prefix", "x\nuser evil", "device", "f1", "cam-1"), ("--prefix",),
 ])
 def test_bad_roles_and_ids_are_refused_before_anything_is_written(files, args):
     result = files(*args)
@@ -97,3 +105,22 @@ def test_an_empty_password_on_stdin_is_refused(files):
     result = files("device", "f1", "cam-1", "-", stdin="\n")
 
     assert result.returncode == 2 and "empty password" in result.stderr
+
+
+def _block(acl_text: str, name: str) -> list[str]:
+    return acl_text.split(f"\nuser {name}\n", 1)[1].split("\n\n", 1)[0].strip().splitlines()
+
+
+def test_prefix_grants_the_users_topics_under_that_prefix_only(files):
+    flag = files("--prefix", "acme/site-3/lepton", "device", "f1", "cam-1")
+    from_env = files("trainer", "f1", "t1", prefix_env="env/site")
+    flag_beats_env = files("--prefix", "acme/site-3/lepton", "viewer", "f1", "v1", prefix_env="env/site")
+
+    assert (flag.returncode, from_env.returncode, flag_beats_env.returncode) == (0, 0, 0), flag.stderr
+    acl = (files.etc / "lepton.acl").read_text()
+    device = _block(acl, "cam-1")
+    assert "topic write acme/site-3/lepton/f1/devices/cam-1/samples" in device
+    assert "topic read acme/site-3/lepton/f1/models/#" in device
+    assert all(line.split(" ", 2)[2].startswith("acme/site-3/lepton/f1/") for line in device)
+    assert _block(acl, "t1") == ["topic readwrite env/site/f1/models/#"]
+    assert all(line.split(" ", 2)[2].startswith("acme/site-3/lepton/f1/") for line in _block(acl, "v1"))

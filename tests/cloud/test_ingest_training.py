@@ -79,6 +79,7 @@ def test_train_command_is_built_from_the_flags(tmp_path):
     cfg = WorkerConfig(
         broker="mqtt://w:pw@127.0.0.1:1883",
         fleet="f1",
+        prefix="acme/site-3/lepton",
         data=tmp_path,
         train_every=10,
         model="m1",
@@ -93,6 +94,8 @@ def test_train_command_is_built_from_the_flags(tmp_path):
         str(tmp_path),
         "--fleet",
         "f1",
+        "--prefix",
+        "acme/site-3/lepton",
         "--model",
         "m1",
         "--publish",

@@ -78,7 +78,8 @@ def test_id_errors_name_the_kind_and_the_fix():
     assert "A-Z a-z 0-9 _ -" in str(info.value)
 
 
-@pytest.mark.parametrize("prefix", ["", "$SYS", "$lepton", "a/+", "a/#", "+", "/lepton", "lepton/", "a\0b"])
+@pytest.mark.parametrize("prefix", ["", "$SYS", "$lepton", "a/+", "a/#", "+", "/lepton", "lepton/", "a\0b",
+                                    "acme site", "a\tb", "a\nb"])
 def test_bad_prefixes_are_refused(prefix):
     with pytest.raises(ProtocolError) as info:
         Topics(fleet="demo", prefix=prefix)
