@@ -276,7 +276,7 @@ class _Monitor:
         self.client.loop_stop()
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
-        client.subscribe(self.demo.view.filters(models=[MODEL]))
+        client.subscribe(self.demo.view.filters(workers=[WORKER], models=[MODEL]))
 
     def _on_message(self, client, userdata, message) -> None:  # noqa: ANN001
         demo = self.demo

@@ -79,11 +79,15 @@ class FleetView:
     def __post_init__(self) -> None:
         self.topics = Topics(fleet=self.fleet, prefix=self.prefix)
 
-    def filters(self, models: Iterable[str] = ()) -> list[tuple[str, int]]:
-        """``(topic filter, QoS)`` to subscribe to: every status (devices and workers), every device's
-        telemetry, and the manifests of ``models``."""
-        return [(self.topics.all_status(), 1), (self.topics.all_devices("telemetry"), 0),
-                *((self.topics.model(m), 1) for m in models)]
+    def filters(
+        self, *, workers: Iterable[str] | None = None, models: Iterable[str] = ()
+    ) -> list[tuple[str, int]]:
+        """``(topic filter, QoS)`` to subscribe to: every device's status and telemetry, the status of
+        every worker (or of the named ``workers`` only), and the manifests of ``models``."""
+        t = self.topics
+        status = [(t.all_status(), 1)] if workers is None else [
+            (t.all_devices("status"), 1), *((t.worker_status(w), 1) for w in workers)]
+        return [*status, (t.all_devices("telemetry"), 0), *((t.model(m), 1) for m in models)]
 
     def apply(self, topic: str, payload: bytes | bytearray | memoryview, *, now: float) -> str | None:
         """Fold one message in. Returns its channel (``"status"``, ``"telemetry"``, ``"worker_status"``,

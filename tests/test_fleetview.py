@@ -108,6 +108,7 @@ def test_devices_beyond_max_entries_are_ignored_but_known_ones_still_update(view
 
 
 def test_the_subscription_filters_use_the_prefix(view):
-    assert view.filters(models=["digits"]) == [
-        (f"{PREFIX}/f1/+/+/status", 1), (f"{PREFIX}/f1/devices/+/telemetry", 0),
-        (f"{PREFIX}/f1/models/digits", 1)]
+    assert view.filters() == [(f"{PREFIX}/f1/+/+/status", 1), (f"{PREFIX}/f1/devices/+/telemetry", 0)]
+    assert view.filters(workers=["w1"], models=["digits"]) == [
+        (f"{PREFIX}/f1/devices/+/status", 1), (f"{PREFIX}/f1/workers/w1/status", 1),
+        (f"{PREFIX}/f1/devices/+/telemetry", 0), (f"{PREFIX}/f1/models/digits", 1)]

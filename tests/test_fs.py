@@ -43,6 +43,10 @@ def _syscall(line: str) -> str:
     return re.match(r"(?:\[pid\s+\d+\]\s+)?(\w+)\(", line).group(1)
 
 
+def _fsync_of(line: str, path: Path) -> bool:
+    return re.search(rf"fsync\(\d+<{re.escape(str(path))}>\)", line) is not None
+
+
 def _durable_replacements(calls: list[str]) -> dict[Path, int]:
     """Target file -> how many times it was replaced with: fsync(tmp), rename(tmp -> target), fsync(dir)."""
     done: dict[Path, int] = {}
@@ -54,8 +58,8 @@ def _durable_replacements(calls: list[str]) -> dict[Path, int]:
         t = _TMP.match(src.name)
         if not t or t.group("name") != dst.name or src.parent != dst.parent:
             continue
-        synced_before = any(re.search(rf"fsync\(\d+<{re.escape(str(src))}>\)", c) for c in calls[:i])
-        synced_dir_after = any(re.search(rf"fsync\(\d+<{re.escape(str(dst.parent))}>\)", c) for c in calls[i:])
+        synced_before = any(_fsync_of(c, src) for c in calls[:i])
+        synced_dir_after = any(_fsync_of(c, dst.parent) for c in calls[i:])
         if synced_before and synced_dir_after:
             done[dst] = done.get(dst, 0) + 1
     return done
@@ -113,7 +117,8 @@ def test_a_write_that_fails_midway_leaves_the_old_file_and_no_temporary_file(tmp
             sys.exit("the write did not fail")
         """
     )
-    out = subprocess.run([sys.executable, "-c", script, str(target)], capture_output=True, text=True, timeout=60)
+    out = subprocess.run([sys.executable, "-c", script, str(target)], capture_output=True, text=True,
+                         timeout=60)
 
     assert out.returncode == 0 and "failed as expected" in out.stdout, out.stderr
     assert target.read_bytes() == b"old contents\n"
