@@ -112,3 +112,40 @@ def test_the_subscription_filters_use_the_prefix(view):
     assert view.filters(workers=["w1"], models=["digits"]) == [
         (f"{PREFIX}/f1/devices/+/status", 1), (f"{PREFIX}/f1/workers/w1/status", 1),
         (f"{PREFIX}/f1/devices/+/telemetry", 0), (f"{PREFIX}/f1/models/digits", 1)]
+
+
+def test_the_demo_monitor_feeds_its_summary_from_a_real_broker(amqtt_broker, tmp_path):
+    import time
+
+    from lepton._demo import MODEL, WORKER, Demo, DemoConfig, _Monitor
+    from lepton.protocol import short_lived_client
+
+    demo = Demo(DemoConfig(broker=amqtt_broker.anonymous_url(), workdir=tmp_path))
+    t = demo.topics
+    manifest, _ = build_package(fleet=demo.fleet, name=MODEL, version=2, data=b"x" * 40,
+                                input_spec={"shape": [1]}, labels=["a"], pipeline={"hash": "p"}, quantization="int8",
+                                metrics={"fp32_size_bytes": 100, "quantization_reason": "faster"})
+    retained = [(t.model(MODEL), manifest), (t.worker_status(WORKER), encode_json({"stored": 42})),
+                (t.status("dev-0"), _status(model_version=2, accuracy={"2": {"accuracy": 0.5, "correct": 1,
+                                                                             "samples": 2}})),
+                (t.worker_status("someone-else"), encode_json({"stored": 7}))]
+    with short_lived_client(amqtt_broker.url("admin", "pub", fleet=demo.fleet), "pub") as pub:
+        for info in [pub.publish(topic, payload, qos=1, retain=True) for topic, payload in retained]:
+            info.wait_for_publish(10)
+    monitor = _Monitor(amqtt_broker.url("viewer", "v1", fleet=demo.fleet), demo)
+    monitor.start()
+    try:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and (demo.summary()["model_version"] is None
+                                               or not demo.summary()["devices"]):
+            time.sleep(0.05)
+        summary = demo.summary()
+    finally:
+        monitor.stop()
+
+    assert (summary["model_version"], summary["model_size_bytes"], summary["compression_ratio"],
+            summary["model_quantization"], summary["quantization_reason"]) == (2, 40, 0.4, "int8", "faster")
+    assert summary["samples_ingested"] == 42  # the demo's own worker, not another one
+    assert summary["devices"]["dev-0"]["model_version"] == 2
+    assert summary["edge_accuracy_by_version"] == {2: {"accuracy": 0.5, "samples": 2}}
+    assert summary["time_to_first_model_s"] is not None
