@@ -123,7 +123,8 @@ def test_the_demo_monitor_feeds_its_summary_from_a_real_broker(amqtt_broker, tmp
     demo = Demo(DemoConfig(broker=amqtt_broker.anonymous_url(), workdir=tmp_path))
     t = demo.topics
     manifest, _ = build_package(fleet=demo.fleet, name=MODEL, version=2, data=b"x" * 40,
-                                input_spec={"shape": [1]}, labels=["a"], pipeline={"hash": "p"}, quantization="int8",
+                                input_spec={"shape": [1]}, labels=["a"], pipeline={"hash": "p"},
+                                quantization="int8",
                                 metrics={"fp32_size_bytes": 100, "quantization_reason": "faster"})
     retained = [(t.model(MODEL), manifest), (t.worker_status(WORKER), encode_json({"stored": 42})),
                 (t.status("dev-0"), _status(model_version=2, accuracy={"2": {"accuracy": 0.5, "correct": 1,
