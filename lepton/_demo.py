@@ -24,22 +24,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from lepton._fleetview import FleetView, Reports
 from lepton.errors import ConfigError
-from lepton.protocol import (
-    DEFAULT_PREFIX,
-    BrokerURL,
-    Topics,
-    connect,
-    decode_json,
-    new_client,
-    parse_manifest,
-)
+from lepton.protocol import DEFAULT_PREFIX, BrokerURL, Topics, connect, new_client
 from lepton.protocol._mqtt import ENV_BROKER, ENV_PASSWORD, ENV_PASSWORD_FILE
 
 log = logging.getLogger(__name__)
 
 FLEET = "demo"
 MODEL = "digits"
+WORKER = "demo-worker"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -70,19 +64,6 @@ class DeviceView:
     accuracy_by_version: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
-@dataclass
-class FleetView:
-    started: float = field(default_factory=time.monotonic)
-    devices: dict[str, DeviceView] = field(default_factory=dict)
-    worker: dict[str, Any] = field(default_factory=dict)
-    model_version: int | None = None
-    model_size: int | None = None
-    model_metrics: dict[str, Any] = field(default_factory=dict)
-    model_quantization: str | None = None
-    first_model_s: float | None = None
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-
 class Demo:
     def __init__(self, config: DemoConfig) -> None:
         if config.devices < 1 or config.devices > 32:
@@ -98,7 +79,11 @@ class Demo:
         # of our own there.
         self.fleet = FLEET if config.broker is None else f"{FLEET}-{uuid.uuid4().hex[:8]}"
         self.topics = Topics(fleet=self.fleet, prefix=config.prefix)
-        self.view = FleetView()
+        #: what the fleet's topics say (lepton._fleetview); paho's thread writes it under view_lock
+        self.view = FleetView(fleet=self.fleet, prefix=self.topics.prefix)
+        self.view_lock = threading.Lock()
+        self.started = time.monotonic()
+        self.first_model_s: float | None = None  # written under view_lock
         self._procs: dict[str, subprocess.Popen] = {}
         self._logs: list[IO[bytes]] = []  # children's stdout/stderr files, closed in stop()
         self._stopping = threading.Event()
@@ -151,12 +136,12 @@ class Demo:
             urls.update({f"dev-{i}": self.config.broker for i in range(self.config.devices)})
         else:
             urls = self._start_broker()
-        self._monitor = _Monitor(urls["viewer"], self.topics, self.view)
+        self._monitor = _Monitor(urls["viewer"], self)
         self._monitor.start()
         self._spawn("worker", [
             "worker", "--fleet", self.fleet, "--prefix", self.topics.prefix,
             "--data", str(self.workdir / "data"),
-            "--name", "demo-worker", "--model", MODEL, "--key", str(private),
+            "--name", WORKER, "--model", MODEL, "--key", str(private),
             "--train-every", str(self.config.train_every), "--train-publish", "--quiet",
             f"--train-arg=--epochs={self.config.epochs}",
         ], env={"OMP_NUM_THREADS": "1", ENV_BROKER: urls["worker"]})  # devices, broker and worker on a
@@ -222,11 +207,13 @@ class Demo:
         return None
 
     def summary(self) -> dict[str, Any]:
-        with self.view.lock:
-            devices = {n: vars(d).copy() for n, d in sorted(self.view.devices.items())}
-            metrics = dict(self.view.model_metrics)
+        with self.view_lock:
+            views = {n: _device_view(r) for n, r in sorted(self.view.devices.items())}
+            devices = {n: vars(d).copy() for n, d in views.items()}
+            model = self.view.models.get(MODEL)
+            metrics = dict(model.metrics) if model is not None else {}
             pooled: dict[int, list[int]] = {}  # version -> [correct, samples] over all devices
-            for d in self.view.devices.values():
+            for d in views.values():
                 for v, a in d.accuracy_by_version.items():
                     entry = pooled.setdefault(int(v), [0, 0])
                     entry[0] += a["correct"]
@@ -237,38 +224,38 @@ class Demo:
             latest = by_version[max(by_version)] if by_version else None
             all_correct = sum(c for c, _ in pooled.values())
             all_samples = sum(n for _, n in pooled.values())
-            samples = self.view.worker.get("stored")
+            worker = self.view.workers.get(WORKER)
+            samples = (worker.status or {}).get("stored") if worker is not None else None
+            size = model.size if model is not None else None
             fp32 = metrics.get("fp32_size_bytes")
             return {
                 "samples_ingested": samples,
-                "model_version": self.view.model_version,
+                "model_version": model.version if model is not None else None,
                 "edge_accuracy": latest["accuracy"] if latest else None,
                 "edge_accuracy_samples": latest["samples"] if latest else 0,
                 "edge_accuracy_all_versions": round(all_correct / all_samples, 4) if all_samples else None,
                 "edge_accuracy_by_version": by_version,
                 "pids": {n: p.pid for n, p in self._procs.items()},
-                "time_to_first_model_s": (round(self.view.first_model_s, 2)
-                                          if self.view.first_model_s is not None else None),
-                "model_size_bytes": self.view.model_size,
-                "compression_ratio": (round(self.view.model_size / fp32, 3)
-                                      if fp32 and self.view.model_size else None),
-                "model_quantization": self.view.model_quantization,
+                "time_to_first_model_s": (round(self.first_model_s, 2)
+                                          if self.first_model_s is not None else None),
+                "model_size_bytes": size,
+                "compression_ratio": round(size / fp32, 3) if fp32 and size else None,
+                "model_quantization": model.quantization if model is not None else None,
                 "quantization_reason": metrics.get("quantization_reason"),
                 "model_metrics": metrics,
                 "devices": devices,
                 "fleet": self.fleet,
-                "duration_s": round(time.monotonic() - self.view.started, 2),
+                "duration_s": round(time.monotonic() - self.started, 2),
                 "workdir": str(self.workdir),
             }
 
 
 class _Monitor:
-    """A read-only dashboard client: retained status/telemetry of devices and workers, model manifests."""
+    """A read-only dashboard client: paho's network thread feeds the demo's view (under its lock)."""
 
-    def __init__(self, url: str, topics: Topics, view: FleetView) -> None:
+    def __init__(self, url: str, demo: Demo) -> None:
         self.url = BrokerURL.parse(url)
-        self.topics = topics
-        self.view = view
+        self.demo = demo
         # A client id is the username or starts with "username/" (broker/README.md, client identity).
         name = f"demo-monitor-{os.getpid()}"
         self.client = new_client(self.url, client_id=f"{self.url.username}/{name}" if self.url.username else name)
@@ -291,35 +278,28 @@ class _Monitor:
         self.client.loop_stop()
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
-        for channel in ("status", "telemetry"):
-            client.subscribe(self.topics.all_devices(channel), qos=1)
-        client.subscribe(self.topics.worker_status("demo-worker"), qos=1)
-        client.subscribe(self.topics.model(MODEL), qos=1)
+        client.subscribe(self.demo.view.filters(workers=[WORKER], models=[MODEL]))
 
     def _on_message(self, client, userdata, message) -> None:  # noqa: ANN001
-        try:
-            parsed = self.topics.parse(message.topic)
-            if not message.payload:
-                return
-            if parsed.channel == "model":
-                manifest, _, _ = parse_manifest(message.payload)
-                with self.view.lock:
-                    self.view.model_version = manifest.version
-                    self.view.model_size = manifest.size
-                    self.view.model_metrics = dict(manifest.metrics)
-                    self.view.model_quantization = manifest.quantization
-                return
-            body = decode_json(message.payload)
-            with self.view.lock:
-                if parsed.channel == "worker_status":
-                    self.view.worker = body
-                    return
-                dev = self.view.devices.setdefault(parsed.device, DeviceView())
-                _merge_device(dev, body)
-                if dev.model_version is not None and self.view.first_model_s is None:
-                    self.view.first_model_s = time.monotonic() - self.view.started
-        except Exception:  # a dashboard never dies of one odd message
-            log.debug("monitor ignored a message on %s", message.topic, exc_info=True)
+        demo = self.demo
+        with demo.view_lock:
+            channel = demo.view.apply(message.topic, message.payload, now=time.time())
+            if channel in ("status", "telemetry") and demo.first_model_s is None:
+                reports = demo.view.devices.get(demo.topics.parse(message.topic).device)
+                if reports is not None and _device_view(reports).model_version is not None:
+                    demo.first_model_s = time.monotonic() - demo.started
+
+
+def _device_view(reports: Reports) -> DeviceView:
+    """A device's row of the demo table: its reports folded in the order they came."""
+    dev = DeviceView()
+    for body in reports.bodies():
+        _merge_device(dev, body)
+    return dev
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
 def _merge_device(dev: DeviceView, body: dict[str, Any]) -> None:
@@ -344,13 +324,14 @@ def _merge_device(dev: DeviceView, body: dict[str, Any]) -> None:
     accuracy = body.get("accuracy")
     if isinstance(accuracy, dict):  # per-version running accuracy: {"3": {"correct", "samples", ...}}
         dev.accuracy_by_version = {
-            v: {"correct": int(a.get("correct") or 0), "samples": int(a.get("samples") or 0)}
-            for v, a in accuracy.items() if isinstance(a, dict)
+            v: {"correct": _count(a.get("correct")), "samples": _count(a.get("samples"))}
+            for v, a in accuracy.items() if isinstance(a, dict) and v.isdigit()
         }
         current = accuracy.get(str(dev.model_version)) if dev.model_version is not None else None
         if isinstance(current, dict):
-            dev.accuracy = current.get("accuracy")
-            dev.accuracy_samples = int(current.get("samples") or 0)
+            value = current.get("accuracy")
+            dev.accuracy = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+            dev.accuracy_samples = _count(current.get("samples"))
     if isinstance(body.get("swaps"), int):
         dev.swaps = body["swaps"]
 

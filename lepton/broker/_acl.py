@@ -16,10 +16,10 @@ accepted whatever its filter and only readable messages reach it.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lepton._fs import write_atomic
 from lepton.errors import ConfigError
 from lepton.protocol import DEFAULT_PREFIX, ID_PATTERN
 from lepton.protocol._topics import prefix_problem
@@ -188,9 +188,4 @@ def _without_block(text: str, name: str) -> str:
 
 def _write_private(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as out:
-        out.write(text)
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
+    write_atomic(path, text.encode("utf-8"), mode=0o600)

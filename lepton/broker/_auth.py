@@ -28,6 +28,7 @@ from amqtt.contexts import Action
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
 
+from lepton._fs import write_atomic
 from lepton.broker._acl import READ, WRITE, Acl, read_acl_file
 
 log = logging.getLogger(__name__)
@@ -60,14 +61,8 @@ def write_password_file(path: str | Path, users: dict[str, str], *, append: bool
     path.parent.mkdir(parents=True, exist_ok=True)
     existing = read_password_file(path) if append and path.exists() else {}
     existing.update({u: hash_password(p) for u, p in users.items()})
-    import os
-
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # never readable by others, not even briefly
-    with os.fdopen(fd, "w", encoding="utf-8") as out:
-        out.write("".join(f"{u}:{h}\n" for u, h in existing.items()))
-    tmp.chmod(0o600)
-    tmp.replace(path)
+    # 0600 from the first byte: never readable by others, not even briefly
+    write_atomic(path, "".join(f"{u}:{h}\n" for u, h in existing.items()).encode("utf-8"), mode=0o600)
 
 
 def client_id_allowed(username: str | None, client_id: str | None, users: set[str] | dict[str, str]) -> bool:

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
 import threading
 import time
 import unicodedata
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from typing import Any
 
+from lepton._fleetview import MAX_ENTRIES, MAX_PAYLOAD, FleetView
 from lepton.cli import _credentials, _exit, _prefix
 from lepton.errors import ConfigError
 
@@ -58,74 +60,15 @@ def register(parser: argparse.ArgumentParser) -> None:
 # ------------------------------------------------------------------------------------------------
 # collecting
 # ------------------------------------------------------------------------------------------------
-@dataclass
-class _Entry:
-    status: dict[str, Any] | None = None
-    telemetry: dict[str, Any] | None = None
-    received: float = 0.0  # wall clock of the newest message
+def snapshot(view: FleetView, now: float | None = None) -> dict[str, Any]:
+    """The JSON document of ``lepton status --json``: typed, bounded rows per device and worker."""
+    now = time.time() if now is None else now
+    devices = [device_row(name, e.status, e.telemetry, now) for name, e in sorted(view.devices.items())]
+    workers = [worker_row(name, e.status, now) for name, e in sorted(view.workers.items())]
+    return {"fleet": view.fleet, "ts": round(now, 3), "devices": devices, "workers": workers,
+            "ignored_messages": view.ignored}
 
 
-@dataclass
-class FleetView:
-    """What the retained (and, while watching, live) messages say about one fleet."""
-
-    fleet: str
-    devices: dict[str, _Entry] = field(default_factory=dict)
-    workers: dict[str, _Entry] = field(default_factory=dict)
-    ignored: int = 0  # payloads that are not protocol v1 JSON, too big, or beyond MAX_ENTRIES
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    last_message: float = 0.0
-
-    def apply(self, topics, topic: str, payload: bytes) -> None:
-        from lepton.errors import ProtocolError
-        from lepton.protocol import decode_json
-
-        try:
-            parsed = topics.parse(topic)
-        except ProtocolError:
-            self.ignored += 1
-            return
-        if parsed.channel == "worker_status":
-            book, name, kind = self.workers, parsed.worker, "status"
-        elif parsed.channel in ("status", "telemetry"):
-            book, name, kind = self.devices, parsed.device, parsed.channel
-        else:
-            return
-        with self.lock:
-            self.last_message = time.monotonic()
-            if len(payload) > MAX_PAYLOAD or (name not in book and len(book) >= MAX_ENTRIES):
-                self.ignored += 1
-                return
-            if not payload:  # a cleared retained message: the device or worker was removed
-                entry = book.get(name)
-                if entry is not None:
-                    setattr(entry, kind, None)
-                    if entry.status is None and entry.telemetry is None:
-                        del book[name]
-                return
-            try:
-                body = decode_json(payload, field=kind)
-            except ProtocolError:
-                self.ignored += 1
-                return
-            entry = book.setdefault(name, _Entry())
-            setattr(entry, kind, body)
-            entry.received = max(entry.received, time.time())
-
-    def snapshot(self, now: float | None = None) -> dict[str, Any]:
-        now = time.time() if now is None else now
-        with self.lock:
-            devices = [device_row(name, e.status, e.telemetry, now)
-                       for name, e in sorted(self.devices.items())]
-            workers = [worker_row(name, e.status, now) for name, e in sorted(self.workers.items())]
-        return {"fleet": self.fleet, "ts": round(now, 3), "devices": devices, "workers": workers,
-                "ignored_messages": self.ignored}
-
-
-#: a status or telemetry message bigger than this is ignored (a device's honest status is a few KiB)
-MAX_PAYLOAD = 64 * 1024
-#: devices (and workers) kept at most: retained topics are cheap for whoever can write them
-MAX_ENTRIES = 10_000
 MAX_TEXT = 64  # ids, model names, reason codes, worker fields
 MAX_MESSAGE = 300  # a model error's message
 #: raw status/telemetry kept in --json: nesting depth and items per object/list
@@ -359,24 +302,46 @@ def render(snapshot: dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------------------------
 # running
 # ------------------------------------------------------------------------------------------------
-def collect(url: str, fleet: str, *, timeout: float = 3.0, quiet: float = 0.3, prefix: str = "lepton",
-            keep_open: bool = False):
-    """Subscribe and gather retained messages until the broker is quiet; return ``(view, client)``.
+class _Watch:
+    """The status shell: paho's network thread feeds messages to the view; the main thread reads
+    :meth:`snapshot`. ``_lock`` guards ``view`` and ``last_message``, the only state both threads touch."""
 
-    The client is disconnected unless ``keep_open`` (then live messages keep updating the view).
-    """
-    import uuid
+    def __init__(self, view: FleetView) -> None:
+        self.view = view
+        self.last_message = time.monotonic()
+        self._lock = threading.Lock()
 
+    def on_message(self, client, userdata, message) -> None:  # noqa: ANN001
+        with self._lock:
+            self.last_message = time.monotonic()
+            self.view.apply(message.topic, message.payload, now=time.time())
+
+    def touch(self) -> None:
+        with self._lock:
+            self.last_message = time.monotonic()
+
+    def quiet_for(self) -> float:
+        with self._lock:
+            return time.monotonic() - self.last_message
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return snapshot(self.view)
+
+
+@contextlib.contextmanager
+def watch(url: str, fleet: str, *, timeout: float = 3.0, quiet: float = 0.3,
+          prefix: str = "lepton") -> Iterator[_Watch]:
+    """Subscribe and gather retained messages until the broker is quiet (at most ``timeout`` s), then
+    yield the watch; live messages keep updating it until the ``with`` block ends and the client
+    disconnects."""
     from lepton.errors import BrokerConnectionError
-    from lepton.protocol import BrokerURL, Topics, connect, new_client
+    from lepton.protocol import BrokerURL, short_lived_client
 
     broker = BrokerURL.parse(url)
-    topics = Topics(fleet=fleet, prefix=prefix)
-    view = FleetView(fleet=fleet)
+    state = _Watch(FleetView(fleet=fleet, prefix=prefix))
     subscribed = threading.Event()
-    filters = [(topics.all_status(), 1), (topics.all_devices("telemetry"), 0)]
-    name = f"lepton-status-{uuid.uuid4().hex[:10]}"  # the username or "username/..." (client-id binding)
-    client = new_client(broker, client_id=f"{broker.username}/{name}" if broker.username else name)
+    filters = state.view.filters()
 
     def on_connect(c, userdata, flags, reason_code, properties):  # noqa: ANN001
         if not reason_code.is_failure:
@@ -385,26 +350,23 @@ def collect(url: str, fleet: str, *, timeout: float = 3.0, quiet: float = 0.3, p
     def on_subscribe(c, userdata, mid, reason_codes, properties):  # noqa: ANN001
         subscribed.set()
 
-    def on_message(c, userdata, message):  # noqa: ANN001
-        view.apply(topics, message.topic, message.payload)
+    with short_lived_client(broker, "status", on_connect=on_connect, on_subscribe=on_subscribe,
+                            on_message=state.on_message):
+        start = time.monotonic()
+        if not subscribed.wait(max(timeout, 1.0)):
+            raise BrokerConnectionError(
+                f"{broker} did not acknowledge the subscription within {timeout:.0f}s", url=str(broker))
+        state.touch()  # the retained messages follow the SUBACK: wait for quiet from here
+        while time.monotonic() - start < timeout and state.quiet_for() < quiet:
+            time.sleep(0.02)
+        yield state
 
-    client.on_connect, client.on_subscribe, client.on_message = on_connect, on_subscribe, on_message
-    connect(client, broker)
-    start = time.monotonic()
-    if not subscribed.wait(max(timeout, 1.0)):
-        client.disconnect()
-        client.loop_stop()
-        raise BrokerConnectionError(f"{broker} did not acknowledge the subscription within {timeout:.0f}s",
-                                    url=str(broker))
-    view.last_message = max(view.last_message, time.monotonic())
-    while time.monotonic() - start < timeout:
-        if time.monotonic() - view.last_message >= quiet:
-            break
-        time.sleep(0.02)
-    if not keep_open:
-        client.disconnect()
-        client.loop_stop()
-    return view, client
+
+def collect(url: str, fleet: str, *, timeout: float = 3.0, quiet: float = 0.3,
+            prefix: str = "lepton") -> dict[str, Any]:
+    """The fleet's snapshot (see :func:`snapshot`) from its retained messages; see :func:`watch`."""
+    with watch(url, fleet, timeout=timeout, quiet=quiet, prefix=prefix) as state:
+        return state.snapshot()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -418,23 +380,19 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--timeout and --interval must be > 0 seconds")
     prefix = _prefix.resolve_prefix(args)
     broker = _credentials.broker_url(args, "status")
-    view, client = collect(broker, args.fleet, timeout=args.timeout, prefix=prefix,
-                           keep_open=args.watch)
-    if not args.watch:
-        _emit(view.snapshot(), args.json, clear=False)
-        return _exit.OK
-    try:
-        while True:
-            tty = sys.stdout.isatty()
-            _emit(view.snapshot(), args.json, clear=not args.json and tty)
-            if not args.json and not tty:
-                print(flush=True)  # a blank line between frames in a log
-            time.sleep(args.interval)
-    except KeyboardInterrupt:
-        return _exit.OK
-    finally:
-        client.disconnect()
-        client.loop_stop()
+    with watch(broker, args.fleet, timeout=args.timeout, prefix=prefix) as state:
+        if not args.watch:
+            _emit(state.snapshot(), args.json, clear=False)
+            return _exit.OK
+        try:
+            while True:
+                tty = sys.stdout.isatty()
+                _emit(state.snapshot(), args.json, clear=not args.json and tty)
+                if not args.json and not tty:
+                    print(flush=True)  # a blank line between frames in a log
+                time.sleep(args.interval)
+        except KeyboardInterrupt:
+            return _exit.OK
 
 
 def _emit(snapshot: dict[str, Any], as_json: bool, *, clear: bool) -> None:

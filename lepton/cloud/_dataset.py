@@ -2,8 +2,9 @@
 
 Contract (see ``docs/dataset.md``):
 
-- files ``{root}/{fleet}/data/*.parquet``, each written atomically: ``.name.tmp`` is written, flushed and
-  fsynced, renamed to ``name``, then the directory is fsynced. Readers ignore names starting with ``.``.
+- files ``{root}/{fleet}/data/*.parquet``, each written atomically: a hidden ``.name…tmp`` is written,
+  flushed and fsynced, renamed to ``name``, then the directory is fsynced. Readers ignore names starting
+  with ``.``.
 - columns: see :data:`SCHEMA`. ``x`` holds the raw little-endian C-order bytes of the tensor, ``dtype``
   and ``shape`` say how to view them (:func:`decode_x`).
 - each ``(device, seq)`` appears once in the dataset (the ingest worker's index guarantees it).
@@ -27,13 +28,13 @@ import uuid
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lepton.errors import ConfigError
+from lepton._fs import atomic_file, fsync_dir, write_atomic
 from lepton.protocol import DTYPES, RawSample, Sample, validate_id
 
 log = logging.getLogger(__name__)
@@ -79,31 +80,12 @@ DATA_DIR = "data"
 # ------------------------------------------------------------------------------------------------
 # writing
 # ------------------------------------------------------------------------------------------------
-def fsync_dir(path: str | Path) -> None:
-    """fsync a directory so a rename or unlink inside it survives a power cut."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: str | Path, data: bytes, *, sync_dir: bool = True) -> Path:
-    """Write ``data`` to ``path`` atomically (``.name.tmp``, fsync, rename, fsync dir).
-
-    ``sync_dir=False`` leaves the directory fsync to the caller, who writes several files and syncs
-    their folder once.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    if sync_dir:
-        fsync_dir(path.parent)
-    return path
+def _write_parquet(fh: BinaryIO, table: pa.Table, metadata: dict[bytes, bytes] | None) -> int:
+    if metadata:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
+    # Tensors compress poorly; snappy is nearly free and helps the id, label and pipeline columns.
+    pq.write_table(table, fh, compression="snappy", row_group_size=64 * 1024)
+    return fh.tell()
 
 
 def write_parquet_synced(
@@ -111,30 +93,24 @@ def write_parquet_synced(
 ) -> int:
     """Write ``table`` as Parquet at ``path``, flush and fsync it (no rename); return its size in bytes.
 
-    ``metadata`` is added to the schema's key-value metadata (e.g. :data:`REPLACES_KEY`).
+    The ingest worker's first step: it renames the file only once the index has committed it
+    (``lepton.cloud._index``). ``metadata`` is added to the schema's key-value metadata (e.g.
+    :data:`REPLACES_KEY`).
     """
-    if metadata:
-        table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
     with open(path, "wb") as fh:
-        # Tensors compress poorly; snappy is nearly free and helps the id, label and pipeline columns.
-        pq.write_table(table, fh, compression="snappy", row_group_size=64 * 1024)
+        size = _write_parquet(fh, table, metadata)
         fh.flush()
         os.fsync(fh.fileno())
-        return fh.tell()
+        return size
 
 
 def write_parquet_atomic(
     path: str | Path, table: pa.Table, *, metadata: dict[bytes, bytes] | None = None, sync_dir: bool = True
 ) -> int:
-    """Write ``table`` as Parquet at ``path`` atomically (``.name.tmp``, fsync, rename, fsync dir);
-    return the file's size in bytes."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    size = write_parquet_synced(tmp, table, metadata=metadata)
-    os.replace(tmp, path)
-    if sync_dir:
-        fsync_dir(path.parent)
-    return size
+    """Write ``table`` as Parquet at ``path`` atomically (:func:`lepton._fs.atomic_file`: a hidden
+    temporary file, fsync, rename, fsync dir); return the file's size in bytes."""
+    with atomic_file(path, sync_dir=sync_dir) as fh:
+        return _write_parquet(fh, table, metadata)
 
 
 def _label_text(y: int | str | None) -> str | None:
@@ -373,13 +349,3 @@ class Dataset:
             "last_ts": None if rows == 0 else last_ts,
         }
 
-
-def open_dataset(root: str | Path, fleet: str) -> Dataset:
-    """Like ``Dataset(root, fleet)`` but raise ConfigError naming the fix when nothing is there."""
-    ds = Dataset(root, fleet)
-    if not ds.dir.is_dir():
-        raise ConfigError(
-            f"no dataset for fleet {fleet!r} under {root}: expected {ds.dir}/data/*.parquet; "
-            "check --data and --fleet"
-        )
-    return ds

@@ -25,7 +25,6 @@ import hashlib
 import logging
 import threading
 import time
-import uuid
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,10 +36,9 @@ from lepton.protocol import (
     BrokerURL,
     ModelPackage,
     Topics,
-    connect,
     load_public_key,
-    new_client,
     open_manifest,
+    short_lived_client,
     verify_package,
 )
 
@@ -87,25 +85,6 @@ class PublishResult:
 
 def _url(url: str | BrokerURL) -> BrokerURL:
     return url if isinstance(url, BrokerURL) else BrokerURL.parse(url)
-
-
-def _client_id(url: BrokerURL, role: str) -> str:
-    # ``user/...``: brokers that bind client ids to users accept it (see broker/README.md)
-    suffix = f"lepton-{role}-{uuid.uuid4().hex[:12]}"
-    return f"{url.username}/{suffix}" if url.username else suffix
-
-
-def _client(url: BrokerURL, role: str):
-    client = new_client(url, client_id=_client_id(url, role), clean_session=True, max_inflight=20)
-    connect(client, url)
-    return client
-
-
-def _close(client) -> None:  # noqa: ANN001
-    try:
-        client.disconnect()
-    finally:
-        client.loop_stop()
 
 
 def _wait_all(infos, timeout: float, what: str) -> None:  # noqa: ANN001
@@ -209,11 +188,9 @@ def publish_package(
     burl = _url(url)
     started = time.monotonic()
     echoes = _Echoes(topics.model(name))
-    client = new_client(burl, client_id=_client_id(burl, "publisher"), clean_session=True, max_inflight=20)
-    client.on_message, client.on_subscribe = echoes.on_message, echoes.on_subscribe
-    connect(client, burl)
     cleared: dict[int, int] = {}
-    try:
+    with short_lived_client(burl, "publisher", on_message=echoes.on_message,
+                            on_subscribe=echoes.on_subscribe) as client:
         client.subscribe(topics.model_filter(name), qos=1)
         if not echoes.subscribed.wait(timeout):
             raise DeliveryError(f"no SUBACK for {topics.model_filter(name)} within {timeout:.0f}s")
@@ -272,8 +249,6 @@ def publish_package(
                 cleared[old_version] = count
         if clears:
             send(clears, "the clearing of superseded chunks")
-    finally:
-        _close(client)
     if verify:
         package = fetch_model(burl, fleet, name, public_key, timeout=min(timeout, 15.0), min_version=version,
                               prefix=prefix)
@@ -369,9 +344,7 @@ def fetch_model(
                     chunks.pop(key, None)
             check()
 
-    client = _client(_url(url), "fetch")
-    client.on_message = on_message
-    try:
+    with short_lived_client(_url(url), "fetch", on_message=on_message) as client:
         client.subscribe(topics.model_filter(model), qos=1)
         deadline = time.monotonic() + timeout
         while True:
@@ -405,8 +378,6 @@ def fetch_model(
                 f"no complete model {model!r} on fleet {fleet!r} within {timeout:.0f}s "
                 f"({detail}); was it published to this broker?"
             )
-    finally:
-        _close(client)
     with lock:
         payload, m = state["manifest"], state["parsed"]
         parts = {i: chunks.get((m.version, i), b"") for i in range(len(m.chunks))}

@@ -36,7 +36,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -166,7 +166,6 @@ class WorkerStats:
     train_running: bool = False
     train_last_exit: int | None = None
     train_last_started: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class IngestWorker:
@@ -254,7 +253,6 @@ class IngestWorker:
         client.on_message = self._on_message
         client.on_disconnect = self._on_disconnect
         self._client = client
-        self._subscribed = threading.Event()
         connect(client, self.url)
         if cfg.group and not self._probe_shared(client):
             client.disconnect()

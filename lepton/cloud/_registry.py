@@ -11,7 +11,9 @@ Layout under the dataset directory ``DIR``::
     DIR/models/{name}/high_water                  the highest version ever allocated
 
 Versions only go up: a number is reserved with an atomic ``mkdir`` above the high-water mark, so two
-trainers never get the same number and a deleted version's number is never reused. A rollback is a
+trainers never get the same number and a deleted version's number is never reused. Every file is
+written with :func:`lepton._fs.write_atomic` (fsync of the file and of its folder), so the high-water
+mark and a complete version survive a power cut. A rollback is a
 new, higher version carrying an old version's weights (``parent`` = the old version), so devices
 move forward to it like to any update.
 """
@@ -20,13 +22,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lepton._fs import fsync_dir, write_atomic
 from lepton.errors import ConfigError, ModelRejected
 from lepton.protocol import (
     DEFAULT_CHUNK_SIZE,
@@ -92,15 +94,7 @@ class ModelVersion:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
 
 
 class Registry:
@@ -174,7 +168,10 @@ class Registry:
     # -- writing --------------------------------------------------------------------------------------
     def _allocate(self, name: str) -> tuple[int, Path]:
         d = self._dir(name)
-        d.mkdir(parents=True, exist_ok=True)
+        if not d.is_dir():
+            d.mkdir(parents=True, exist_ok=True)
+            for parent in (d.parent, d.parent.parent):  # the new folders survive a power cut too
+                fsync_dir(parent)
         mark = d / "high_water"
         while True:
             high = int(mark.read_text()) if mark.exists() else 0
@@ -183,7 +180,9 @@ class Registry:
                 (d / str(version)).mkdir()
             except FileExistsError:
                 continue
-            _write_bytes(mark, str(version).encode())
+            # Durable before the number is used: the rename's directory fsync also makes the new
+            # version folder's entry durable, so after a power cut the number is still taken.
+            write_atomic(mark, str(version).encode())
             return version, d / str(version)
 
     def create(
@@ -206,9 +205,9 @@ class Registry:
 
         version, path = self._allocate(name)
         try:
-            _write_bytes(path / "model.onnx", model)
+            write_atomic(path / "model.onnx", model)
             if fp32 is not None and fp32 != model:
-                _write_bytes(path / "model.fp32.onnx", fp32)
+                write_atomic(path / "model.fp32.onnx", fp32)
             manifest = {
                 "name": name,
                 "version": version,
@@ -318,7 +317,7 @@ class Registry:
             timeout=timeout, prefix=prefix,
         )
         mv = self.get(name, version)
-        _write_bytes(mv.path / "package.json", payload)
+        write_atomic(mv.path / "package.json", payload)
         deps = self.deployments(name)
         deps[fleet] = {
             "version": version,

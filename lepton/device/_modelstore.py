@@ -9,7 +9,8 @@ Two kinds of files per model in ``store_dir``:
   checked again at start-up). Replacing it is the commit point: it names the version whose ``.onnx``
   is the last good model. Older ``.onnx`` files are removed after each commit.
 
-Every write is a temporary file, fsync, ``os.replace``, fsync of the directory: a crash leaves the
+Every write goes through :func:`lepton._fs.write_atomic` (a temporary file, fsync, ``os.replace``, fsync
+of the directory; :meth:`stage` defers the fsyncs to :meth:`commit`): a crash leaves the
 old or the new model, never a mix. Nothing read back is trusted: the runtime verifies it like a
 package from the broker.
 """
@@ -19,9 +20,9 @@ from __future__ import annotations
 import logging
 import os
 import re
-import tempfile
 from pathlib import Path
 
+from lepton._fs import write_atomic
 from lepton.errors import ModelRejected
 from lepton.protocol import parse_manifest, validate_id
 
@@ -113,27 +114,7 @@ class ModelStore:
 
     def _write_atomic(self, path: Path, data: bytes, *, durable: bool = True) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=self.directory)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                if durable:
-                    os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            self._unlink(Path(tmp))
-            raise
-        if not durable:
-            return
-        try:  # make the rename itself durable
-            dir_fd = os.open(self.directory, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
-        except OSError:  # some filesystems refuse fsync on a directory; the rename is still atomic
-            pass
+        write_atomic(path, data, mode=0o600, fsync=durable)  # 0600 as before (mkstemp's mode)
 
     @staticmethod
     def _unlink(path: Path) -> None:

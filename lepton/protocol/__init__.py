@@ -67,6 +67,7 @@ from lepton.protocol._mqtt import (
     new_client,
     read_password_file,
     resolve_broker,
+    short_lived_client,
 )
 from lepton.protocol._topics import DEFAULT_PREFIX, DEVICE_CHANNELS, ParsedTopic, Topics, validate_prefix
 
@@ -128,6 +129,7 @@ __all__ = [
     "read_password_file",
     "resolve_broker",
     "seqs_to_ranges",
+    "short_lived_client",
     "validate_id",
     "validate_prefix",
     "verify_chunk",

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import ssl
 import stat
 import threading
-from collections.abc import Mapping
+import uuid
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import quote, unquote, urlsplit
@@ -260,3 +262,39 @@ def connect(client: mqtt.Client, url: BrokerURL, *, keepalive: int = 30, timeout
                 if int(rc.value) in (4, 5, 134, 135) else "see the broker's log")  # type: ignore[union-attr]
         raise BrokerConnectionError(f"broker {url} refused the connection: {rc}; {hint}",
                                     url=str(url), reason_code=int(rc.value))  # type: ignore[union-attr]
+
+
+@contextlib.contextmanager
+def short_lived_client(
+    url: BrokerURL | str,
+    role: str,
+    *,
+    on_connect=None,  # noqa: ANN001
+    on_message=None,  # noqa: ANN001
+    on_subscribe=None,  # noqa: ANN001
+    timeout: float = 10.0,
+    max_inflight: int = 20,
+) -> Iterator[mqtt.Client]:
+    """A tool's connection for one job: connected on entry, disconnected on exit, even on an error.
+
+    The client id is ``{user}/lepton-{role}-{random}`` (unique, under the user: the client-id binding
+    of broker/README.md), the session clean. Callbacks are set before CONNECT, so ``on_connect`` can
+    subscribe and ``on_message`` sees the retained messages that follow. Raises BrokerConnectionError
+    like :func:`connect`.
+
+    >>> with short_lived_client("mqtt://viewer@localhost:1883", "fetch") as client:  # doctest: +SKIP
+    ...     client.subscribe("lepton/demo/models/digits", qos=1)
+    """
+    broker = url if isinstance(url, BrokerURL) else BrokerURL.parse(url)
+    suffix = f"lepton-{role}-{uuid.uuid4().hex[:12]}"
+    client = new_client(broker, client_id=f"{broker.username}/{suffix}" if broker.username else suffix,
+                        clean_session=True, max_inflight=max_inflight)
+    client.on_connect, client.on_message, client.on_subscribe = on_connect, on_message, on_subscribe
+    connect(client, broker, timeout=timeout)
+    try:
+        yield client
+    finally:
+        try:
+            client.disconnect()
+        finally:
+            client.loop_stop()
