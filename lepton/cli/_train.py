@@ -137,10 +137,10 @@ def register(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--target",
-        choices=("edge", "cloud"),
+        choices=("tiny", "edge", "cloud"),
         default="edge",
-        help="size of the built-in network: edge (small, int8, for devices; default) or cloud (about 4x "
-        "larger, the model `lepton serve` answers escalated samples with)",
+        help="size of the built-in network: tiny (microcontroller-class), edge (small, int8, for devices; "
+        "default) or cloud (about 4x edge, the model `lepton serve` answers escalated samples with)",
     )
     parser.add_argument(
         "--allow-slower-int8",

@@ -12,8 +12,9 @@ The network is chosen by the rank of one sample's tensor (:func:`choose_network`
   convolutions bring large inputs down to about 16x16 first, and adaptive pooling makes the head
   independent of the input size.
 
-Each comes in two sizes, by ``target``: ``edge`` (the default: small, quick, quantizes to int8 for
-devices) and ``cloud`` (about 4x the parameters: the larger model ``lepton serve`` answers with).
+Each comes in three sizes, by ``target``: ``tiny`` (a few thousand parameters, for
+microcontroller-class devices), ``edge`` (the default: small, quick, quantizes to int8 for devices)
+and ``cloud`` (about 4x the parameters of ``edge``: the larger model ``lepton serve`` answers with).
 
 A user's own model is ``--module package.module:Class``: either a ``LightningModule`` (used as is;
 subclass :class:`Classifier` to inherit the training loop) or a plain ``torch.nn.Module`` producing
@@ -43,8 +44,9 @@ __all__ = [
     "make_module",
 ]
 
-#: Model sizes: ``edge`` for devices, ``cloud`` for the larger model that answers escalated samples.
-TARGETS = ("edge", "cloud")
+#: Model sizes: ``tiny`` for microcontroller-class devices, ``edge`` for devices (the default),
+#: ``cloud`` for the larger model that answers escalated samples.
+TARGETS = ("tiny", "edge", "cloud")
 
 
 def _conv(cin: int, cout: int, stride: int = 1) -> list[nn.Module]:
@@ -172,9 +174,17 @@ class TemporalCNN(nn.Module):
 
 #: Per rank and target: the class and its size settings.
 _SIZES: dict[str, dict[str, dict[str, int]]] = {
-    "MLP": {"edge": {"hidden": 256}, "cloud": {"hidden": 1024}},
-    "TemporalCNN": {"edge": {"width": 16, "depth": 3, "hidden": 64}, "cloud": {"width": 48, "depth": 4, "hidden": 128}},
-    "SmallCNN": {"edge": {"width": 32, "hidden": 128}, "cloud": {"width": 64, "hidden": 256}},
+    "MLP": {"tiny": {"hidden": 16}, "edge": {"hidden": 256}, "cloud": {"hidden": 1024}},
+    "TemporalCNN": {
+        "tiny": {"width": 4, "depth": 2, "hidden": 16},
+        "edge": {"width": 16, "depth": 3, "hidden": 64},
+        "cloud": {"width": 48, "depth": 4, "hidden": 128},
+    },
+    "SmallCNN": {
+        "tiny": {"width": 4, "hidden": 16},
+        "edge": {"width": 32, "hidden": 128},
+        "cloud": {"width": 64, "hidden": 256},
+    },
 }
 _CLASSES: dict[str, type[nn.Module]] = {"MLP": MLP, "TemporalCNN": TemporalCNN, "SmallCNN": SmallCNN}
 

@@ -19,18 +19,19 @@ from .conftest import write_dataset
     [((20,), MLP), ((3, 128), TemporalCNN), ((1, 500), TemporalCNN), ((3, 4), MLP), ((1, 8, 8), SmallCNN)],
 )
 def test_the_shape_picks_the_network_and_the_cloud_one_is_larger(shape, cls):
-    edge, cloud = build_network(shape, 5), build_network(shape, 5, target="cloud")
+    tiny, edge = build_network(shape, 5, target="tiny"), build_network(shape, 5)
+    cloud = build_network(shape, 5, target="cloud")
 
-    assert type(edge) is cls and type(cloud) is cls
+    assert type(tiny) is cls and type(edge) is cls and type(cloud) is cls
     size = lambda net: sum(p.numel() for p in net.parameters())  # noqa: E731
-    assert size(cloud) >= 3.5 * size(edge)  # "about 4x"
+    assert size(cloud) >= 3.5 * size(edge) and size(edge) > 2 * size(tiny)  # "about 4x"
     x = torch.zeros((2, *shape))
-    assert edge.eval()(x).shape == cloud.eval()(x).shape == (2, 5)
+    assert tiny.eval()(x).shape == edge.eval()(x).shape == cloud.eval()(x).shape == (2, 5)
     assert str(list(shape)) in choose_network(shape)[2]
 
 
 def test_an_unknown_target_names_the_choices():
-    with pytest.raises(ConfigError, match="choose one of edge, cloud"):
+    with pytest.raises(ConfigError, match="choose one of tiny, edge, cloud"):
         choose_network((3, 128), target="gpu")
 
 
