@@ -5,21 +5,44 @@ Three threads, each with one job:
 * **capture** (the thread that calls :meth:`DeviceAgent.run`): reads the source at ``rate_hz``, runs the
   pipeline (and the model, when one is configured), appends each sample to the spool. It never touches
   the network, so a broker outage only makes the spool grow.
-* **publisher**: reads the spool in seq order after a cursor, packs up to ``batch_size`` samples or what
-  arrived within ``batch_ms`` into one envelope (:func:`lepton.protocol.encode_samples_packed`, with the
-  pipeline hash, splicing the spooled sample bodies without re-encoding them) and publishes it with QoS 1. A
+* **publisher**: the shell around :class:`~lepton.device._window.PublishWindow`, the I/O-free go-back-N
+  window that decides what to send: it reads the spool in seq order after a cursor, packs up to
+  ``batch_size`` samples or what arrived within ``batch_ms`` into envelopes of at most
+  ``max_message_bytes`` (:func:`lepton.protocol.encode_samples_packed`, with the pipeline hash, splicing
+  the spooled sample bodies without re-encoding them), and this thread publishes them with QoS 1. A
   sample leaves the spool only when a range on ``devices/{id}/acks`` covers it: a broker PUBACK proves
   nothing (Mosquitto drops silently when a queue is full, amqtt does not queue anonymous sessions). After a
   reconnect, or when no ack made progress for ``ack_timeout`` seconds, the cursor goes back to the start
   (go-back-N) and everything unacknowledged is sent again; the cloud stores by ``(device, seq)`` exactly
   once, so a duplicate costs bandwidth only. The number of unacknowledged samples in flight is capped by
-  ``window``.
-* **network**: runs paho's loop and reconnects with exponential backoff and jitter, so a fleet that lost
-  its broker does not reconnect in lock-step when it comes back.
+  ``window``. It also publishes the status (on connect, when the model changes, every telemetry
+  interval) and the telemetry.
+* **network**: runs paho's loop and its callbacks and reconnects with exponential backoff and jitter, so
+  a fleet that lost its broker does not reconnect in lock-step when it comes back. Its callbacks do no SQL
+  and no disk I/O: acks are queued for the publisher, a connect only raises a flag the publisher acts on.
 
 The session is persistent (``clean_session=False``, client id = device id) so acks sent while the
-device was away are queued by the broker. On connect the device publishes its retained status
-(``online: true``) and re-subscribes; a Last Will (retained) says ``online: false`` if it vanishes.
+device was away are queued by the broker. On connect the device re-subscribes and publishes its
+retained status (``online: true``); a Last Will (retained) says ``online: false`` if it vanishes.
+
+**Who owns what.** Every mutable field of a :class:`DeviceAgent` has one owning thread, or a lock:
+
+* ``counters`` (:class:`_Counters`): each counter has one writing thread, and every write, like the
+  telemetry's read-and-reset of ``window_s``/``window_n``, holds ``_lock``. Capture writes ``captured``,
+  ``frame_errors`` and the preprocessing times; the publisher ``published``, ``resent``, ``acked`` and
+  ``ack_timeouts`` (after the publisher stopped, the main thread applies the last acks); the network
+  thread ``reconnects``.
+* the :class:`PublishWindow` and ``_warned_oversize``: the publisher (the window is local to its loop).
+* ``_ack_inbox``: filled by the network thread, drained by the publisher, under ``_ack_lock``.
+* ``_ever_connected``, ``_backoff``: the network thread (paho's callbacks and :meth:`_network_loop`).
+* ``_stopped_by``: the capture thread, and the first :meth:`stop` (from any thread or a signal handler).
+* events: ``_connected`` is set and cleared by the network thread (cleared by the main thread at close);
+  ``_just_connected`` is set by the network thread and consumed by the publisher; ``_status_due`` is set
+  by anyone who wants a status published (the model runtime's thread) and consumed by the publisher;
+  ``_stop``, ``_pub_stop``, ``_net_stop`` are set by the main thread (``_stop`` by :meth:`stop`).
+* everything else (config, topics, pipeline, source, spool, runtime, ``_client``, ``_threads``): set by
+  the main thread before the other threads start, read-only after. The spool and the runtime guard
+  their own state (see their modules).
 """
 
 from __future__ import annotations
@@ -41,6 +64,7 @@ import paho.mqtt.client as mqtt
 from lepton.device._pipeline import FrameError, Pipeline
 from lepton.device._sources import Source, open_source
 from lepton.device._spool import ON_FULL_POLICIES, Spool, SpoolFull
+from lepton.device._window import GoBack, PublishWindow, Read, Send, merge_ranges
 from lepton.errors import BrokerConnectionError, ConfigError, ProtocolError
 from lepton.protocol import (
     DEFAULT_PREFIX,
@@ -49,17 +73,11 @@ from lepton.protocol import (
     connect,
     decode_acks,
     encode_json,
-    encode_samples_packed,
     new_client,
     validate_id,
 )
 
 log = logging.getLogger(__name__)
-
-# msgpack framing around the spooled sample bodies: the envelope's map, "v", "device", "pipeline" and
-# the samples array; per sample the "seq" and "ts" entries. Upper bounds, so envelopes stay under the limit.
-_ENVELOPE_OVERHEAD = 256
-_SAMPLE_OVERHEAD = 32
 
 __all__ = ["DeviceAgent", "DeviceConfig", "RunSummary", "default_spool_dir"]
 
@@ -149,16 +167,15 @@ class DeviceConfig:
 
 @dataclass
 class _Counters:
+    """What telemetry and the run summary report; written under the agent's ``_lock`` (module docstring)."""
+
     captured: int = 0
     published: int = 0
     resent: int = 0
     acked: int = 0
     frame_errors: int = 0
-    envelopes: int = 0
     reconnects: int = 0
     ack_timeouts: int = 0
-    bad_acks: int = 0
-    predictions: int = 0
     preprocess_s: float = 0.0
     preprocess_n: int = 0
     window_s: float = 0.0  # preprocessing time and count since the last telemetry report
@@ -259,13 +276,12 @@ class DeviceAgent:
         self._stopped_by = "running"
         self._warned_oversize = False
         self._connected = threading.Event()
-        self._resend = threading.Event()
+        self._just_connected = threading.Event()  # the publisher publishes the status and goes back
+        self._status_due = threading.Event()
         self._net_stop = threading.Event()
         self._pub_stop = threading.Event()
         self._backoff = _Backoff()
-        self._last_ack_progress = time.monotonic()
         self._ever_connected = False
-        self._auth_error: str | None = None
         self._started = time.monotonic()
         self._threads: list[threading.Thread] = []
         self._client: mqtt.Client | None = None
@@ -310,7 +326,9 @@ class DeviceAgent:
         )
 
     def _on_model_change(self, _status: dict) -> None:
-        self._publish_status()
+        # The runtime's thread: the publisher publishes it (one thread publishes status while running).
+        self._status_due.set()
+        self.spool.wake()
 
     def _resubscribe_models(self) -> None:
         """The runtime lost chunks (unverifiable orphans it dropped): the broker resends what is retained."""
@@ -345,10 +363,10 @@ class DeviceAgent:
 
     def telemetry(self) -> dict[str, Any]:
         """The periodic telemetry body (see docs/protocol.md, "Telemetry")."""
-        c = self.counters
         with self._lock:
-            window_ms = round(1000 * c.window_s / c.window_n, 4) if c.window_n else None
-            c.window_s, c.window_n = 0.0, 0
+            c = replace(self.counters)  # a consistent snapshot
+            self.counters.window_s, self.counters.window_n = 0.0, 0
+        window_ms = round(1000 * c.window_s / c.window_n, 4) if c.window_n else None
         body: dict[str, Any] = {
             "device": self.device_id,
             "captured": c.captured,
@@ -392,15 +410,14 @@ class DeviceAgent:
     # -- MQTT callbacks (paho's network thread) -------------------------------------------------------
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
         if reason_code.is_failure:
-            self._auth_error = str(reason_code)
             # At start-up connect() raises BrokerConnectionError with the fix; later it is only logged.
             (log.error if self._ever_connected else log.debug)(
                 "device %s: broker %s refused the connection: %s", self.device_id, self.url, reason_code
             )
             return
-        self._auth_error = None
         if self._ever_connected:
-            self.counters.reconnects += 1
+            with self._lock:
+                self.counters.reconnects += 1
             log.info("device %s: reconnected to %s", self.device_id, self.url)
         self._ever_connected = True
         self._backoff.reset()
@@ -408,9 +425,10 @@ class DeviceAgent:
         if self.runtime is not None:
             for topic_filter, qos in self.runtime.on_connected(session_present=bool(flags.session_present)):
                 client.subscribe(topic_filter, qos)
+        # The publisher publishes the status (it reads the spool) and goes back to the oldest unacked
+        # sample (whatever was in flight may be lost): no SQL or spool lock on this thread.
+        self._just_connected.set()
         self._connected.set()
-        self._resend.set()  # whatever was in flight may be lost: go back to the oldest unacked sample
-        self._publish_status()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
         if self._connected.is_set():
@@ -438,29 +456,25 @@ class DeviceAgent:
         try:
             ranges = decode_acks(payload)
         except ProtocolError as exc:
-            self.counters.bad_acks += 1
             log.warning("device %s: ignoring a bad acks payload: %s", self.device_id, exc)
             return
         with self._ack_lock:
             self._ack_inbox.extend(ranges)
         self.spool.wake()
 
-    def _apply_acks(self) -> None:
+    def _apply_acks(self, window: PublishWindow | None) -> None:
+        """Delete what the queued acks cover (the publisher's, or the main thread's once it stopped)."""
         with self._ack_lock:
             if not self._ack_inbox:
                 return
             pending, self._ack_inbox = self._ack_inbox, []
-        merged: list[list[int]] = []
-        for first, last in sorted(pending):
-            if merged and first <= merged[-1][1] + 1:
-                merged[-1][1] = max(merged[-1][1], last)
-            else:
-                merged.append([first, last])
-        removed = self.spool.ack(merged)
+        ranges = window.receive_acks(pending) if window is not None else merge_ranges(pending)
+        removed = self.spool.ack(ranges)
         if removed:
             with self._lock:
                 self.counters.acked += removed
-            self._last_ack_progress = time.monotonic()
+        if window is not None:
+            window.spool_deleted(removed, time.monotonic())
 
     # -- network thread -------------------------------------------------------------------------------
     def _network_loop(self) -> None:
@@ -496,93 +510,76 @@ class DeviceAgent:
     def _publish_pass(self) -> None:
         cfg, spool = self.config, self.spool
         topic = self.topics.samples(self.device_id)
-        cursor, max_sent = -1, -1
+        window = PublishWindow(
+            self.device_id,
+            batch_size=cfg.batch_size,
+            batch_ms=cfg.batch_ms,
+            window=cfg.window,
+            ack_timeout=cfg.ack_timeout,
+            max_message_bytes=cfg.max_message_bytes,
+        )
         next_report = time.monotonic() + cfg.telemetry_interval
         while not self._pub_stop.is_set():
-            self._apply_acks()
+            self._apply_acks(window)
+            window.spool_dropped_through(spool.dropped_through)
             now = time.monotonic()
+            if self._connected.is_set():
+                if self._just_connected.is_set() or not window.online:
+                    self._just_connected.clear()
+                    self._status_due.set()
+                    window.connected(now)  # go back to the oldest unacknowledged sample
+            else:
+                window.disconnected()
             if now >= next_report:
                 next_report = now + cfg.telemetry_interval
                 self._publish_telemetry()
+                self._status_due.set()
+            if self._status_due.is_set():
+                self._status_due.clear()
                 self._publish_status()
-            if not self._connected.is_set():
-                self._connected.wait(0.1)
-                continue
-            if self._resend.is_set():
-                self._resend.clear()
-                cursor = -1
-                self._last_ack_progress = now
-            in_flight = spool.count_through(cursor) if cursor >= 0 else 0
-            if in_flight and now - self._last_ack_progress > cfg.ack_timeout:
+            step = window.poll(now, wall=time.time(), flush=self._stop.is_set())
+            if isinstance(step, Read):
+                window.offer(spool.read_after(step.after, step.limit))
+            elif isinstance(step, Send):
+                if self._send(topic, step):
+                    window.sent(step)
+                    with self._lock:
+                        self.counters.published += step.count
+                        self.counters.resent += step.resent
+            elif isinstance(step, GoBack):
                 log.warning(
                     "device %s: no ack for %.0fs with %d samples in flight; resending from the oldest",
                     self.device_id,
                     cfg.ack_timeout,
-                    in_flight,
+                    step.in_flight,
                 )
-                self.counters.ack_timeouts += 1
-                cursor, self._last_ack_progress = -1, now
-                continue
-            if in_flight >= cfg.window:
+                with self._lock:
+                    self.counters.ack_timeouts += 1
+            elif step.reason == "offline":
+                self._connected.wait(0.1)
+            elif step.reason == "batch":
+                assert step.until_seq is not None and step.timeout is not None
+                spool.wait_for_seq(step.until_seq, step.timeout)
+            else:  # the window is full, or the spool empty
                 spool.wait_for_change(0.05)
-                continue
-            rows = spool.read_after(cursor, min(cfg.batch_size, cfg.window - in_flight))
-            if not rows:
-                spool.wait_for_change(0.05)
-                continue
-            if len(rows) < cfg.batch_size and not self._stop.is_set():
-                wait = cfg.batch_ms / 1000 - (time.time() - rows[0].ts)
-                if wait > 0:  # a partial batch waits until it is full or its oldest sample batch_ms old
-                    spool.wait_for_seq(rows[0].seq + cfg.batch_size - 1, wait)
-                    continue
-            if not in_flight:
-                self._last_ack_progress = now  # the ack clock starts with the first sample in flight
-            if not self._send(topic, rows):
-                continue
-            cursor = rows[-1].seq
-            with self._lock:
-                self.counters.published += len(rows)
-                self.counters.resent += sum(1 for r in rows if r.seq <= max_sent)
-            max_sent = max(max_sent, cursor)
 
-    def _send(self, topic: str, rows: list) -> bool:
+    def _send(self, topic: str, send: Send) -> bool:
+        """Publish the envelopes of ``send`` in order; False when the client refused one."""
         client = self._client
         assert client is not None
-        start = 0
         limit = self.config.max_message_bytes
-        # Samples spooled under another pipeline (the spec changed across a restart) keep their own hash;
-        # an envelope also ends before it would outgrow max_message_bytes (at least one sample each).
-        while start < len(rows):
-            end, size = start, _ENVELOPE_OVERHEAD
-            while end < len(rows) and rows[end].pipeline == rows[start].pipeline:
-                size += len(rows[end].body) + _SAMPLE_OVERHEAD
-                if end > start and size > limit:
-                    break
-                end += 1
-            if end == start + 1 and size > limit and not self._warned_oversize:
+        for env in send.envelopes:
+            if env.payload is None:  # cannot happen for what append() stored; never loop on it
+                log.error("device %s: cannot encode seqs %d-%d: %s", self.device_id, env.first, env.last,
+                          env.error)
+                continue
+            if env.oversize and not self._warned_oversize:
                 self._warned_oversize = True
                 log.warning("device %s: one sample (seq %d) is over %d bytes on its own; brokers with a "
-                            "smaller packet limit will refuse it", self.device_id, rows[start].seq, limit)
-            try:
-                payload = encode_samples_packed(
-                    self.device_id, [(r.seq, r.ts, r.body) for r in rows[start:end]],
-                    pipeline=rows[start].pipeline,
-                )
-            except ProtocolError as exc:  # cannot happen for what append() stored; never loop on it
-                log.error(
-                    "device %s: cannot encode seqs %d-%d: %s",
-                    self.device_id,
-                    rows[start].seq,
-                    rows[end - 1].seq,
-                    exc,
-                )
-                payload = None
-            if payload is not None:
-                info = client.publish(topic, payload, qos=1)
-                if info.rc != mqtt.MQTT_ERR_SUCCESS:
-                    return False
-                self.counters.envelopes += 1
-            start = end
+                            "smaller packet limit will refuse it", self.device_id, env.first, limit)
+            info = client.publish(topic, env.payload, qos=1)
+            if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                return False
         return True
 
     # -- life cycle -----------------------------------------------------------------------------------
@@ -701,11 +698,11 @@ class DeviceAgent:
             try:
                 x = self.pipeline(frame)
             except FrameError as exc:
-                c.frame_errors += 1
-                if c.frame_errors <= 5 or c.frame_errors % 1000 == 0:
-                    log.warning(
-                        "device %s: frame skipped (%d so far): %s", self.device_id, c.frame_errors, exc
-                    )
+                with self._lock:
+                    c.frame_errors += 1
+                    errors = c.frame_errors
+                if errors <= 5 or errors % 1000 == 0:
+                    log.warning("device %s: frame skipped (%d so far): %s", self.device_id, errors, exc)
                 continue
             spent = time.perf_counter() - t0
             prediction = runtime.predict(x) if runtime is not None else None
@@ -719,7 +716,8 @@ class DeviceAgent:
             except SpoolFull:
                 return  # block policy interrupted by stop()
             except ProtocolError as exc:  # e.g. a label that is neither int nor str: skip, never crash
-                c.frame_errors += 1
+                with self._lock:
+                    c.frame_errors += 1
                 log.warning("device %s: sample skipped: %s", self.device_id, exc)
                 continue
             with self._lock:
@@ -732,7 +730,6 @@ class DeviceAgent:
                 body = prediction.as_dict() if hasattr(prediction, "as_dict") else dict(prediction.__dict__)
                 body.update(device=self.device_id, seq=seq, truth=None if label is None else str(label))
                 self._client.publish(pred_topic, encode_json(body), qos=0)
-                c.predictions += 1
             progress.tick(self)
             if cfg.limit is not None and c.captured >= cfg.limit:
                 self._stopped_by = "limit"
@@ -758,10 +755,11 @@ class DeviceAgent:
 
     def _shutdown(self) -> RunSummary:
         self._pub_stop.set()
-        for t in self._threads:
-            if t.name.startswith("lepton-pub"):
-                t.join(5)
-        self._apply_acks()  # acks that arrived after the publisher's last pass
+        publishers = [t for t in self._threads if t.name.startswith("lepton-pub")]
+        for t in publishers:
+            t.join(5)
+        if not any(t.is_alive() for t in publishers):  # the publisher's state is now the main thread's
+            self._apply_acks(None)  # acks that arrived after the publisher's last pass
         if self._connected.is_set():
             self._publish_telemetry()
             info = self._publish_status(online=False)
@@ -770,7 +768,8 @@ class DeviceAgent:
                     info.wait_for_publish(2.0)
                 except (RuntimeError, ValueError):
                     pass
-        c = self.counters
+        with self._lock:
+            c = replace(self.counters)
         summary = RunSummary(
             device=self.device_id,
             fleet=self.config.fleet,

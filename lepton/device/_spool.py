@@ -20,9 +20,24 @@ as if the camera had not taken them). :meth:`append` waits for its commit. ``fsy
 (``--no-fsync``) keeps ``synchronous=NORMAL``: it still survives a crash or ``kill -9`` of the process,
 but a power cut can lose committed samples (SQLite WAL then fsyncs only at checkpoints).
 
-Threads: the committer owns the write of queued rows; ``_db_lock`` serialises every use of the
-connection; ``_cond`` guards the in-memory state (``_pending``, ``_next_seq``, ``_durable_next``,
-``_bytes``, ``_depth``). Lock order: ``_db_lock`` is never taken while holding ``_cond``.
+**Threads and who owns what.** Three threads use a spool: the device's *capture* thread appends,
+the spool's own *committer* writes, the *publisher* reads and acks (and the main thread closes). Every
+mutable field has one owner or one lock:
+
+* ``_db`` (the connection) and ``_db_bytes``, ``_db_next`` (what the table holds, and one past the
+  highest seq it ever held): under ``_db_lock``, which serialises every use of the connection
+  (committer writes, publisher reads and deletes, close).
+* ``_pending``, ``_first_pending_at``, ``_next_seq``, ``_bytes``, ``_depth``: under ``_cond``; written
+  by capture (append), the committer (commit, drop-oldest) and the publisher (ack).
+* ``_durable_next``, ``_dropped``, ``_dropped_through``, ``commits``, ``_commit_error``,
+  ``_committer_done``: written by the committer only, under ``_cond``.
+* ``_closing`` (by :meth:`interrupt` and :meth:`close`) and ``_stopping`` (by :meth:`close`): under
+  ``_cond``.
+* everything else (paths, limits, policy, the lock file): set in ``__init__``, read-only after.
+
+The properties (``depth``, ``bytes``, ``dropped``, ...) read memory only, never the database, so a
+status report costs no SQL on whatever thread builds it. Lock order: ``_db_lock`` is never taken while
+holding ``_cond``.
 
 The next seq is one past the highest seq ever stored: the highest row still in the table, or the value
 saved in ``meta`` in the same transaction that deletes rows (acks, drops). So it only grows, and a
@@ -187,6 +202,7 @@ class Spool:
             self._bytes, self._depth = self._db.execute(
                 "SELECT COALESCE(SUM(size), 0), COUNT(*) FROM samples"
             ).fetchone()
+            self._dropped = int(self._db.execute("SELECT value FROM meta WHERE key='dropped'").fetchone()[0])
             self._db_bytes = self._bytes  # what the table holds (committer and ack, under _db_lock)
             # The next seq is one past the highest seq ever stored: still in `samples`, or saved in
             # meta by ack()/drop before the rows that held it were deleted.
@@ -203,6 +219,8 @@ class Spool:
                 "a fresh spool (its unacknowledged samples would be lost)"
             ) from None
         self._durable_next = self._next_seq
+        self._db_next = self._next_seq
+        self._dropped_through = -1  # the highest seq drop-oldest deleted since the spool was opened
         if self._depth:
             log.info(
                 "spool %s: %d unacknowledged samples (%d bytes) from a previous run",
@@ -213,11 +231,7 @@ class Spool:
         self._committer = threading.Thread(target=self._commit_loop, name="lepton-spool-commit", daemon=True)
         self._committer.start()
 
-    # -- counters -----------------------------------------------------------------------------------
-    def _meta(self, key: str) -> int:
-        with self._db_lock:
-            return int(self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()[0])
-
+    # -- counters (memory only: no SQL) -------------------------------------------------------------
     @property
     def depth(self) -> int:
         """Samples captured and not yet acknowledged (queued for commit included)."""
@@ -244,13 +258,16 @@ class Spool:
 
     @property
     def dropped(self) -> int:
-        """Samples dropped by the drop-oldest policy over the spool's whole life."""
-        return self._meta("dropped")
+        """Samples dropped by the drop-oldest policy over the spool's whole life (persisted in meta)."""
+        return self._dropped
 
-    def oldest_seq(self) -> int | None:
-        with self._db_lock:
-            row = self._db.execute("SELECT MIN(seq) FROM samples").fetchone()
-        return row[0]
+    @property
+    def dropped_through(self) -> int:
+        """The highest seq the drop-oldest policy deleted since this spool was opened (-1: none).
+
+        Drop-oldest deletes the oldest samples, so every seq up to this one left unacknowledged.
+        """
+        return self._dropped_through
 
     # -- writing ------------------------------------------------------------------------------------
     @staticmethod
@@ -353,7 +370,7 @@ class Spool:
                 batch = self._pending
                 self._pending = []
             try:
-                dropped, freed = self._write(batch)
+                dropped, freed, dropped_through = self._write(batch)
             except sqlite3.Error as exc:  # disk full, I/O error: keep the rows queued and retry
                 with self._cond:
                     self._pending = batch + self._pending
@@ -376,14 +393,22 @@ class Spool:
                 self._durable_next = batch[-1][0] + 1
                 self._bytes -= freed
                 self._depth -= dropped
+                self._dropped += dropped
+                if dropped_through is not None:
+                    self._dropped_through = max(self._dropped_through, dropped_through)
                 self.commits += 1
                 self._cond.notify_all()
             if dropped:
                 log.warning("spool full (%d bytes): dropped the %d oldest unacknowledged samples",
                             self.max_bytes, dropped)
 
-    def _write(self, batch: list[tuple[int, float, str | None, int, bytes]]) -> tuple[int, int]:
-        """One transaction for ``batch`` (drop-oldest included); returns (dropped, freed bytes)."""
+    def _write(
+        self, batch: list[tuple[int, float, str | None, int, bytes]]
+    ) -> tuple[int, int, int | None]:
+        """One transaction for ``batch`` (drop-oldest included).
+
+        Returns (dropped, freed bytes, the highest seq dropped or None).
+        """
         size = sum(r[3] for r in batch)
         with self._db_lock:
             db = self._db
@@ -404,6 +429,7 @@ class Spool:
                 while need - freed > 0 and len(rows) > 1:  # one commit bigger than the whole spool
                     freed += rows[0][3]
                     dropped += 1
+                    last_dropped = rows[0][0]
                     rows = rows[1:]
                 db.executemany(
                     "INSERT INTO samples(seq, ts, pipeline, size, body) VALUES (?, ?, ?, ?, ?)", rows
@@ -419,7 +445,8 @@ class Spool:
                 db.execute("ROLLBACK")
                 raise
             self._db_bytes += size - freed
-        return dropped, freed
+            self._db_next = batch[-1][0] + 1
+        return dropped, freed, last_dropped
 
     def ack(self, ranges: Iterable[Sequence[int]]) -> int:
         """Delete the samples whose seq falls in any inclusive ``(first, last)`` range; return how many."""
@@ -427,8 +454,9 @@ class Spool:
         freed = 0
         with self._db_lock:
             db = self._db
-            # Save next_seq before deleting: the rows about to go may hold the highest seq.
-            next_seq = self._durable_next
+            # Save next_seq before deleting: the rows about to go may hold the highest seq. _db_next, not
+            # _durable_next: the committer raises that one only after it released _db_lock.
+            next_seq = self._db_next
             db.execute("BEGIN IMMEDIATE")
             try:
                 db.execute(
@@ -465,7 +493,8 @@ class Spool:
         return [SpooledSample(r[0], r[1], r[2], r[3]) for r in rows]
 
     def count_through(self, seq: int) -> int:
-        """How many stored samples have a seq <= ``seq`` (the publisher's unacknowledged window)."""
+        """How many stored samples have a seq <= ``seq`` (one SQL count; the publisher's window keeps its
+        own in-flight count in memory, see :mod:`lepton.device._window`)."""
         with self._db_lock:
             return int(self._db.execute("SELECT COUNT(*) FROM samples WHERE seq <= ?", (seq,)).fetchone()[0])
 

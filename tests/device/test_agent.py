@@ -301,3 +301,61 @@ def test_numpy_labels_from_a_custom_source_are_sent_as_plain_values(amqtt_broker
 
     assert summary.ok and summary.acked == 20 and summary.frame_errors == 1  # the float label is refused
     assert [acker.labels["dev-1"][s] for s in range(20)] == [int(v) for v in labels]
+
+
+class _RecordingDB:
+    """Stands in for the spool's SQLite connection and records which thread ran SQL."""
+
+    def __init__(self, db) -> None:  # noqa: ANN001
+        self.db, self.calls = db, []
+
+    def __getattr__(self, name):  # noqa: ANN001
+        import threading
+
+        self.calls.append((threading.current_thread().name, name))
+        return getattr(self.db, name)
+
+
+class _FakeClient:
+    def __init__(self) -> None:
+        self.subscribed, self.published = [], []
+
+    def subscribe(self, topic, qos=0):  # noqa: ANN001
+        self.subscribed.append(topic)
+
+    def publish(self, topic, payload, qos=0, retain=False):  # noqa: ANN001
+        from types import SimpleNamespace
+
+        self.published.append(topic)
+        return SimpleNamespace(rc=0)
+
+
+def test_paho_callbacks_run_no_sql_and_hand_the_connect_to_the_publisher(tmp_path):
+    from types import SimpleNamespace
+
+    from lepton.protocol import encode_acks
+
+    agent = DeviceAgent(broker="mqtt://dev-1:pw@127.0.0.1:1", fleet="f", device_id="dev-1",
+                        source="digits", spool_dir=tmp_path)
+    try:
+        agent.spool.append(np.zeros((1, 8, 8), np.float32), 1)
+        recorder = agent.spool._db = _RecordingDB(agent.spool._db)
+        client = agent._client = _FakeClient()
+        ok = SimpleNamespace(is_failure=False)
+        agent._on_connect(client, None, SimpleNamespace(session_present=False), ok, None)
+        agent._on_message(client, None, SimpleNamespace(topic=agent.topics.acks("dev-1"),
+                                                        payload=encode_acks([(0, 0)]), retain=False))
+        agent._on_disconnect(client, None, None, ok, None)
+        agent._on_connect(client, None, SimpleNamespace(session_present=True), ok, None)
+        assert recorder.calls == []  # no SQL on paho's thread (the status reads the spool's memory)
+        assert client.published == [] and client.subscribed == [agent.topics.acks("dev-1")] * 2
+        assert agent._just_connected.is_set() and agent.connected  # the publisher takes it from here
+        assert agent._ack_inbox == [(0, 0)] and agent.counters.reconnects == 1
+        assert agent.status()["spool_depth"] == 1 and agent.telemetry()["captured"] == 0
+        assert recorder.calls == []  # the reports cost no SQL on whatever thread builds them
+        agent._apply_acks(None)  # the publisher's job (or the main thread's once it stopped)
+        assert agent.spool.depth == 0 and agent.counters.acked == 1 and recorder.calls
+    finally:
+        agent._client = None
+        agent.spool._db = recorder.db
+        agent.close()

@@ -58,6 +58,46 @@ def test_drop_oldest_keeps_the_bound_and_counts(tmp_path):
         assert spool.dropped == 15
     with Spool(tmp_path, max_bytes=size * 10 + 5) as spool:
         assert spool.dropped == 15  # persisted, so status keeps reporting it
+        assert spool.dropped_through == -1  # since this open: nothing
+
+
+def test_dropped_through_tells_the_publisher_which_seqs_left_unacknowledged(tmp_path):
+    size = len(Spool.encode_body(x(0)))
+    with Spool(tmp_path, max_bytes=size * 4, on_full="drop-oldest") as spool:
+        for i in range(4):
+            spool.append(x(i))
+        assert spool.dropped_through == -1
+        spool.append(x(4))
+        assert spool.dropped_through == 0 and spool.seqs() == [1, 2, 3, 4]
+        for i in range(10):  # one group commit larger than the whole spool drops inside the batch too
+            spool.append_nowait(x(i))
+        spool.flush()
+        assert spool.seqs() == [11, 12, 13, 14] and spool.dropped_through == 10 and spool.dropped == 11
+
+
+def test_counters_are_memory_reads_not_sql(tmp_path):
+    with Spool(tmp_path) as spool:
+        spool.append(x(0))
+        db, spool._db = spool._db, None  # any SQL now fails
+        try:
+            assert (spool.depth, spool.bytes, spool.dropped, spool.next_seq, spool.durable_next) == (
+                1, len(Spool.encode_body(x(0))), 0, 1, 1
+            )
+        finally:
+            spool._db = db
+
+
+def test_an_ack_racing_the_committer_still_persists_next_seq(tmp_path):
+    # The committer raises durable_next only after it released the database: an ack in between must
+    # not save the older value as next_seq, or deleting every row would let a restart reuse seqs.
+    with Spool(tmp_path) as spool:
+        for i in range(5):
+            spool.append(x(i))
+        spool._durable_next = 0  # as if the committer had not yet published its last commit
+        assert spool.ack([(0, 4)]) == 5
+        spool._durable_next = 5
+    with Spool(tmp_path) as spool:
+        assert spool.next_seq == 5
 
 
 def test_block_policy_waits_for_acks(tmp_path):
