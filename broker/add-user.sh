@@ -31,20 +31,25 @@ for id in "$fleet" "$name"; do
   [[ $id =~ ^[A-Za-z0-9_-]{1,64}$ ]] || { echo "error: '$id' is not a valid id: use 1-64 of A-Z a-z 0-9 _ -" >&2; exit 2; }
 done
 case $role in
-  # A device writes only its own channels in its own fleet, and reads its acks and its fleet's models.
+  # A device writes only its own channels in its own fleet, and reads its acks, its answers and its
+  # fleet's models: no device reads another's answers or asks the cloud in another's name.
   device) grants="topic write lepton/$fleet/devices/$name/samples
 topic write lepton/$fleet/devices/$name/status
 topic write lepton/$fleet/devices/$name/telemetry
 topic write lepton/$fleet/devices/$name/predictions
 topic read lepton/$fleet/devices/$name/acks
-topic read lepton/$fleet/models/#" ;;
+topic read lepton/$fleet/models/#
+topic write lepton/$fleet/devices/$name/infer
+topic read lepton/$fleet/devices/$name/answers" ;;
   worker) grants="topic read lepton/$fleet/devices/+/samples
 topic write lepton/$fleet/devices/+/acks
 topic read lepton/$fleet/devices/+/status
 topic read lepton/$fleet/devices/+/telemetry
 topic readwrite lepton/$fleet/models/#
 topic write lepton/$fleet/deadletter
-topic readwrite lepton/$fleet/workers/#" ;;
+topic readwrite lepton/$fleet/workers/#
+topic read lepton/$fleet/devices/+/infer
+topic write lepton/$fleet/devices/+/answers" ;;
   # The worker's training child (lepton train --publish): publishes models and nothing else.
   trainer) grants="topic readwrite lepton/$fleet/models/#" ;;
   viewer) grants="topic read lepton/$fleet/devices/+/status
