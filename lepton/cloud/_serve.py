@@ -362,8 +362,9 @@ class ServeCore:
 
     def take(self, *, now: float, model: ModelInfo | None, max_batch: int = 32
              ) -> tuple[list[Pending], list[tuple[str, InferAnswer]]]:
-        """Up to ``max_batch`` queued requests: ``(runnable, answers)``, where ``answers`` refuse those
-        that cannot run on ``model`` (none loaded, wrong pipeline or shape, deadline passed)."""
+        """Take queued requests until ``max_batch`` can run: ``(runnable, answers)``, where ``answers``
+        refuse those that cannot run on ``model`` (none loaded, wrong pipeline or shape, deadline
+        passed). Refusing costs nothing, so refused requests do not count towards ``max_batch``."""
         runnable: list[Pending] = []
         answers: list[tuple[str, InferAnswer]] = []
         while self._queue and len(runnable) < max_batch:
