@@ -48,7 +48,8 @@ def role_grants(role: str, fleet: str, name: str, *, prefix: str = "lepton") -> 
     if role == "worker":
         return [f"topic read {p}/devices/+/samples", f"topic write {p}/devices/+/acks",
                 f"topic read {p}/devices/+/status", f"topic read {p}/devices/+/telemetry",
-                f"topic readwrite {p}/models/#", f"topic write {p}/deadletter", f"topic readwrite {p}/workers/#",
+                f"topic readwrite {p}/models/#", f"topic write {p}/deadletter",
+                f"topic readwrite {p}/workers/#",
                 # lepton serve: only a worker reads requests and answers them
                 f"topic read {p}/devices/+/infer", f"topic write {p}/devices/+/answers"]
     if role == "trainer":

@@ -72,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
     from lepton.errors import ConfigError, ProtocolError
 
     broker = _credentials.broker_url(args, "serve")
+    assert broker is not None  # required=True: a missing URL raised ConfigError
     if not args.fleet:
         raise ConfigError("--fleet is required (or set LEPTON_FLEET)")
     if args.max_request_kb < 1:
@@ -105,8 +106,9 @@ def run(args: argparse.Namespace) -> int:
                 print(json.dumps(st, sort_keys=True), flush=True)
             else:
                 lat = st["latency_ms"]
-                line = (f"\r[{args.name}] {args.model} v{st['model_version'] or '-'}  answered {st['answered']}"
-                        f"  errors {sum(st['errors'].values())}  shed {st['shed']}  {st['answers_per_s']:.0f}/s"
+                line = (f"\r[{args.name}] {args.model} v{st['model_version'] or '-'}"
+                        f"  answered {st['answered']}  errors {sum(st['errors'].values())}"
+                        f"  shed {st['shed']}  {st['answers_per_s']:.0f}/s"
                         f"  p50 {lat['p50'] if lat['p50'] is not None else '-'} ms"
                         f"  p99 {lat['p99'] if lat['p99'] is not None else '-'} ms  queue {st['queue']}")
                 print(line if tty else line.strip(), end="" if tty else "\n", file=sys.stderr, flush=True)

@@ -312,7 +312,8 @@ class ServeCore:
             raise ConfigError("the queue must hold at least one request (--max-queue >= 1)")
         self.worker, self.model, self.topics = worker, model, topics
         self.max_queue = max_queue
-        self.max_device_queue = max_queue if max_device_queue is None else max(1, min(max_device_queue, max_queue))
+        share = max_queue if max_device_queue is None else max_device_queue
+        self.max_device_queue = max(1, min(share, max_queue))
         self.max_payload_bytes = max_payload_bytes
         self._queue: deque[Pending] = deque()
         self._per_device: Counter[str] = Counter()
@@ -346,8 +347,9 @@ class ServeCore:
         if request.deadline is not None and request.deadline <= now:
             return device, self._error(request.seq, "expired", _expired(request, now), now, now, version)
         if len(self._queue) >= self.max_queue:
-            return device, self._error(request.seq, "overloaded", f"the queue holds {self.max_queue} requests; "
-                                       "retry later or run more serve workers (--group)", now, now, version)
+            return device, self._error(request.seq, "overloaded",
+                                       f"the queue holds {self.max_queue} requests; retry later or run more "
+                                       "serve workers (--group)", now, now, version)
         if self._per_device[device] >= self.max_device_queue:
             return device, self._error(request.seq, "overloaded", f"device {device} already has "
                                        f"{self.max_device_queue} requests queued", now, now, version)
@@ -453,7 +455,7 @@ class ServeCore:
                                       f"v{model.version} was trained on {model.pipeline!r}")
         shape = request.x.shape
         expected = model.sample_shape
-        if len(shape) != len(expected) or any(e > 0 and s != e for s, e in zip(shape, expected)):
+        if len(shape) != len(expected) or any(e > 0 and s != e for s, e in zip(shape, expected, strict=True)):
             return "wrong_shape", (f"x has shape {list(shape)}, {self.model} v{model.version} takes "
                                    f"{list(expected)} (one sample, no batch dimension; -1 is any size)")
         if request.x.dtype.kind not in "biuf":
@@ -470,7 +472,8 @@ class ServeCore:
 
 
 def _expired(request: InferRequest, now: float) -> str:
-    return f"the deadline {request.deadline:.3f} passed {now - (request.deadline or 0):.3f}s before the worker reached it"
+    late = now - (request.deadline or 0.0)
+    return f"the deadline {request.deadline:.3f} passed {late:.3f}s before the worker reached it"
 
 
 def _percentile(sorted_values: list[float], q: float) -> float | None:
@@ -581,7 +584,7 @@ class ServeWorker:
         self._inbox_lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._client = None
+        self._client: Any = None  # paho.mqtt.client.Client once started
         self._model_cond = threading.Condition()
         self._probe_topic: str | None = None
         self._probe_event = threading.Event()
@@ -682,10 +685,12 @@ class ServeWorker:
     # -- MQTT (paho's network thread) -----------------------------------------------------------------
     def _infer_filter(self) -> str:
         base = self.topics.all_devices("infer")
-        return self.topics.shared(self.config.group, base) if self.config.group else base
+        group = self.config.group
+        return self.topics.shared(group, base) if group else base
 
     def _subscribe(self, client) -> None:  # noqa: ANN001
-        client.subscribe([(self._infer_filter(), INFER_QOS), (self.topics.model_filter(self.config.model), 0)])
+        client.subscribe([(self._infer_filter(), INFER_QOS),
+                          (self.topics.model_filter(self.config.model), 0)])
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
         if reason_code.is_failure:
@@ -739,7 +744,7 @@ class ServeWorker:
             return self.config.shared_subscriptions
         topic = self.topics.worker_status(self.config.name)
         self._probe_topic = topic
-        shared = self.topics.shared(self.config.group, topic)
+        shared = self.topics.shared(self.config.group or "", topic)
         client.subscribe(shared, qos=1)
         ok = False
         for _ in range(6):
@@ -781,7 +786,8 @@ class ServeWorker:
                 if error is None:
                     replies = [self.core.answer(p, rows[i], now=now, model=info) for i, p in enumerate(batch)]
                 else:
-                    replies = [self.core.fail(p, "inference_failed", error, now=now, model=info) for p in batch]
+                    replies = [self.core.fail(p, "inference_failed", error, now=now, model=info)
+                               for p in batch]
             for reply in replies:
                 self._publish_answer(*reply)
 

@@ -1,6 +1,7 @@
 """Protocol v1: the one wire contract that devices and the cloud share.
 
-Topics, ids, the tensor codec, samples/acks envelopes, infer requests and answers, JSON reports, broker URLs and model packages.
+Topics, ids, the tensor codec, samples/acks envelopes, infer requests and answers, JSON reports, broker
+URLs and model packages.
 Everything here is pure Python + numpy + msgpack (+ paho for connections); see ``docs/protocol.md``.
 """
 
@@ -36,6 +37,7 @@ from lepton.protocol._envelope import (
     pipeline_hash,
     seqs_to_ranges,
 )
+from lepton.protocol._ids import ID_PATTERN, validate_id
 from lepton.protocol._infer import (
     ANSWER_ERRORS,
     DEFAULT_MAX_INFER_BYTES,
@@ -47,7 +49,6 @@ from lepton.protocol._infer import (
     encode_infer,
     peek_seq,
 )
-from lepton.protocol._ids import ID_PATTERN, validate_id
 from lepton.protocol._models import (
     DEFAULT_CHUNK_SIZE,
     MAX_MANIFEST_BYTES,

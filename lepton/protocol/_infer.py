@@ -141,12 +141,11 @@ def decode_infer(
     if type(body) is not dict:
         raise ProtocolError(f"an infer request must be a map, got {type(body).__name__}", field="request")
     _check_version(body.get("v"), "v")
-    device = body.get("device")
-    validate_id(device, kind="device")
+    device = validate_id(body.get("device"), kind="device")
     if expected_device is not None and device != expected_device:
         raise ProtocolError(f"request device {device!r} does not match topic device {expected_device!r}",
                             field="device")
-    seq = body.get("seq")
+    seq: int = body.get("seq")  # type: ignore[assignment]  # checked on the next line
     _check_seq(seq, "seq")
     limit = max_payload_bytes if max_tensor_bytes is None else max_tensor_bytes
     dtype, shape, data, count = check_tensor(body.get("x"), field="x", max_bytes=limit)
@@ -240,7 +239,7 @@ def decode_answer(payload: bytes | bytearray | memoryview) -> InferAnswer:
     if seq is not None:
         _check_seq(seq, "seq")
     model, worker = body.get("model"), body.get("worker")
-    common = dict(
+    common: dict[str, Any] = dict(
         seq=seq,
         version=_check_version_number(body.get("version"), "version"),
         model=None if model is None else validate_id(model, kind="model"),
@@ -263,7 +262,8 @@ def decode_answer(payload: bytes | bytearray | memoryview) -> InferAnswer:
     index = body.get("index")
     confidence = body.get("confidence")
     if label is None or index is None or confidence is None:
-        missing = [k for k, v in (("label", label), ("index", index), ("confidence", confidence)) if v is None]
+        given = (("label", label), ("index", index), ("confidence", confidence))
+        missing = [k for k, v in given if v is None]
         raise ProtocolError("an answer without an error carries label, index and confidence",
                             field=missing[0])
     return InferAnswer(label=_check_answer_label(label), index=_check_index(index),

@@ -115,7 +115,8 @@ def test_requests_that_cannot_run_are_refused_with_their_code_when_taken():
     runnable, refused = c.take(now=6.0, model=INFO, max_batch=1)
 
     assert [(a.seq, a.error) for _, a in no_model] == [(1, "no_model")]
-    assert [(a.seq, a.error) for _, a in refused] == [(2, "wrong_pipeline"), (3, "wrong_shape"), (4, "expired")]
+    assert [(a.seq, a.error) for _, a in refused] == \
+        [(2, "wrong_pipeline"), (3, "wrong_shape"), (4, "expired")]
     assert [p.request.seq for p in runnable] == [5] and c.depth == 1   # max_batch counts runnable ones
     assert "[8, 8]" in refused[1][1].message and "[1, 8, 8]" in refused[1][1].message
 
@@ -227,8 +228,9 @@ def publish_model(broker, fleet, trained, keypair, name="digits"):
 
 
 def serve(broker, fleet, keypair, *, name="serve1", **kw) -> ServeWorker:
-    return ServeWorker(ServeConfig(broker=broker.url("worker", name, fleet=fleet), fleet=fleet, model="digits",
-                                   name=name, public_key=keypair[1], status_interval=0.5, **kw))
+    return ServeWorker(ServeConfig(broker=broker.url("worker", name, fleet=fleet), fleet=fleet,
+                                   model="digits", name=name, public_key=keypair[1], status_interval=0.5,
+                                   **kw))
 
 
 def answers_for(inbox: Inbox, seqs, timeout: float = 20.0) -> dict:
@@ -267,7 +269,8 @@ def test_serve_answers_real_digits_with_the_hot_swapped_model_and_errors_otherwi
         for i in range(n):
             cam.publish(topics.infer("cam-a"), request(i + 1, device="cam-a", x=x[i]), qos=0)
         got = answers_for(cam, range(1, n + 1))
-        cam.publish(topics.infer("cam-a"), request(n + 1, device="cam-a", x=np.zeros((64,), np.float32)), qos=0)
+        flat = np.zeros((64,), np.float32)
+        cam.publish(topics.infer("cam-a"), request(n + 1, device="cam-a", x=flat), qos=0)
         cam.publish(topics.infer("cam-a"), request(n + 2, device="cam-a", pipeline="ffffffffffffffff"), qos=0)
         cam.publish(topics.infer("cam-a"), request(n + 3, device="cam-a", deadline=time.time() - 1), qos=0)
         errors = answers_for(cam, [n + 1, n + 2, n + 3])
@@ -282,7 +285,8 @@ def test_serve_answers_real_digits_with_the_hot_swapped_model_and_errors_otherwi
     assert accuracy >= 0.9, accuracy
     assert [errors[n + k].error for k in (1, 2, 3)] == ["wrong_shape", "wrong_pipeline", "expired"]
     assert status["model_version"] == version.version and status["answered"] == n
-    assert status["latency_ms"]["p50"] is not None and status["latency_ms"]["p99"] >= status["latency_ms"]["p50"]
+    latency = status["latency_ms"]
+    assert latency["p50"] is not None and latency["p99"] >= latency["p50"] and latency["n"] == n
     assert status["errors"] == {"expired": 1, "no_model": 1, "wrong_pipeline": 1, "wrong_shape": 1}
 
 
@@ -409,5 +413,7 @@ def test_the_cli_refuses_bad_ids_and_missing_keys_with_exit_2_and_one_line():
     helped = subprocess.run(base[:4] + ["--help"], env=env, capture_output=True, text=True)
 
     for result, hint in ((bad_id, "fleet id"), (no_key, "--public-key")):
-        assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1 and hint in result.stderr
-    assert helped.returncode == 0 and "examples:" in helped.stdout and "lepton serve --broker" in helped.stdout
+        assert result.returncode == 2 and hint in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert helped.returncode == 0 and "examples:" in helped.stdout
+    assert "lepton serve --broker" in helped.stdout

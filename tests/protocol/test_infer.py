@@ -118,6 +118,7 @@ def test_a_long_error_message_is_cut_and_unknown_error_codes_still_decode():
 # hostile payloads
 # ------------------------------------------------------------------------------------------------
 GOOD_X = {"dtype": "float32", "shape": [2], "data": b"\0" * 8}
+BIG_X = {"dtype": "uint8", "shape": [2000], "data": b"\0" * 2000}
 
 
 def _req(**changes):
@@ -131,7 +132,8 @@ _DROP = object()
 
 
 @pytest.mark.parametrize("payload, field", [
-    (b"", "payload"), (b"\xc1", "payload"), (b"\x93\x01\x02\x03", "request"), (msgpack.packb(None), "request"),
+    (b"", "payload"), (b"\xc1", "payload"), (b"\x93\x01\x02\x03", "request"),
+    (msgpack.packb(None), "request"),
     (_req(v=True), "v"), (_req(v=1.0), "v"), (_req(v=2), "v"), (_req(v=_DROP), "v"),
     (_req(device="a/b"), "device"), (_req(device=_DROP), "device"), (_req(device=b"cam-1"), "device"),
     (_req(seq=-1), "seq"), (_req(seq=2**63), "seq"), (_req(seq=True), "seq"), (_req(seq=1.0), "seq"),
@@ -145,7 +147,8 @@ _DROP = object()
     (_req(edge_confidence=1.5), "edge_confidence"), (_req(edge_confidence=-0.1), "edge_confidence"),
     (_req(edge_confidence=math.nan), "edge_confidence"), (_req(edge_confidence=True), "edge_confidence"),
     (_req(edge_version=0), "edge_version"), (_req(edge_version=1.0), "edge_version"),
-    (_req(deadline=math.inf), "deadline"), (_req(deadline=-1.0), "deadline"), (_req(deadline="soon"), "deadline"),
+    (_req(deadline=math.inf), "deadline"), (_req(deadline=-1.0), "deadline"),
+    (_req(deadline="soon"), "deadline"),
 ])
 def test_a_hostile_request_is_a_protocol_error_naming_its_field(payload, field):
     with pytest.raises(ProtocolError) as caught:
@@ -158,11 +161,12 @@ def test_the_request_must_name_the_device_of_its_topic_and_stay_under_the_size_l
     with pytest.raises(ProtocolError) as wrong_device:
         decode_infer(_req(device="cam-2"), expected_device="cam-1")
     with pytest.raises(ProtocolError) as too_big:
-        decode_infer(_req(x={"dtype": "uint8", "shape": [2000], "data": b"\0" * 2000}), max_payload_bytes=1000)
+        decode_infer(_req(x=BIG_X), max_payload_bytes=1000)
     with pytest.raises(ProtocolError) as big_tensor:
-        decode_infer(_req(x={"dtype": "uint8", "shape": [2000], "data": b"\0" * 2000}), max_tensor_bytes=1000)
+        decode_infer(_req(x=BIG_X), max_tensor_bytes=1000)
 
-    assert (wrong_device.value.field, too_big.value.field, big_tensor.value.field) == ("device", "payload", "x.shape")
+    fields = (wrong_device.value.field, too_big.value.field, big_tensor.value.field)
+    assert fields == ("device", "payload", "x.shape")
 
 
 def _ans(**changes):
@@ -175,7 +179,8 @@ def _ans(**changes):
 @pytest.mark.parametrize("payload, field", [
     (b"\xc1", "payload"), (msgpack.packb([1]), "answer"), (b"\0" * 70_000, "payload"),
     (_ans(v=1.0), "v"), (_ans(seq=-1), "seq"), (_ans(seq=None), "seq"),
-    (_ans(label=None), "label"), (_ans(label=3), "label"), (_ans(index=None), "index"), (_ans(index=-1), "index"),
+    (_ans(label=None), "label"), (_ans(label=3), "label"), (_ans(index=None), "index"),
+    (_ans(index=-1), "index"),
     (_ans(confidence=None), "confidence"), (_ans(confidence=2.0), "confidence"),
     (_ans(version=0), "version"), (_ans(model="a b"), "model"), (_ans(worker="w/1"), "worker"),
     (_ans(latency_ms=None), "latency_ms"), (_ans(latency_ms=-1), "latency_ms"),
