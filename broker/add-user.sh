@@ -47,20 +47,25 @@ for id in "$fleet" "$name"; do
   [[ $id =~ ^[A-Za-z0-9_-]{1,64}$ ]] || { echo "error: '$id' is not a valid id: use 1-64 of A-Z a-z 0-9 _ -" >&2; exit 2; }
 done
 case $role in
-  # A device writes only its own channels in its own fleet, and reads its acks and its fleet's models.
+  # A device writes only its own channels in its own fleet, and reads its acks, its answers and its
+  # fleet's models: no device reads another's answers or asks the cloud in another's name.
   device) grants="topic write $prefix/$fleet/devices/$name/samples
 topic write $prefix/$fleet/devices/$name/status
 topic write $prefix/$fleet/devices/$name/telemetry
 topic write $prefix/$fleet/devices/$name/predictions
 topic read $prefix/$fleet/devices/$name/acks
-topic read $prefix/$fleet/models/#" ;;
+topic read $prefix/$fleet/models/#
+topic write $prefix/$fleet/devices/$name/infer
+topic read $prefix/$fleet/devices/$name/answers" ;;
   worker) grants="topic read $prefix/$fleet/devices/+/samples
 topic write $prefix/$fleet/devices/+/acks
 topic read $prefix/$fleet/devices/+/status
 topic read $prefix/$fleet/devices/+/telemetry
 topic readwrite $prefix/$fleet/models/#
 topic write $prefix/$fleet/deadletter
-topic readwrite $prefix/$fleet/workers/#" ;;
+topic readwrite $prefix/$fleet/workers/#
+topic read $prefix/$fleet/devices/+/infer
+topic write $prefix/$fleet/devices/+/answers" ;;
   # The worker's training child (lepton train --publish): publishes models and nothing else.
   trainer) grants="topic readwrite $prefix/$fleet/models/#" ;;
   viewer) grants="topic read $prefix/$fleet/devices/+/status

@@ -47,14 +47,19 @@ def role_grants(role: str, fleet: str, name: str, *, prefix: str = DEFAULT_PREFI
                           "e.g. --prefix acme/site-3/lepton")
     p = f"{prefix}/{fleet}"
     if role == "device":
-        # A device writes only its own channels in its own fleet, and reads its acks and its fleet's models.
+        # A device writes only its own channels in its own fleet, and reads its acks, its answers and its
+        # fleet's models: no device reads another's answers or asks the cloud in another's name.
         return [f"topic write {p}/devices/{name}/samples", f"topic write {p}/devices/{name}/status",
                 f"topic write {p}/devices/{name}/telemetry", f"topic write {p}/devices/{name}/predictions",
-                f"topic read {p}/devices/{name}/acks", f"topic read {p}/models/#"]
+                f"topic read {p}/devices/{name}/acks", f"topic read {p}/models/#",
+                f"topic write {p}/devices/{name}/infer", f"topic read {p}/devices/{name}/answers"]
     if role == "worker":
         return [f"topic read {p}/devices/+/samples", f"topic write {p}/devices/+/acks",
                 f"topic read {p}/devices/+/status", f"topic read {p}/devices/+/telemetry",
-                f"topic readwrite {p}/models/#", f"topic write {p}/deadletter", f"topic readwrite {p}/workers/#"]
+                f"topic readwrite {p}/models/#", f"topic write {p}/deadletter",
+                f"topic readwrite {p}/workers/#",
+                # lepton serve: only a worker reads requests and answers them
+                f"topic read {p}/devices/+/infer", f"topic write {p}/devices/+/answers"]
     if role == "trainer":
         # The worker's training child (lepton train --publish): publishes models, nothing else.
         return [f"topic readwrite {p}/models/#"]

@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "broker": ("_broker", "run the embedded MQTT broker (amqtt) for development and demos"),
     "device": ("_device", "run an edge device agent: capture, preprocess, spool, publish, infer"),
     "worker": ("_worker", "run a cloud ingest worker: samples -> exactly-once Parquet dataset"),
+    "serve": ("_serve", "run a cloud inference worker: devices' infer requests -> cloud model answers"),
     "train": ("_train", "train a model on the dataset, export int8 ONNX, sign and publish it"),
     "models": ("_models", "list, inspect and roll back model versions in the registry"),
     "keys": ("_keys", "generate the Ed25519 key pair that signs models"),

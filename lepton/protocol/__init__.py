@@ -1,6 +1,7 @@
 """Protocol v1: the one wire contract that devices and the cloud share.
 
-Topics, ids, the tensor codec, samples/acks envelopes, JSON reports, broker URLs and model packages.
+Topics, ids, the tensor codec, samples/acks envelopes, infer requests and answers, JSON reports, broker
+URLs and model packages.
 Everything here is pure Python + numpy + msgpack (+ paho for connections); see ``docs/protocol.md``.
 """
 
@@ -37,6 +38,17 @@ from lepton.protocol._envelope import (
     seqs_to_ranges,
 )
 from lepton.protocol._ids import ID_PATTERN, validate_id
+from lepton.protocol._infer import (
+    ANSWER_ERRORS,
+    DEFAULT_MAX_INFER_BYTES,
+    InferAnswer,
+    InferRequest,
+    decode_answer,
+    decode_infer,
+    encode_answer,
+    encode_infer,
+    peek_seq,
+)
 from lepton.protocol._models import (
     DEFAULT_CHUNK_SIZE,
     MAX_MANIFEST_BYTES,
@@ -72,14 +84,18 @@ from lepton.protocol._mqtt import (
 from lepton.protocol._topics import DEFAULT_PREFIX, DEVICE_CHANNELS, ParsedTopic, Topics, validate_prefix
 
 __all__ = [
+    "ANSWER_ERRORS",
     "BrokerURL",
     "DEFAULT_CHUNK_SIZE",
+    "DEFAULT_MAX_INFER_BYTES",
     "DEFAULT_MAX_PAYLOAD_BYTES",
     "DEFAULT_MAX_TENSOR_BYTES",
     "DEFAULT_PREFIX",
     "DEVICE_CHANNELS",
     "DTYPES",
     "ID_PATTERN",
+    "InferAnswer",
+    "InferRequest",
     "MAX_DIM",
     "MAX_MANIFEST_BYTES",
     "MAX_META_CHARS",
@@ -105,12 +121,16 @@ __all__ = [
     "child_environment",
     "connect",
     "decode_acks",
+    "decode_answer",
+    "decode_infer",
     "decode_json",
     "decode_samples",
     "decode_samples_lenient",
     "decode_samples_raw",
     "decode_tensor",
     "encode_acks",
+    "encode_answer",
+    "encode_infer",
     "encode_json",
     "encode_sample_body",
     "encode_samples",
@@ -125,6 +145,7 @@ __all__ = [
     "open_manifest",
     "parse_envelope",
     "parse_manifest",
+    "peek_seq",
     "pipeline_hash",
     "read_password_file",
     "resolve_broker",

@@ -10,7 +10,8 @@ from lepton.protocol._ids import validate_id
 DEFAULT_PREFIX = "lepton"
 
 #: Per-device channels under ``{prefix}/{fleet}/devices/{device}/``.
-DEVICE_CHANNELS = ("samples", "acks", "status", "telemetry", "predictions")
+#: ``infer`` (device -> cloud) and ``answers`` (cloud -> device) carry collaborative inference.
+DEVICE_CHANNELS = ("samples", "acks", "status", "telemetry", "predictions", "infer", "answers")
 
 
 def prefix_problem(value: object) -> str | None:
@@ -98,6 +99,14 @@ class Topics:
 
     def predictions(self, device: str) -> str:
         return self.device(device, "predictions")
+
+    def infer(self, device: str) -> str:
+        """Where ``device`` asks the cloud to classify a sample (msgpack infer request)."""
+        return self.device(device, "infer")
+
+    def answers(self, device: str) -> str:
+        """Where the cloud answers ``device``'s infer requests (msgpack answer)."""
+        return self.device(device, "answers")
 
     def all_devices(self, channel: str) -> str:
         """Subscription filter for one channel of every device of the fleet."""

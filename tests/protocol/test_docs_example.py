@@ -7,15 +7,28 @@ import re
 import msgpack
 import numpy as np
 
-from lepton.protocol import Sample, decode_acks, decode_samples, encode_acks, encode_samples
+from lepton.protocol import (
+    ANSWER_ERRORS,
+    InferAnswer,
+    InferRequest,
+    Sample,
+    decode_acks,
+    decode_answer,
+    decode_infer,
+    decode_samples,
+    encode_acks,
+    encode_answer,
+    encode_infer,
+    encode_samples,
+)
 from lepton.testing import PROJECT_ROOT
 
 DOC = (PROJECT_ROOT / "docs" / "protocol.md").read_text(encoding="utf-8")
 
 
-def documented_example() -> tuple[bytes, list[int]]:
-    """The annotated dump between the example markers: its bytes and each line's stated offset."""
-    block = DOC.split("<!-- example-hex-begin -->", 1)[1].split("<!-- example-hex-end -->", 1)[0]
+def documented_example(name: str = "example") -> tuple[bytes, list[int]]:
+    """The annotated dump between the ``name`` markers: its bytes and each line's stated offset."""
+    block = DOC.split(f"<!-- {name}-hex-begin -->", 1)[1].split(f"<!-- {name}-hex-end -->", 1)[0]
     lines = [line for line in block.splitlines() if re.match(r"^[0-9a-f]{4}  ", line)]
     data, offsets = bytearray(), []
     for line in lines:
@@ -74,3 +87,41 @@ def test_every_topic_and_reject_reason_of_the_code_is_documented():
         assert f"| `{dtype}`" in DOC
     for heading in ("## Status", "## Telemetry", "## Dead letters", "## Predictions", "## Model delivery"):
         assert f"\n{heading}\n" in DOC
+
+
+def test_the_documented_infer_request_is_what_encode_infer_sends_and_decodes_as_described():
+    documented, offsets = documented_example("infer")
+
+    payload = encode_infer(InferRequest(device="cam-1", seq=42, x=np.array([[1, 2], [3, 4]], np.float32),
+                                        pipeline="a1b2c3d4e5f60718", edge_label=3, edge_confidence=0.5,
+                                        edge_version=2, deadline=1700000000.25))
+    request = decode_infer(documented, expected_device="cam-1")
+
+    assert len(offsets) > 20 and documented == payload
+    assert f"The payload is {len(payload)} bytes" in DOC
+    edge = (request.edge_label, request.edge_confidence, request.edge_version)
+    assert (request.seq, *edge, request.deadline) == (42, 3, 0.5, 2, 1700000000.25)
+    assert request.x.tolist() == [[1.0, 2.0], [3.0, 4.0]] and request.pipeline == "a1b2c3d4e5f60718"
+
+
+def test_the_documented_answers_are_what_encode_answer_sends():
+    match = re.search(r"`(8a a1 76 01 [0-9a-f ]+)`", DOC)
+    assert match, "the answer example hex is missing from docs/protocol.md"
+    documented = bytes.fromhex(match.group(1))
+    overloaded = re.search(r"`(a5 65 72 72 6f 72 82 [0-9a-f ]+) …`", DOC)
+    assert overloaded, "the overloaded answer's tail is missing from docs/protocol.md"
+
+    answer = InferAnswer(seq=42, label="3", index=3, confidence=0.75, version=5, model="digits-cloud",
+                         latency_ms=1.5, worker="serve1")
+    shed = encode_answer(InferAnswer(seq=43, error="overloaded", message="queue full", version=5,
+                                     model="digits-cloud", latency_ms=0.0, worker="serve1"))
+
+    assert documented == encode_answer(answer) and decode_answer(documented) == answer
+    assert f"is these {len(documented)} bytes" in DOC
+    assert bytes.fromhex(overloaded.group(1)) in shed
+
+
+def test_every_answer_error_code_is_documented():
+    for code in ANSWER_ERRORS:
+        assert f"| `{code}` |" in DOC
+    assert "\n## Cloud inference\n" in DOC
