@@ -13,6 +13,7 @@ __all__ = [
     "BrokerConnectionError",
     "ModelRejected",
     "GateRefused",
+    "RankZeroFailed",
 ]
 
 
@@ -65,3 +66,17 @@ class GateRefused(LeptonError):
         super().__init__(message)
         self.new_accuracy = new_accuracy
         self.deployed_accuracy = deployed_accuracy
+
+
+class RankZeroFailed(LeptonError):
+    """Under DDP, a step that only global rank zero runs (export, registry, publish) failed there.
+
+    Raised on the other ranks, so they stop instead of waiting; rank zero raises the original error.
+    ``stage`` names the step, ``cause`` is rank zero's ``"Type: message"``, ``rank`` this process.
+    """
+
+    def __init__(self, stage: str, cause: str, *, rank: int) -> None:
+        super().__init__(f"{stage} failed on global rank 0 (this is rank {rank}): {cause}")
+        self.stage = stage
+        self.cause = cause
+        self.rank = rank

@@ -81,8 +81,8 @@ def generate_password() -> str:
 class EmbeddedBroker:
     """amqtt (``lepton.broker._server.LeptonBroker``) in a background thread with its own event loop.
 
-    >>> broker = EmbeddedBroker(BrokerSettings(port=free_port(), allow_anonymous=True))  # doctest: +SKIP
-    >>> broker.start(); broker.stop()  # doctest: +SKIP
+    >>> broker = EmbeddedBroker(BrokerSettings(port=free_port(), allow_anonymous=True))
+    >>> broker.start(); broker.stop()
     """
 
     def __init__(self, settings: BrokerSettings) -> None:

@@ -38,6 +38,12 @@ skews the yardstick too. No device holds more than --max-device-share of the tra
 0.34; the rest of its samples is dropped, the same ones every retrain); the report lists per-device
 counts used and dropped.
 
+Several processes: --devices N (per node) and --num-nodes N train with DDP (gloo on CPU). Lightning
+starts the other local processes with this same command; on every node set MASTER_ADDR, MASTER_PORT
+and NODE_RANK (or start it with torchrun). Only global rank zero exports, stores the version and
+publishes: one run is one version, whatever the number of processes. The report's
+training.world_size says how many trained.
+
 Exit codes: 0 trained (and published, if asked); 5 the gate refused the new version (kept on disk,
 not shipped); 2 bad flags or unusable data; 3 broker unreachable or refused; 1 other failure.
 
@@ -45,6 +51,7 @@ examples:
   lepton train --data ./data --fleet demo --model digits --epochs 15
   lepton train --data ./data --fleet demo --model digits --publish \\
       --broker mqtt://trainer@localhost:1883 --password-file trainer.pw --key keys/lepton.key --json
+  lepton train --data ./data --fleet demo --model digits --devices 2 --strategy ddp
 """
 
 
@@ -148,6 +155,24 @@ def register(parser: argparse.ArgumentParser) -> None:
         help="ship int8 on accuracy alone, even where it is not faster than fp32 at batch 1 (size over speed)",
     )
     parser.add_argument("--no-quantize", action="store_true", help="ship the fp32 model, skip int8")
+    parser.add_argument(
+        "--devices", type=int, default=1, metavar="N", help="training processes per node (default 1)"
+    )
+    parser.add_argument(
+        "--num-nodes", type=int, default=1, metavar="N", help="machines training together (default 1)"
+    )
+    parser.add_argument(
+        "--strategy",
+        choices=["auto", "ddp"],
+        default="auto",
+        help="auto: one process, or DDP when --devices/--num-nodes ask for several (default auto)",
+    )
+    parser.add_argument(
+        "--accelerator",
+        choices=["cpu", "gpu", "auto"],
+        default="cpu",
+        help="what each process trains on (default cpu)",
+    )
     parser.add_argument("--publish", action="store_true", help="publish the new version if the gate passes")
     _credentials.add_broker_arguments(parser, help="with --publish: broker URL mqtt://USER@HOST:PORT")
     parser.add_argument(
@@ -237,13 +262,17 @@ def run(args: argparse.Namespace) -> int:
         key=Path(args.key) if args.key else None,
         chunk_size=args.chunk_size or DEFAULT_CHUNK_SIZE,
         progress=not args.quiet and sys.stderr.isatty(),
+        devices=args.devices,
+        num_nodes=args.num_nodes,
+        strategy=args.strategy,
+        accelerator=args.accelerator,
     )
 
     class EpochLine(pl.Callback):
         """One line per epoch on stderr when there is no terminal for a progress bar (worker logs)."""
 
         def on_validation_end(self, trainer, pl_module):  # noqa: ANN001
-            if trainer.sanity_checking:
+            if trainer.sanity_checking or not trainer.is_global_zero:
                 return
             acc = trainer.callback_metrics.get("val_acc")
             acc_text = f" val_acc {float(acc):.4f}" if acc is not None else ""
@@ -255,6 +284,9 @@ def run(args: argparse.Namespace) -> int:
 
     callbacks = [] if args.quiet or config.progress else [EpochLine()]
     result = train(config, callbacks=callbacks)
+    if not result.is_global_zero:
+        # Another DDP rank: rank zero prints the one report; the exit code is the same everywhere.
+        return _exit.GATE_REFUSED if result.status == "refused" else _exit.OK
     report = result.report
     validation = report.get("validation", {})
     if not validation.get("trusted"):
@@ -324,5 +356,7 @@ def _summary(r: dict) -> str:
             f"cleared {p['cleared'] or 'nothing'}"
         )
     seconds = r.get("training", {}).get("time_s", "?")
-    lines.append(f"  stored      models/{r['model']}/{r['version']}/ after {seconds} s of training")
+    world = r.get("training", {}).get("world_size", 1)
+    on = f" on {world} DDP processes" if world > 1 else ""
+    lines.append(f"  stored      models/{r['model']}/{r['version']}/ after {seconds} s of training{on}")
     return "\n".join(lines)

@@ -1,13 +1,54 @@
 """The cloud side: ingest (exactly-once Parquet dataset), training, export, compression, model delivery.
 
 Needs the ``cloud`` extra (torch, pytorch-lightning, onnx, onnxruntime, pyarrow, cryptography).
+
+Every name is imported on first use (``lepton.cloud.train`` imports torch then, not ``import
+lepton.cloud``). The ``TYPE_CHECKING`` block below names the same objects for IDEs and type
+checkers; ``tests/cloud/test_api.py`` keeps it equal to ``__all__``.
 """
 
-__all__: list[str] = []
+from __future__ import annotations
 
-# Training, export, registry and delivery (issue 5). Imported lazily: they pull in torch, Lightning
-# and ONNX Runtime, which the ingest worker does not need at start-up.
-_TRAINING_API = {
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from lepton.cloud._data import DataConfig, DatasetInfo, ParquetDataModule
+    from lepton.cloud._dataset import (
+        SCHEMA,
+        Dataset,
+        decode_x,
+        raw_sample_rows,
+        samples_to_table,
+        write_parquet_atomic,
+    )
+    from lepton.cloud._delivery import DeliveryError, PublishResult, fetch_model, publish_package
+    from lepton.cloud._export import (
+        ExportConfig,
+        ExportError,
+        ExportResult,
+        export_and_compress,
+        export_onnx,
+        quantize_int8,
+    )
+    from lepton.cloud._index import SampleIndex, SqliteIndex, compact
+    from lepton.cloud._ingest import IngestWorker, WorkerConfig
+    from lepton.cloud._nets import MLP, Classifier, SmallCNN, build_network
+    from lepton.cloud._registry import ModelVersion, Registry
+    from lepton.cloud._training import (
+        BestWeights,
+        ExportCallback,
+        RegistryCallback,
+        TrainConfig,
+        TrainResult,
+        on_global_zero,
+        train,
+    )
+
+# Training, export, registry and delivery pull in torch, Lightning and ONNX Runtime, which the ingest
+# worker does not need at start-up; the dataset and ingest names are lazy as well, so
+# `import lepton.cloud` stays cheap. Name -> module that defines it.
+_LAZY = {
+    # training, export, registry, delivery (issue 5)
     "Classifier": "lepton.cloud._nets", "MLP": "lepton.cloud._nets", "SmallCNN": "lepton.cloud._nets",
     "build_network": "lepton.cloud._nets",
     "DataConfig": "lepton.cloud._data", "DatasetInfo": "lepton.cloud._data",
@@ -20,12 +61,9 @@ _TRAINING_API = {
     "fetch_model": "lepton.cloud._delivery", "publish_package": "lepton.cloud._delivery",
     "BestWeights": "lepton.cloud._training", "ExportCallback": "lepton.cloud._training",
     "RegistryCallback": "lepton.cloud._training", "TrainConfig": "lepton.cloud._training",
-    "TrainResult": "lepton.cloud._training", "train": "lepton.cloud._training",
-}
-__all__ += sorted(_TRAINING_API)
-
-# Dataset and ingest worker (issue 4); lazy as well so `import lepton.cloud` stays cheap.
-_INGEST_API = {
+    "TrainResult": "lepton.cloud._training", "on_global_zero": "lepton.cloud._training",
+    "train": "lepton.cloud._training",
+    # dataset and ingest worker (issue 4)
     "SCHEMA": "lepton.cloud._dataset", "Dataset": "lepton.cloud._dataset",
     "decode_x": "lepton.cloud._dataset", "raw_sample_rows": "lepton.cloud._dataset",
     "samples_to_table": "lepton.cloud._dataset", "write_parquet_atomic": "lepton.cloud._dataset",
@@ -33,13 +71,57 @@ _INGEST_API = {
     "SampleIndex": "lepton.cloud._index", "SqliteIndex": "lepton.cloud._index",
     "compact": "lepton.cloud._index",
 }
-__all__ += sorted(_INGEST_API)
+
+# A literal, so type checkers and linters read it; equal to _LAZY's keys (tests/cloud/test_api.py).
+__all__ = [
+    "BestWeights",
+    "Classifier",
+    "DataConfig",
+    "Dataset",
+    "DatasetInfo",
+    "DeliveryError",
+    "ExportCallback",
+    "ExportConfig",
+    "ExportError",
+    "ExportResult",
+    "IngestWorker",
+    "MLP",
+    "ModelVersion",
+    "ParquetDataModule",
+    "PublishResult",
+    "Registry",
+    "RegistryCallback",
+    "SCHEMA",
+    "SampleIndex",
+    "SmallCNN",
+    "SqliteIndex",
+    "TrainConfig",
+    "TrainResult",
+    "WorkerConfig",
+    "build_network",
+    "compact",
+    "decode_x",
+    "export_and_compress",
+    "export_onnx",
+    "fetch_model",
+    "on_global_zero",
+    "publish_package",
+    "quantize_int8",
+    "raw_sample_rows",
+    "samples_to_table",
+    "train",
+    "write_parquet_atomic",
+]
 
 
-def __getattr__(name: str):
-    module = _TRAINING_API.get(name) or _INGEST_API.get(name)
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'lepton.cloud' has no attribute {name!r}")
     import importlib
 
     return getattr(importlib.import_module(module), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -422,9 +422,10 @@ class _StreamDataset(IterableDataset):
 class ParquetDataModule(pl.LightningDataModule):
     """Batches ``(x float32 [B, *shape], y int64 [B])`` of one pipeline's labelled samples.
 
-    >>> dm = ParquetDataModule(DataConfig(root="data", fleet="demo"))   # doctest: +SKIP
-    >>> dm.info.labels, dm.info.shape                                   # doctest: +SKIP
-    (('0', '1', ..., '9'), (1, 8, 8))
+    Example (the demo's digits, ingested under ``data/demo/data``)::
+
+        dm = ParquetDataModule(DataConfig(root="data", fleet="demo"))
+        dm.info.labels, dm.info.shape   # (('0', '1', ..., '9'), (1, 8, 8))
     """
 
     def __init__(self, config: DataConfig) -> None:

@@ -9,8 +9,10 @@ Contract (see ``docs/dataset.md``):
   and ``shape`` say how to view them (:func:`decode_x`).
 - each ``(device, seq)`` appears once in the dataset (the ingest worker's index guarantees it).
 
->>> ds = Dataset("/data", "demo")              # doctest: +SKIP
->>> table = ds.read_table(columns=["device", "seq", "label"])   # doctest: +SKIP
+In Python (a dataset the ingest worker wrote under ``/data``)::
+
+    ds = Dataset("/data", "demo")
+    table = ds.read_table(columns=["device", "seq", "label"])
 
 Plain pyarrow, pandas or DuckDB read it too::
 
@@ -214,8 +216,10 @@ def replaced_by(path: Path) -> list[str]:
 class Dataset:
     """Read access to one fleet's dataset under ``{root}/{fleet}/``.
 
-    >>> ds = Dataset("/data", "demo")            # doctest: +SKIP
-    >>> ds.count(), ds.stats()["devices"]        # doctest: +SKIP
+    Example (a dataset the ingest worker wrote under ``/data``)::
+
+        ds = Dataset("/data", "demo")
+        ds.count(), ds.stats()["devices"]
     """
 
     def __init__(self, root: str | Path, fleet: str) -> None:

@@ -171,8 +171,10 @@ class WorkerStats:
 class IngestWorker:
     """Subscribe to a fleet's samples and store them exactly once under ``{data}/{fleet}/``.
 
-    >>> with IngestWorker(WorkerConfig(broker=url, fleet="demo", data="/data")) as w:  # doctest: +SKIP
-    ...     w.wait_stored(1000)
+    Example (``url`` a broker URL with a worker's credentials)::
+
+        with IngestWorker(WorkerConfig(broker=url, fleet="demo", data="/data")) as w:
+            w.wait_stored(1000)
     """
 
     def __init__(self, config: WorkerConfig) -> None:

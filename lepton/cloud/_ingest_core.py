@@ -91,7 +91,7 @@ class WritePlan:
 class BatchDecoder:
     """Decode and validate a batch with the protocol's one rule set, then build its table.
 
-    >>> d = BatchDecoder(Topics(fleet="f1"))
+    >>> d = BatchDecoder(Topics(fleet="f1"), max_tensor_bytes=1 << 20, max_payload_bytes=1 << 20)
     >>> batch = d.decode([Inbound("lepton/f1/devices/cam-1/samples", b"junk", 0.0)])
     >>> batch.dead[0].problems[0][2]
     'payload'

@@ -218,7 +218,7 @@ def build_network(input_shape: tuple[int, ...], num_classes: int, *, target: str
 
 
 class Classifier(pl.LightningModule):
-    """Cross-entropy training of a network that maps ``x`` to logits; logs ``val_acc``.
+    """Cross-entropy training of a network that maps ``x`` to logits; logs ``val_acc``, synced across ranks.
 
     Subclass it for ``--module`` and override :meth:`build` to supply your own network.
     """
@@ -255,8 +255,12 @@ class Classifier(pl.LightningModule):
     def validation_step(self, batch, batch_idx):  # noqa: ANN001
         x, y = batch
         logits = self(x)
-        self.log("val_loss", nn.functional.cross_entropy(logits, y), prog_bar=False, batch_size=len(y))
-        self.log("val_acc", (logits.argmax(1) == y).float().mean(), prog_bar=True, batch_size=len(y))
+        # sync_dist: under DDP each rank validates a shard; the epoch-level value that picks the best
+        # weights and stops early must be the same on every rank (a no-op in one process).
+        loss = nn.functional.cross_entropy(logits, y)
+        self.log("val_loss", loss, prog_bar=False, batch_size=len(y), sync_dist=True)
+        acc = (logits.argmax(1) == y).float().mean()
+        self.log("val_acc", acc, prog_bar=True, batch_size=len(y), sync_dist=True)
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)

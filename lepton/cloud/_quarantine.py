@@ -77,9 +77,11 @@ def quarantine_name(device: str | None, payload: bytes | bytearray | memoryview)
 class Quarantine:
     """``DIR/{fleet}/quarantine/`` behind a :class:`QuarantineBudget`.
 
-    >>> q = Quarantine(path, QuarantineLimits())                     # doctest: +SKIP
-    >>> name, verdict = q.admit("cam-1", payload, report_size=400)   # decide (no I/O)
-    >>> q.write(name, payload, report_json); q.sync()                # then write, fsync the folder
+    Use::
+
+        q = Quarantine(path, QuarantineLimits())
+        name, verdict = q.admit("cam-1", payload, report_size=400)   # decide (no I/O)
+        q.write(name, payload, report_json); q.sync()                # then write, fsync the folder
     """
 
     def __init__(self, path: str | Path, limits: QuarantineLimits | None = None) -> None:

@@ -100,9 +100,10 @@ def _write_json(path: Path, obj: Any) -> None:
 class Registry:
     """Model versions under ``{root}/models``; ``root`` is the dataset directory (``--data``).
 
-    >>> reg = Registry("data")                     # doctest: +SKIP
-    >>> [v.version for v in reg.list("digits")]    # doctest: +SKIP
-    [1, 2, 3]
+    Example (after three ``lepton train`` runs on ``--data data``)::
+
+        reg = Registry("data")
+        [v.version for v in reg.list("digits")]   # [1, 2, 3]
     """
 
     def __init__(self, root: str | Path) -> None:

@@ -557,9 +557,11 @@ class _ModelState:
 class ServeWorker:
     """Answer a fleet's infer requests with its cloud model, hot-swapped from signed retained messages.
 
-    >>> with ServeWorker(ServeConfig(broker=url, fleet="demo", model="digits-cloud",
-    ...                              public_key="lepton.pub")) as w:   # doctest: +SKIP
-    ...     w.wait_model(1, timeout=30)
+    Example (needs a broker)::
+
+        with ServeWorker(ServeConfig(broker=url, fleet="demo", model="digits-cloud",
+                                     public_key="lepton.pub")) as w:
+            w.wait_model(1, timeout=30)
     """
 
     MAX_INBOX_BYTES = 64 * 1024 * 1024

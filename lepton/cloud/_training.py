@@ -16,6 +16,12 @@ is pinned to the deployed version's pipeline (or ``pipeline``), and a version th
 with the deployed one is refused unless ``force_incomparable``.
 
 Accuracies in reports are fractions (0.973); tolerances are percentage points (1.0 = 0.01).
+
+Several processes (``devices``/``num_nodes``, DDP): every rank trains, and the epoch that counts is
+chosen from ``val_acc`` reduced across ranks, so every rank restores the same weights. Export, the
+registry and publishing run on global rank zero only; each such step then broadcasts its outcome
+(value or error) from rank zero, so every rank returns the same :class:`TrainResult`, and a failure
+on rank zero is an error on every rank instead of a peer waiting forever in a collective.
 """
 
 from __future__ import annotations
@@ -26,21 +32,27 @@ import logging
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pytorch_lightning as pl
+import torch
 
 from lepton.cloud._data import DataConfig, ParquetDataModule
 from lepton.cloud._export import ExportConfig, ExportResult, export_and_compress, onnx_accuracy, onnx_session
 from lepton.cloud._nets import TARGETS, choose_network, make_module
 from lepton.cloud._registry import ModelVersion, Registry
-from lepton.errors import ConfigError, GateRefused
+from lepton.errors import ConfigError, GateRefused, RankZeroFailed
 from lepton.protocol import DEFAULT_CHUNK_SIZE, DEFAULT_PREFIX, Topics, validate_id
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+#: ``--strategy`` values: "auto" is one process, or DDP when there are several.
+STRATEGIES = ("auto", "ddp")
 
 __all__ = [
     "BestWeights",
@@ -49,6 +61,7 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "evaluate_deployed",
+    "on_global_zero",
     "train",
 ]
 
@@ -94,6 +107,11 @@ class TrainConfig:
     chunk_size: int = DEFAULT_CHUNK_SIZE
     progress: bool = False
     cache_bytes: int = 256 * 1024 * 1024
+    #: Processes per node, nodes, and how they train together (Lightning's Trainer arguments).
+    devices: int = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    accelerator: str = "cpu"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data", Path(self.data))
@@ -107,6 +125,13 @@ class TrainConfig:
             raise ConfigError(f"--tolerance must be >= 0 percentage points, got {self.tolerance_points}")
         if self.publish and not self.broker:
             raise ConfigError("--publish needs --broker mqtt://user:password@host:port")
+        if self.devices < 1 or self.num_nodes < 1:
+            raise ConfigError(
+                f"--devices {self.devices} --num-nodes {self.num_nodes}: both must be >= 1 (processes per "
+                "node, nodes)"
+            )
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"--strategy {self.strategy!r} is not one of {', '.join(STRATEGIES)}")
         if self.chunk_size < 1024:
             raise ConfigError(f"--chunk-size {self.chunk_size} is too small; use at least 1024 bytes")
         if self.key is not None and not Path(self.key).is_file():
@@ -145,11 +170,20 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
-    """What happened: ``status`` is ``published``, ``kept`` (trained, not asked to publish) or ``refused``."""
+    """What happened: ``status`` is ``published``, ``kept`` (trained, not asked to publish) or ``refused``.
+
+    Under DDP every rank gets the same result (broadcast from global rank zero, which did the writing);
+    ``global_rank`` says which process holds this copy, so only rank zero prints or acts on it.
+    """
 
     version: ModelVersion
     status: str
     report: dict[str, Any]
+    global_rank: int = 0
+
+    @property
+    def is_global_zero(self) -> bool:
+        return self.global_rank == 0
 
     @property
     def gate_passed(self) -> bool:
@@ -185,7 +219,9 @@ class BestWeights(pl.Callback):
         value = trainer.callback_metrics.get(self.monitor)
         if value is None:
             return
-        value = float(value)
+        # Every rank must restore the same epoch: reduce the value (a no-op when the module logged it
+        # with sync_dist=True, and the fix for a --module that did not).
+        value = float(trainer.strategy.reduce(torch.as_tensor(float(value)), reduce_op="mean"))
         if self.best is None or value > self.best:
             self.best, self.best_epoch = value, trainer.current_epoch
             self._state = copy.deepcopy(pl_module.state_dict())
@@ -196,7 +232,11 @@ class BestWeights(pl.Callback):
 
 
 class ExportCallback(pl.Callback):
-    """Export to ONNX, verify, quantize; the result is in ``.result`` after fitting."""
+    """Export to ONNX, verify, quantize; the result is in ``.result`` after fitting.
+
+    Runs on global rank zero only (``.result`` stays None on the other ranks); every rank learns
+    whether it succeeded.
+    """
 
     def __init__(self, config: ExportConfig) -> None:
         self.config = config
@@ -205,12 +245,22 @@ class ExportCallback(pl.Callback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         started = time.perf_counter()
-        self.result = export_and_compress(pl_module, trainer.datamodule, self.config)
-        self.seconds = time.perf_counter() - started
+
+        def export() -> None:
+            self.result = export_and_compress(pl_module, trainer.datamodule, self.config)
+
+        try:
+            on_global_zero(trainer, "ONNX export", export, share=False)
+        finally:
+            self.seconds = time.perf_counter() - started
 
 
 class RegistryCallback(pl.Callback):
-    """Gate, store and (optionally) publish the exported model; the result is in ``.result``."""
+    """Gate, store and (optionally) publish the exported model; the result is in ``.result``.
+
+    Runs on global rank zero only, so one run allocates one version and publishes it once; the
+    :class:`TrainResult` is then broadcast, and ``.result`` is the same on every rank.
+    """
 
     def __init__(
         self,
@@ -230,11 +280,14 @@ class RegistryCallback(pl.Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         started = time.perf_counter()
         try:
-            self._finish(trainer)
+            result = on_global_zero(trainer, "gate, registry and publish", lambda: self._finish(trainer))
+            if result is not None:
+                result.global_rank = trainer.global_rank
+            self.result = result
         finally:
             self.seconds = time.perf_counter() - started
 
-    def _finish(self, trainer: pl.Trainer) -> None:
+    def _finish(self, trainer: pl.Trainer) -> TrainResult:
         cfg, exported = self.config, self.export.result
         if exported is None:
             raise RuntimeError("RegistryCallback must come after ExportCallback")
@@ -326,7 +379,37 @@ class RegistryCallback(pl.Callback):
                 raise
             status = "published"
         version = self.registry.get(cfg.model, version.version)
-        self.result = TrainResult(version=version, status=status, report=version.report)
+        return TrainResult(version=version, status=status, report=version.report)
+
+
+def on_global_zero(
+    trainer: pl.Trainer, what: str, work: Callable[[], _T], *, share: bool = True
+) -> _T | None:
+    """Run ``work`` on global rank zero only, then broadcast its outcome so every rank agrees.
+
+    Returns ``work()``'s value on every rank (None on the other ranks when not ``share``: an ONNX
+    model need not travel). When ``work`` raises on rank zero, rank zero re-raises it and every other
+    rank raises :class:`~lepton.errors.RankZeroFailed` naming it: no rank is left waiting in a
+    collective that rank zero never reaches. Every rank must call it, in the same order (a
+    callback hook does).
+    """
+    value: _T | None = None
+    error: Exception | None = None
+    if trainer.is_global_zero:
+        try:
+            value = work()
+        except Exception as exc:  # noqa: BLE001 - re-raised below, after the other ranks are told
+            error = exc
+    if trainer.world_size > 1:
+        message = None if error is None else f"{type(error).__name__}: {error}"
+        shared, message = trainer.strategy.broadcast((value if share else None, message), src=0)
+        if not trainer.is_global_zero:
+            if message is not None:
+                raise RankZeroFailed(what, message, rank=trainer.global_rank)
+            value = shared
+    if error is not None:
+        raise error
+    return value
 
 
 # ------------------------------------------------------------------------------------------------
@@ -438,10 +521,13 @@ def train(
     ``datamodule`` and ``module`` override the built-in ones (e.g. a subclass that changes the data);
     ``callbacks`` run after the built-in ones. Raises ConfigError for unusable data or flags,
     BrokerConnectionError / DeliveryError when publishing fails (the version stays on disk).
+    With ``devices``/``num_nodes`` above 1 it is called on every rank (Lightning's launcher starts
+    the other processes with the same command) and returns the same result on each.
 
-    >>> result = train(TrainConfig(data="data", fleet="demo", model="digits", epochs=10))  # doctest: +SKIP
-    >>> result.status, result.report["gate"]["new_accuracy"]                                # doctest: +SKIP
-    ('kept', 0.98)
+    Example (a dataset the ingest worker wrote under ``data/demo/data``)::
+
+        result = train(TrainConfig(data="data", fleet="demo", model="digits", epochs=10))
+        result.status, result.report["gate"]["new_accuracy"]   # ('kept', 0.98)
     """
     from lepton.protocol import load_private_key
 
@@ -495,10 +581,13 @@ def train(
         cbs.append(pl.callbacks.TQDMProgressBar(refresh_rate=5))
     cbs += [export_cb, registry_cb, *(callbacks or [])]
     _quiet_lightning()
+    several = config.devices * config.num_nodes > 1
     trainer = pl.Trainer(
         max_epochs=config.epochs,
-        accelerator="cpu",
-        devices=1,
+        accelerator=config.accelerator,
+        devices=config.devices,
+        num_nodes=config.num_nodes,
+        strategy="ddp" if several or config.strategy == "ddp" else "auto",
         logger=False,
         enable_checkpointing=False,
         enable_model_summary=False,
@@ -528,9 +617,19 @@ def train(
         "epochs_run": trainer.current_epoch,
         "best_epoch": best.best_epoch,
         "best_val_acc_torch": best.best,
+        "world_size": trainer.world_size,
+        "num_nodes": trainer.num_nodes,
+        "strategy": "ddp" if trainer.world_size > 1 else "single",
     }
-    version = registry.update_report(config.model, result.version.version, training=training)
-    return TrainResult(version=version, status=result.status, report=version.report)
+
+    def finish() -> TrainResult:
+        version = registry.update_report(config.model, result.version.version, training=training)
+        return TrainResult(version=version, status=result.status, report=version.report)
+
+    final = on_global_zero(trainer, "the training report", finish)
+    assert final is not None
+    final.global_rank = trainer.global_rank
+    return final
 
 
 def _manifest_calibration(cal: dict[str, Any] | None) -> dict[str, Any] | None:

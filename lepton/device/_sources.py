@@ -30,6 +30,8 @@ __all__ = ["Source", "open_source", "IMAGE_SUFFIXES"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".pgm", ".ppm", ".pnm", ".tif", ".tiff", ".webp")
 SPEC_FORMS = "camera:N, video:PATH, folder:PATH, digits or digits:I/N"
+#: The one-line fix when the digits source has no scikit-learn.
+DEMO_INSTALL = "pip install 'lepton[demo]'"
 
 Item = tuple[np.ndarray, "int | str | None"]
 
@@ -194,6 +196,8 @@ class FolderSource(Source):
 class DigitsSource(Source):
     """The UCI handwritten digits from scikit-learn as 8x8 uint8 frames (0..255), labelled 0-9.
 
+    Needs scikit-learn, which only the ``demo`` extra installs (``pip install 'lepton[demo]'``).
+
     ``shard=(i, n)`` keeps every n-th image starting at i (``digits:i/n``), so n devices stream
     disjoint slices of the dataset.
     """
@@ -232,9 +236,10 @@ def _load_digits() -> tuple[np.ndarray, np.ndarray]:
 
     spec = importlib.util.find_spec("sklearn")
     if spec is None or not spec.submodule_search_locations:
+        # scikit-learn (and scipy under it, ~200 MB) is the demo's, not the edge's: lepton[device] omits it.
         raise ConfigError(
-            "the digits source needs scikit-learn: pip install scikit-learn "
-            "(or use --source folder:PATH / video:PATH / camera:N)"
+            "the digits source reads scikit-learn's copy of the UCI digits, and scikit-learn is not "
+            f"installed: {DEMO_INSTALL} (or use --source folder:PATH / video:PATH / camera:N)"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data" / "digits.csv.gz"
     if path.is_file():

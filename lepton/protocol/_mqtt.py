@@ -282,8 +282,10 @@ def short_lived_client(
     subscribe and ``on_message`` sees the retained messages that follow. Raises BrokerConnectionError
     like :func:`connect`.
 
-    >>> with short_lived_client("mqtt://viewer@localhost:1883", "fetch") as client:  # doctest: +SKIP
-    ...     client.subscribe("lepton/demo/models/digits", qos=1)
+    Example (needs a broker)::
+
+        with short_lived_client("mqtt://viewer@localhost:1883", "fetch") as client:
+            client.subscribe("lepton/demo/models/digits", qos=1)
     """
     broker = url if isinstance(url, BrokerURL) else BrokerURL.parse(url)
     suffix = f"lepton-{role}-{uuid.uuid4().hex[:12]}"
