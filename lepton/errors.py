@@ -1,4 +1,8 @@
-"""Lepton's exception tree.
+"""Lepton's exception tree, every room's errors in one place.
+
+This module imports nothing beyond the standard library, so the device side (no torch) and the
+protocol can import it. The rooms re-export their own errors (``lepton.device.FrameError``,
+``lepton.cloud.ExportError``, ...) from here.
 
 Errors carry their data as attributes (``field``, ``reason``) so callers can branch on them without
 parsing text; the message says what was wrong and what to do.
@@ -13,6 +17,10 @@ __all__ = [
     "BrokerConnectionError",
     "ModelRejected",
     "GateRefused",
+    "FrameError",
+    "SpoolFull",
+    "ExportError",
+    "DeliveryError",
 ]
 
 
@@ -65,3 +73,25 @@ class GateRefused(LeptonError):
         super().__init__(message)
         self.new_accuracy = new_accuracy
         self.deployed_accuracy = deployed_accuracy
+
+
+# ------------------------------------------------------------------------------------------------
+# device room (re-exported by lepton.device)
+# ------------------------------------------------------------------------------------------------
+class FrameError(LeptonError, ValueError):
+    """One frame could not be preprocessed (bad shape, crop outside it); the agent skips and counts it."""
+
+
+class SpoolFull(LeptonError):
+    """``on_full="block"`` and no room appeared before the timeout (or the spool is shutting down)."""
+
+
+# ------------------------------------------------------------------------------------------------
+# cloud room (re-exported by lepton.cloud)
+# ------------------------------------------------------------------------------------------------
+class ExportError(LeptonError):
+    """The model could not be exported, or the export does not match PyTorch."""
+
+
+class DeliveryError(LeptonError):
+    """A model could not be published or fetched through the broker."""
