@@ -281,7 +281,7 @@ class IngestWorker:
         log.info("worker %s ingesting %s into %s", cfg.name, self._filter(), self.dir)
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Write what was received, publish the offline status and disconnect."""
+        """Write what was received, stop the training child, publish the offline status and disconnect."""
         if self._stop.is_set():
             return
         self._stop.set()
@@ -289,6 +289,7 @@ class IngestWorker:
             self._writer.join(timeout)
         if self._status_thread is not None:
             self._status_thread.join(timeout)
+        self._stop_training()
         client = self._client
         if client is not None:
             with contextlib.suppress(Exception):
@@ -733,6 +734,26 @@ class IngestWorker:
         if cfg.train_publish:
             return child_environment(url, os.environ)
         return {k: v for k, v in child_environment(url, os.environ).items() if k != ENV_BROKER}
+
+    def _stop_training(self, grace: float = 10.0) -> None:
+        """SIGTERM the training child, SIGKILL it after ``grace`` seconds, and reap it: no trainer
+        outlives its worker (the writer thread, which starts it, has stopped)."""
+        proc, self._train_proc = self._train_proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            log.info("worker %s: stopping training run %d (pid %d)", self.config.name, self.stats.train_runs,
+                     proc.pid)
+            proc.terminate()
+            try:
+                proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                log.warning("worker %s: training pid %d ignored SIGTERM for %.0fs; killing it",
+                            self.config.name, proc.pid, grace)
+                proc.kill()
+                proc.wait()
+        self.stats.train_running = False
+        self.stats.train_last_exit = proc.returncode
 
     def _poll_training(self) -> None:
         cfg = self.config
