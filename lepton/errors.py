@@ -21,6 +21,7 @@ __all__ = [
     "SpoolFull",
     "ExportError",
     "DeliveryError",
+    "ChildCrashed",
 ]
 
 
@@ -95,3 +96,20 @@ class ExportError(LeptonError):
 
 class DeliveryError(LeptonError):
     """A model could not be published or fetched through the broker."""
+
+
+# ------------------------------------------------------------------------------------------------
+# orchestration (lepton demo)
+# ------------------------------------------------------------------------------------------------
+class ChildCrashed(LeptonError):
+    """A process ``lepton demo`` started (broker, worker or a device) died; not a usage error.
+
+    ``name`` is the child (``"worker"``, ``"dev-0"``, ...), ``returncode`` its exit code (negative: the
+    signal that killed it), ``log`` the file holding its output.
+    """
+
+    def __init__(self, name: str, returncode: int, log: object) -> None:
+        super().__init__(f"the demo's {name} process exited with code {returncode}; see {log}")
+        self.name = name
+        self.returncode = returncode
+        self.log = log

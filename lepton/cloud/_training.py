@@ -90,8 +90,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data", Path(self.data))
-        validate_id(self.fleet, kind="fleet")
-        validate_id(self.model, kind="model")
+        validate_id(self.fleet, kind="fleet", flag="--fleet")
+        validate_id(self.model, kind="model", flag="--model")
         if self.epochs < 1:
             raise ConfigError(f"--epochs must be >= 1, got {self.epochs}")
         if self.tolerance_points < 0:
