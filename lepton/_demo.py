@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from lepton import exitcodes
 from lepton.errors import ChildCrashed, ConfigError
 from lepton.protocol import BrokerURL, Topics, connect, decode_json, new_client, parse_manifest
 from lepton.protocol._mqtt import ENV_BROKER, ENV_PASSWORD, ENV_PASSWORD_FILE
@@ -211,10 +212,11 @@ class Demo:
 
     def crashed(self) -> ChildCrashed | None:
         """The first child that died: the broker or worker at all (they run until stopped), a device
-        with a code other than 0 (it exits 0 once its slice is streamed and acknowledged)."""
+        that did not end its run (0: its slice streamed and acknowledged; 4: stopped with samples
+        unacknowledged, as `lepton device` reports it)."""
         for name, proc in self._procs.items():
             code = proc.poll()
-            if code is None or (code == 0 and name.startswith("dev-")):
+            if code is None or (name.startswith("dev-") and code in (exitcodes.OK, exitcodes.UNACKED)):
                 continue
             return ChildCrashed(name, code, self.workdir / "logs" / f"{name}.log")
         return None
