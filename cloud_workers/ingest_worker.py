@@ -10,7 +10,8 @@ or --broker mqtt://w1@broker:1883 with the password in $LEPTON_PASSWORD or a 060
 
 It is the Python API (lepton.cloud.IngestWorker) with the deployment concerns around it: settings from
 the environment (12-factor), logs on stderr, SIGTERM stops cleanly (what container runtimes send), and
-exit codes a supervisor can act on (2: fix the configuration, 3: broker unreachable; retry later).
+exit codes a supervisor can act on (lepton.exitcodes: 2 fix the configuration, e.g. a bad --fleet or
+--data; 3 broker unreachable, retry later).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import signal
 import sys
 import threading
 
+from lepton import exitcodes
 from lepton.cli._prefix import add_prefix_argument, resolve_prefix
 from lepton.cloud import IngestWorker, WorkerConfig
 from lepton.errors import BrokerConnectionError, ConfigError
@@ -57,12 +59,12 @@ def main(argv: list[str] | None = None) -> int:
         resolved = resolve_broker(args.broker, password_file=args.password_file, environ=env)
     except ConfigError as exc:
         print(f"ingest_worker: error: {exc}", file=sys.stderr)
-        return 2
+        return exitcodes.USAGE
     missing = [f for f in ("fleet", "data") if not getattr(args, f)]
     if resolved is None or missing:
         flag = "broker" if resolved is None else missing[0]
         print(f"ingest_worker: error: set --{flag} or LEPTON_{flag.upper()}", file=sys.stderr)
-        return 2
+        return exitcodes.USAGE
     if resolved.warning:
         print(f"ingest_worker: warning: {resolved.warning}", file=sys.stderr)
     stop = threading.Event()
@@ -83,17 +85,17 @@ def main(argv: list[str] | None = None) -> int:
         worker.start()
     except ConfigError as exc:
         print(f"ingest_worker: error: {exc}", file=sys.stderr)
-        return 2
+        return exitcodes.USAGE
     except BrokerConnectionError as exc:
         print(f"ingest_worker: error: {exc}", file=sys.stderr)
-        return 3
+        return exitcodes.BROKER
     try:
         while not stop.wait(10):
             log.info("status %s", worker.status())
     finally:
         worker.stop()
     log.info("stopped: %s", worker.status())
-    return 0
+    return exitcodes.OK
 
 
 if __name__ == "__main__":

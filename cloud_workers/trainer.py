@@ -12,7 +12,8 @@ how many samples it saw), so a restarted trainer picks up where it left off.
 The broker password comes from --password-file (mode 0600), $LEPTON_PASSWORD, or a whole URL in
 $LEPTON_BROKER; one written in --broker works but every local user can read it in /proc/PID/cmdline.
 
---once runs one check and exits: 0 published (or nothing to do), 5 gate refused, 1 failed.
+--once runs one check and exits: 0 published (or nothing to do), 5 gate refused, 1 failed; 2 (a bad
+id, path or flag) before anything runs, in either mode (codes: lepton.exitcodes).
 Failures never stop the loop: it logs them and tries again at the next interval.
 
 Give it a validation set devices cannot write (--val-data, --trusted-devices): without one the gate
@@ -31,6 +32,7 @@ import sys
 import threading
 from pathlib import Path
 
+from lepton import exitcodes
 from lepton.cli._prefix import add_prefix_argument, resolve_prefix
 from lepton.cloud import Registry, TrainConfig, train
 from lepton.errors import ConfigError, LeptonError
@@ -65,18 +67,13 @@ def seen_by_newest(data: Path, model: str) -> int:
     return int(d.get("rows", 0)) - int(d.get("unlabelled", 0))
 
 
-def check_and_train(args: argparse.Namespace) -> int:
-    have, seen = labelled_samples(args.data, args.fleet), seen_by_newest(args.data, args.model)
-    if have - seen < args.min_new:
-        log.info(
-            "%d labelled samples, %d new since the last version (< %d): nothing to do",
-            have,
-            have - seen,
-            args.min_new,
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    """The settings of one round; raises ConfigError on a bad id, path or flag (checked at start-up)."""
+    if not args.data.is_dir():
+        raise ConfigError(
+            f"--data {args.data} is not a directory; point it at the ingest worker's dataset directory"
         )
-        return 0
-    log.info("%d labelled samples, %d new: training %s", have, have - seen, args.model)
-    config = TrainConfig(
+    return TrainConfig(
         data=args.data,
         fleet=args.fleet,
         prefix=args.prefix,
@@ -90,7 +87,20 @@ def check_and_train(args: argparse.Namespace) -> int:
         trusted_devices=tuple(d.strip() for d in (args.trusted_devices or "").split(",") if d.strip()),
         max_device_share=args.max_device_share,
     )
-    result = train(config)
+
+
+def check_and_train(args: argparse.Namespace) -> int:
+    have, seen = labelled_samples(args.data, args.fleet), seen_by_newest(args.data, args.model)
+    if have - seen < args.min_new:
+        log.info(
+            "%d labelled samples, %d new since the last version (< %d): nothing to do",
+            have,
+            have - seen,
+            args.min_new,
+        )
+        return exitcodes.OK
+    log.info("%d labelled samples, %d new: training %s", have, have - seen, args.model)
+    result = train(train_config(args))
     gate = result.report["gate"]
     validation = result.report.get("validation", {})
     log.info(
@@ -105,7 +115,7 @@ def check_and_train(args: argparse.Namespace) -> int:
     )
     if not validation.get("trusted"):
         log.warning("%s", validation.get("warning"))
-    return 5 if result.status == "refused" else 0
+    return exitcodes.GATE_REFUSED if result.status == "refused" else exitcodes.OK
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,16 +145,21 @@ def main(argv: list[str] | None = None) -> int:
         resolved = resolve_broker(args.broker, password_file=args.password_file, environ=os.environ)
     except ConfigError as exc:
         print(f"trainer: error: {exc}", file=sys.stderr)
-        return 2
+        return exitcodes.USAGE
     if resolved is not None and resolved.warning:
         print(f"trainer: warning: {resolved.warning}", file=sys.stderr)
     args.broker = resolved.url.secret_url() if resolved is not None else None
+    try:
+        train_config(args)  # a bad id, path or flag is a usage error now, not a failed round later
+    except ConfigError as exc:
+        print(f"trainer: error: {exc}", file=sys.stderr)
+        return exitcodes.USAGE
     if args.once:
         try:
             return check_and_train(args)
         except LeptonError as exc:
             log.error("%s", exc)
-            return 1
+            return exitcodes.FAILURE
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -154,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception:  # noqa: BLE001 - a bad round must not end the service
             log.exception("training round failed; retrying in %.0f s", args.interval)
         stop.wait(args.interval)
-    return 0
+    return exitcodes.OK
 
 
 if __name__ == "__main__":

@@ -11,10 +11,8 @@ import sys
 from lepton.cli._prefix import add_prefix_argument, resolve_prefix
 from lepton.device import DeviceAgent, DeviceConfig
 from lepton.errors import BrokerConnectionError, ConfigError
+from lepton.exitcodes import BROKER, OK, UNACKED, USAGE  # as `lepton device`: one table, lepton.exitcodes
 from lepton.protocol import resolve_broker
-
-# Exit codes as in `lepton device`: 0 all acknowledged, 2 bad setting, 3 broker, 4 unacknowledged left.
-OK, USAGE, BROKER, UNACKED = 0, 2, 3, 4
 
 
 def parser(description: str) -> argparse.ArgumentParser:

@@ -24,8 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from lepton import exitcodes
 from lepton._fleetview import FleetView, Reports
-from lepton.errors import ConfigError
+from lepton.errors import ChildCrashed, ConfigError
 from lepton.protocol import DEFAULT_PREFIX, BrokerURL, Topics, connect, new_client
 from lepton.protocol._mqtt import ENV_BROKER, ENV_PASSWORD, ENV_PASSWORD_FILE
 
@@ -74,6 +75,12 @@ class Demo:
             BrokerURL.parse(config.broker)  # validates early with a clear message
         self.config = config
         self.workdir = Path(config.workdir or tempfile.mkdtemp(prefix="lepton-demo-"))
+        try:
+            self.workdir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot use --workdir {self.workdir}: {exc.strerror}; pass a writable folder"
+            ) from None
         # On a shared external broker, retained models of an earlier run (higher versions than this
         # run's fresh registry) would make the devices ignore every new model as stale: use a fleet
         # of our own there.
@@ -198,12 +205,15 @@ class Demo:
         codes = self.device_exit_codes()
         return bool(codes) and all(c is not None for c in codes.values())
 
-    def crashed(self) -> str | None:
-        for name in ("broker", "worker"):
-            proc = self._procs.get(name)
-            if proc is not None and proc.poll() is not None:
-                logfile = self.workdir / "logs" / f"{name}.log"
-                return f"{name} exited with code {proc.returncode}; see {logfile}"
+    def crashed(self) -> ChildCrashed | None:
+        """The first child that died: the broker or worker at all (they run until stopped), a device
+        that did not end its run (0: its slice streamed and acknowledged; 4: stopped with samples
+        unacknowledged, as `lepton device` reports it)."""
+        for name, proc in self._procs.items():
+            code = proc.poll()
+            if code is None or (name.startswith("dev-") and code in (exitcodes.OK, exitcodes.UNACKED)):
+                continue
+            return ChildCrashed(name, code, self.workdir / "logs" / f"{name}.log")
         return None
 
     def summary(self) -> dict[str, Any]:
@@ -369,7 +379,7 @@ def run_demo(config: DemoConfig, *, as_json: bool = False, live: bool = True) ->
         while time.monotonic() < deadline:
             crash = demo.crashed()
             if crash:
-                raise ConfigError(crash)
+                raise crash
             if demo.finished():
                 break
             if display is not None:

@@ -1,4 +1,8 @@
-"""Lepton's exception tree.
+"""Lepton's exception tree, every room's errors in one place.
+
+This module imports nothing beyond the standard library, so the device side (no torch) and the
+protocol can import it. The rooms re-export their own errors (``lepton.device.FrameError``,
+``lepton.cloud.ExportError``, ...) from here.
 
 Errors carry their data as attributes (``field``, ``reason``) so callers can branch on them without
 parsing text; the message says what was wrong and what to do.
@@ -13,6 +17,11 @@ __all__ = [
     "BrokerConnectionError",
     "ModelRejected",
     "GateRefused",
+    "FrameError",
+    "SpoolFull",
+    "ExportError",
+    "DeliveryError",
+    "ChildCrashed",
     "RankZeroFailed",
 ]
 
@@ -66,6 +75,45 @@ class GateRefused(LeptonError):
         super().__init__(message)
         self.new_accuracy = new_accuracy
         self.deployed_accuracy = deployed_accuracy
+
+
+# ------------------------------------------------------------------------------------------------
+# device room (re-exported by lepton.device)
+# ------------------------------------------------------------------------------------------------
+class FrameError(LeptonError, ValueError):
+    """One frame could not be preprocessed (bad shape, crop outside it); the agent skips and counts it."""
+
+
+class SpoolFull(LeptonError):
+    """``on_full="block"`` and no room appeared before the timeout (or the spool is shutting down)."""
+
+
+# ------------------------------------------------------------------------------------------------
+# cloud room (re-exported by lepton.cloud)
+# ------------------------------------------------------------------------------------------------
+class ExportError(LeptonError):
+    """The model could not be exported, or the export does not match PyTorch."""
+
+
+class DeliveryError(LeptonError):
+    """A model could not be published or fetched through the broker."""
+
+
+# ------------------------------------------------------------------------------------------------
+# orchestration (lepton demo)
+# ------------------------------------------------------------------------------------------------
+class ChildCrashed(LeptonError):
+    """A process ``lepton demo`` started (broker, worker or a device) died; not a usage error.
+
+    ``name`` is the child (``"worker"``, ``"dev-0"``, ...), ``returncode`` its exit code (negative: the
+    signal that killed it), ``log`` the file holding its output.
+    """
+
+    def __init__(self, name: str, returncode: int, log: object) -> None:
+        super().__init__(f"the demo's {name} process exited with code {returncode}; see {log}")
+        self.name = name
+        self.returncode = returncode
+        self.log = log
 
 
 class RankZeroFailed(LeptonError):

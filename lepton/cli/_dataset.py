@@ -71,7 +71,7 @@ def _fleets(root: Path, fleet: str | None) -> list[str]:
     if not root.is_dir():
         raise ConfigError(f"dataset folder {root} does not exist; pass the worker's --data folder")
     if fleet is not None:
-        validate_id(fleet, kind="fleet")
+        validate_id(fleet, kind="fleet", flag="--fleet")
         if not (root / fleet / "data").is_dir():
             raise ConfigError(
                 f"no dataset of fleet {fleet!r} in {root} (expected {root / fleet / 'data'}); "

@@ -54,15 +54,20 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from lepton._demo import DemoConfig, run_demo
-
     from lepton.cli import _credentials
+    from lepton.errors import ChildCrashed
 
     prefix = _prefix.resolve_prefix(args)
     broker = _credentials.broker_url(args, "demo", required=False, env_url=False)
     config = DemoConfig(devices=args.devices, duration=args.duration, broker=broker, rate=args.rate,
                         train_every=args.train_every, epochs=args.epochs, prefix=prefix,
                         workdir=Path(args.workdir) if args.workdir else None)
-    result = run_demo(config, as_json=args.json)
+    try:
+        result = run_demo(config, as_json=args.json)
+    except ChildCrashed as exc:  # a failure of the demo, not of its flags: exit 7, not 2
+        lead = "" if args.json else "\n"  # after the progress line
+        print(f"{lead}lepton demo: error: {exc}", file=sys.stderr)
+        return _exit.CHILD_FAILED
     if args.json:
         print(json.dumps(result, sort_keys=True))
     else:

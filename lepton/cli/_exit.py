@@ -1,10 +1,4 @@
-"""Numbered exit codes shared by every command."""
+"""Numbered exit codes shared by every command: :mod:`lepton.exitcodes`, under its old name."""
 
-OK = 0
-FAILURE = 1
-USAGE = 2  # bad flag, bad path, bad config: argparse uses 2 as well
-BROKER = 3  # broker unreachable or credentials refused
-UNACKED = 4  # device stopped with samples not acknowledged by the cloud
-GATE_REFUSED = 5  # lepton train: the evaluation gate kept the new model
-NOT_IMPLEMENTED = 6
-INTERRUPTED = 130
+from lepton.exitcodes import *  # noqa: F403
+from lepton.exitcodes import __all__  # noqa: F401

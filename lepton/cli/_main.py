@@ -33,8 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lepton",
         description="Lepton: edge-cloud collaborative AI over MQTT. Devices publish feature tensors, "
         "workers store them exactly once, train, and push signed int8 ONNX models back for hot-swap.",
-        epilog="Run `lepton COMMAND --help` for a command's options. Exit codes: 0 ok, 1 failure, "
-        "2 usage/config error, 3 broker error, 4 unacknowledged samples, 5 gate refused, 6 not built yet.",
+        epilog=f"Run `lepton COMMAND --help` for a command's options. Exit codes: {_exit.summary()}.",
     )
     parser.add_argument("--version", action="version", version=f"lepton {__version__}")
     parser.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"],

@@ -84,9 +84,20 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.set_defaults(handler=run_fetch)
 
 
+def _check_ids(args: argparse.Namespace) -> None:
+    """A bad model NAME or --fleet is a usage error, found before the registry or broker is touched."""
+    from lepton.protocol import validate_id
+
+    if getattr(args, "name", None) is not None:
+        validate_id(args.name, kind="model", flag="NAME")
+    if getattr(args, "fleet", None) is not None:
+        validate_id(args.fleet, kind="fleet", flag="--fleet")
+
+
 def _registry(args: argparse.Namespace):
     from lepton.cloud._registry import Registry
 
+    _check_ids(args)
     data = Path(args.data)
     if not data.is_dir():
         raise ConfigError(f"--data {data} is not a directory; point it at the dataset directory")
@@ -193,6 +204,7 @@ def run_rollback(args: argparse.Namespace) -> int:
 def run_publish(args: argparse.Namespace) -> int:
     from lepton.protocol import DEFAULT_CHUNK_SIZE, load_private_key
 
+    _check_ids(args)
     prefix = _prefix.resolve_prefix(args)
     broker = _credentials.broker_url(args, "models")
     reg = _registry(args)
@@ -229,6 +241,7 @@ def run_publish(args: argparse.Namespace) -> int:
 def run_fetch(args: argparse.Namespace) -> int:
     from lepton.cloud._delivery import fetch_model
 
+    _check_ids(args)
     prefix = _prefix.resolve_prefix(args)
     broker = _credentials.broker_url(args, "models")
     package = fetch_model(broker, args.fleet, args.name, args.public_key, timeout=args.timeout, prefix=prefix)

@@ -104,7 +104,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", Path(self.root))
-        validate_id(self.fleet, kind="fleet")
+        validate_id(self.fleet, kind="fleet", flag="--fleet")
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"val_fraction must be between 0 and 1, got {self.val_fraction}")
         if self.batch_size < 1:

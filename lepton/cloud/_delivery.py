@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lepton.errors import LeptonError, ModelRejected, ProtocolError
+from lepton.errors import DeliveryError, ModelRejected, ProtocolError
 from lepton.protocol import (
     DEFAULT_PREFIX,
     BrokerURL,
@@ -53,10 +53,6 @@ RESUBSCRIBE_S = 1.0
 #: come back is sent again this many times.
 MODEL_QOS = 0
 RESENDS = 2
-
-
-class DeliveryError(LeptonError):
-    """A model could not be published or fetched through the broker."""
 
 
 @dataclass(frozen=True)

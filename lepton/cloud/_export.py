@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lepton.errors import LeptonError, ModelRejected
+from lepton.errors import ExportError, ModelRejected
 from lepton.protocol import check_onnx_self_contained
 
 log = logging.getLogger(__name__)
@@ -56,10 +56,6 @@ __all__ = [
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
-
-
-class ExportError(LeptonError):
-    """The model could not be exported, or the export does not match PyTorch."""
 
 
 @dataclass(frozen=True, kw_only=True)

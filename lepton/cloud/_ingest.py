@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lepton.cloud._ingest_core import BatchDecoder, DeadLetter, plan_write
+from lepton.cloud._ingest_core import BatchDecoder, BatchProgress, DeadLetter, plan_write
 from lepton.errors import ConfigError
 from lepton.protocol import (
     DEFAULT_MAX_TENSOR_BYTES,
@@ -118,10 +118,13 @@ class WorkerConfig:
     train_command: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
-        Topics(fleet=self.fleet, prefix=self.prefix)  # validates both
-        validate_id(self.name, kind="worker")
+        validate_id(self.fleet, kind="fleet", flag="--fleet")
+        Topics(fleet=self.fleet, prefix=self.prefix)  # validates the prefix too
+        validate_id(self.name, kind="worker", flag="--name")
         if self.group is not None:
-            validate_id(self.group, kind="group")
+            validate_id(self.group, kind="group", flag="--group")
+        if self.model is not None:
+            validate_id(self.model, kind="model", flag="--model")
         BrokerURL.parse(self.broker)
         if self.train_broker is not None:
             BrokerURL.parse(self.train_broker)
@@ -188,8 +191,14 @@ class IngestWorker:
         self.dir = Path(config.data) / config.fleet
         self.data_dir = self.dir / DATA_DIR
         self.quarantine_dir = self.dir / "quarantine"
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.quarantine_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            self.quarantine_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot use --data {config.data}: {exc.strerror} ({exc.filename}); "
+                "pass a writable dataset directory"
+            ) from None
         self.index = SqliteIndex(self.dir / "index.sqlite")
         self.quarantine = Quarantine(
             self.quarantine_dir,
@@ -276,7 +285,7 @@ class IngestWorker:
         log.info("worker %s ingesting %s into %s", cfg.name, self._filter(), self.dir)
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Write what was received, publish the offline status and disconnect."""
+        """Write what was received, stop the training child, publish the offline status and disconnect."""
         if self._stop.is_set():
             return
         self._stop.set()
@@ -284,6 +293,7 @@ class IngestWorker:
             self._writer.join(timeout)
         if self._status_thread is not None:
             self._status_thread.join(timeout)
+        self._stop_training()
         client = self._client
         if client is not None:
             with contextlib.suppress(Exception):
@@ -437,9 +447,12 @@ class IngestWorker:
         """
         delay = 0.5
         st = self.stats
+        # What this batch has already done (quarantine, index commit, rename, acks): a retry carries on
+        # from there, so no step is done twice and every message is counted once.
+        done = BatchProgress()
         while True:
             try:
-                self._process(batch)
+                self._process(batch, done)
                 if st.retrying:
                     log.warning("worker %s: writing works again", self.config.name)
                     st.retrying = False
@@ -465,6 +478,14 @@ class IngestWorker:
             except Exception as exc:  # deterministic: never retried as it is
                 st.errors += 1
                 st.last_error = f"{type(exc).__name__}: {exc}"[:300]
+                if done.committed:
+                    # The samples are durable in the index: splitting would count them again as
+                    # duplicates. Count the batch once; its unacked messages come back after a
+                    # reconnect and are dropped (and acked) as duplicates then.
+                    log.exception("worker %s: finishing a committed batch of %d messages failed",
+                                  self.config.name, len(batch))
+                    self._count(batch, done)
+                    return
                 if len(batch) > 1:
                     log.exception(
                         "worker %s: a batch of %d messages cannot be written; isolating the message",
@@ -477,33 +498,42 @@ class IngestWorker:
                 log.exception("worker %s: message on %s cannot be written; dead-lettering it",
                               self.config.name, batch[0].topic)
                 batch = [dataclasses.replace(batch[0], unstorable=f"{type(exc).__name__}: {exc}"[:300])]
+                done = BatchProgress()  # a different batch now: decoded again, as a dead letter
 
-    def _process(self, batch: list[_Message]) -> None:
+    def _process(self, batch: list[_Message], done: BatchProgress | None = None) -> None:
         """Carry out one batch transaction: the decisions come from the I/O-free core
-        (:mod:`lepton.cloud._ingest_core`), this does the disk, the index and the MQTT side."""
+        (:mod:`lepton.cloud._ingest_core`), this does the disk, the index and the MQTT side.
+
+        ``done`` records the steps already carried out by an earlier attempt at the same batch
+        (after a transient error), which are not done again."""
         from lepton.cloud._dataset import fsync_dir, new_file_name, write_parquet_synced
         from lepton.cloud._index import finish_file
 
         cfg = self.config
-        decoded = self._decoder.decode(batch)
-        reports, quarantine, n_dead = self._dead_letters(batch, decoded.dead)
+        done = done if done is not None else BatchProgress()
+        if done.decoded is None:  # decoded, and its dead letters admitted to quarantine, once
+            done.decoded = self._decoder.decode(batch)
+            done.reports, done.quarantine, done.n_dead = self._dead_letters(batch, done.decoded.dead)
+        decoded = done.decoded
         valid = decoded.seqs()
 
         # Quarantine first: a bad payload is on disk before its message can be acked.
-        if quarantine:
-            for name, payload, report in quarantine:
-                self.quarantine.write(name, payload, encode_json(report))
+        if done.quarantine and not done.quarantined:
+            for name, payload, report in done.quarantine:
+                if self.quarantine.unwritten(name):
+                    self.quarantine.write(name, payload, encode_json(report))
             self.quarantine.sync()
+        done.quarantined = True
 
-        plan = None
-        name = None
-        size = 0
-        labelled = 0
-        if decoded.parts or self._my_unmarked:
+        if not done.committed and (decoded.parts or self._my_unmarked):
+            plan = None
+            name = None
+            size = 0
+            labelled = 0
             with self.index.transaction():
-                if self._my_unmarked:
-                    self.index.mark_visible(self._my_unmarked)
-                    self._my_unmarked = []
+                marked = list(self._my_unmarked)
+                if marked:
+                    self.index.mark_visible(marked)
                 others = self.index.invisible_files()
                 if others:  # another writer died between commit and rename: finish its file
                     for other in others:
@@ -518,39 +548,55 @@ class IngestWorker:
                     for dev, seqs in plan.new_seqs.items():
                         self.index.add(dev, seqs)
                     self.index.add_file(name, rows=plan.n_new, size=size, visible=False)
-            if name is not None:
-                try:
-                    os.replace(self.data_dir / f".{name}.tmp", self.data_dir / name)
-                except FileNotFoundError:
-                    # Another writer finished it for us meanwhile (and a compaction may already have
-                    # merged it): the index, not this rename, is what made it durable.
-                    log.debug("worker %s: %s was finished by another writer", cfg.name, name)
-                fsync_dir(self.data_dir)
-                self._my_unmarked.append(name)
+            # Committed: from here on a retry must not look the seqs up again (they would count as
+            # duplicates) nor write another file.
+            self._my_unmarked = [n for n in self._my_unmarked if n not in marked]
+            done.committed = True
+            done.plan, done.name, done.size, done.labelled = plan, name, size, labelled
+        plan, name = done.plan, done.name
+        if name is not None and not done.renamed:
+            try:
+                os.replace(self.data_dir / f".{name}.tmp", self.data_dir / name)
+            except FileNotFoundError:
+                # Another writer finished it for us meanwhile (and a compaction may already have
+                # merged it), or an earlier attempt renamed it: the index is what made it durable.
+                log.debug("worker %s: %s was finished by another writer", cfg.name, name)
+            fsync_dir(self.data_dir)
+            self._my_unmarked.append(name)
+            done.renamed = True
 
         if plan is None:  # no good samples: nothing known to look up, only rejected seqs to ack
-            plan = plan_write(decoded, {})
+            plan = done.plan = plan_write(decoded, {})
         # Durable: tell the devices (duplicates and rejected seqs included), report, then PUBACK.
         client = self._client
         for dev, ranges in plan.acks.items():
             client.publish(self.topics.acks(dev), encode_acks(ranges), qos=1)
-        for report in reports:
-            client.publish(self.topics.deadletter(), encode_json(report), qos=1)
+        if not done.reported:
+            for report in done.reports:
+                client.publish(self.topics.deadletter(), encode_json(report), qos=1)
+            done.reported = True
         gen = self._gen
         for msg in batch:
             if msg.gen == gen and msg.qos > 0:
                 client.ack(msg.mid, msg.qos)
+        self._count(batch, done)
 
+    def _count(self, batch: list[_Message], done: BatchProgress) -> None:
+        """Add a batch to the counters: once per batch, whatever its attempts."""
+        if done.counted:
+            return
+        done.counted = True
+        plan = done.plan
         with self._cond:
             self.stats.received += len(batch)
-            self.stats.dead_letters += n_dead
-            self.stats.stored += plan.n_new
-            self.stats.duplicates += plan.n_duplicates
-            if name is not None:
+            self.stats.dead_letters += done.n_dead
+            self.stats.stored += plan.n_new if plan is not None else 0
+            self.stats.duplicates += plan.n_duplicates if plan is not None else 0
+            if done.name is not None:
                 self.stats.files += 1
-                self.stats.bytes += size
+                self.stats.bytes += done.size
                 self.stats.last_write = time.time()
-            self.stats.labelled_since_train += labelled
+            self.stats.labelled_since_train += done.labelled
             self._cond.notify_all()
 
     def _dead_letters(self, batch: list[_Message], dead: list[DeadLetter]):
@@ -694,6 +740,26 @@ class IngestWorker:
         if cfg.train_publish:
             return child_environment(url, os.environ)
         return {k: v for k, v in child_environment(url, os.environ).items() if k != ENV_BROKER}
+
+    def _stop_training(self, grace: float = 10.0) -> None:
+        """SIGTERM the training child, SIGKILL it after ``grace`` seconds, and reap it: no trainer
+        outlives its worker (the writer thread, which starts it, has stopped)."""
+        proc, self._train_proc = self._train_proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            log.info("worker %s: stopping training run %d (pid %d)", self.config.name, self.stats.train_runs,
+                     proc.pid)
+            proc.terminate()
+            try:
+                proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                log.warning("worker %s: training pid %d ignored SIGTERM for %.0fs; killing it",
+                            self.config.name, proc.pid, grace)
+                proc.kill()
+                proc.wait()
+        self.stats.train_running = False
+        self.stats.train_last_exit = proc.returncode
 
     def _poll_training(self) -> None:
         cfg = self.config

@@ -27,7 +27,9 @@ from lepton.protocol import MAX_SEQ, Topics, decode_samples_raw, seqs_to_ranges
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BatchDecoder", "DeadLetter", "DecodedBatch", "Inbound", "WritePlan", "plan_write"]
+__all__ = [
+    "BatchDecoder", "BatchProgress", "DeadLetter", "DecodedBatch", "Inbound", "WritePlan", "plan_write",
+]
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,32 @@ class WritePlan:
     new_seqs: dict[str, set[int]]
     #: ack ranges to publish per device: every seq seen (new, duplicate, rejected)
     acks: dict[str, list[list[int]]]
+
+
+@dataclass
+class BatchProgress:
+    """The steps one batch transaction has carried out, kept across its attempts.
+
+    A transient failure (disk full, index locked) makes the shell try the same batch again; each step
+    that already happened is skipped then, so the batch is decoded and admitted to quarantine once,
+    committed to the index once (a second lookup would call its own new samples duplicates), renamed,
+    reported and counted once. Owned by the writer thread, for one batch.
+    """
+
+    decoded: DecodedBatch | None = None
+    #: dead-letter reports to publish, ``(name, payload, report)`` to quarantine, problems counted
+    reports: list[dict[str, Any]] = field(default_factory=list)
+    quarantine: list[tuple[str, bytes, dict[str, Any]]] = field(default_factory=list)
+    n_dead: int = 0
+    quarantined: bool = False  # payloads written and their folder fsynced
+    committed: bool = False  # index transaction committed (plan, name, size, labelled are final)
+    plan: WritePlan | None = None
+    name: str | None = None
+    size: int = 0
+    labelled: int = 0
+    renamed: bool = False  # file renamed into place and its folder fsynced
+    reported: bool = False  # dead-letter reports published
+    counted: bool = False  # added to the worker's counters
 
 
 class BatchDecoder:

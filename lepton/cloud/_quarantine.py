@@ -113,6 +113,10 @@ class Quarantine:
             self._unwritten.add(name)
         return name, verdict
 
+    def unwritten(self, name: str) -> bool:
+        """``name`` was admitted as new and is not on disk yet (its write failed or has not run)."""
+        return name in self._unwritten
+
     def write(self, name: str, payload: bytes | bytearray | memoryview, report: bytes) -> None:
         from lepton.cloud._dataset import write_atomic
 

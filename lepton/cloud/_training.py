@@ -115,8 +115,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data", Path(self.data))
-        Topics(fleet=self.fleet, prefix=self.prefix)  # validates both
-        validate_id(self.model, kind="model")
+        validate_id(self.fleet, kind="fleet", flag="--fleet")
+        Topics(fleet=self.fleet, prefix=self.prefix)  # validates the prefix too
+        validate_id(self.model, kind="model", flag="--model")
         if self.epochs < 1:
             raise ConfigError(f"--epochs must be >= 1, got {self.epochs}")
         if self.target not in TARGETS:

@@ -26,16 +26,12 @@ from typing import Any
 import numpy as np
 
 from lepton.device._cv import cv2
-from lepton.errors import ConfigError, LeptonError
+from lepton.errors import ConfigError, FrameError
 from lepton.protocol import pipeline_hash
 
 log = logging.getLogger(__name__)
 
 __all__ = ["FrameError", "PRESETS", "Pipeline", "load_pipeline", "OPS"]
-
-
-class FrameError(LeptonError, ValueError):
-    """One frame could not be preprocessed (bad shape, crop outside it); the agent skips and counts it."""
 
 
 # ------------------------------------------------------------------------------------------------

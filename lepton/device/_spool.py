@@ -66,7 +66,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from lepton.errors import ConfigError, LeptonError
+from lepton.errors import ConfigError, SpoolFull
 from lepton.protocol import Sample, decode_tensor, encode_sample_body
 
 log = logging.getLogger(__name__)
@@ -99,10 +99,6 @@ def _open_private(path: Path) -> int:
         os.close(fd)
         raise
     return fd
-
-
-class SpoolFull(LeptonError):
-    """``on_full="block"`` and no room appeared before the timeout (or the spool is shutting down)."""
 
 
 @dataclass(frozen=True)

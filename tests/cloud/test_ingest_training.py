@@ -4,9 +4,12 @@ model can be fetched and verified from the broker."""
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 
 import numpy as np
+import psutil
 import pytest
 
 from lepton.cloud import Dataset, IngestWorker, WorkerConfig
@@ -109,3 +112,48 @@ def test_train_command_is_built_from_the_flags(tmp_path):
     own = IngestWorker(WorkerConfig(**{**cfg.__dict__, "train_broker": "mqtt://t1:tp@127.0.0.1:1883"}))
     assert own.train_environment()["LEPTON_BROKER"] == "mqtt://t1:tp@127.0.0.1:1883"
     assert "t1" not in " ".join(own.train_command())
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_stopping_the_worker_stops_and_reaps_its_trainer(amqtt_broker, fleet, tmp_path, signum):
+    """`lepton worker --train-every`: the signal goes to the worker alone (what a supervisor or
+    `kill PID` does); the real `lepton train` child it started must not outlive it."""
+    from tests.cloud._ingest_support import start_worker_process
+
+    url = amqtt_broker.url("worker", "w1", fleet=fleet)
+    data = tmp_path / "data"
+    data.mkdir()
+    worker = start_worker_process(url, fleet, data, extra=[
+        "--train-every", "20", "--model", "m", "--train-arg=--epochs=500"])
+    pub = ResendPublisher(amqtt_broker.url("device", "cam-1", fleet=fleet), fleet, "cam-1", total=200,
+                          per_message=20)
+    trainers: list[psutil.Process] = []
+    try:
+        pub.start()
+        pub.run(timeout=60)
+        deadline = time.monotonic() + 30
+        while not trainers and time.monotonic() < deadline:
+            trainers = [c for c in psutil.Process(worker.pid).children(recursive=True)
+                        if "train" in c.cmdline()]
+            time.sleep(0.1)
+        assert trainers, "the worker never started lepton train"
+        assert trainers[0].is_running() and trainers[0].status() != psutil.STATUS_ZOMBIE
+        os.kill(worker.pid, signum)  # the worker only, not its process group
+        code = worker.wait(60)
+    finally:
+        pub.stop()
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+        survivors = [t for t in trainers if _alive(t)]
+        for t in survivors:
+            t.kill()
+    assert code == 0
+    assert survivors == [], [t.cmdline() for t in survivors]
+
+
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

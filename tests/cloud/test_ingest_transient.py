@@ -177,3 +177,79 @@ def test_receive_queue_is_bounded_while_the_writer_is_stuck(broker, fleet, tmp_p
             assert status["dropped_qos0"] > 0, str(status)
         else:  # amqtt 0.12 delivers at the subscription's QoS 1: paho's thread waits instead (back-pressure)
             assert status["queue"] < 60, str(status)
+
+
+def test_a_retried_batch_is_counted_and_quarantined_once(broker, fleet, tmp_path, monkeypatch):
+    """A transient failure after a step of the batch transaction already happened (the quarantine
+    written, the index committed): the retry carries on from there. Before, the retry looked the
+    committed seqs up again and counted its own new samples as duplicates (stored 0, duplicates 10,
+    the training trigger never told), and skipped the quarantine folder's fsync that had failed."""
+    import errno
+
+    import msgpack
+
+    import lepton.cloud._dataset as dataset
+    from lepton.cloud._quarantine import Quarantine
+    from lepton.protocol import Topics, encode_samples
+    from tests.cloud._ingest_support import make_samples
+    from tests.cloud.test_ingest_poison import _DeadLetters, _publish
+
+    data_dir, quarantine_dir = tmp_path / fleet / "data", tmp_path / fleet / "quarantine"
+    real_fsync_dir, real_write = dataset.fsync_dir, Quarantine.write
+    armed = threading.Event()
+    fsyncs: list[tuple[Path, bool]] = []  # (folder, succeeded) after the fault is armed
+    writes: list[str] = []
+
+    def fsync_dir(path):  # noqa: ANN001, ANN202 - the first fsync of each folder fails: EIO
+        path = Path(path)
+        if armed.is_set():
+            if path in (data_dir, quarantine_dir) and not any(p == path for p, _ in fsyncs):
+                fsyncs.append((path, False))
+                raise OSError(errno.EIO, "injected: I/O error", str(path))
+            fsyncs.append((path, True))
+        return real_fsync_dir(path)
+
+    def write(self, name, payload, report):  # noqa: ANN001, ANN202
+        writes.append(name)
+        return real_write(self, name, payload, report)
+
+    monkeypatch.setattr(dataset, "fsync_dir", fsync_dir)
+    monkeypatch.setattr(Quarantine, "write", write)
+
+    # One envelope with 10 good labelled samples and one bad one (a NaN in its meta): one batch that
+    # writes a Parquet file and a quarantine entry. And a message that is junk altogether.
+    good = msgpack.unpackb(encode_samples("cam-1", make_samples(0, 10), pipeline="p0"))
+    bad = dict(good["samples"][0], seq=10, meta={"a": float("nan")})
+    mixed = msgpack.packb({**good, "samples": [*good["samples"], bad]}, use_bin_type=True)
+    topics = Topics(fleet=fleet)
+    worker = IngestWorker(WorkerConfig(broker=broker.url("worker", "w1", fleet=fleet), fleet=fleet,
+                                       data=tmp_path, name="w1", batch_ms=300, status_interval=0.3))
+    with _DeadLetters(broker.url("viewer", "v1", fleet=fleet), fleet) as dead:
+        worker.start()
+        try:
+            armed.set()
+            device = broker.url("device", "cam-1", fleet=fleet)
+            _publish(device, topics.samples("cam-1"), mixed)
+            _publish(device, topics.samples("cam-1"), b"\x93junk")
+            deadline = time.monotonic() + 30
+            while worker.status()["received"] < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(1.0)  # would anything be reported or counted again?
+            status, labelled = worker.status(), worker.stats.labelled_since_train
+        finally:
+            worker.stop()
+        with dead.lock:
+            reports = list(dead.reports)
+
+    assert (data_dir, False) in fsyncs and (quarantine_dir, False) in fsyncs, fsyncs  # the faults happened
+    assert status["errors"] >= 2 and status["retrying"] is False, status
+    assert status["received"] == 2, status
+    assert (status["stored"], status["duplicates"], status["files"]) == (10, 0, 1), status
+    assert labelled == 10  # the training trigger hears of every new labelled sample once
+    assert status["dead_letters"] == 2, status
+    assert Dataset(tmp_path, fleet).count() == 10
+    assert len(reports) == 2, reports  # each dead letter reported once
+    kept = sorted(p.name for p in quarantine_dir.iterdir() if p.suffix == ".bin")
+    assert len(kept) == 2 and sorted(writes) == kept, (kept, writes)  # each payload written once
+    # The quarantine folder was fsynced after its failed fsync, before anything was acked.
+    assert (quarantine_dir, True) in fsyncs[fsyncs.index((quarantine_dir, False)):], fsyncs
