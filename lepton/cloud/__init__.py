@@ -21,10 +21,9 @@ if TYPE_CHECKING:
         samples_to_table,
         write_parquet_atomic,
     )
-    from lepton.cloud._delivery import DeliveryError, PublishResult, fetch_model, publish_package
+    from lepton.cloud._delivery import PublishResult, fetch_model, publish_package
     from lepton.cloud._export import (
         ExportConfig,
-        ExportError,
         ExportResult,
         export_and_compress,
         export_onnx,
@@ -43,6 +42,7 @@ if TYPE_CHECKING:
         on_global_zero,
         train,
     )
+    from lepton.errors import DeliveryError, ExportError
 
 # Training, export, registry and delivery pull in torch, Lightning and ONNX Runtime, which the ingest
 # worker does not need at start-up; the dataset and ingest names are lazy as well, so
