@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 import json
 import os
 import signal
 import sys
 import threading
 
-from lepton.cli import _credentials, _exit
+from lepton.cli import _credentials, _exit, _prefix
 
 DESCRIPTION = """\
 Answer the infer requests of a fleet's devices (lepton/FLEET/devices/+/infer) with the fleet's model
@@ -29,6 +30,10 @@ version.
 --group is refused there (exit 2). On Mosquitto (use_username_as_clientid) every worker needs a broker
 user of its own (role worker).
 
+With --data DIR (the ingest worker's --data, on the same machine or a shared disk), every answer is
+also recorded as a teacher label (DIR/FLEET/labels/, with its confidence and model version): what the
+edge found hard, labelled by the cloud model, teaches the next edge model (lepton train --labels).
+
 Runs until SIGINT/SIGTERM, then publishes its offline status and exits 0.
 
 environment: LEPTON_BROKER, LEPTON_FLEET provide defaults for --broker and --fleet. The broker password
@@ -38,12 +43,17 @@ examples:
   lepton serve --broker mqtt://serve1@localhost:1883 --password-file serve1.pw --fleet f1 \\
       --model digits-cloud --public-key lepton.pub
   lepton serve ... --group cloud --name serve2        # a second worker taking half the requests
+  lepton serve ... --data ./data                      # also record answers as teacher labels
 """
 
 
 def register(parser: argparse.ArgumentParser) -> None:
     env = os.environ
     _credentials.add_broker_arguments(parser, help="broker URL mqtt://USER@HOST:1883 (a worker-role user)")
+    _prefix.add_prefix_argument(parser)
+    parser.add_argument("--data", default=None, metavar="DIR",
+                        help="record every answer as a teacher label in DIR/FLEET/labels/ (the ingest "
+                        "worker's --data; lepton train --labels uses them)")
     parser.add_argument("--fleet", default=env.get("LEPTON_FLEET"), help="fleet name (env LEPTON_FLEET)")
     parser.add_argument("--model", required=True, metavar="NAME", help="the fleet's model to serve")
     parser.add_argument("--name", default="serve", help="worker name: client id and status topic (serve)")
@@ -83,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
             public_key=args.public_key, verify=not args.no_verify, max_queue=args.max_queue,
             max_device_queue=args.max_device_queue, max_batch=args.max_batch,
             max_payload_bytes=args.max_request_kb * 1024, status_interval=args.status_interval,
-            threads=args.threads,
+            threads=args.threads, prefix=_prefix.resolve_prefix(args),
+            data=Path(args.data) if args.data else None,
         )
         worker = ServeWorker(config)
     except ProtocolError as exc:  # a bad id: a usage error, exit 2

@@ -259,6 +259,8 @@ class ModelInfo:
     dtype: np.dtype
     pipeline: str | None
     sha256: str = ""
+    #: the manifest's calibration temperature: confidences are softmax(logits / T)
+    temperature: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -269,13 +271,14 @@ class Pending:
     received: float
 
 
-def scores_to_answer(scores: np.ndarray) -> tuple[int, float]:
-    """``(argmax, its probability)``: softmax of the scores, used as they are when they already sum to 1
-    (the same rule as a device's predictions)."""
+def scores_to_answer(scores: np.ndarray, temperature: float = 1.0) -> tuple[int, float]:
+    """``(argmax, its probability)``: softmax of the scores over the calibration ``temperature``, used as
+    they are when they already sum to 1 (the same rule as a device's predictions)."""
     s = np.asarray(scores, dtype=np.float64).reshape(-1)
     if s.size == 0 or not np.all(np.isfinite(s)):
         raise ValueError(f"the model output has no finite scores (shape {np.shape(scores)})")
     if not (np.all(s >= 0) and abs(float(s.sum()) - 1.0) < 1e-3):
+        s = s / temperature
         s = np.exp(s - s.max())
         s /= s.sum()
     index = int(np.argmax(s))
@@ -390,7 +393,7 @@ class ServeCore:
                ) -> tuple[str, InferAnswer]:
         """The answer to a request the model ran on, from its row of the model's output."""
         try:
-            index, confidence = scores_to_answer(scores)
+            index, confidence = scores_to_answer(scores, model.temperature)
             label = model.labels[index] if model.labels else str(index)
         except (ValueError, IndexError) as exc:
             return self.fail(item, "inference_failed", f"v{model.version}: {exc}", now=now, model=model)
@@ -515,6 +518,11 @@ class ServeConfig:
     status_interval: float = 2.0
     #: ONNX Runtime threads per inference (intra-op).
     threads: int = 1
+    #: The dataset root (the ingest worker's --data): answers are recorded there as teacher labels
+    #: (DIR/FLEET/labels/, lepton/cloud/_labels.py). None records nothing.
+    data: Path | None = None
+    #: Teacher labels are written in batches of at most this many, or every ``labels_flush_s``.
+    labels_flush_s: float = 2.0
 
     def __post_init__(self) -> None:
         validate_id(self.fleet, kind="fleet")
@@ -554,6 +562,61 @@ class _ModelState:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+class _TeacherLabels:
+    """Answers recorded as teacher labels, off the inference thread: its own thread writes them in
+    batches (one atomic Parquet file per flush) so inference never waits for the disk."""
+
+    def __init__(self, config: ServeConfig) -> None:
+        from lepton.cloud._labels import LabelStore
+
+        self.store = LabelStore(Path(config.data), config.fleet)
+        self.flush_s = config.labels_flush_s
+        self.writer = config.name
+        self._queue: queue.Queue[list | None] = queue.Queue(maxsize=1024)
+        self._thread = threading.Thread(target=self._loop, name="serve-labels", daemon=True)
+        self.written = self.dropped = self.files = 0
+        self._thread.start()
+
+    def put(self, replies: list) -> None:
+        if replies:
+            try:
+                self._queue.put_nowait(replies)
+            except queue.Full:  # the disk is behind: a teacher label is an optional extra, inference is not
+                self.dropped += len(replies)
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        from lepton.cloud._labels import LabelRow
+
+        pending: list = []
+        last = time.monotonic()
+        done = False
+        while not done:
+            try:
+                item = self._queue.get(timeout=self.flush_s)
+            except queue.Empty:
+                item = []
+            if item is None:
+                done = True
+            else:
+                pending.extend(item)
+            if pending and (done or time.monotonic() - last >= self.flush_s or len(pending) >= 4096):
+                now = time.time()
+                rows = [LabelRow(device, int(a.seq), str(a.label), "teacher", confidence=a.confidence,
+                                 model_version=a.version, ts=now) for device, a in pending]
+                try:
+                    self.store.append(rows, writer=self.writer)
+                    self.written += len(rows)
+                    self.files += 1
+                except (OSError, ValueError) as exc:
+                    self.dropped += len(rows)
+                    log.warning("serve: %d teacher labels not recorded: %s", len(rows), exc)
+                pending, last = [], time.monotonic()
+
+
 class ServeWorker:
     """Answer a fleet's infer requests with its cloud model, hot-swapped from signed retained messages.
 
@@ -591,6 +654,7 @@ class ServeWorker:
         self._probe_topic: str | None = None
         self._probe_event = threading.Event()
         self.started_at = time.time()
+        self._teacher = _TeacherLabels(config) if config.data is not None else None
 
     # -- lifecycle ------------------------------------------------------------------------------------
     def __enter__(self) -> ServeWorker:
@@ -640,6 +704,8 @@ class ServeWorker:
             self._work.notify_all()
         for thread in self._threads:
             thread.join(timeout)
+        if self._teacher is not None:
+            self._teacher.close()  # the last batch of teacher labels is written before we go
         client = self._client
         if client is not None:
             with contextlib.suppress(Exception):
@@ -682,6 +748,10 @@ class ServeWorker:
             "model_error": state.error, "model_pending": pending, "model_verify": cfg.verify,
             "swaps": state.swaps, "model_rejections": state.rejections, "model_refetches": state.refetches,
             "started_at": round(self.started_at, 3), **counters,
+            "teacher_labels": (
+                {"written": self._teacher.written, "dropped": self._teacher.dropped, "files": self._teacher.files}
+                if self._teacher is not None else None
+            ),
         }
 
     # -- MQTT (paho's network thread) -----------------------------------------------------------------
@@ -792,6 +862,8 @@ class ServeWorker:
                                for p in batch]
             for reply in replies:
                 self._publish_answer(*reply)
+            if self._teacher is not None and error is None:
+                self._teacher.put([r for r in replies if r[1].error is None])
 
     # -- the model thread -----------------------------------------------------------------------------
     def _model_loop(self) -> None:
@@ -879,7 +951,7 @@ class ServeWorker:
                                 f"manifest names {len(labels)} labels")
         info = ModelInfo(name=manifest.name, version=manifest.version, labels=labels,
                          sample_shape=sample_shape, dtype=np.dtype(dtype), pipeline=manifest.pipeline_hash,
-                         sha256=manifest.sha256)
+                         sha256=manifest.sha256, temperature=manifest.temperature)
         return _Served(info, session, node.name, outputs[0].name, time.time())
 
     # -- the status thread ----------------------------------------------------------------------------

@@ -417,3 +417,34 @@ def test_the_cli_refuses_bad_ids_and_missing_keys_with_exit_2_and_one_line():
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert helped.returncode == 0 and "examples:" in helped.stdout
     assert "lepton serve --broker" in helped.stdout
+
+
+def test_answers_are_recorded_as_calibrated_teacher_labels_with_data(
+        amqtt_broker, fleet, trained_digits, keypair, digits_arrays, tmp_path):
+    from lepton.cloud._calibration import softmax
+    from lepton.cloud._labels import LabelStore
+
+    x, _ = digits_arrays
+    n = 40
+    topics = Topics(fleet=fleet)
+    version = publish_model(amqtt_broker, fleet, trained_digits, keypair)
+    with serve(amqtt_broker, fleet, keypair, data=tmp_path, labels_flush_s=0.2) as worker, \
+            Inbox(amqtt_broker.url("device", "cam-a", fleet=fleet)) as cam:
+        assert worker.wait_model(version.version, timeout=30)
+        assert cam.subscribe(topics.answers("cam-a"), qos=0)
+        for i in range(n):
+            cam.publish(topics.infer("cam-a"), request(i, device="cam-a", x=x[i]), qos=0)
+        got = answers_for(cam, range(n))
+    # stop() wrote the last batch: one teacher label per answer, with the answer's confidence and version
+    rows = {r.seq: r for r in LabelStore(tmp_path, fleet).rows()}
+    assert set(rows) == set(range(n))
+    assert all(r.source == "teacher" and r.device == "cam-a" and r.model_version == version.version
+               for r in rows.values())
+    assert all(rows[s].label == got[s].label and rows[s].confidence == got[s].confidence for s in rows)
+    # the confidence is calibrated with the manifest's temperature
+    import onnxruntime as ort
+
+    t = version.manifest["calibration"]["temperature"]
+    sess = ort.InferenceSession(version.data(), providers=["CPUExecutionProvider"])
+    logits = sess.run(None, {sess.get_inputs()[0].name: x[:1]})[0]
+    assert got[0].confidence == pytest.approx(float(softmax(logits, t).max()), rel=1e-5)
