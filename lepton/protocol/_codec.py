@@ -52,7 +52,7 @@ def encode_tensor(array: np.ndarray) -> dict[str, Any]:
     if array.dtype != wire or not array.flags.c_contiguous:
         array = np.ascontiguousarray(array, dtype=wire)
     # memoryview.cast refuses views with a zero in their shape; an empty tensor has no bytes anyway.
-    data = memoryview(array).cast("B") if array.size else b""
+    data = array.data.cast("B") if array.size else b""
     return {"dtype": name, "shape": list(array.shape), "data": data}
 
 

@@ -169,8 +169,7 @@ def decode_samples_raw(
     if not isinstance(body, dict):
         raise ProtocolError(f"envelope must be a map, got {type(body).__name__}", field="envelope")
     _check_version(body.get("v"), "v")
-    device = body.get("device")
-    validate_id(device, kind="device")
+    device = validate_id(body.get("device"), kind="device")
     if expected_device is not None and device != expected_device:
         raise ProtocolError(f"envelope device {device!r} does not match topic device {expected_device!r}",
                             field="device")
@@ -235,10 +234,11 @@ def _check_sample(raw: Any, index: int, max_tensor_bytes: int) -> RawSample:
     try:
         if type(raw) is not dict:
             raise ProtocolError(f"sample must be a map, got {type(raw).__name__}", field="")
-        seq = raw.get("seq")
+        # Any: untrusted values, narrowed by the type() tests below (which mypy cannot follow)
+        seq: Any = raw.get("seq")
         if type(seq) is not int or not 0 <= seq <= MAX_SEQ:
             _check_seq(seq, "seq")
-        ts = raw.get("ts")
+        ts: Any = raw.get("ts")
         if type(ts) not in (float, int) or not math.isfinite(ts):
             raise ProtocolError(f"ts must be a finite number of unix seconds, got {ts!r}", field="ts")
         dtype, shape, data, _ = check_tensor(raw.get("x"), field="x", max_bytes=max_tensor_bytes)

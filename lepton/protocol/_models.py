@@ -334,7 +334,7 @@ def _parse_body(signed: bytes) -> ModelManifest:
 def _check_calibration(cal: Any) -> None:
     if not isinstance(cal, Mapping):
         raise ValueError("calibration must be an object or null")
-    t = cal.get("temperature")
+    t: Any = cal.get("temperature")  # untrusted; the type() test below narrows it
     if type(t) not in (int, float) or not math.isfinite(t) or not 0.01 <= t <= 100.0:
         raise ValueError(f"calibration.temperature must be a number in [0.01, 100], got {t!r}")
 

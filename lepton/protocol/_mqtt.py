@@ -12,10 +12,12 @@ import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import cast
 from urllib.parse import quote, unquote, urlsplit
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.reasoncodes import ReasonCode
 
 from lepton.errors import BrokerConnectionError, ConfigError
 
@@ -229,8 +231,10 @@ def connect(client: mqtt.Client, url: BrokerURL, *, keepalive: int = 30, timeout
     being retried forever in the background.
     """
     done = threading.Event()
-    outcome: dict[str, object] = {}
-    previous = client.on_connect
+    outcome: dict[str, ReasonCode] = {}
+    # every client here is made with CallbackAPIVersion.VERSION2 (new_client), so a callback already
+    # set on it takes the five arguments of the v2 signature
+    previous = cast("mqtt.CallbackOnConnect_v2 | None", client.on_connect)
 
     def on_connect(c, userdata, flags, reason_code, properties):  # noqa: ANN001
         outcome["rc"] = reason_code
@@ -255,13 +259,13 @@ def connect(client: mqtt.Client, url: BrokerURL, *, keepalive: int = 30, timeout
                                     url=str(url))
     client.on_connect = previous
     rc = outcome["rc"]
-    if rc.is_failure:  # type: ignore[union-attr]
+    if rc.is_failure:
         client.loop_stop()
         client.disconnect()
         hint = ("check the username and password in the broker URL (mqtt://user:password@host:port)"
-                if int(rc.value) in (4, 5, 134, 135) else "see the broker's log")  # type: ignore[union-attr]
+                if int(rc.value) in (4, 5, 134, 135) else "see the broker's log")
         raise BrokerConnectionError(f"broker {url} refused the connection: {rc}; {hint}",
-                                    url=str(url), reason_code=int(rc.value))  # type: ignore[union-attr]
+                                    url=str(url), reason_code=int(rc.value))
 
 
 @contextlib.contextmanager
