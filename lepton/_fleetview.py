@@ -98,6 +98,7 @@ class FleetView:
             self.ignored += 1
             return None
         if parsed.channel == "model":
+            assert parsed.model is not None  # Topics.parse names the model on this channel
             return self._apply_model(parsed.model, bytes(payload))
         if parsed.channel == "worker_status":
             book, name, kind = self.workers, parsed.worker, "status"
@@ -105,6 +106,7 @@ class FleetView:
             book, name, kind = self.devices, parsed.device, parsed.channel
         else:
             return None
+        assert name is not None  # Topics.parse names the device or worker on these channels
         if len(payload) > MAX_PAYLOAD or (name not in book and len(book) >= MAX_ENTRIES):
             self.ignored += 1
             return None

@@ -130,7 +130,7 @@ class LeptonAuthPlugin(BaseAuthPlugin):
         self._hasher = PasswordHash((Argon2Hasher(),))
         self._verified: dict[tuple[str, str], bool] = {}  # argon2 costs ~70 ms; reconnect storms repeat it
         self._path = self._get_config_option("password_file", None)
-        self._mtime = None
+        self._mtime: tuple[int, int, int] | None = None
         self._users: dict[str, str] = {}
         self._reload()
         self._allow_anonymous = bool(self._get_config_option("allow_anonymous", False))
@@ -217,7 +217,7 @@ class LeptonAclPlugin(BaseTopicPlugin):
     def __init__(self, context) -> None:  # noqa: ANN001
         super().__init__(context)
         self._path = self._get_config_option("acl_file", None)
-        self._mtime = None
+        self._mtime: tuple[int, int, int] | None = None
         self._checked = -1e9
         self.acl = Acl()
         self._reload()

@@ -9,8 +9,12 @@ import socket
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lepton.errors import ConfigError
+
+if TYPE_CHECKING:  # amqtt is the broker extra; imported when the broker starts
+    from lepton.broker._server import LeptonBroker
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +93,7 @@ class EmbeddedBroker:
         self.settings = settings
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self._broker = None
+        self._broker: LeptonBroker | None = None
 
     @property
     def url(self) -> str:

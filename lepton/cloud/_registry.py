@@ -20,6 +20,7 @@ move forward to it like to any update.
 
 from __future__ import annotations
 
+import builtins  # the method Registry.list hides the type inside the class
 import json
 import logging
 import shutil
@@ -192,7 +193,7 @@ class Registry:
         *,
         model: bytes,
         input_spec: dict[str, Any],
-        labels: list[str],
+        labels: builtins.list[str],
         pipeline: dict[str, Any],
         metrics: dict[str, Any],
         quantization: str,
@@ -253,7 +254,7 @@ class Registry:
         fleet: str,
         private_key=None,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
-    ) -> tuple[bytes, list[bytes]]:  # noqa: ANN001
+    ) -> tuple[bytes, builtins.list[bytes]]:  # noqa: ANN001
         """The manifest payload (signed for ``fleet`` and ``name``) and chunk payloads of a stored version."""
         mv = self.get(name, version)
         m = mv.manifest

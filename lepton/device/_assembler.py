@@ -284,9 +284,9 @@ class ModelAssembler:
                                     f"at most {self.max_model_bytes} (max_model_bytes)")
             self.check_compatible(manifest)
         except ModelRejected as exc:
-            events = self.refuse(version, exc)
+            refused = self.refuse(version, exc)
             self._drop_orphans(version)
-            return events
+            return refused
         asm = _Assembly(version=version, manifest=manifest, manifest_payload=bytes(payload),
                         signed_by=signed_by, manifest_seen=now, manifest_wall=wall, last_progress=now,
                         refetch_wait=self.refetch_after)

@@ -94,17 +94,17 @@ class EscalationPolicy:
         elif self.below is not None:
             out = confidence < self.below
         elif self.rate:
-            out = self._rank_decision(float(confidence))
+            out = self._rank_decision(float(confidence), self.rate)
         else:
             out = False
         self.escalated += out
         return out
 
-    def _rank_decision(self, c: float) -> bool:
+    def _rank_decision(self, c: float, rate: float) -> bool:
         # Escalate when fewer than rate * n of the recent confidences are strictly lower than c.
         n = len(self._sorted)
         below = bisect.bisect_left(self._sorted, c)
-        out = n > 0 and below < self.rate * n
+        out = n > 0 and below < rate * n
         self._recent.append(c)
         bisect.insort(self._sorted, c)
         if len(self._recent) > self.window:

@@ -51,6 +51,7 @@ from sharing one spool.
 
 from __future__ import annotations
 
+import builtins  # the property Spool.bytes hides the type inside the class
 import contextlib
 import fcntl
 import logging
@@ -267,7 +268,7 @@ class Spool:
 
     # -- writing ------------------------------------------------------------------------------------
     @staticmethod
-    def encode_body(x: np.ndarray, y: int | str | None = None, meta: dict[str, Any] | None = None) -> bytes:
+    def encode_body(x: np.ndarray, y: int | str | None = None, meta: dict[str, Any] | None = None) -> builtins.bytes:
         # The protocol's per-sample body: the publisher splices it into envelopes as it is.
         return encode_sample_body(x, y, meta)
 
@@ -399,7 +400,7 @@ class Spool:
                             self.max_bytes, dropped)
 
     def _write(
-        self, batch: list[tuple[int, float, str | None, int, bytes]]
+        self, batch: list[tuple[int, float, str | None, int, builtins.bytes]]
     ) -> tuple[int, int, int | None]:
         """One transaction for ``batch`` (drop-oldest included).
 
