@@ -273,6 +273,7 @@ class _Rows:
             if self.resolver is not None:
                 cols["label_source"] = ["device" if v is not None else None for v in labels]
             return
+        assert self.resolver is not None  # without one, _plain is True
         resolve = self.resolver.resolve
         out = [resolve(d, q, v) for d, q, v in zip(cols["device"], cols["seq"], labels, strict=True)]
         cols["label"] = [lab for lab, _ in out]
@@ -733,9 +734,9 @@ class ParquetDataModule(pl.LightningDataModule):
         _ = self.info
         if self._cache is not None:
             x, y = self._cache[split]
-            ds = torch.utils.data.TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
+            tensors = torch.utils.data.TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
             gen = torch.Generator().manual_seed(self.config.seed)
-            return DataLoader(ds, batch_size=bs, shuffle=split == "train", generator=gen)
+            return DataLoader(tensors, batch_size=bs, shuffle=split == "train", generator=gen)
         assert self._rows is not None and self._selection is not None
         ds = _StreamDataset(
             self._rows,

@@ -333,6 +333,7 @@ def fetch_model(
             if parsed.channel == "model":
                 on_manifest(bytes(msg.payload))
             elif parsed.channel == "model_chunk":
+                assert parsed.version is not None and parsed.chunk is not None  # set on this channel
                 key = (parsed.version, parsed.chunk)
                 if msg.payload:
                     chunks[key] = bytes(msg.payload)

@@ -129,7 +129,7 @@ def export_onnx(
                 torch.onnx.export(
                     module,
                     (dummy,),
-                    buf,
+                    buf,  # type: ignore[arg-type]  # typed as a path; the legacy exporter takes a BytesIO
                     dynamo=False,
                     opset_version=opset,
                     input_names=[input_name],
@@ -148,8 +148,9 @@ def export_onnx(
                     output_names=[output_name],
                     dynamic_shapes=({0: torch.export.Dim("batch")},),
                 )
+                assert program is not None  # dynamo=True returns the program
                 program.optimize()
-                program.save(buf)
+                program.save(buf)  # type: ignore[arg-type]  # typed as a path; writes to a BytesIO too
     except Exception as exc:  # the exporters raise many types; say what to change
         raise ExportError(
             f"ONNX export of {type(module).__name__} failed: {exc}. Make forward() take one "

@@ -38,7 +38,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lepton.cloud._ingest_core import BatchDecoder, BatchProgress, DeadLetter, plan_write
 from lepton.errors import ConfigError
@@ -53,6 +53,9 @@ from lepton.protocol import (
     new_client,
     validate_id,
 )
+
+if TYPE_CHECKING:
+    import paho.mqtt.client as mqtt
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +225,7 @@ class IngestWorker:
         self._last_train = time.monotonic()
         self._rate = (time.monotonic(), 0)
         self._last_rate = 0.0
-        self._client = None
+        self._client: mqtt.Client | None = None
         self._decoder = BatchDecoder(
             self.topics, max_tensor_bytes=config.max_tensor_bytes, max_payload_bytes=config.max_payload_bytes
         )
@@ -386,7 +389,9 @@ class IngestWorker:
         self._probe_event = threading.Event()
         topic = self.topics.worker_status(self.config.name)
         self._probe_topic = topic
-        client.subscribe(self.topics.shared(self.config.group, topic), qos=1)
+        group = self.config.group
+        assert group is not None  # probed for --group only
+        client.subscribe(self.topics.shared(group, topic), qos=1)
         ok = False
         for _ in range(6):
             client.publish(
@@ -395,7 +400,7 @@ class IngestWorker:
             if self._probe_event.wait(0.5):
                 ok = True
                 break
-        client.unsubscribe(self.topics.shared(self.config.group, topic))
+        client.unsubscribe(self.topics.shared(group, topic))
         self._probe_topic = None
         return ok
 
@@ -519,9 +524,9 @@ class IngestWorker:
 
         # Quarantine first: a bad payload is on disk before its message can be acked.
         if done.quarantine and not done.quarantined:
-            for name, payload, report in done.quarantine:
-                if self.quarantine.unwritten(name):
-                    self.quarantine.write(name, payload, encode_json(report))
+            for qname, payload, report in done.quarantine:
+                if self.quarantine.unwritten(qname):
+                    self.quarantine.write(qname, payload, encode_json(report))
             self.quarantine.sync()
         done.quarantined = True
 
@@ -569,6 +574,7 @@ class IngestWorker:
             plan = done.plan = plan_write(decoded, {})
         # Durable: tell the devices (duplicates and rejected seqs included), report, then PUBACK.
         client = self._client
+        assert client is not None  # the writer thread runs between start() and stop()
         for dev, ranges in plan.acks.items():
             client.publish(self.topics.acks(dev), encode_acks(ranges), qos=1)
         if not done.reported:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from lepton.errors import ProtocolError
 from lepton.protocol import MAX_SEQ, Topics, decode_samples_raw, seqs_to_ranges
@@ -28,7 +28,8 @@ from lepton.protocol import MAX_SEQ, Topics, decode_samples_raw, seqs_to_ranges
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "BatchDecoder", "BatchProgress", "DeadLetter", "DecodedBatch", "Inbound", "WritePlan", "plan_write",
+    "BatchDecoder", "BatchProgress", "DeadLetter", "DecodedBatch", "Inbound", "InboundLike", "WritePlan",
+    "plan_write",
 ]
 
 
@@ -42,6 +43,21 @@ class Inbound:
     retain: bool = False
     #: set by the shell when writing this message failed for a reason no retry can fix
     unstorable: str | None = None
+
+
+class InboundLike(Protocol):
+    """What decoding reads of a message: an :class:`Inbound`, or the shell's own record of one."""
+
+    @property
+    def topic(self) -> str: ...
+    @property
+    def payload(self) -> bytes: ...
+    @property
+    def received_at(self) -> float: ...
+    @property
+    def retain(self) -> bool: ...
+    @property
+    def unstorable(self) -> str | None: ...
 
 
 @dataclass(frozen=True)
@@ -137,7 +153,7 @@ class BatchDecoder:
         self.max_payload_bytes = max_payload_bytes
         self._topic_cache: dict[str, Any] = {}
 
-    def decode(self, messages: Sequence[Inbound]) -> DecodedBatch:
+    def decode(self, messages: Sequence[InboundLike]) -> DecodedBatch:
         out = DecodedBatch()
         for i, msg in enumerate(messages):
             self._decode_one(i, msg, out)
@@ -152,9 +168,10 @@ class BatchDecoder:
                 raise ProtocolError(f"not a samples topic: {topic!r}", field="topic")
             if len(self._topic_cache) < 100_000:
                 self._topic_cache[topic] = parsed
+        assert parsed.device is not None  # a samples topic names its device
         return parsed.device
 
-    def _decode_one(self, i: int, msg: Inbound, out: DecodedBatch) -> None:
+    def _decode_one(self, i: int, msg: InboundLike, out: DecodedBatch) -> None:
         from lepton.cloud._dataset import raw_sample_rows
 
         device: str | None = None

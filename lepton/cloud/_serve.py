@@ -569,6 +569,7 @@ class _TeacherLabels:
     def __init__(self, config: ServeConfig) -> None:
         from lepton.cloud._labels import LabelStore
 
+        assert config.data is not None  # made only with --data
         self.store = LabelStore(Path(config.data), config.fleet)
         self.flush_s = config.labels_flush_s
         self.writer = config.name

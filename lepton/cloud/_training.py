@@ -217,12 +217,12 @@ class BestWeights(pl.Callback):
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
             return
-        value = trainer.callback_metrics.get(self.monitor)
-        if value is None:
+        metric = trainer.callback_metrics.get(self.monitor)
+        if metric is None:
             return
         # Every rank must restore the same epoch: reduce the value (a no-op when the module logged it
         # with sync_dist=True, and the fix for a --module that did not).
-        value = float(trainer.strategy.reduce(torch.as_tensor(float(value)), reduce_op="mean"))
+        value = float(trainer.strategy.reduce(torch.as_tensor(float(metric)), reduce_op="mean"))
         if self.best is None or value > self.best:
             self.best, self.best_epoch = value, trainer.current_epoch
             self._state = copy.deepcopy(pl_module.state_dict())
@@ -248,7 +248,9 @@ class ExportCallback(pl.Callback):
         started = time.perf_counter()
 
         def export() -> None:
-            self.result = export_and_compress(pl_module, trainer.datamodule, self.config)
+            # Lightning sets Trainer.datamodule in fit() without declaring it on the class
+            datamodule = trainer.datamodule  # type: ignore[attr-defined]
+            self.result = export_and_compress(pl_module, datamodule, self.config)
 
         try:
             on_global_zero(trainer, "ONNX export", export, share=False)
@@ -292,7 +294,7 @@ class RegistryCallback(pl.Callback):
         cfg, exported = self.config, self.export.result
         if exported is None:
             raise RuntimeError("RegistryCallback must come after ExportCallback")
-        dm: ParquetDataModule = trainer.datamodule
+        dm: ParquetDataModule = trainer.datamodule  # type: ignore[attr-defined]  # set by fit(), undeclared
         info = dm.info
         new_acc = exported.shipped_accuracy
         gate = gate_decision(
@@ -363,6 +365,7 @@ class RegistryCallback(pl.Callback):
                     cfg.model,
                     version.version,
                 )
+            assert cfg.broker is not None  # TrainConfig refuses --publish without --broker
             try:
                 self.registry.publish(
                     cfg.model,

@@ -268,7 +268,9 @@ class Spool:
 
     # -- writing ------------------------------------------------------------------------------------
     @staticmethod
-    def encode_body(x: np.ndarray, y: int | str | None = None, meta: dict[str, Any] | None = None) -> builtins.bytes:
+    def encode_body(
+        x: np.ndarray, y: int | str | None = None, meta: dict[str, Any] | None = None
+    ) -> builtins.bytes:
         # The protocol's per-sample body: the publisher splices it into envelopes as it is.
         return encode_sample_body(x, y, meta)
 
