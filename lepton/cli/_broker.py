@@ -178,9 +178,9 @@ async def _serve(config: dict[str, Any], ready, where: str) -> None:  # noqa: AN
         broker = Broker(config)
         await broker.start()
     except Exception as exc:
-        root = exc
-        while root.__cause__ is not None or root.__context__ is not None:
-            root = root.__cause__ or root.__context__
+        root: BaseException = exc
+        while (inner := root.__cause__ or root.__context__) is not None:
+            root = inner
         detail = str(exc) if root is exc else f"{exc} ({type(root).__name__}: {root})"
         raise ConfigError(f"the embedded broker cannot start on {where}: {detail}") from None
     finally:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Literal, overload
 
 from lepton.errors import ConfigError
 
@@ -27,6 +28,12 @@ def add_broker_arguments(parser, *, help: str = "broker URL mqtt://USER@HOST:POR
                         "env LEPTON_PASSWORD_FILE)")
 
 
+@overload
+def broker_url(args: argparse.Namespace, command: str, *, required: Literal[True] = True,
+               needed_for: str = "", env_url: Literal[True] = True) -> str: ...
+@overload
+def broker_url(args: argparse.Namespace, command: str, *, required: bool = True,
+               needed_for: str = "", env_url: bool = True) -> str | None: ...
 def broker_url(args: argparse.Namespace, command: str, *, required: bool = True,
                needed_for: str = "", env_url: bool = True) -> str | None:
     """The broker URL with its password (a string for the config objects), or ``None`` if optional.

@@ -7,6 +7,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from lepton.cli import _exit
 
@@ -133,7 +134,7 @@ def run_label(args: argparse.Namespace) -> int:
             if q in known[d]]
     unknown = [(d, q) for d, items in by_device.items() for q, _ in items if q not in known[d]]
     path = LabelStore(root, fleet).append(keep, writer="import")
-    report = {
+    report: dict[str, Any] = {
         "fleet": fleet,
         "imported": len(keep),
         "unknown": len(unknown),
@@ -191,7 +192,7 @@ def run_compact(args: argparse.Namespace) -> int:
     return _exit.OK
 
 
-def _size(n: int) -> str:
+def _size(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from lepton.cli import _credentials, _exit, _prefix
 from lepton.errors import ConfigError
@@ -106,7 +107,7 @@ def _registry(args: argparse.Namespace):
 
 def run_list(args: argparse.Namespace) -> int:
     reg = _registry(args)
-    models = {}
+    models: dict[str, dict[str, Any]] = {}
     for name in reg.names():
         deployed = {fleet: e["version"] for fleet, e in reg.deployments(name).items()}
         models[name] = {"deployed": deployed, "versions": [v.summary() for v in reg.list(name)]}

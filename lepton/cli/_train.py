@@ -282,7 +282,7 @@ def run(args: argparse.Namespace) -> int:
                 flush=True,
             )
 
-    callbacks = [] if args.quiet or config.progress else [EpochLine()]
+    callbacks: list[pl.Callback] = [] if args.quiet or config.progress else [EpochLine()]
     result = train(config, callbacks=callbacks)
     if not result.is_global_zero:
         # Another DDP rank: rank zero prints the one report; the exit code is the same everywhere.

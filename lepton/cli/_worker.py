@@ -221,12 +221,12 @@ def run(args: argparse.Namespace) -> int:
                 print(line if tty else line.strip(), end="" if tty else "\n", file=sys.stderr, flush=True)
     finally:
         worker.stop()
-    st = worker.stats
+    stats = worker.stats
     if not args.quiet:
         end = "\n" if tty else ""
         print(
-            f"{end}[{args.name}] stopped: stored {st.stored}, duplicates {st.duplicates}, "
-            f"dead letters {st.dead_letters}, files {st.files}",
+            f"{end}[{args.name}] stopped: stored {stats.stored}, duplicates {stats.duplicates}, "
+            f"dead letters {stats.dead_letters}, files {stats.files}",
             file=sys.stderr,
         )
     return _exit.OK
