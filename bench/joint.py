@@ -230,8 +230,118 @@ def print_table(r: dict) -> None:
     print("goals:", json.dumps(r["goals"]))
 
 
-def measure_latency(work: Path, cloud_v, xt: np.ndarray, *, requests: int) -> dict:
-    return {"devices": 10, "note": "not measured"}
+def measure_latency(work: Path, cloud_v, xt: np.ndarray, *, requests: int, devices: int = 10,
+                    rate_hz: float = 50.0) -> dict:
+    """Answer round trips of ``devices`` clients on Mosquitto: a bare paho echo, then `lepton serve`."""
+    import os
+    import subprocess
+    import threading
+
+    import paho.mqtt.client as mqtt
+
+    from lepton.cloud import Registry, publish_package
+    from lepton.protocol import (
+        BrokerURL, InferAnswer, Topics, connect, decode_answer, encode_answer, generate_keypair, load_private_key,
+        new_client, peek_seq,
+    )
+    from lepton.protocol._infer import InferRequest, encode_infer
+    from lepton.testing import MosquittoBroker, mosquitto_available
+
+    if not mosquitto_available():
+        return {"devices": devices, "error": "mosquitto is not installed"}
+    topics = Topics(fleet=FLEET)
+    priv, pub = generate_keypair(work / "keys")
+    with MosquittoBroker() as broker:
+        def run_clients(tag: str) -> dict:
+            sent: dict[tuple[int, int], float] = {}
+            got: dict[tuple[int, int], float] = {}
+            lock = threading.Lock()
+            clients = []
+            for d in range(devices):
+                name = f"dev-{d}"
+                c = new_client(BrokerURL.parse(broker.url("device", name, fleet=FLEET)), client_id=name,
+                               clean_session=True)
+
+                def on_message(client, userdata, msg, d=d):  # noqa: ANN001
+                    now = time.perf_counter()
+                    a = decode_answer(msg.payload)
+                    if a.error is None and a.seq is not None:
+                        with lock:
+                            got.setdefault((d, a.seq), now)
+
+                c.on_message = on_message
+                connect(c, BrokerURL.parse(broker.url("device", name, fleet=FLEET)))
+                c.loop_start()
+                c.subscribe(topics.answers(name), qos=0)
+                clients.append(c)
+            time.sleep(0.5)  # subscriptions in place
+            payloads = [[encode_infer(InferRequest(device=f"dev-{d}", seq=i, x=xt[(d * 7 + i) % len(xt)],
+                                                   pipeline=PIPELINE, deadline=time.time() + 3600))
+                         for i in range(requests)] for d in range(devices)]
+            period = 1.0 / rate_hz
+            t0 = time.perf_counter()
+            for i in range(requests):
+                for d, c in enumerate(clients):
+                    with lock:
+                        sent[(d, i)] = time.perf_counter()
+                    c.publish(topics.infer(f"dev-{d}"), payloads[d][i], qos=0)
+                delay = t0 + (i + 1) * period - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)
+            time.sleep(1.0)
+            for c in clients:
+                c.disconnect()
+                c.loop_stop()
+            lat = sorted((got[k] - sent[k]) * 1000.0 for k in got)
+
+            def pct(q: float) -> float | None:
+                return round(lat[min(len(lat) - 1, int(q / 100 * len(lat)))], 3) if lat else None
+
+            return {"what": tag, "requests": len(sent), "answers": len(got), "p50_ms": pct(50), "p99_ms": pct(99)}
+
+        # The transport's floor: a bare paho client answering every request at once, on the same broker.
+        echo_url = BrokerURL.parse(broker.url("worker", "echo", fleet=FLEET))
+        echo = new_client(echo_url, client_id="echo", clean_session=True)
+        reply = encode_answer(InferAnswer(seq=0, label="0", confidence=1.0, version=1))
+
+        def on_request(client, userdata, msg):  # noqa: ANN001
+            device = topics.parse(msg.topic).device
+            client.publish(topics.answers(device), encode_answer(InferAnswer(
+                seq=peek_seq(msg.payload), label="0", confidence=1.0, version=1)), qos=0)
+
+        echo.on_message = on_request
+        connect(echo, echo_url)
+        echo.loop_start()
+        echo.subscribe(topics.all_devices("infer"), qos=0)
+        time.sleep(0.3)
+        baseline = run_clients("bare paho echo")
+        echo.disconnect()
+        echo.loop_stop()
+        del reply
+
+        # lepton serve with the signed cloud model
+        root = cloud_v.path.parents[2]
+        payload, chunks = Registry(root).build("cloud", cloud_v.version, fleet=FLEET,
+                                               private_key=load_private_key(priv))
+        publish_package(broker.url("trainer", "trainer", fleet=FLEET), FLEET, payload, chunks, public_key=pub)
+        env = {**os.environ, "LEPTON_BROKER": broker.url("worker", "serve1", fleet=FLEET),
+               "PYTHONPATH": str(HERE.parent)}
+        proc = subprocess.Popen([sys.executable, "-m", "lepton", "serve", "--fleet", FLEET, "--model", "cloud",
+                                 "--name", "serve1", "--public-key", str(pub), "--json", "--status-interval", "0.5"],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:  # wait until it serves the model
+                line = proc.stdout.readline()
+                if line and json.loads(line).get("model_version"):
+                    break
+            served = run_clients("lepton serve")
+        finally:
+            proc.terminate()
+            proc.wait(10)
+    return {"devices": devices, "rate_hz_per_device": rate_hz, "echo": baseline, "serve": served,
+            "serve_vs_echo_p99": round(served["p99_ms"] / baseline["p99_ms"], 2)
+            if served["p99_ms"] and baseline["p99_ms"] else None}
 
 
 if __name__ == "__main__":

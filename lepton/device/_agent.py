@@ -927,7 +927,9 @@ class DeviceAgent:
                 c.answered_by_edge += 1
             else:
                 c.answered_by_none += 1
-            if truth is not None:
+            # Accuracy over the samples the edge answered itself (or every sample with --cloud-only), so
+            # edge and joint accuracy compare the same samples; before the first model there is neither.
+            if truth is not None and (outcome.edge_label is not None or self.config.cloud_only):
                 c.truth_n += 1
                 c.edge_correct += outcome.edge_label is not None and str(outcome.edge_label) == truth
                 c.joint_correct += outcome.label is not None and str(outcome.label) == truth
