@@ -54,7 +54,8 @@ def test_the_next_edge_model_learns_from_teacher_and_human_labels_only(
     # The seed: samples people labelled (label store, source "human"), and a trusted validation file.
     write_dataset(root, fleet, x[seed], [None] * len(seed), devices=1, name="seed")
     LabelStore(root, fleet).append([LabelRow("dev-0", i, str(y[j]), "human") for i, j in enumerate(seed)])
-    val_file = write_dataset(tmp_path / "val", fleet, x[val], list(y[val]), devices=1) / fleet / "data"
+    val_file = write_dataset(tmp_path / "val", fleet, x[val], list(y[val]), devices=1,
+                             seq_start=100_000) / fleet / "data"  # (device, seq) of its own
     common = dict(data=root, fleet=fleet, val_data=val_file, epochs=12, max_device_share=1.0)
     fast = ExportConfig(quantize=False, latency_runs=5)
 
