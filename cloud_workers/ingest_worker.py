@@ -50,6 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--group", default=env.get("LEPTON_GROUP"), help="shared-subscription group (env LEPTON_GROUP)"
     )
+    p.add_argument(
+        "--index", default=env.get("LEPTON_INDEX"),
+        help="exactly-once index postgresql://USER@HOST[:PORT]/DB (env LEPTON_INDEX, password in "
+        "$PGPASSWORD); default DATA/FLEET/index.sqlite",
+    )
     p.add_argument("--batch-ms", type=float, default=float(env.get("LEPTON_BATCH_MS", "100")))
     p.add_argument("--log-level", default=env.get("LEPTON_LOG_LEVEL", "INFO"))
     args = p.parse_args(argv)
@@ -79,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
                 data=args.data,
                 name=args.name,
                 group=args.group,
+                index=args.index,
                 batch_ms=args.batch_ms,
             )
         )
