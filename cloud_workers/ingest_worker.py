@@ -8,6 +8,9 @@ Credentials: the whole URL in $LEPTON_BROKER (a process's environment is readabl
 or --broker mqtt://w1@broker:1883 with the password in $LEPTON_PASSWORD or a 0600 --password-file
 (e.g. a mounted container secret). A password written in --broker works but every local user can read it.
 
+Workers on several machines: the exactly-once index in PostgreSQL, LEPTON_INDEX=postgresql://lepton@db/lepton
+(or --index) with the password in $PGPASSWORD, and LEPTON_DATA a folder every worker mounts (docs/dataset.md).
+
 It is the Python API (lepton.cloud.IngestWorker) with the deployment concerns around it: settings from
 the environment (12-factor), logs on stderr, SIGTERM stops cleanly (what container runtimes send), and
 exit codes a supervisor can act on (lepton.exitcodes: 2 fix the configuration, e.g. a bad --fleet or

@@ -108,6 +108,26 @@ def test_folder_records_its_postgres_index_without_the_password(tmp_path, fleet,
     assert not (ddir / "index.sqlite").exists()
 
 
+@pytest.mark.postgres
+def test_a_lost_connection_is_transient_and_the_next_transaction_reconnects(tmp_path, fleet, postgres_server):
+    import psycopg
+
+    index = open_index(tmp_path / fleet, postgres_server.url())
+    with index.transaction(devices=["cam-1"]):
+        index.add("cam-1", range(5))
+    with psycopg.connect(postgres_server.url(), autocommit=True) as admin:  # what a server restart does
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                      "WHERE application_name = 'lepton-index' AND pid <> pg_backend_pid()")
+    with pytest.raises(index.transient_errors), index.transaction(devices=["cam-1"]):
+        index.add("cam-1", range(5, 10))
+    with index.transaction(devices=["cam-1"]):  # a fresh session; the failed batch left nothing
+        assert index.known("cam-1", range(10)) == set(range(5))
+        index.add("cam-1", range(5, 10))
+    with index.transaction():
+        assert index.count() == 10
+    index.close()
+
+
 def _worker_cli(tmp_path, *index_args: str) -> subprocess.CompletedProcess:  # noqa: ANN001
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "LEPTON_"))}
     env["LEPTON_BROKER"] = "mqtt://w1:pw@127.0.0.1:1"  # never reached: the index is opened first
