@@ -142,7 +142,8 @@ function renderModels(models) {
     tr.appendChild(el("td", m.model));
     tr.appendChild(el("td", m.version === null ? "–" : `v${m.version}`));
     tr.appendChild(el("td", bytes(m.size), "num"));
-    tr.appendChild(el("td", m.quantization === "int8" ? "int8" : m.quantization ? m.quantization : (m.version === null ? "–" : "fp32")));
+    // the manifest's quantization: "int8", or "none" for an fp32 model
+    tr.appendChild(el("td", m.version === null ? "–" : m.quantization && m.quantization !== "none" ? m.quantization : "fp32"));
     tr.appendChild(el("td", Object.entries(m.metrics).map(([k, v]) => `${k} ${v.toFixed(3)}`).join(", ") || "–"));
     const total = Object.values(m.devices).reduce((a, b) => a + b, 0);
     const cell = el("td");
