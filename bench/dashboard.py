@@ -129,7 +129,7 @@ def main() -> int:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(url)
             time.sleep(args.warmup)
-            page.evaluate("() => { window.leptonPage.lags = []; window.leptonPage.updates = 0; }")
+            page.evaluate("() => { window.leptonPage.lags = []; window.leptonPage.next = 0; window.leptonPage.updates = 0; }")
             c0, w0 = cpu_seconds(server), time.monotonic()
             rss_max = 0
             while time.monotonic() - w0 < args.duration:

@@ -6,8 +6,9 @@
 const state = { devices: new Map(), rows: new Map(), history: [], fleet: "" };
 // What the page measured, for tests and bench/dashboard.py: when it applied each device update, how
 // long after the report's own timestamp (sender clock; the same machine in the bench).
-window.leptonPage = { updates: 0, snapshots: 0, lags: [] };
-const MAX_LAGS = 20000;
+// A ring of the latest MAX_LAGS (never Array.shift on every update: that copies the whole array).
+window.leptonPage = { updates: 0, snapshots: 0, lags: [], next: 0 };
+const MAX_LAGS = 100000;
 const COLORS = ["#3b6fd6", "#e07b39", "#2f9e6e", "#b04fc4", "#c9a227", "#d64545", "#4bb3c4", "#7a7f8c"];
 
 const $ = (id) => document.getElementById(id);
@@ -97,9 +98,9 @@ function applyDevices(rows, measure) {
     state.devices.set(d.device, d);
     renderDevice(d);
     if (measure && typeof d.last_seen === "number" && (!previous || previous.last_seen !== d.last_seen)) {
-      const lags = window.leptonPage.lags;
-      if (lags.length >= MAX_LAGS) lags.shift();
-      lags.push(now - d.last_seen);
+      const page = window.leptonPage;
+      page.lags[page.next] = now - d.last_seen;
+      page.next = (page.next + 1) % MAX_LAGS;
     }
     window.leptonPage.updates++;
   }
