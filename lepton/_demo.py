@@ -55,6 +55,8 @@ class DemoConfig:
     joint: bool = False
     escalate_rate: float = 0.2
     cloud_after: int = 600  # samples stored before the cloud model is trained
+    #: Also serve the fleet dashboard (lepton.dashboard) on this port of 127.0.0.1 (0: a free one).
+    dashboard_port: int | None = None
 
 
 @dataclass
@@ -104,6 +106,7 @@ class Demo:
         self._logs: list[IO[bytes]] = []  # children's stdout/stderr files, closed in stop()
         self._stopping = threading.Event()
         self._monitor = None
+        self.dashboard = None  # lepton.dashboard.DashboardServer with --dashboard
 
     # -- processes --------------------------------------------------------------------------------
     def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
@@ -156,6 +159,14 @@ class Demo:
             urls = self._start_broker()
         self._monitor = _Monitor(urls["viewer"], self)
         self._monitor.start()
+        if self.config.dashboard_port is not None:
+            try:
+                from lepton.dashboard import DashboardServer
+            except ModuleNotFoundError as exc:
+                raise ConfigError(f"--dashboard needs {exc.name}: pip install 'lepton[dashboard]'") from None
+            self.dashboard = DashboardServer(urls["viewer"], self.fleet, prefix=self.topics.prefix,
+                                             host="127.0.0.1", port=self.config.dashboard_port).start()
+            print(f"lepton demo: dashboard at {self.dashboard.url}", file=sys.stderr, flush=True)
         self._spawn("worker", [
             "worker", "--fleet", self.fleet, "--prefix", self.topics.prefix,
             "--data", str(self.workdir / "data"),
@@ -218,6 +229,8 @@ class Demo:
                 self._wait(proc, 15)
         if self._monitor is not None:
             self._monitor.stop()
+        if self.dashboard is not None:
+            self.dashboard.stop()
         for out in self._logs:
             out.close()
 
@@ -303,6 +316,7 @@ class Demo:
                 "devices": devices,
                 **(self._joint(views) if self.config.joint else {}),
                 "fleet": self.fleet,
+                "dashboard_url": self.dashboard.url if self.dashboard is not None else None,
                 "duration_s": round(time.monotonic() - self.started, 2),
                 "workdir": str(self.workdir),
             }

@@ -90,15 +90,33 @@ def test_demo_on_an_external_broker_uses_a_fleet_of_its_own(amqtt_broker, tmp_pa
 
 
 def test_demo_joint_reports_edge_vs_joint_accuracy_escalations_and_bytes(tmp_path):
-    # Two devices at 40 Hz loop over their digits; the cloud model is trained after 600 samples.
-    proc = subprocess.run(
-        [sys.executable, "-m", "lepton", "demo", "--joint", "--devices", "2", "--rate", "40", "--duration", "80",
-         "--epochs", "6", "--json", "--workdir", str(tmp_path)],
-        capture_output=True, text=True, timeout=240,
-    )
+    """--joint, with --dashboard: the fleet page answers while the demo runs."""
+    import urllib.request
 
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    s = json.loads(proc.stdout)
+    # Two devices at 40 Hz loop over their digits; the cloud model is trained after 600 samples.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lepton", "demo", "--joint", "--devices", "2", "--rate", "40", "--duration", "80",
+         "--epochs", "6", "--dashboard", "0", "--json", "--workdir", str(tmp_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    lines = []
+    for line in proc.stderr:  # the URL is printed once the dashboard listens
+        lines.append(line)
+        if "dashboard at " in line:
+            break
+    url = lines[-1].split("dashboard at ", 1)[1].strip()
+    deadline = time.monotonic() + 60
+    fleet = {}
+    while time.monotonic() < deadline and len(fleet.get("devices", [])) < 2:
+        with urllib.request.urlopen(url + "api/fleet", timeout=10) as resp:
+            fleet = json.loads(resp.read())
+        time.sleep(1)
+    out, err = proc.communicate(timeout=240)
+
+    assert proc.returncode == 0, err[-3000:]
+    assert len(fleet["devices"]) == 2, fleet
+    s = json.loads(out)
+    assert s["dashboard_url"] == url
     for key in ("edge_accuracy", "joint_accuracy", "edge_only_accuracy", "escalated_fraction",
                 "upload_bytes_fraction", "answer_p99_ms", "cloud_answers", "cloud_model_version"):
         assert key in s, key

@@ -25,6 +25,7 @@ examples:
   lepton demo
   lepton demo --devices 5 --duration 120 --json
   lepton demo --joint --json      # edge + cloud models, escalation, joint accuracy
+  lepton demo --dashboard         # and watch it at http://127.0.0.1:8050/
 """
 
 
@@ -54,6 +55,9 @@ def register(parser: argparse.ArgumentParser) -> None:
                         help="with --joint: the share of samples each device asks the cloud about (0.2)")
     parser.add_argument("--cloud-after", type=int, default=600, metavar="N",
                         help="with --joint: train the cloud model once N samples are stored (600)")
+    parser.add_argument("--dashboard", nargs="?", type=int, const=8050, default=None, metavar="PORT",
+                        help="also serve the fleet dashboard on http://127.0.0.1:PORT/ (default 8050; 0 picks "
+                        "a free port) and print its URL")
     parser.add_argument("--workdir", default=None, help="folder for broker, dataset, spools, models and logs")
     _prefix.add_prefix_argument(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON summary on stdout at the end")
@@ -72,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
     config = DemoConfig(devices=args.devices, duration=args.duration, broker=broker, rate=args.rate,
                         train_every=args.train_every, epochs=args.epochs, prefix=prefix,
                         joint=args.joint, escalate_rate=args.escalate_rate, cloud_after=args.cloud_after,
+                        dashboard_port=args.dashboard,
                         workdir=Path(args.workdir) if args.workdir else None)
     try:
         result = run_demo(config, as_json=args.json)
