@@ -55,6 +55,7 @@ class DemoConfig:
     joint: bool = False
     escalate_rate: float = 0.2
     cloud_after: int = 600  # samples stored before the cloud model is trained
+    joint_answers: int = 200  # the joint demo ends once the cloud has answered this many samples
     #: Also serve the fleet dashboard (lepton.dashboard) on this port of 127.0.0.1 (0: a free one).
     dashboard_port: int | None = None
 
@@ -255,7 +256,11 @@ class Demo:
         """All devices streamed their slice, are acknowledged, and the last model reached them
         (joint: the devices loop until --duration)."""
         if self.config.joint:
-            return False
+            # The devices loop; the point is made once the cloud has answered a fair number of samples
+            # with its model (or --duration runs out).
+            with self.view_lock:
+                views = [_device_view(r) for r in self.view.devices.values()]
+            return sum(v.joint.get("answered_by_cloud", 0) for v in views) >= self.config.joint_answers
         codes = self.device_exit_codes()
         return bool(codes) and all(c is not None for c in codes.values())
 

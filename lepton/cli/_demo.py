@@ -50,7 +50,7 @@ def register(parser: argparse.ArgumentParser) -> None:
                         help="edge-cloud collaboration: a tiny edge model, a cloud model (trained once "
                         "--cloud-after samples are stored) served by `lepton serve`, and devices that "
                         "escalate their least confident --escalate-rate samples; the devices loop over "
-                        "their slice until --duration")
+                        "their slice until the cloud has answered 200 samples, or --duration")
     parser.add_argument("--escalate-rate", type=float, default=0.2, metavar="R",
                         help="with --joint: the share of samples each device asks the cloud about (0.2)")
     parser.add_argument("--cloud-after", type=int, default=600, metavar="N",
