@@ -145,6 +145,7 @@ def main(argv: list[str]) -> int:
         c_logits = logits_of(cloud_v.data(), xt)
         temp = float((edge_v.manifest.get("calibration") or {}).get("temperature", 1.0))
         raw, cal = softmax(e_logits), softmax(e_logits, temp)
+        raw_conf, cal_conf = raw.max(1), cal.max(1)
         edge_ok = raw.argmax(1) == yt
         cloud_ok = c_logits.argmax(1) == yt
         edge_acc, cloud_acc = float(edge_ok.mean()), float(cloud_ok.mean())
@@ -165,24 +166,25 @@ def main(argv: list[str]) -> int:
             return row
 
         for r in RATES:
-            add(f"rate:{r:g}", EscalationPolicy(rate=r) if r < 1 else EscalationPolicy(cloud_only=True), cal)
-        sedna = add("sedna:0.5", EscalationPolicy(below=0.5), raw)
+            add(f"rate:{r:g}", EscalationPolicy(rate=r) if r < 1 else EscalationPolicy(cloud_only=True), cal_conf)
+        sedna = add("sedna:0.5", EscalationPolicy(below=0.5), raw_conf)
         add(f"rate@sedna ({sedna['escalated_fraction']:g})",
-            EscalationPolicy(rate=sedna["escalated_fraction"]), cal)
+            EscalationPolicy(rate=sedna["escalated_fraction"]), cal_conf)
         upload_all = bytes_per_sample(xt, yt, np.zeros(len(xt), bool), "all")
         for row in rows:
             row["bytes_vs_upload_all"] = round(row["bytes_per_sample"] / upload_all, 3)
         ece = {"raw": round(expected_calibration_error(raw, yt), 4),
                "calibrated": round(expected_calibration_error(cal, yt), 4), "temperature": round(temp, 4)}
-        latency = measure_latency(work, cloud_v, xt, requests=args.requests or (100 if args.quick else 300))
+        latency = measure_latency(work, cloud_v, xt, requests=args.requests or (50 if args.quick else 200))
+        sizes = (len(edge_v.data()), len(cloud_v.data()))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
     result = {
         "task": "UCI digits 1x8x8, 60/40 split, held-out figures",
-        "edge": {"target": "tiny", "accuracy": round(edge_acc, 4), "size_bytes": len(edge_v.data()),
+        "edge": {"target": "tiny", "accuracy": round(edge_acc, 4), "size_bytes": sizes[0],
                  "quantization": edge_v.manifest["quantization"]},
-        "cloud": {"target": "cloud", "accuracy": round(cloud_acc, 4), "size_bytes": len(cloud_v.data())},
+        "cloud": {"target": "cloud", "accuracy": round(cloud_acc, 4), "size_bytes": sizes[1]},
         "held_out": int(len(te)),
         "train_s": round(train_s, 1),
         "ece": ece,
@@ -226,12 +228,126 @@ def print_table(r: dict) -> None:
         if name in lat:
             d = lat[name]
             print(f"answer latency {name:<6} p50 {d['p50_ms']:.2f} ms  p99 {d['p99_ms']:.2f} ms  "
-                  f"({d['answers']} answers of {d['requests']}, {lat['devices']} devices)")
+                  f"({d['answers']} answers of {d['requests']}, errors {d['errors']}, {lat['devices']} devices "
+                  f"at {lat['rate_hz_per_device']:g} Hz each)")
     print("goals:", json.dumps(r["goals"]))
 
 
-def measure_latency(work: Path, cloud_v, xt: np.ndarray, *, requests: int) -> dict:
-    return {"devices": 10, "note": "not measured"}
+def measure_latency(work: Path, cloud_v, xt: np.ndarray, *, requests: int, devices: int = 10,
+                    rate_hz: float = 10.0) -> dict:
+    """Answer round trips of ``devices`` clients on Mosquitto: a bare paho echo, then `lepton serve`."""
+    import os
+    import subprocess
+    import threading
+
+    import paho.mqtt.client as mqtt
+
+    from lepton.cloud import Registry, publish_package
+    from lepton.protocol import (
+        BrokerURL, InferAnswer, Topics, connect, decode_answer, encode_answer, generate_keypair, load_private_key,
+        new_client, peek_seq,
+    )
+    from lepton.protocol._infer import InferRequest, encode_infer
+    from lepton.testing import MosquittoBroker, mosquitto_available
+
+    if not mosquitto_available():
+        return {"devices": devices, "error": "mosquitto is not installed"}
+    topics = Topics(fleet=FLEET)
+    priv, pub = generate_keypair(work / "keys")
+    with MosquittoBroker() as broker:
+        def run_clients(tag: str) -> dict:
+            sent: dict[tuple[int, int], float] = {}
+            got: dict[tuple[int, int], float] = {}
+            errors: dict[str, int] = {}
+            lock = threading.Lock()
+            clients = []
+            for d in range(devices):
+                name = f"dev-{d}"
+                c = new_client(BrokerURL.parse(broker.url("device", name, fleet=FLEET)), client_id=name,
+                               clean_session=True)
+
+                def on_message(client, userdata, msg, d=d):  # noqa: ANN001
+                    now = time.perf_counter()
+                    a = decode_answer(msg.payload)
+                    if a.seq is not None:
+                        with lock:
+                            if a.error is None:
+                                got.setdefault((d, a.seq), now)
+                            else:
+                                errors[a.error] = errors.get(a.error, 0) + 1
+
+                c.on_message = on_message
+                connect(c, BrokerURL.parse(broker.url("device", name, fleet=FLEET)))
+                c.loop_start()
+                c.subscribe(topics.answers(name), qos=0)
+                clients.append(c)
+            time.sleep(0.5)  # subscriptions in place
+            payloads = [[encode_infer(InferRequest(device=f"dev-{d}", seq=i, x=xt[(d * 7 + i) % len(xt)],
+                                                   pipeline=PIPELINE, deadline=time.time() + 3600))
+                         for i in range(requests)] for d in range(devices)]
+            period = 1.0 / rate_hz
+            t0 = time.perf_counter()
+            for i in range(requests):
+                for d, c in enumerate(clients):
+                    with lock:
+                        sent[(d, i)] = time.perf_counter()
+                    c.publish(topics.infer(f"dev-{d}"), payloads[d][i], qos=0)
+                delay = t0 + (i + 1) * period - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)
+            time.sleep(1.0)
+            for c in clients:
+                c.disconnect()
+                c.loop_stop()
+            lat = sorted((got[k] - sent[k]) * 1000.0 for k in got)
+
+            def pct(q: float) -> float | None:
+                return round(lat[min(len(lat) - 1, int(q / 100 * len(lat)))], 3) if lat else None
+
+            return {"what": tag, "requests": len(sent), "answers": len(got), "errors": errors,
+                    "p50_ms": pct(50), "p99_ms": pct(99)}
+
+        # The transport's floor: a bare paho client answering every request at once, on the same broker.
+        echo_url = BrokerURL.parse(broker.url("worker", "echo", fleet=FLEET))
+        echo = new_client(echo_url, client_id="echo", clean_session=True)
+
+        def on_request(client, userdata, msg):  # noqa: ANN001
+            device = topics.parse(msg.topic).device
+            client.publish(topics.answers(device), encode_answer(InferAnswer(
+                seq=peek_seq(msg.payload), label="0", index=0, confidence=1.0, version=1)), qos=0)
+
+        echo.on_message = on_request
+        connect(echo, echo_url)
+        echo.loop_start()
+        echo.subscribe(topics.all_devices("infer"), qos=0)
+        time.sleep(0.3)
+        baseline = run_clients("bare paho echo")
+        echo.disconnect()
+        echo.loop_stop()
+
+        # lepton serve with the signed cloud model
+        root = cloud_v.path.parents[2]
+        payload, chunks = Registry(root).build("cloud", cloud_v.version, fleet=FLEET,
+                                               private_key=load_private_key(priv))
+        publish_package(broker.url("trainer", "trainer", fleet=FLEET), FLEET, payload, chunks, public_key=pub)
+        env = {**os.environ, "LEPTON_BROKER": broker.url("worker", "serve1", fleet=FLEET),
+               "PYTHONPATH": str(HERE.parent)}
+        proc = subprocess.Popen([sys.executable, "-m", "lepton", "serve", "--fleet", FLEET, "--model", "cloud",
+                                 "--name", "serve1", "--public-key", str(pub), "--json", "--status-interval", "0.5"],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:  # wait until it serves the model
+                line = proc.stdout.readline()
+                if line and json.loads(line).get("model_version"):
+                    break
+            served = run_clients("lepton serve")
+        finally:
+            proc.terminate()
+            proc.wait(10)
+    return {"devices": devices, "rate_hz_per_device": rate_hz, "echo": baseline, "serve": served,
+            "serve_vs_echo_p99": round(served["p99_ms"] / baseline["p99_ms"], 2)
+            if served["p99_ms"] and baseline["p99_ms"] else None}
 
 
 if __name__ == "__main__":

@@ -8,6 +8,9 @@ Credentials: the whole URL in $LEPTON_BROKER (a process's environment is readabl
 or --broker mqtt://w1@broker:1883 with the password in $LEPTON_PASSWORD or a 0600 --password-file
 (e.g. a mounted container secret). A password written in --broker works but every local user can read it.
 
+Workers on several machines: the exactly-once index in PostgreSQL, LEPTON_INDEX=postgresql://lepton@db/lepton
+(or --index) with the password in $PGPASSWORD, and LEPTON_DATA a folder every worker mounts (docs/dataset.md).
+
 It is the Python API (lepton.cloud.IngestWorker) with the deployment concerns around it: settings from
 the environment (12-factor), logs on stderr, SIGTERM stops cleanly (what container runtimes send), and
 exit codes a supervisor can act on (lepton.exitcodes: 2 fix the configuration, e.g. a bad --fleet or
@@ -50,6 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--group", default=env.get("LEPTON_GROUP"), help="shared-subscription group (env LEPTON_GROUP)"
     )
+    p.add_argument(
+        "--index", default=env.get("LEPTON_INDEX"),
+        help="exactly-once index postgresql://USER@HOST[:PORT]/DB (env LEPTON_INDEX, password in "
+        "$PGPASSWORD); default DATA/FLEET/index.sqlite",
+    )
     p.add_argument("--batch-ms", type=float, default=float(env.get("LEPTON_BATCH_MS", "100")))
     p.add_argument("--log-level", default=env.get("LEPTON_LOG_LEVEL", "INFO"))
     args = p.parse_args(argv)
@@ -79,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                 data=args.data,
                 name=args.name,
                 group=args.group,
+                index=args.index,
                 batch_ms=args.batch_ms,
             )
         )

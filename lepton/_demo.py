@@ -34,7 +34,9 @@ log = logging.getLogger(__name__)
 
 FLEET = "demo"
 MODEL = "digits"
+CLOUD_MODEL = "digits-cloud"
 WORKER = "demo-worker"
+SERVE = "demo-serve"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,6 +50,14 @@ class DemoConfig:
     workdir: Path | None = None
     keep: bool = False
     prefix: str = DEFAULT_PREFIX  # topics {prefix}/{fleet}/...; every child gets --prefix
+    #: Edge-cloud collaboration: a tiny edge model, a cloud model trained once enough samples are
+    #: stored, a `lepton serve` worker answering the devices' least confident `escalate_rate` samples.
+    joint: bool = False
+    escalate_rate: float = 0.2
+    cloud_after: int = 600  # samples stored before the cloud model is trained
+    joint_answers: int = 200  # the joint demo ends once the cloud has answered this many samples
+    #: Also serve the fleet dashboard (lepton.dashboard) on this port of 127.0.0.1 (0: a free one).
+    dashboard_port: int | None = None
 
 
 @dataclass
@@ -61,6 +71,8 @@ class DeviceView:
     accuracy_samples: int = 0
     swaps: int = 0
     model_error: str | None = None
+    #: collaboration telemetry (flat numbers, docs/protocol.md): escalation, answers, bytes, accuracies
+    joint: dict[str, Any] = field(default_factory=dict)
     #: version -> {"correct": int, "samples": int}, as the device's runtime reports it.
     accuracy_by_version: dict[str, dict[str, int]] = field(default_factory=dict)
 
@@ -95,6 +107,7 @@ class Demo:
         self._logs: list[IO[bytes]] = []  # children's stdout/stderr files, closed in stop()
         self._stopping = threading.Event()
         self._monitor = None
+        self.dashboard = None  # lepton.dashboard.DashboardServer with --dashboard
 
     # -- processes --------------------------------------------------------------------------------
     def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
@@ -119,14 +132,16 @@ class Demo:
         from lepton.testing import wait_for_port
 
         users = {"worker": generate_password(), "viewer": generate_password()}
+        if self.config.joint:
+            users["serve"] = generate_password()
         users.update({f"dev-{i}": generate_password() for i in range(self.config.devices)})
         data = self.workdir / "broker"
         write_password_file(data / "passwd", users)
         from lepton.broker._acl import add_acl_user, role_grants
 
         for user in users:  # each user its role's topics (the worker also publishes the trained models)
-            add_acl_user(data / "acl", user, role_grants("device" if user.startswith("dev-") else user,
-                                                         self.fleet, user, prefix=self.topics.prefix))
+            role = "device" if user.startswith("dev-") else ("worker" if user == "serve" else user)
+            add_acl_user(data / "acl", user, role_grants(role, self.fleet, user, prefix=self.topics.prefix))
         port = free_port()
         self._spawn("broker", ["broker", "--host", "127.0.0.1", "--port", str(port), "--data", str(data)])
         wait_for_port("127.0.0.1", port, timeout=20)
@@ -139,28 +154,63 @@ class Demo:
         if self.config.broker:
             # An external broker: every role uses the given credentials (fine for Mosquitto/EMQX demos
             # with a permissive ACL; production gives each device its own user).
-            urls = {"worker": self.config.broker, "viewer": self.config.broker}
+            urls = {"worker": self.config.broker, "viewer": self.config.broker, "serve": self.config.broker}
             urls.update({f"dev-{i}": self.config.broker for i in range(self.config.devices)})
         else:
             urls = self._start_broker()
         self._monitor = _Monitor(urls["viewer"], self)
         self._monitor.start()
+        if self.config.dashboard_port is not None:
+            try:
+                from lepton.dashboard import DashboardServer
+            except ModuleNotFoundError as exc:
+                raise ConfigError(f"--dashboard needs {exc.name}: pip install 'lepton[dashboard]'") from None
+            self.dashboard = DashboardServer(urls["viewer"], self.fleet, prefix=self.topics.prefix,
+                                             host="127.0.0.1", port=self.config.dashboard_port).start()
+            print(f"lepton demo: dashboard at {self.dashboard.url}", file=sys.stderr, flush=True)
         self._spawn("worker", [
             "worker", "--fleet", self.fleet, "--prefix", self.topics.prefix,
             "--data", str(self.workdir / "data"),
             "--name", WORKER, "--model", MODEL, "--key", str(private),
             "--train-every", str(self.config.train_every), "--train-publish", "--quiet",
             f"--train-arg=--epochs={self.config.epochs}",
+            # joint: the edge model is tiny (microcontroller-class), so the cloud has something to add
+            *(["--train-arg=--target=tiny"] if self.config.joint else []),
         ], env={"OMP_NUM_THREADS": "1", ENV_BROKER: urls["worker"]})  # devices, broker and worker on a
         # few cores: one training thread is ~5x faster than torch's default of one per core (measured here).
+        self._private, self._public, self._urls = private, public, urls
+        if self.config.joint:
+            self._spawn("serve", [
+                "serve", "--fleet", self.fleet, "--prefix", self.topics.prefix, "--model", CLOUD_MODEL,
+                "--name", SERVE, "--public-key", str(public), "--quiet",
+            ], env={"OMP_NUM_THREADS": "1", ENV_BROKER: urls["serve"]})
+        # joint: devices loop over their slice until --duration (the cloud model needs time to arrive),
+        # escalate their least confident samples and upload only those plus a random fifth.
+        joint = ["--escalate-rate", str(self.config.escalate_rate), "--answer-timeout-ms", "500",
+                 "--upload", "escalated+sample:0.2"] if self.config.joint else ["--once"]
         n = self.config.devices
         for i in range(n):
             self._spawn(f"dev-{i}", [
                 "device", "--fleet", self.fleet, "--prefix", self.topics.prefix, "--id", f"dev-{i}",
-                "--source", f"digits:{i}/{n}", "--preset", "digits", "--once",
+                "--source", f"digits:{i}/{n}", "--preset", "digits",
                 "--rate", str(self.config.rate), "--spool", str(self.workdir / "spool" / f"dev-{i}"),
-                "--model", MODEL, "--public-key", str(public), "--quiet",
+                "--model", MODEL, "--public-key", str(public), "--quiet", *joint,
             ], env={ENV_BROKER: urls[f"dev-{i}"]})
+
+    def maybe_train_cloud(self) -> None:
+        """joint: once ``cloud_after`` samples are stored, train and publish the cloud model, once."""
+        if not self.config.joint or "cloud-train" in self._procs:
+            return
+        with self.view_lock:
+            worker = self.view.workers.get(WORKER)
+            stored = (worker.status or {}).get("stored") if worker is not None else None
+        if not isinstance(stored, int) or stored < self.config.cloud_after:
+            return
+        self._spawn("cloud-train", [
+            "train", "--data", str(self.workdir / "data"), "--fleet", self.fleet, "--prefix", self.topics.prefix,
+            "--model", CLOUD_MODEL, "--target", "cloud", "--no-quantize", "--epochs", str(self.config.epochs),
+            "--publish", "--key", str(self._private), "--quiet", "--json",
+        ], env={"OMP_NUM_THREADS": "1", ENV_BROKER: self._urls["worker"]})
 
     def stop(self) -> None:
         """SIGINT every child (devices first, then the worker, then the broker), then SIGKILL stragglers."""
@@ -168,7 +218,7 @@ class Demo:
         # Devices drain their last acks while the worker and broker still run; then the worker, then
         # the broker. Each group gets SIGINT together and is waited for once.
         devices = [n for n in self._procs if n.startswith("dev-")]
-        for group in (devices, ["worker"], ["broker"]):
+        for group in (devices, ["worker", "serve", "cloud-train"], ["broker"]):
             procs = [self._procs[n] for n in group if n in self._procs]
             for proc in procs:
                 if proc.poll() is None:
@@ -180,6 +230,8 @@ class Demo:
                 self._wait(proc, 15)
         if self._monitor is not None:
             self._monitor.stop()
+        if self.dashboard is not None:
+            self.dashboard.stop()
         for out in self._logs:
             out.close()
 
@@ -201,7 +253,14 @@ class Demo:
         return {n: p.poll() for n, p in self._procs.items() if n.startswith("dev-")}
 
     def finished(self) -> bool:
-        """All devices streamed their slice, are acknowledged, and the last model reached them."""
+        """All devices streamed their slice, are acknowledged, and the last model reached them
+        (joint: the devices loop until --duration)."""
+        if self.config.joint:
+            # The devices loop; the point is made once the cloud has answered a fair number of samples
+            # with its model (or --duration runs out).
+            with self.view_lock:
+                views = [_device_view(r) for r in self.view.devices.values()]
+            return sum(v.joint.get("answered_by_cloud", 0) for v in views) >= self.config.joint_answers
         codes = self.device_exit_codes()
         return bool(codes) and all(c is not None for c in codes.values())
 
@@ -213,8 +272,14 @@ class Demo:
             code = proc.poll()
             if code is None or (name.startswith("dev-") and code in (exitcodes.OK, exitcodes.UNACKED)):
                 continue
+            if name == "cloud-train" and code in (exitcodes.OK, exitcodes.GATE_REFUSED):
+                continue  # a one-off job that ended
             return ChildCrashed(name, code, self.workdir / "logs" / f"{name}.log")
         return None
+
+    def _joint(self, views: dict[str, DeviceView]) -> dict[str, Any]:
+        cloud = self.view.models.get(CLOUD_MODEL)
+        return {**_joint_summary(views), "cloud_model_version": cloud.version if cloud is not None else None}
 
     def summary(self) -> dict[str, Any]:
         with self.view_lock:
@@ -254,7 +319,9 @@ class Demo:
                 "quantization_reason": metrics.get("quantization_reason"),
                 "model_metrics": metrics,
                 "devices": devices,
+                **(self._joint(views) if self.config.joint else {}),
                 "fleet": self.fleet,
+                "dashboard_url": self.dashboard.url if self.dashboard is not None else None,
                 "duration_s": round(time.monotonic() - self.started, 2),
                 "workdir": str(self.workdir),
             }
@@ -288,7 +355,7 @@ class _Monitor:
         self.client.loop_stop()
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
-        client.subscribe(self.demo.view.filters(workers=[WORKER], models=[MODEL]))
+        client.subscribe(self.demo.view.filters(workers=[WORKER, SERVE], models=[MODEL, CLOUD_MODEL]))
 
     def _on_message(self, client, userdata, message) -> None:  # noqa: ANN001
         demo = self.demo
@@ -344,6 +411,39 @@ def _merge_device(dev: DeviceView, body: dict[str, Any]) -> None:
             dev.accuracy_samples = _count(current.get("samples"))
     if isinstance(body.get("swaps"), int):
         dev.swaps = body["swaps"]
+    for key in _JOINT_KEYS:
+        value = body.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            dev.joint[key] = value
+
+
+_JOINT_KEYS = ("escalated", "escalated_fraction", "answered_by_cloud", "answered_by_edge", "answered_by_none",
+               "answer_ms_p99",
+               "infer_bytes", "sample_bytes", "published", "truth_samples", "edge_accuracy", "joint_accuracy")
+
+
+def _joint_summary(views: dict[str, DeviceView]) -> dict[str, Any]:
+    """Fleet-wide collaboration figures from the devices' (cumulative) telemetry."""
+    tot = {k: sum(v.joint.get(k, 0) or 0 for v in views.values())
+           for k in ("escalated", "answered_by_cloud", "infer_bytes", "sample_bytes", "published", "truth_samples")}
+    captured = sum(v.captured for v in views.values())
+    n = tot["truth_samples"]
+    edge = sum((v.joint.get("edge_accuracy") or 0) * (v.joint.get("truth_samples") or 0) for v in views.values())
+    both = sum((v.joint.get("joint_accuracy") or 0) * (v.joint.get("truth_samples") or 0) for v in views.values())
+    p99 = [v.joint["answer_ms_p99"] for v in views.values() if v.joint.get("answer_ms_p99") is not None]
+    # upload-all would send every captured sample once, at the mean envelope bytes per sample sent
+    per_sample = tot["sample_bytes"] / tot["published"] if tot["published"] else None
+    baseline = captured * per_sample if per_sample else None
+    return {
+        "joint_accuracy": round(both / n, 4) if n else None,
+        "edge_only_accuracy": round(edge / n, 4) if n else None,
+        "joint_accuracy_samples": n,
+        "escalated_fraction": round(tot["escalated"] / captured, 4) if captured else None,
+        "cloud_answers": tot["answered_by_cloud"],
+        "upload_bytes_fraction": round((tot["infer_bytes"] + tot["sample_bytes"]) / baseline, 3)
+        if baseline else None,
+        "answer_p99_ms": max(p99) if p99 else None,
+    }
 
 
 def _render(demo: Demo):  # -> rich renderable
@@ -382,6 +482,7 @@ def run_demo(config: DemoConfig, *, as_json: bool = False, live: bool = True) ->
                 raise crash
             if demo.finished():
                 break
+            demo.maybe_train_cloud()
             if display is not None:
                 display.update(_render(demo))
             elif not as_json:

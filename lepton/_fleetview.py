@@ -5,9 +5,11 @@ shells around it (``lepton.cli._status``, ``lepton._demo``) subscribe to :meth:`
 feed every message to :meth:`FleetView.apply` under their own lock, and render the view their way.
 
 What it keeps, per fleet: each device's latest status and telemetry reports, each worker's latest
-status, and each model's latest retained manifest (parsed for display, not verified: it decides
-nothing). Devices write these topics, so nothing is trusted: a payload that is not protocol v1 JSON,
-over :data:`MAX_PAYLOAD`, or for a device beyond :data:`MAX_ENTRIES` is ignored and counted, and an
+status, each model's latest retained manifest (parsed for display, not verified: it decides
+nothing), and, when subscribed (``filters(deadletter=True)``, ``lepton dashboard``), the latest
+``max_dead_letters`` dead-letter reports. Devices write these topics, so nothing is trusted: a payload that is not protocol v1 JSON,
+over ``max_payload`` (:data:`MAX_PAYLOAD`), or for a device beyond ``max_entries`` (:data:`MAX_ENTRIES`)
+is ignored and counted, and an
 empty retained payload (a cleared topic) removes what it cleared. The values inside the reports are
 left to the renderer to type-check.
 
@@ -22,6 +24,7 @@ left to the renderer to type-check.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -72,22 +75,34 @@ class FleetView:
     devices: dict[str, Reports] = field(default_factory=dict)
     workers: dict[str, Reports] = field(default_factory=dict)
     models: dict[str, ModelInfo] = field(default_factory=dict)
-    #: payloads that are not protocol v1 JSON (or a manifest), too big, or beyond MAX_ENTRIES
+    #: payloads that are not protocol v1 JSON (or a manifest), too big, or beyond max_entries
     ignored: int = 0
+    #: devices (and workers, and models) kept at most, and the largest status/telemetry kept
+    max_entries: int = MAX_ENTRIES
+    max_payload: int = MAX_PAYLOAD
+    #: the latest dead-letter reports (decoded JSON objects, oldest first), and how many arrived
+    max_dead_letters: int = 50
+    dead_letters: deque[dict[str, Any]] = field(init=False, repr=False)
+    dead_letters_seen: int = 0
     topics: Topics = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.topics = Topics(fleet=self.fleet, prefix=self.prefix)
+        self.dead_letters = deque(maxlen=self.max_dead_letters)
 
     def filters(
-        self, *, workers: Iterable[str] | None = None, models: Iterable[str] = ()
+        self, *, workers: Iterable[str] | None = None, models: Iterable[str] | None = (),
+        deadletter: bool = False,
     ) -> list[tuple[str, int]]:
         """``(topic filter, QoS)`` to subscribe to: every device's status and telemetry, the status of
-        every worker (or of the named ``workers`` only), and the manifests of ``models``."""
+        every worker (or of the named ``workers`` only), the manifests of ``models`` (``None``: of every
+        model), and with ``deadletter`` the fleet's dead letters."""
         t = self.topics
         status = [(t.all_status(), 1)] if workers is None else [
             (t.all_devices("status"), 1), *((t.worker_status(w), 1) for w in workers)]
-        return [*status, (t.all_devices("telemetry"), 0), *((t.model(m), 1) for m in models)]
+        manifests = [(t.all_manifests(), 1)] if models is None else [(t.model(m), 1) for m in models]
+        dead = [(t.deadletter(), 1)] if deadletter else []
+        return [*status, (t.all_devices("telemetry"), 0), *manifests, *dead]
 
     def apply(self, topic: str, payload: bytes | bytearray | memoryview, *, now: float) -> str | None:
         """Fold one message in. Returns its channel (``"status"``, ``"telemetry"``, ``"worker_status"``,
@@ -100,6 +115,8 @@ class FleetView:
         if parsed.channel == "model":
             assert parsed.model is not None  # Topics.parse names the model on this channel
             return self._apply_model(parsed.model, bytes(payload))
+        if parsed.channel == "deadletter":
+            return self._apply_dead_letter(payload)
         if parsed.channel == "worker_status":
             book, name, kind = self.workers, parsed.worker, "status"
         elif parsed.channel in ("status", "telemetry"):
@@ -107,7 +124,7 @@ class FleetView:
         else:
             return None
         assert name is not None  # Topics.parse names the device or worker on these channels
-        if len(payload) > MAX_PAYLOAD or (name not in book and len(book) >= MAX_ENTRIES):
+        if len(payload) > self.max_payload or (name not in book and len(book) >= self.max_entries):
             self.ignored += 1
             return None
         if not payload:  # a cleared retained message: the device or worker was removed
@@ -134,7 +151,7 @@ class FleetView:
     def _apply_model(self, name: str, payload: bytes) -> str | None:
         if not payload:  # the manifest was cleared
             return "model" if self.models.pop(name, None) is not None else None
-        if len(payload) > MAX_MANIFEST_BYTES or (name not in self.models and len(self.models) >= MAX_ENTRIES):
+        if len(payload) > MAX_MANIFEST_BYTES or (name not in self.models and len(self.models) >= self.max_entries):
             self.ignored += 1
             return None
         try:
@@ -145,3 +162,16 @@ class FleetView:
         self.models[name] = ModelInfo(version=manifest.version, size=manifest.size,
                                       quantization=manifest.quantization, metrics=dict(manifest.metrics))
         return "model"
+
+    def _apply_dead_letter(self, payload: bytes | bytearray | memoryview) -> str | None:
+        if not payload or len(payload) > self.max_payload:
+            self.ignored += 1
+            return None
+        try:
+            body = decode_json(payload, field="deadletter")
+        except ProtocolError:
+            self.ignored += 1
+            return None
+        self.dead_letters.append(body)
+        self.dead_letters_seen += 1
+        return "deadletter"

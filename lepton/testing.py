@@ -29,7 +29,15 @@ from lepton.broker._acl import ACL_HEADER, role_grants
 from lepton.broker._embedded import MAX_PACKET_SIZE
 from lepton.protocol import DEFAULT_PREFIX
 
-__all__ = ["AmqttBroker", "MosquittoBroker", "PROJECT_ROOT", "mosquitto_available", "wait_for_port"]
+__all__ = [
+    "AmqttBroker",
+    "MosquittoBroker",
+    "PROJECT_ROOT",
+    "PostgresServer",
+    "mosquitto_available",
+    "postgres_bin_dir",
+    "wait_for_port",
+]
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -248,6 +256,101 @@ class MosquittoBroker:
         return self.log_file.read_text(errors="replace") if self.log_file.exists() else ""
 
     def __enter__(self) -> MosquittoBroker:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+# -- PostgreSQL ----------------------------------------------------------------------------------------
+#: Where Debian's ``postgresql`` package puts initdb and pg_ctl (they are not on $PATH there).
+_PG_BIN_DIRS = ("/usr/lib/postgresql/17/bin", "/usr/lib/postgresql/16/bin", "/usr/lib/postgresql/15/bin")
+
+
+def postgres_bin_dir() -> Path | None:
+    """The folder holding ``initdb`` and ``pg_ctl`` ($LEPTON_PG_BIN, Debian's, or $PATH), or None."""
+    candidates = [os.environ.get("LEPTON_PG_BIN", ""), *_PG_BIN_DIRS]
+    which = shutil.which("initdb")
+    if which:
+        candidates.append(str(Path(which).parent))
+    for folder in candidates:
+        if folder and (Path(folder) / "initdb").is_file() and (Path(folder) / "pg_ctl").is_file():
+            return Path(folder)
+    return None
+
+
+class PostgresServer:
+    """A throw-away PostgreSQL cluster (``initdb`` + ``pg_ctl``) in a temporary folder on a free
+    loopback port, with password authentication over TCP.
+
+    PostgreSQL refuses to run as root; as root the cluster belongs to user ``nobody`` (``runuser``).
+
+    >>> with PostgresServer() as pg:                       # doctest: +SKIP
+    ...     url = pg.url()  # postgresql://lepton:PASSWORD@127.0.0.1:PORT/lepton
+    """
+
+    user = "lepton"
+    database = "lepton"
+
+    def __init__(self, *, workdir: str | Path | None = None) -> None:
+        bin_dir = postgres_bin_dir()
+        if bin_dir is None:
+            raise FileNotFoundError("initdb/pg_ctl not found: apt-get install -y postgresql")
+        self.bin = bin_dir
+        self.host, self.port = "127.0.0.1", free_port()
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="lepton-postgres-"))
+        self.data_dir = self.workdir / "data"
+        self.log_file = self.workdir / "postgres.log"
+        self.password = secrets.token_urlsafe(12)
+        self._as: list[str] = []
+        if os.geteuid() == 0:
+            import pwd
+
+            nobody = pwd.getpwnam("nobody")
+            os.chown(self.workdir, nobody.pw_uid, nobody.pw_gid)
+            self._as = ["runuser", "-u", "nobody", "--"]
+        pwfile = self.workdir / "pw"
+        pwfile.write_text(self.password + "\n")
+        if self._as:
+            os.chown(pwfile, nobody.pw_uid, nobody.pw_gid)
+        self._run("initdb", "-D", str(self.data_dir), "-U", self.user, f"--pwfile={pwfile}",
+                  "--auth-local=trust", "--auth-host=scram-sha-256", "-E", "UTF8", "--no-sync")
+        pwfile.unlink()
+        self._started = False
+
+    def _run(self, tool: str, *args: str) -> None:
+        done = subprocess.run([*self._as, str(self.bin / tool), *args], capture_output=True, text=True,
+                              cwd=self.workdir)
+        if done.returncode != 0:
+            log = self.log_file.read_text(errors="replace")[-2000:] if self.log_file.exists() else ""
+            raise RuntimeError(f"{tool} failed ({done.returncode}): {done.stderr.strip()}\n{log}")
+
+    def start(self) -> None:
+        options = (f"-c listen_addresses={self.host} -c port={self.port} "
+                   f"-c unix_socket_directories={self.workdir} -c max_connections=60 "
+                   "-c shared_buffers=16MB")
+        self._run("pg_ctl", "-D", str(self.data_dir), "-l", str(self.log_file), "-w", "-t", "60",
+                  "-o", options, "start")
+        self._started = True
+        # The database the URL names (the cluster only has "postgres" and the templates).
+        self._run("createdb", "-h", str(self.workdir), "-p", str(self.port), "-U", self.user, self.database)
+
+    def stop(self) -> None:
+        if self._started:
+            self._run("pg_ctl", "-D", str(self.data_dir), "-m", "fast", "-w", "stop")
+            self._started = False
+
+    def url(self, *, password: bool = True) -> str:
+        """``postgresql://lepton[:PASSWORD]@127.0.0.1:PORT/lepton``."""
+        auth = f"{self.user}:{self.password}" if password else self.user
+        return f"postgresql://{auth}@{self.host}:{self.port}/{self.database}"
+
+    def log(self) -> str:
+        return self.log_file.read_text(errors="replace") if self.log_file.exists() else ""
+
+    def __enter__(self) -> PostgresServer:
         self.start()
         return self
 

@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from lepton.testing import AmqttBroker, MosquittoBroker, mosquitto_available
+from lepton.testing import AmqttBroker, MosquittoBroker, PostgresServer, mosquitto_available, postgres_bin_dir
 
 REQUIRE_MOSQUITTO = os.environ.get("LEPTON_REQUIRE_MOSQUITTO") == "1"
 
@@ -56,3 +56,38 @@ def broker(request):
 def fleet() -> str:
     """A fleet name no other test uses, so runs never see each other's retained messages."""
     return f"t{uuid.uuid4().hex[:10]}"
+
+
+def _postgres_or_skip() -> None:
+    """PostgreSQL (initdb/pg_ctl) and psycopg, like Mosquitto: skip without them, fail in CI."""
+    missing = []
+    if postgres_bin_dir() is None:
+        missing.append("initdb/pg_ctl not found (apt-get install -y postgresql)")
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        missing.append("psycopg not installed (pip install -e '.[postgres]')")
+    if not missing:
+        return
+    message = "; ".join(missing)
+    if REQUIRE_MOSQUITTO:
+        pytest.fail(message + " and LEPTON_REQUIRE_MOSQUITTO=1")
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """One throw-away PostgreSQL cluster for the session; tests keep apart by their fleet name (the
+    index's dataset key)."""
+    _postgres_or_skip()
+    with PostgresServer() as server:
+        yield server
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def index_url(request) -> str | None:
+    """The same test against both exactly-once index backends: None (SQLite in the dataset folder)
+    or the URL of a real PostgreSQL server."""
+    if request.param == "sqlite":
+        return None
+    return request.getfixturevalue("postgres_server").url()

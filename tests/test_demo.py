@@ -87,3 +87,43 @@ def test_demo_on_an_external_broker_uses_a_fleet_of_its_own(amqtt_broker, tmp_pa
     assert set(summary["pids"]) == {"worker", "dev-0", "dev-1"}  # no broker of its own
     assert summary["samples_ingested"] == 1797 and summary["model_version"] >= 1
     assert not [name for name, pid in summary["pids"].items() if _alive(pid)]
+
+
+def test_demo_joint_reports_edge_vs_joint_accuracy_escalations_and_bytes(tmp_path):
+    """--joint, with --dashboard: the fleet page answers while the demo runs."""
+    import urllib.request
+
+    # Two devices at 40 Hz loop over their digits; the cloud model is trained after 600 samples; the
+    # demo ends once the cloud has answered 200 of them (at most 150 s).
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lepton", "demo", "--joint", "--devices", "2", "--rate", "40", "--duration", "150",
+         "--epochs", "6", "--dashboard", "0", "--json", "--workdir", str(tmp_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    lines = []
+    for line in proc.stderr:  # the URL is printed once the dashboard listens
+        lines.append(line)
+        if "dashboard at " in line:
+            break
+    url = lines[-1].split("dashboard at ", 1)[1].strip()
+    deadline = time.monotonic() + 60
+    fleet = {}
+    while time.monotonic() < deadline and len(fleet.get("devices", [])) < 2:
+        with urllib.request.urlopen(url + "api/fleet", timeout=10) as resp:
+            fleet = json.loads(resp.read())
+        time.sleep(1)
+    out, err = proc.communicate(timeout=240)
+
+    assert proc.returncode == 0, err[-3000:]
+    assert len(fleet["devices"]) == 2, fleet
+    s = json.loads(out)
+    assert s["dashboard_url"] == url
+    for key in ("edge_accuracy", "joint_accuracy", "edge_only_accuracy", "escalated_fraction",
+                "upload_bytes_fraction", "answer_p99_ms", "cloud_answers", "cloud_model_version"):
+        assert key in s, key
+    assert s["model_version"] >= 1 and s["cloud_model_version"] >= 1, s
+    assert s["cloud_answers"] >= 200 and s["answer_p99_ms"] is not None
+    assert s["joint_accuracy_samples"] > 0
+    assert s["joint_accuracy"] >= s["edge_only_accuracy"]  # the same samples; the cloud only adds answers
+    assert 0 < s["upload_bytes_fraction"]
+    assert not [name for name, pid in s["pids"].items() if _alive(pid)]

@@ -1,5 +1,5 @@
 """Issue 11 item 3, across the rooms: on the topic prefix ``acme/site-3/lepton`` a real device agent, the
-ingest worker, its training child (train + publish) and ``lepton status`` work together on one broker
+ingest worker, its training child (train + publish), ``lepton serve`` and ``lepton status`` work together on one broker
 (Mosquitto with the project's config and ``broker/add-user.sh --prefix``): the device's samples are
 stored once and acknowledged, a signed model is published and served by the device, and status lists it.
 
@@ -87,26 +87,33 @@ def test_device_worker_training_and_status_work_on_a_custom_prefix(mosquitto_bro
                   "--spool", str(tmp_path / "spool"), "--source", "digits", "--ack-timeout", "3", "--json",
                   "--quiet"]
     device_env = dict(os.environ, LEPTON_BROKER=b.url("device", "cam-1", fleet=fleet, prefix=PREFIX))
-    device = None
+    device = serve = None
     try:
         _wait_status(viewer, fleet, lambda s: any(w.get("worker") == "w1" and w.get("online")
                                                   for w in s["workers"]), "worker w1 online", 30)
         # 1. samples: exactly --train-every of them, stored and acknowledged; the worker starts training
         first = subprocess.run([*device_cmd, "--limit", "300"], env=device_env, capture_output=True,
                                text=True, timeout=120)
-        # 2. the model: the device runs again, slowly (no second training), until status shows it serving
+        # 2. the model: the device runs again, slowly (no second training), until status shows it serving;
+        # it escalates half its samples to a `lepton serve` worker on the same prefix.
+        serve = subprocess.Popen(
+            [*LEPTON, "serve", "--prefix", PREFIX, "--fleet", fleet, "--model", "digits", "--name", "s1",
+             "--public-key", str(public), "--quiet"],
+            env=dict(os.environ, LEPTON_BROKER=b.url("worker", "s1", fleet=fleet, prefix=PREFIX)),
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         device = subprocess.Popen(
             [*device_cmd, "--rate", "5", "--model", "digits", "--public-key", str(public),
-             "--telemetry-interval", "1"],
+             "--telemetry-interval", "1", "--escalate-rate", "0.5", "--answer-timeout-ms", "2000"],
             env=device_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         served = _wait_status(viewer, fleet, lambda s: (_device(s, "cam-1").get("model_version") or 0) >= 1,
                               "cam-1 serving a model", 180)
+        time.sleep(4)  # a few escalations answered by the serve worker
         device.send_signal(signal.SIGINT)
         out, err = device.communicate(timeout=60)
         # A retrain started meanwhile finishes before the worker stops: idle twice, 2 s apart, same runs.
         _wait_training_done(viewer, fleet, "w1")
     finally:
-        for proc in (device, worker):
+        for proc in (device, serve, worker):
             if proc is not None and proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
                 proc.wait(30)
@@ -125,6 +132,8 @@ def test_device_worker_training_and_status_work_on_a_custom_prefix(mosquitto_bro
     assert device.returncode == _exit.OK, err
     assert summary["captured"] == summary["acked"] and summary["spool_depth"] == 0
     assert summary["model_version"] in {v.version for v in published}
+    # serve, on the same prefix, answered the device's escalations
+    assert summary["collaboration"]["answered_by_cloud"] >= 1, summary["collaboration"]
     # the worker: each acknowledged sample stored exactly once, no more
     acked = before["acked"] + summary["acked"]
     assert len(pairs) == len(set(pairs)) == acked

@@ -121,7 +121,8 @@ def run_label(args: argparse.Namespace) -> int:
     by_device: dict[str, list[tuple[int, str]]] = {}
     for device, seq, label in rows:
         by_device.setdefault(device, []).append((seq, label))
-    if (root / fleet / "index.sqlite").is_file():  # the worker's index: one bounded query per device
+    if (root / fleet / "index.sqlite").is_file() or (root / fleet / "index.json").is_file():
+        # the worker's index (SQLite, or the PostgreSQL one its index.json names): one query per device
         index = open_index(root / fleet)
         try:
             known = {d: index.known(d, [q for q, _ in items]) for d, items in by_device.items()}

@@ -24,6 +24,8 @@ folder by default; its path is printed at the end).
 examples:
   lepton demo
   lepton demo --devices 5 --duration 120 --json
+  lepton demo --joint --json      # edge + cloud models, escalation, joint accuracy
+  lepton demo --dashboard         # and watch it at http://127.0.0.1:8050/
 """
 
 
@@ -44,6 +46,18 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-every", type=int, default=300,
                         help="retrain after this many new labelled samples (default 300)")
     parser.add_argument("--epochs", type=int, default=10, help="training epochs per model (default 10)")
+    parser.add_argument("--joint", action="store_true",
+                        help="edge-cloud collaboration: a tiny edge model, a cloud model (trained once "
+                        "--cloud-after samples are stored) served by `lepton serve`, and devices that "
+                        "escalate their least confident --escalate-rate samples; the devices loop over "
+                        "their slice until the cloud has answered 200 samples, or --duration")
+    parser.add_argument("--escalate-rate", type=float, default=0.2, metavar="R",
+                        help="with --joint: the share of samples each device asks the cloud about (0.2)")
+    parser.add_argument("--cloud-after", type=int, default=600, metavar="N",
+                        help="with --joint: train the cloud model once N samples are stored (600)")
+    parser.add_argument("--dashboard", nargs="?", type=int, const=8050, default=None, metavar="PORT",
+                        help="also serve the fleet dashboard on http://127.0.0.1:PORT/ (default 8050; 0 picks "
+                        "a free port) and print its URL")
     parser.add_argument("--workdir", default=None, help="folder for broker, dataset, spools, models and logs")
     _prefix.add_prefix_argument(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON summary on stdout at the end")
@@ -61,6 +75,8 @@ def run(args: argparse.Namespace) -> int:
     broker = _credentials.broker_url(args, "demo", required=False, env_url=False)
     config = DemoConfig(devices=args.devices, duration=args.duration, broker=broker, rate=args.rate,
                         train_every=args.train_every, epochs=args.epochs, prefix=prefix,
+                        joint=args.joint, escalate_rate=args.escalate_rate, cloud_after=args.cloud_after,
+                        dashboard_port=args.dashboard,
                         workdir=Path(args.workdir) if args.workdir else None)
     try:
         result = run_demo(config, as_json=args.json)
@@ -92,6 +108,12 @@ def _print_summary(r: dict) -> None:
         f"  model size             {r.get('model_size_bytes')} bytes "
         f"({r.get('compression_ratio')} of the fp32 export)",
         f"  shipped                {r.get('model_quantization')}: {r.get('quantization_reason')}",
+        *([f"  joint accuracy         {r.get('joint_accuracy')} (edge alone {r.get('edge_only_accuracy')}) "
+           f"over {r.get('joint_accuracy_samples')} samples; cloud model v{r.get('cloud_model_version')}",
+           f"  escalated              {r.get('escalated_fraction')} of samples, {r.get('cloud_answers')} "
+           f"answered by the cloud, answer p99 {r.get('answer_p99_ms')} ms",
+           f"  bytes sent             {r.get('upload_bytes_fraction')} of uploading every sample once"]
+          if "joint_accuracy" in r else []),
         f"  duration               {r.get('duration_s')} s",
         f"  files                  {r.get('workdir')}",
     ]

@@ -28,6 +28,8 @@ examples:
       --source digits --limit 500
   LEPTON_PASSWORD=... lepton device --broker mqtts://gw@broker:8883 --fleet plant --id gw --source camera:0 \\
       --preset camera-gray-32 --rate 5 --model digits --public-key lepton.pub --predictions
+  lepton device ... --model digits --public-key lepton.pub --escalate-rate 0.1 \\
+      --upload escalated+sample:0.05      # the hard 10 % go to the cloud and to the dataset, plus 5 %
 """
 
 
@@ -126,6 +128,24 @@ def register(parser: argparse.ArgumentParser) -> None:
     key.add_argument("--no-verify", action="store_true", help="accept unsigned models (development only)")
     model.add_argument("--predictions", action="store_true", help="publish every prediction as JSON")
 
+    joint = parser.add_argument_group(
+        "edge-cloud collaboration (a `lepton serve` worker answers on devices/{id}/answers)"
+    )
+    how = joint.add_mutually_exclusive_group()
+    how.add_argument("--escalate-below", type=float, metavar="C",
+                     help="ask the cloud about predictions whose calibrated confidence is below C")
+    how.add_argument("--escalate-rate", type=float, metavar="R",
+                     help="ask the cloud about the least confident fraction R of the predictions (a budget "
+                     "that holds as the data drifts)")
+    how.add_argument("--cloud-only", action="store_true",
+                     help="no local model: the cloud answers every sample")
+    joint.add_argument("--answer-timeout-ms", type=float, default=250.0, metavar="MS",
+                       help="how long an escalated sample waits for the cloud before the device's own "
+                       "answer stands (default 250); local inference never waits")
+    joint.add_argument("--upload", default="all", metavar="POLICY",
+                       help="which samples enter the dataset: all (default), escalated, sample:P or "
+                       "escalated+sample:P (the hard ones plus an unbiased random fraction P)")
+
     out = parser.add_argument_group("output")
     out.add_argument("--json", action="store_true", help="print one JSON summary on stdout at the end")
     out.add_argument("--quiet", action="store_true", help="no progress line")
@@ -140,8 +160,10 @@ def run(args: argparse.Namespace) -> int:
     broker = _credentials.broker_url(args, "device")
     if args.spool_max_mb <= 0:
         raise ConfigError("--spool-max-mb must be > 0")
-    if args.model is None and (args.public_key or args.no_verify or args.predictions):
-        raise ConfigError("--public-key, --no-verify and --predictions need --model NAME")
+    if args.model is None and (args.public_key or args.no_verify) or (
+            args.predictions and args.model is None and not args.cloud_only):
+        raise ConfigError("--public-key, --no-verify and --predictions need --model NAME (or --cloud-only "
+                          "for --predictions)")
     pipeline = (
         args.pipeline or args.preset or ("digits" if args.source.startswith("digits") else "camera-gray-32")
     )
@@ -171,6 +193,11 @@ def run(args: argparse.Namespace) -> int:
         verify=not args.no_verify,
         predictions=args.predictions,
         ca_certs=args.ca_certs,
+        escalate_below=args.escalate_below,
+        escalate_rate=args.escalate_rate,
+        cloud_only=args.cloud_only,
+        answer_timeout_ms=args.answer_timeout_ms,
+        upload=args.upload,
     )
     if args.pipeline is None and args.preset is not None:
         from lepton.device import PRESETS
@@ -217,6 +244,10 @@ def _final_line(s) -> str:  # noqa: ANN001
     else:
         state = f"{s.dropped_this_run} dropped by a full spool before they were acknowledged"
     model = f", model v{s.model_version}" if s.model_version is not None else ""
+    j = s.collaboration
+    if j.get("escalation") not in (None, "off"):
+        model += (f", escalated {j['escalated']} ({j['escalation']}): cloud answered {j['answered_by_cloud']}, "
+                  f"edge {j['answered_by_edge']}; uploaded {j['uploaded']} ({j['upload']})")
     return (
         f"lepton device {s.device}: captured {s.captured}, published {s.published} ({s.resent} resent), "
         f"acked {s.acked}, dropped {s.dropped}, skipped {s.skipped}{model}; {state} [{s.stopped_by}]"

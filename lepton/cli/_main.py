@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "keys": ("_keys", "generate the Ed25519 key pair that signs models"),
     "dataset": ("_dataset", "inspect (stats) and compact the Parquet dataset"),
     "status": ("_status", "show the fleet from retained status and telemetry topics"),
+    "dashboard": ("_dashboard", "serve the fleet live in the browser, with /metrics for Prometheus"),
     "demo": ("_demo", "run the whole edge-cloud loop on one machine"),
 }
 

@@ -148,10 +148,12 @@ def plain(value: Any, depth: int = 0) -> Any:
     return None
 
 
-def device_row(name: str, status: dict | None, telemetry: dict | None, now: float) -> dict[str, Any]:
+def device_row(name: str, status: dict | None, telemetry: dict | None, now: float, *,
+               raw: bool = True) -> dict[str, Any]:
     """One device's row; field names per docs/protocol.md ("Status", "Telemetry", "Predictions").
 
     Every field is checked for its type and range: a field of the wrong type is shown as missing.
+    ``raw=False`` leaves out the bounded copies of both reports (``status``, ``telemetry``).
     """
     status, telemetry = _dict(status), _dict(telemetry)
     version = _int(status.get("model_version"))
@@ -193,8 +195,7 @@ def device_row(name: str, status: dict | None, telemetry: dict | None, now: floa
         "last_seen_s": round(now - last_seen, 1) if last_seen is not None else None,
         "model_error": error_reason,
         "model_error_message": error_message,
-        "status": plain(status) or None,
-        "telemetry": plain(telemetry) or None,
+        **({"status": plain(status) or None, "telemetry": plain(telemetry) or None} if raw else {}),
     }
 
 
@@ -215,7 +216,7 @@ def _scalar(value: Any) -> int | float | str | bool | None:
     return clean_text(value)
 
 
-def worker_row(name: str, status: dict | None, now: float) -> dict[str, Any]:
+def worker_row(name: str, status: dict | None, now: float, *, raw: bool = True) -> dict[str, Any]:
     status = _dict(status)
     ts = _num(status.get("ts"), 0.0)
     scalars: dict[str, Any] = {}
@@ -229,7 +230,7 @@ def worker_row(name: str, status: dict | None, now: float) -> dict[str, Any]:
     summary.update(sorted(scalars.items())[:MAX_ITEMS])
     return {"worker": clean_text(name) or "?", "online": _bool(status.get("online")), "last_seen": ts,
             "last_seen_s": round(now - ts, 1) if ts is not None else None, "summary": summary,
-            "status": plain(status) or None}
+            **({"status": plain(status) or None} if raw else {})}
 
 
 # ------------------------------------------------------------------------------------------------

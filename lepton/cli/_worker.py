@@ -22,7 +22,10 @@ their spool. Its status (retained, Last Will) is on PREFIX/FLEET/workers/NAME/st
 
 --group NAME splits the stream between several workers with a shared subscription ($share/NAME/...;
 Mosquitto, EMQX, VerneMQ; not the embedded amqtt broker). Workers of a group must use the same --data
-folder (the index is shared through SQLite locking; use a local filesystem) and distinct --name.
+folder and distinct --name. The exactly-once index is DIR/FLEET/index.sqlite by default (SQLite
+locking: workers on one machine, a local filesystem); with --index postgresql://USER@HOST/DB it lives
+in PostgreSQL, for workers on several machines that all mount the same --data folder (password in
+$PGPASSWORD or ~/.pgpass; docs/dataset.md).
 
 --train-every N / --train-interval S start
 `python -m lepton train --data DIR --fleet F --prefix P --model NAME` as a separate process when N new
@@ -43,6 +46,7 @@ examples:
   lepton worker --broker mqtt://w1@localhost:1883 --password-file w1.pw --fleet f1 --data ./data
   LEPTON_BROKER=mqtt://w2:secret@localhost:1883 lepton worker --fleet f1 --data ./data --group ingest \\
       --name w2
+  PGPASSWORD=... lepton worker ... --group ingest --name w3 --index postgresql://lepton@db:5432/lepton
   lepton worker ... --train-every 500 --model digits --key model.key --train-publish --train-arg=--epochs=5
 """
 
@@ -62,6 +66,11 @@ def register(parser: argparse.ArgumentParser) -> None:
         "--name", default="worker", help="worker name: client id and status topic (default worker)"
     )
     parser.add_argument("--group", default=None, metavar="NAME", help="shared-subscription group")
+    parser.add_argument(
+        "--index", default=env.get("LEPTON_INDEX"), metavar="URL",
+        help="exactly-once index in PostgreSQL, postgresql://USER@HOST[:PORT]/DB (env LEPTON_INDEX; "
+        "password in $PGPASSWORD); default DIR/FLEET/index.sqlite",
+    )
     parser.add_argument(
         "--batch", type=int, default=4096, metavar="N", help="samples per file at most (4096)"
     )
@@ -179,6 +188,7 @@ def run(args: argparse.Namespace) -> int:
         data=args.data,
         name=args.name,
         group=args.group,
+        index=args.index,
         batch=args.batch,
         batch_ms=args.batch_ms,
         max_pending=args.max_pending,

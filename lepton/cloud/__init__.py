@@ -29,7 +29,8 @@ if TYPE_CHECKING:
         export_onnx,
         quantize_int8,
     )
-    from lepton.cloud._index import SampleIndex, SqliteIndex, compact
+    from lepton.cloud._index import SampleIndex, SqliteIndex, compact, open_index
+    from lepton.cloud._index_pg import PostgresIndex
     from lepton.cloud._ingest import IngestWorker, WorkerConfig
     from lepton.cloud._nets import MLP, Classifier, SmallCNN, build_network
     from lepton.cloud._registry import ModelVersion, Registry
@@ -69,7 +70,8 @@ _LAZY = {
     "samples_to_table": "lepton.cloud._dataset", "write_parquet_atomic": "lepton.cloud._dataset",
     "IngestWorker": "lepton.cloud._ingest", "WorkerConfig": "lepton.cloud._ingest",
     "SampleIndex": "lepton.cloud._index", "SqliteIndex": "lepton.cloud._index",
-    "compact": "lepton.cloud._index",
+    "compact": "lepton.cloud._index", "open_index": "lepton.cloud._index",
+    "PostgresIndex": "lepton.cloud._index_pg",
 }
 
 # A literal, so type checkers and linters read it; equal to _LAZY's keys (tests/cloud/test_api.py).
@@ -88,6 +90,7 @@ __all__ = [
     "MLP",
     "ModelVersion",
     "ParquetDataModule",
+    "PostgresIndex",
     "PublishResult",
     "Registry",
     "RegistryCallback",
@@ -105,6 +108,7 @@ __all__ = [
     "export_onnx",
     "fetch_model",
     "on_global_zero",
+    "open_index",
     "publish_package",
     "quantize_int8",
     "raw_sample_rows",

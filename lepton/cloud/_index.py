@@ -15,8 +15,8 @@ visible file never holds a sample the index does not know, so a crash anywhere l
 committed ``.tmp`` that the next transaction (any worker's) renames. An uncommitted ``.tmp`` is an
 orphan and is deleted at start-up.
 
-The store sits behind :class:`SampleIndex`, so another backend (Postgres, FoundationDB...) can replace
-SQLite for workers spread over several machines.
+The store sits behind :class:`SampleIndex`: SQLite here (one machine), PostgreSQL in
+:mod:`lepton.cloud._index_pg` for workers spread over several machines (``open_index(dir, url)``).
 """
 
 from __future__ import annotations
@@ -26,25 +26,38 @@ import contextlib
 import json
 import logging
 import os
+import re
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from lepton.cloud._dataset import COMPACT_PREFIX, DATA_DIR, REPLACES_KEY, fsync_dir
+from lepton.errors import ConfigError
 from lepton.protocol import MAX_SEQ, seqs_to_ranges
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SampleIndex", "SqliteIndex", "finish_file"]
+__all__ = ["SampleIndex", "SqliteIndex", "finish_file", "network_filesystem", "open_index"]
+
+#: Written in a dataset folder indexed in PostgreSQL: names the backend and the URL (no password), so
+#: a tool that opens the folder without ``--index`` (compaction, another worker) uses the same index
+#: instead of starting an empty SQLite one beside it.
+INDEX_MARKER = "index.json"
 
 
 class SampleIndex(abc.ABC):
     """Abstract exactly-once index. All methods but :meth:`transaction` must be called inside it."""
 
+    #: Exceptions of this backend that say "try again later" (locked, server gone): the ingest worker
+    #: retries the batch on them, as on OSError.
+    transient_errors: tuple[type[Exception], ...] = ()
+
     @abc.abstractmethod
-    def transaction(self) -> contextlib.AbstractContextManager[None]:
-        """Exclusive transaction: commits on success, rolls back on error. One writer at a time."""
+    def transaction(self, devices: Iterable[str] | None = None) -> contextlib.AbstractContextManager[None]:
+        """Transaction: commits on success, rolls back on error. ``devices=None`` excludes every other
+        writer. With ``devices`` (a batch names the devices it holds) a backend may exclude only
+        writers of those devices, and :meth:`known`/:meth:`add` are then called for them alone."""
 
     @abc.abstractmethod
     def known(self, device: str, seqs: Iterable[int]) -> set[int]:
@@ -98,9 +111,12 @@ class SqliteIndex(SampleIndex):
     when it was per sample). Out-of-order or sparse seqs still work; they just make more ranges.
     """
 
+    transient_errors = (sqlite3.OperationalError,)
+
     def __init__(self, path: str | Path, *, busy_timeout: float = 120.0) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        _refuse_network_filesystem(self.path.parent)
         self._db = sqlite3.connect(
             self.path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
         )
@@ -119,7 +135,8 @@ class SqliteIndex(SampleIndex):
         )
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[None]:
+    def transaction(self, devices: Iterable[str] | None = None) -> Iterator[None]:
+        # One write lock for the whole file: ``devices`` changes nothing here.
         self._db.execute("BEGIN IMMEDIATE")
         try:
             yield
@@ -301,9 +318,83 @@ def recover(index: SampleIndex, dataset_dir: Path) -> dict[str, int]:
     return done
 
 
-def open_index(dataset_dir: str | Path) -> SampleIndex:
-    """The index of a dataset folder ``{root}/{fleet}``."""
-    return SqliteIndex(Path(dataset_dir) / "index.sqlite")
+def open_index(dataset_dir: str | Path, url: str | None = None) -> SampleIndex:
+    """The index of a dataset folder ``{root}/{fleet}``: SQLite (``index.sqlite``) by default, the
+    PostgreSQL database ``url`` (``postgresql://USER@HOST[:PORT]/DB``) otherwise. A folder once indexed
+    in PostgreSQL records it (``index.json``, no password), so ``url=None`` then opens that database
+    again (password from ``$PGPASSWORD``), and a SQLite index is refused there."""
+    dataset_dir = Path(dataset_dir)
+    marker = dataset_dir / INDEX_MARKER
+    recorded = None
+    if marker.is_file():
+        try:
+            recorded = json.loads(marker.read_text())["url"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"{marker} is unreadable ({exc}); fix it or pass --index URL") from None
+    if url is None and recorded is None:
+        return SqliteIndex(dataset_dir / "index.sqlite")
+    from lepton.cloud._index_pg import PostgresIndex, is_postgres_url, redact_url
+
+    chosen = url if url is not None else recorded
+    if not is_postgres_url(chosen):
+        scheme = chosen.split("://", 1)[0] if "://" in chosen else chosen
+        raise ConfigError(
+            f"--index must be postgresql://USER@HOST[:PORT]/DATABASE (got {scheme!r}); "
+            "leave it out for the SQLite index in the dataset folder"
+        )
+    index = PostgresIndex(chosen, dataset=dataset_dir.name)
+    if recorded is None or redact_url(chosen) != recorded:
+        if recorded is not None:
+            log.warning("dataset %s was indexed in %s; now %s", dataset_dir, recorded, redact_url(chosen))
+        elif (dataset_dir / "index.sqlite").exists():
+            log.warning("dataset %s has a SQLite index; PostgreSQL %s takes over (its files are registered "
+                        "at start-up): stop every worker that still uses the SQLite one",
+                        dataset_dir, redact_url(chosen))
+        from lepton._fs import write_atomic
+
+        dataset_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(marker, json.dumps({"backend": "postgresql", "url": redact_url(chosen)}).encode())
+    return index
+
+
+#: Filesystem types (``/proc/mounts``) whose locking SQLite cannot rely on: network and cluster
+#: filesystems, where WAL's shared memory is not shared between machines and locks may be advisory.
+NETWORK_FILESYSTEMS = frozenset({
+    "nfs", "nfs4", "cifs", "smb3", "smbfs", "ncpfs", "afs", "9p", "ceph", "glusterfs", "lustre", "gpfs",
+    "beegfs", "ocfs2", "gfs2", "fuse.sshfs", "sshfs", "fuse.s3fs", "fuse.gcsfuse", "fuse.rclone",
+    "fuse.glusterfs", "fuse.ceph-fuse", "fuse.juicefs", "fuse.goofys", "fuse.davfs", "davfs",
+})
+
+
+def network_filesystem(path: str | Path, mounts: str | None = None) -> str | None:
+    """The filesystem type of ``path`` if it is a network filesystem (see :data:`NETWORK_FILESYSTEMS`),
+    else None. ``mounts`` is the text of ``/proc/mounts`` (read when None; None off Linux)."""
+    if mounts is None:
+        try:
+            mounts = Path("/proc/mounts").read_text()
+        except OSError:
+            return None
+    target = os.path.realpath(path)
+    best, best_type = "", ""
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        # /proc/mounts escapes space, tab, newline and backslash as octal (\040 ...).
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[1])
+        if (target == point or target.startswith(point.rstrip("/") + "/")) and len(point) >= len(best):
+            best, best_type = point, fields[2]
+    return best_type if best_type in NETWORK_FILESYSTEMS else None
+
+
+def _refuse_network_filesystem(folder: Path) -> None:
+    fs = network_filesystem(folder)
+    if fs is not None:
+        raise ConfigError(
+            f"{folder} is on a network filesystem ({fs}): SQLite's locks do not work there, so workers "
+            "could store a sample twice or corrupt the index; keep the index on a local disk, or pass "
+            "--index postgresql://USER@HOST/DB (the dataset folder may then be a shared mount)"
+        )
 
 
 def compact(

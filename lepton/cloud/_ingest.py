@@ -88,6 +88,9 @@ class WorkerConfig:
     group: str | None = None
     #: ``None`` probes the broker; ``False`` refuses ``group`` at once (e.g. known amqtt).
     shared_subscriptions: bool | None = None
+    #: the exactly-once index: None for SQLite in the dataset folder (one machine), or
+    #: ``postgresql://USER@HOST[:PORT]/DB`` (workers on several machines; docs/dataset.md).
+    index: str | None = dataclasses.field(default=None, repr=False)  # may hold a password
     batch: int = 4096  # samples per file, at most
     batch_ms: float = 100.0  # wait at most this long for more messages before writing
     #: messages per write at most: the broker's in-flight window (mosquitto.conf max_inflight_messages).
@@ -129,6 +132,14 @@ class WorkerConfig:
         if self.model is not None:
             validate_id(self.model, kind="model", flag="--model")
         BrokerURL.parse(self.broker)
+        if self.index is not None:
+            from lepton.cloud._index_pg import is_postgres_url
+
+            if not is_postgres_url(self.index):
+                raise ConfigError(
+                    "--index must be postgresql://USER@HOST[:PORT]/DATABASE (password in $PGPASSWORD); "
+                    "leave it out for the SQLite index in the dataset folder"
+                )
         if self.train_broker is not None:
             BrokerURL.parse(self.train_broker)
         if self.batch < 1 or self.max_pending < 1 or self.batch_ms < 0:
@@ -185,7 +196,7 @@ class IngestWorker:
 
     def __init__(self, config: WorkerConfig) -> None:
         from lepton.cloud._dataset import DATA_DIR
-        from lepton.cloud._index import SqliteIndex
+        from lepton.cloud._index import open_index
         from lepton.cloud._quarantine import Quarantine, QuarantineLimits
 
         self.config = config
@@ -202,7 +213,8 @@ class IngestWorker:
                 f"cannot use --data {config.data}: {exc.strerror} ({exc.filename}); "
                 "pass a writable dataset directory"
             ) from None
-        self.index = SqliteIndex(self.dir / "index.sqlite")
+        self.index = open_index(self.dir, config.index)
+        self._transient = _TRANSIENT + self.index.transient_errors
         self.quarantine = Quarantine(
             self.quarantine_dir,
             QuarantineLimits(
@@ -463,7 +475,7 @@ class IngestWorker:
                     st.retrying = False
                     self._publish_status()
                 return
-            except _TRANSIENT as exc:  # disk full, I/O error, index locked: keep the messages, retry
+            except self._transient as exc:  # disk full, I/O error, index locked or unreachable: retry
                 st.errors += 1
                 st.retrying = True
                 st.last_error = f"{type(exc).__name__}: {exc}"[:300]
@@ -535,7 +547,7 @@ class IngestWorker:
             name = None
             size = 0
             labelled = 0
-            with self.index.transaction():
+            with self.index.transaction(devices=valid):  # locks these devices only (PostgreSQL)
                 marked = list(self._my_unmarked)
                 if marked:
                     self.index.mark_visible(marked)

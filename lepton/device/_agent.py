@@ -47,6 +47,7 @@ retained status (``online: true``); a Last Will (retained) says ``online: false`
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import random
@@ -61,6 +62,7 @@ from typing import Any
 import numpy as np
 import paho.mqtt.client as mqtt
 
+from lepton.device._escalation import Answer, EscalationPolicy, Outcome, PendingAnswers, parse_upload_policy
 from lepton.device._pipeline import FrameError, Pipeline
 from lepton.device._sources import Source, open_source
 from lepton.device._spool import ON_FULL_POLICIES, Spool, SpoolFull
@@ -69,9 +71,12 @@ from lepton.errors import BrokerConnectionError, ConfigError, ProtocolError
 from lepton.protocol import (
     DEFAULT_PREFIX,
     BrokerURL,
+    InferRequest,
     Topics,
     connect,
     decode_acks,
+    decode_answer,
+    encode_infer,
     encode_json,
     new_client,
     validate_id,
@@ -129,6 +134,16 @@ class DeviceConfig:
     prefix: str = DEFAULT_PREFIX
     ca_certs: str | None = None
     keepalive: int = 30
+    #: Escalation (lepton/device/_escalation.py): ask the cloud (``lepton serve``) about predictions
+    #: whose calibrated confidence is below ``escalate_below``, or the least confident ``escalate_rate``
+    #: of them; ``cloud_only`` asks about every sample (a device without a local model).
+    escalate_below: float | None = None
+    escalate_rate: float | None = None
+    cloud_only: bool = False
+    #: How long an escalated sample waits for the cloud's answer before the device's own one stands.
+    answer_timeout_ms: float = 250.0
+    #: Which samples enter the spool (and so the dataset): all, escalated, sample:P, escalated+sample:P.
+    upload: str = "all"
 
     def check(self) -> None:
         """Raise ConfigError naming the first bad setting."""
@@ -158,6 +173,19 @@ class DeviceConfig:
             raise ConfigError(f"window ({self.window}) must be >= batch size ({self.batch_size})")
         if self.ack_timeout <= 0 or self.telemetry_interval <= 0:
             raise ConfigError("ack_timeout and telemetry_interval must be > 0 seconds")
+        if self.cloud_only and self.model is not None:
+            raise ConfigError("--cloud-only serves a device without a local model: drop --model, or "
+                              "use --escalate-rate R to ask the cloud about the hard samples only")
+        policy = EscalationPolicy(below=self.escalate_below, rate=self.escalate_rate, cloud_only=self.cloud_only)
+        if policy.enabled and not (self.cloud_only or self.model is not None):
+            raise ConfigError("--escalate-below/--escalate-rate need a local model (--model NAME) whose "
+                              "confidence decides; without one use --cloud-only")
+        if not 1 <= self.answer_timeout_ms <= 60_000:
+            raise ConfigError(f"--answer-timeout-ms must be in [1, 60000], got {self.answer_timeout_ms}")
+        upload = parse_upload_policy(self.upload)
+        if upload.needs_escalation and not policy.enabled:
+            raise ConfigError(f"--upload {self.upload}: uploading escalated samples needs escalation "
+                              "(--escalate-below C, --escalate-rate R or --cloud-only)")
         if self.model is not None and self.verify and self.public_key is None:
             raise ConfigError(
                 "--model needs --public-key FILE to verify model signatures "
@@ -180,6 +208,18 @@ class _Counters:
     preprocess_n: int = 0
     window_s: float = 0.0  # preprocessing time and count since the last telemetry report
     window_n: int = 0
+    # collaboration (capture thread): the bytes a device sends per sample captured
+    uploaded: int = 0  # samples that entered the spool (the upload policy kept them)
+    infer_bytes: int = 0
+    sample_bytes: int = 0  # publisher: bytes of samples envelopes published (resends included)
+    escalated: int = 0
+    answered_by_cloud: int = 0
+    answered_by_edge: int = 0
+    answered_by_none: int = 0
+    # with ground truth (labelled sources): accuracy of the edge alone and of the answer used
+    truth_n: int = 0
+    edge_correct: int = 0
+    joint_correct: int = 0
 
 
 @dataclass(frozen=True)
@@ -206,6 +246,8 @@ class RunSummary:
     reconnects: int = 0
     model_version: int | None = None
     skipped_items: list[str] = field(default_factory=list)
+    #: escalation, answers, upload and bytes (the telemetry's collaboration fields)
+    collaboration: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -286,6 +328,16 @@ class DeviceAgent:
         self._threads: list[threading.Thread] = []
         self._client: mqtt.Client | None = None
         self.runtime: Any = None
+        # Collaboration: the capture thread owns the policy, the pending answers and the upload rule;
+        # the network thread only appends decoded answers to _answers (a deque: append/popleft are atomic).
+        self._escalation = EscalationPolicy(
+            below=config.escalate_below, rate=config.escalate_rate, cloud_only=config.cloud_only
+        )
+        self._upload = parse_upload_policy(config.upload)
+        self._pending = PendingAnswers()
+        self._answers: collections.deque[tuple[float, Answer]] = collections.deque(maxlen=65_536)
+        self._answer_ms: collections.deque[float] = collections.deque(maxlen=2048)  # capture, under _lock
+        self._pending_stats: dict[str, int] = {}  # a snapshot of _pending's counters, under _lock
         try:
             if config.model is not None:
                 self.runtime = self._make_runtime(spool_dir / "models")
@@ -353,6 +405,8 @@ class DeviceAgent:
             "next_seq": self.spool.next_seq,
             "model": self.config.model,
             "model_version": None,
+            "escalation": self._escalation.mode,
+            "upload": self._upload.spec,
         }
         if self.runtime is not None:
             try:
@@ -386,6 +440,7 @@ class DeviceAgent:
             "ack_timeouts": c.ack_timeouts,
             "connected": self._connected.is_set(),
             "uptime_s": round(time.monotonic() - self._started, 1),
+            **self._collaboration(c),
         }
         if self.runtime is not None:
             try:
@@ -393,6 +448,37 @@ class DeviceAgent:
             except Exception:  # noqa: BLE001
                 log.exception("device %s: model runtime telemetry failed", self.device_id)
         return body
+
+    def _collaboration(self, c: _Counters) -> dict[str, Any]:
+        """Flat numbers (Grafana's MQTT data source plots them as they are): escalation, answers, bytes."""
+        with self._lock:
+            lat = sorted(self._answer_ms)
+            pending = dict(self._pending_stats)
+        n = c.captured
+
+        def pct(q: float) -> float | None:
+            return round(lat[min(len(lat) - 1, int(q / 100 * len(lat)))], 3) if lat else None
+
+        return {
+            "escalated": c.escalated,
+            "escalated_fraction": round(c.escalated / n, 4) if n else 0.0,
+            "answered_by_cloud": c.answered_by_cloud,
+            "answered_by_edge": c.answered_by_edge,
+            "answered_by_none": c.answered_by_none,
+            "answers_timed_out": pending.get("timed_out", 0),
+            "answers_late": pending.get("late", 0) + pending.get("unknown", 0),
+            "answers_failed": pending.get("errors", 0),
+            "answer_ms_p50": pct(50),
+            "answer_ms_p99": pct(99),
+            "uploaded": c.uploaded,
+            "upload_fraction": round(c.uploaded / n, 4) if n else 0.0,
+            "infer_bytes": c.infer_bytes,
+            "sample_bytes": c.sample_bytes,
+            "bytes_per_sample": round((c.infer_bytes + c.sample_bytes) / n, 1) if n else 0.0,
+            "truth_samples": c.truth_n,
+            "edge_accuracy": round(c.edge_correct / c.truth_n, 4) if c.truth_n else None,
+            "joint_accuracy": round(c.joint_correct / c.truth_n, 4) if c.truth_n else None,
+        }
 
     def _publish_status(self, *, online: bool = True) -> mqtt.MQTTMessageInfo | None:
         client = self._client
@@ -422,6 +508,8 @@ class DeviceAgent:
         self._ever_connected = True
         self._backoff.reset()
         client.subscribe(self.topics.acks(self.device_id), qos=1)
+        if self._escalation.enabled:  # QoS 0: a late answer is worth nothing (docs/protocol.md)
+            client.subscribe(self.topics.answers(self.device_id), qos=0)
         if self.runtime is not None:
             for topic_filter, qos in self.runtime.on_connected(session_present=bool(flags.session_present)):
                 client.subscribe(topic_filter, qos)
@@ -444,11 +532,27 @@ class DeviceAgent:
         try:
             if message.topic == self.topics.acks(self.device_id):
                 self._handle_acks(message.payload)
+            elif message.topic == self.topics.answers(self.device_id):
+                self._handle_answer(message.payload)
             elif self.runtime is not None:
                 if not self.runtime.handle_message(message.topic, message.payload, message.retain):
                     log.debug("device %s: ignoring message on %s", self.device_id, message.topic)
         except Exception:  # noqa: BLE001 - the network thread must survive anything a message does
             log.exception("device %s: error handling a message on %s", self.device_id, message.topic)
+
+    def _handle_answer(self, payload: bytes) -> None:
+        """Queue the cloud's answer for the capture thread, stamped with its arrival time."""
+        now = time.monotonic()
+        try:
+            a = decode_answer(payload)
+        except ProtocolError as exc:
+            log.warning("device %s: ignoring a bad answers payload: %s", self.device_id, exc)
+            return
+        if a.seq is None:
+            return  # an answer to a request the worker could not read: nothing to match it with
+        error = None if a.error is None else (a.error if isinstance(a.error, str) else str(a.error))
+        self._answers.append((now, Answer(seq=a.seq, label=a.label, confidence=a.confidence,
+                                          model_version=a.version, cloud_ms=a.latency_ms, error=error)))
 
     def _handle_acks(self, payload: bytes) -> None:
         """Queue the ranges; the publisher thread applies them. Keeps SQLite off paho's network thread,
@@ -580,6 +684,8 @@ class DeviceAgent:
             info = client.publish(topic, env.payload, qos=1)
             if info.rc != mqtt.MQTT_ERR_SUCCESS:
                 return False
+            with self._lock:
+                self.counters.sample_bytes += len(env.payload)
         return True
 
     # -- life cycle -----------------------------------------------------------------------------------
@@ -618,7 +724,10 @@ class DeviceAgent:
             client.loop_stop()  # hand the socket over to our own loop with jittered reconnects
 
     def start(self) -> None:
-        """Connect and start the network and publisher threads (run() calls this)."""
+        """Connect and start the network and publisher threads (run() calls this; a second call does
+        nothing, so a caller may start first, e.g. to wait for the model, then run)."""
+        if self._threads:
+            return
         self._connect()
         for name, target in (("net", self._network_loop), ("pub", self._publisher_loop)):
             t = threading.Thread(target=target, name=f"lepton-{name}-{self.device_id}", daemon=True)
@@ -670,10 +779,21 @@ class DeviceAgent:
             self._close_quietly()
 
     def _capture(self, progress: _Ticker) -> None:
+        self._capture_loop(progress)
+        # The last escalated samples: their answers may still come, within their deadline.
+        pred_topic = self._pred_topic()
+        until = time.monotonic() + self.config.answer_timeout_ms / 1000.0
+        while len(self._pending) and time.monotonic() < until and not self._stop.is_set():
+            self._collect_answers(pred_topic)
+            time.sleep(0.005)
+        self._collect_answers(pred_topic, final=True)
+
+    def _capture_loop(self, progress: _Ticker) -> None:
         cfg, c = self.config, self.counters
         period = 1.0 / cfg.rate_hz if cfg.rate_hz else 0.0
         next_at = time.monotonic()
         runtime = self.runtime
+        esc = self._escalation
         pred_topic = self.topics.predictions(self.device_id) if cfg.predictions else None
         frames = iter(self.source)
         while True:
@@ -710,9 +830,16 @@ class DeviceAgent:
                 runtime.record_truth(prediction, str(label))
             if isinstance(label, np.generic):  # labels from numpy arrays (custom sources) go as plain values
                 label = label.item()
+            escalated = esc.decide(prediction.confidence if prediction is not None else None) \
+                if esc.enabled else False
+            truth = None if label is None else str(label)
             try:
-                # Group commit: durable within the spool's commit_ms, and never published before.
-                seq = self.spool.append_nowait(x, label, pipeline=self.pipeline.hash)
+                if self._upload.keep(self.device_id, self.spool.next_seq, escalated=escalated):
+                    # Group commit: durable within the spool's commit_ms, and never published before.
+                    seq = self.spool.append_nowait(x, label, pipeline=self.pipeline.hash)
+                    uploaded = 1
+                else:  # not uploaded (--upload): the seq is used up all the same, a gap in the dataset
+                    seq, uploaded = self.spool.skip_seq(), 0
             except SpoolFull:
                 return  # block policy interrupted by stop()
             except ProtocolError as exc:  # e.g. a label that is neither int nor str: skip, never crash
@@ -722,20 +849,101 @@ class DeviceAgent:
                 continue
             with self._lock:
                 c.captured += 1
+                c.uploaded += uploaded
                 c.preprocess_s += spent
                 c.preprocess_n += 1
                 c.window_s += spent
                 c.window_n += 1
-            if pred_topic is not None and prediction is not None and self._connected.is_set():
-                body = prediction.as_dict() if hasattr(prediction, "as_dict") else dict(prediction.__dict__)
-                body.update(device=self.device_id, seq=seq, truth=None if label is None else str(label))
-                self._client.publish(pred_topic, encode_json(body), qos=0)
+            edge = (prediction.label, prediction.confidence) if prediction is not None else (None, None)
+            if escalated and self._connected.is_set():
+                self._escalate(seq, x, prediction, truth)
+            elif escalated:  # offline: the device's own answer stands at once, nothing waits
+                self._settle(PendingAnswers.local(seq, edge[0], edge[1], truth), prediction, pred_topic)
+            elif prediction is not None:
+                self._settle(PendingAnswers.local(seq, edge[0], edge[1], truth), prediction, pred_topic,
+                             escalated=False)
+            self._collect_answers(pred_topic)
             progress.tick(self)
             if cfg.limit is not None and c.captured >= cfg.limit:
                 self._stopped_by = "limit"
                 return
         if not self._stop.is_set():
             self._stopped_by = "source ended"
+
+    # -- collaboration (the capture thread) -------------------------------------------------------------
+    def _escalate(self, seq: int, x: np.ndarray, prediction: Any, truth: str | None) -> None:
+        cfg = self.config
+        request = InferRequest(
+            device=self.device_id, seq=seq, x=np.ascontiguousarray(x), pipeline=self.pipeline.hash,
+            edge_label=prediction.label if prediction is not None else None,
+            edge_confidence=prediction.confidence if prediction is not None else None,
+            edge_version=prediction.version if prediction is not None else None,
+            deadline=time.time() + cfg.answer_timeout_ms / 1000.0,
+        )
+        payload = encode_infer(request)
+        now = time.monotonic()
+        for pushed in self._pending.add(
+            seq, now=now, deadline=now + cfg.answer_timeout_ms / 1000.0,
+            edge_label=request.edge_label, edge_confidence=request.edge_confidence,
+            payload=(truth, prediction),
+        ):
+            self._settle(pushed, pushed.payload[1], self._pred_topic())
+        client = self._client
+        if client is not None:
+            client.publish(self.topics.infer(self.device_id), payload, qos=0)
+        with self._lock:
+            self.counters.escalated += 1
+            self.counters.infer_bytes += len(payload)
+
+    def _pred_topic(self) -> str | None:
+        return self.topics.predictions(self.device_id) if self.config.predictions else None
+
+    def _collect_answers(self, pred_topic: str | None, *, final: bool = False) -> None:
+        """Match the answers that arrived, settle what is due; never waits."""
+        answers = self._answers
+        while answers:
+            arrived, answer = answers.popleft()
+            outcome = self._pending.answer(answer, now=arrived)
+            if outcome is not None:
+                if outcome.latency_ms is not None:
+                    with self._lock:
+                        self._answer_ms.append(outcome.latency_ms)
+                self._settle(outcome, outcome.payload[1], pred_topic)
+        due = self._pending.expire(float("inf") if final else time.monotonic())
+        for outcome in due:
+            self._settle(outcome, outcome.payload[1], pred_topic)
+        if self._escalation.enabled:
+            with self._lock:
+                self._pending_stats = self._pending.stats()
+
+    def _settle(self, outcome: Outcome, prediction: Any, pred_topic: str | None, *, escalated: bool = True) -> None:
+        """Count the answer the device settled on, and publish it as its prediction."""
+        truth = outcome.payload[0] if isinstance(outcome.payload, tuple) else outcome.payload
+        with self._lock:
+            c = self.counters
+            if outcome.answered_by == "cloud":
+                c.answered_by_cloud += 1
+            elif outcome.answered_by == "edge":
+                c.answered_by_edge += 1
+            else:
+                c.answered_by_none += 1
+            # Accuracy over the samples the edge answered itself (or every sample with --cloud-only), so
+            # edge and joint accuracy compare the same samples; before the first model there is neither.
+            if truth is not None and (outcome.edge_label is not None or self.config.cloud_only):
+                c.truth_n += 1
+                c.edge_correct += outcome.edge_label is not None and str(outcome.edge_label) == truth
+                c.joint_correct += outcome.label is not None and str(outcome.label) == truth
+        if pred_topic is None or not self._connected.is_set() or self._client is None:
+            return
+        if prediction is not None and outcome.answered_by != "cloud":
+            body = prediction.as_dict()
+        else:
+            body = {"label": outcome.label, "index": None, "confidence": outcome.confidence,
+                    "latency_ms": outcome.latency_ms,
+                    "version": outcome.cloud.model_version if outcome.cloud else None}
+        body.update(device=self.device_id, seq=outcome.seq, truth=truth, answered_by=outcome.answered_by,
+                    escalated=escalated, edge_label=outcome.edge_label, edge_confidence=outcome.edge_confidence)
+        self._client.publish(pred_topic, encode_json(body), qos=0)
 
     def _drain(self, progress: _Ticker) -> None:
         """Wait for every spooled sample to be acknowledged (or the grace/drain timeout after a stop)."""
@@ -790,6 +998,8 @@ class DeviceAgent:
             reconnects=c.reconnects,
             model_version=getattr(self.runtime, "version", None),
             skipped_items=list(self.source.skipped_items),
+            collaboration={"escalation": self._escalation.mode, "upload": self._upload.spec,
+                           **self._collaboration(c)},
         )
         return summary
 

@@ -181,7 +181,7 @@ class PendingAnswers:
         while len(self._waiting) >= self.limit:
             old, (sent, _, label, conf, pl) = self._waiting.popitem(last=False)
             self.overflow += 1
-            out.append(self._local(old, label, conf, pl))
+            out.append(self.local(old, label, conf, pl))
         self._waiting[int(seq)] = (now, deadline, edge_label, edge_confidence, payload)
         return out
 
@@ -194,11 +194,11 @@ class PendingAnswers:
         sent, deadline, label, conf, payload = entry
         if now > deadline:
             self.late += 1
-            return self._local(ans.seq, label, conf, payload)
+            return self.local(ans.seq, label, conf, payload)
         latency = (now - sent) * 1000.0
         if ans.error is not None or ans.label is None:
             self.errors += 1
-            o = self._local(ans.seq, label, conf, payload)
+            o = self.local(ans.seq, label, conf, payload)
             return Outcome(**{**o.__dict__, "cloud": ans, "latency_ms": latency})
         self.answered += 1
         return Outcome(seq=ans.seq, label=ans.label, confidence=ans.confidence, answered_by="cloud",
@@ -211,14 +211,14 @@ class PendingAnswers:
         for seq in due:
             _, _, label, conf, payload = self._waiting.pop(seq)
             self.timed_out += 1
-            out.append(self._local(seq, label, conf, payload))
+            out.append(self.local(seq, label, conf, payload))
         return out
 
     def next_deadline(self) -> float | None:
         return min((d for _, d, *_ in self._waiting.values()), default=None)
 
     @staticmethod
-    def _local(seq: int, label: Any, conf: float | None, payload: Any) -> Outcome:
+    def local(seq: int, label: Any, conf: float | None, payload: Any) -> Outcome:
         by = "edge" if label is not None else "none"
         return Outcome(seq=seq, label=label, confidence=conf, answered_by=by, edge_label=label,
                        edge_confidence=conf, cloud=None, latency_ms=None, payload=payload)

@@ -27,8 +27,8 @@ mutable field has one owner or one lock:
 * ``_db`` (the connection) and ``_db_bytes``, ``_db_next`` (what the table holds, and one past the
   highest seq it ever held): under ``_db_lock``, which serialises every use of the connection
   (committer writes, publisher reads and deletes, close).
-* ``_pending``, ``_first_pending_at``, ``_next_seq``, ``_bytes``, ``_depth``: under ``_cond``; written
-  by capture (append), the committer (commit, drop-oldest) and the publisher (ack).
+* ``_pending``, ``_first_pending_at``, ``_next_seq``, ``_last_appended``, ``_bytes``, ``_depth``: under
+  ``_cond``; written by capture (append, skip), the committer (commit, drop-oldest) and the publisher (ack).
 * ``_durable_next``, ``_dropped``, ``_dropped_through``, ``commits``, ``_commit_error``,
   ``_committer_done``: written by the committer only, under ``_cond``.
 * ``_closing`` (by :meth:`interrupt` and :meth:`close`) and ``_stopping`` (by :meth:`close`): under
@@ -216,6 +216,7 @@ class Spool:
                 "a fresh spool (its unacknowledged samples would be lost)"
             ) from None
         self._durable_next = self._next_seq
+        self._last_appended = self._next_seq - 1  # the newest seq given to a stored sample (flush waits for it)
         self._db_next = self._next_seq
         self._dropped_through = -1  # the highest seq drop-oldest deleted since the spool was opened
         if self._depth:
@@ -335,9 +336,22 @@ class Spool:
                 self._first_pending_at = time.monotonic()
             self._pending.append((seq, ts, pipeline, size, body))
             self._next_seq = seq + 1
+            self._last_appended = seq
             self._bytes += size
             self._depth += 1
             self._cond.notify_all()
+            return seq
+
+    def skip_seq(self) -> int:
+        """Use up the next seq without storing a sample (one the upload policy leaves out); return it.
+
+        The gap is legal (docs/protocol.md). A skipped seq is not written to disk: after a power cut it
+        may be given again, to a sample that is stored; it was never stored itself, so no seq is ever
+        stored twice.
+        """
+        with self._cond:
+            seq = self._next_seq
+            self._next_seq = seq + 1
             return seq
 
     def wait_durable(self, seq: int, timeout: float | None = None) -> bool:
@@ -346,8 +360,8 @@ class Spool:
             return self._cond.wait_for(lambda: self._durable_next > seq or self._committer_done, timeout)
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait until every sample appended so far is committed."""
-        return self.wait_durable(self._next_seq - 1, timeout)
+        """Wait until every sample appended so far is committed (skipped seqs have nothing to commit)."""
+        return self.wait_durable(self._last_appended, timeout)
 
     # -- the committer thread -----------------------------------------------------------------------
     _committer_done = False

@@ -134,6 +134,10 @@ class Topics:
     def all_models(self) -> str:
         return f"{self.root}/models/#"
 
+    def all_manifests(self) -> str:
+        """Subscription filter for the retained manifest of every model, without their chunks."""
+        return f"{self.root}/models/+"
+
     # -- fleet-wide -------------------------------------------------------------------------------
     def deadletter(self) -> str:
         return f"{self.root}/deadletter"

@@ -223,6 +223,10 @@ def test_worker_device_and_training_child_keep_passwords_off_their_command_lines
             time.sleep(0.05)
         out, err = device.communicate(timeout=120)
         assert device.returncode == 0, err.decode()
+        # The training child publishes before the worker stops: stopping the worker stops its child too.
+        deadline = time.monotonic() + 240
+        while any(" train " in cmdline(pid) for pid in descendants(worker.pid)) and time.monotonic() < deadline:
+            time.sleep(0.2)
     finally:
         if device is not None and device.poll() is None:
             device.kill()

@@ -121,7 +121,16 @@ def start_worker_process(
     group: str | None = None,
     extra: list[str] | None = None,
     program: str = "cli",
+    index: str | None = None,
 ) -> subprocess.Popen:
+    """A worker process; ``index`` a PostgreSQL URL (``None``: SQLite). Its password goes in
+    $PGPASSWORD, the URL without it in ``--index`` (cli) or $LEPTON_INDEX (cloud_workers)."""
+    env = dict(os.environ, LEPTON_BROKER=url, LEPTON_FLEET=fleet, LEPTON_DATA=str(data))
+    index_args: list[str] = []
+    if index is not None:
+        env.update(index_environment(index))
+        if program == "cli":
+            index_args = ["--index", env.pop("LEPTON_INDEX")]
     if program == "cli":
         cmd = [
             sys.executable,
@@ -144,7 +153,9 @@ def start_worker_process(
             cmd += ["--group", group]
     else:
         cmd = [sys.executable, str(REPO / "cloud_workers" / "ingest_worker.py"), "--name", name]
-    env = dict(os.environ, LEPTON_BROKER=url, LEPTON_FLEET=fleet, LEPTON_DATA=str(data))
+        if group:
+            cmd += ["--group", group]
+    cmd += index_args
     log = open(Path(data) / f"{name}-{time.time_ns()}.log", "wb")  # noqa: SIM115
     return subprocess.Popen(cmd + (extra or []), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
 
@@ -181,3 +192,13 @@ def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: flo
     if proc.poll() is None:
         proc.send_signal(sig)
     return proc.wait(timeout)
+
+
+def index_environment(index: str) -> dict[str, str]:
+    """``LEPTON_INDEX`` (the URL without its password) and ``PGPASSWORD``, as a deployment would set."""
+    from urllib.parse import urlsplit
+
+    from lepton.cloud._index_pg import redact_url
+
+    password = urlsplit(index).password
+    return {"LEPTON_INDEX": redact_url(index), **({"PGPASSWORD": password} if password else {})}

@@ -13,12 +13,12 @@ from lepton.protocol import pipeline_hash
 DIGITS_SPEC = {
     "ops": [
         {"op": "grayscale"},
-        {"op": "resize", "width": 8, "height": 8},
-        {"op": "normalize", "mean": 0, "std": 255},
+        {"op": "resize", "width": 8, "height": 8, "interpolation": "area"},
+        {"op": "normalize", "mean": 0.0, "std": 255.0},
         {"op": "reshape", "shape": [1, 8, 8]},
     ]
 }
-DIGITS_HASH = pipeline_hash(DIGITS_SPEC)
+DIGITS_HASH = pipeline_hash(DIGITS_SPEC)  # == Pipeline.from_preset("digits").hash (test_joint.py checks)
 
 
 def write_dataset(

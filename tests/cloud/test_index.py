@@ -1,6 +1,7 @@
 """The exactly-once index's cost must not grow with the span of a device's seqs (issue 10, item 6):
 a device that sent 1M sparse seqs made every lookup of its next batch read all of its ranges, and the
-one writer thread slowed down for every device. Work is counted in SQLite VM steps, not seconds."""
+one writer thread slowed down for every device. Work is counted in SQLite VM steps, not seconds.
+The model check (known/add agree with a set) runs against both backends."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import random
 
 import pytest
 
-from lepton.cloud._index import SqliteIndex
+from lepton.cloud._index import SqliteIndex, open_index
 
 
 def _steps(index: SqliteIndex, fn) -> int:  # noqa: ANN001
@@ -47,8 +48,8 @@ def test_lookup_cost_does_not_grow_with_the_span(sparse):
     assert honest < 500, honest
 
 
-def test_known_and_add_agree_with_a_set(tmp_path):
-    index = SqliteIndex(tmp_path / "index.sqlite")
+def test_known_and_add_agree_with_a_set(tmp_path, fleet, index_url):
+    index = open_index(tmp_path / fleet, index_url)  # both backends: SQLite and a real PostgreSQL
     rng = random.Random(3)
     truth: set[int] = set()
     for _ in range(200):

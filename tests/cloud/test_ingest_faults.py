@@ -1,6 +1,9 @@
 """Fault injection against Mosquitto (the project's config, persistence on): the worker killed with
 SIGKILL mid-stream, Mosquitto stopped and restarted mid-stream, two workers of a group splitting one
-stream. Each time: 20,000 (or 10,000) unique samples, none twice."""
+stream. Each time: 20,000 (or 10,000) unique samples, none twice.
+
+The exactly-once cases (kill -9, a crash at each step of a write, two workers of a group) run against
+both index backends (``index_url``: SQLite in the folder, and a real PostgreSQL server)."""
 
 from __future__ import annotations
 
@@ -12,7 +15,13 @@ from collections import Counter
 import pytest
 
 from lepton.cloud import Dataset
-from tests.cloud._ingest_support import ResendPublisher, start_worker_process, stop_process, wait_status
+from tests.cloud._ingest_support import (
+    ResendPublisher,
+    index_environment,
+    start_worker_process,
+    stop_process,
+    wait_status,
+)
 
 pytestmark = [pytest.mark.mosquitto, pytest.mark.slow]
 
@@ -30,10 +39,25 @@ def _wait_count(root, fleet, n: int, timeout: float = 60.0) -> int:  # noqa: ANN
     return count
 
 
-def test_worker_kill_9_mid_stream_then_restart(mosquitto_broker, fleet, tmp_path):
+def _index_holds(root, fleet, index_url, n: int) -> None:  # noqa: ANN001
+    """The backend under test is the one that was used, it counts ``n`` samples, and every file it
+    lists as not yet visible is in place (a worker's last file is marked in its next transaction)."""
+    from lepton.cloud._index import open_index
+
+    assert (root / fleet / "index.sqlite").exists() == (index_url is None)
+    index = open_index(root / fleet, index_url)
+    try:
+        with index.transaction():
+            assert index.count() == n
+            assert all((root / fleet / "data" / name).is_file() for name in index.invisible_files())
+    finally:
+        index.close()
+
+
+def test_worker_kill_9_mid_stream_then_restart(mosquitto_broker, fleet, tmp_path, index_url):
     url = mosquitto_broker.url("worker", "w1", fleet=fleet)
     viewer = mosquitto_broker.url("viewer", "v1", fleet=fleet)
-    proc = start_worker_process(url, fleet, tmp_path, name="w1")
+    proc = start_worker_process(url, fleet, tmp_path, name="w1", index=index_url)
     wait_status(viewer, fleet, "w1", lambda s: s.get("online") is True)
     pub = ResendPublisher(
         mosquitto_broker.url("device", "cam-1", fleet=fleet),
@@ -54,7 +78,8 @@ def test_worker_kill_9_mid_stream_then_restart(mosquitto_broker, fleet, tmp_path
             killed["stored_before"] = Dataset(tmp_path, fleet).count()
         if i == 120:  # restart while the stream goes on (the broker queued for the persistent session)
             # ...with the deployable program this time: same API, same session, same index.
-            killed["proc"] = start_worker_process(url, fleet, tmp_path, name="w1", program="cloud_workers")
+            killed["proc"] = start_worker_process(url, fleet, tmp_path, name="w1", program="cloud_workers",
+                                                  index=index_url)
 
     try:
         pub.run(pace=0.01, on_progress=on_progress, timeout=120)
@@ -67,6 +92,7 @@ def test_worker_kill_9_mid_stream_then_restart(mosquitto_broker, fleet, tmp_path
     pairs = _pairs(tmp_path, fleet)
     assert len(pairs) == len(set(pairs)) == 20_000  # 20,000 unique, 0 duplicates
     assert set(pairs) == {("cam-1", s) for s in range(20_000)}
+    _index_holds(tmp_path, fleet, index_url, 20_000)
 
 
 def test_mosquitto_restart_mid_stream(mosquitto_broker, fleet, tmp_path):
@@ -122,11 +148,12 @@ def test_mosquitto_restart_mid_stream(mosquitto_broker, fleet, tmp_path):
     assert set(pairs) == {(d, s) for d in ("cam-1", "cam-2") for s in range(10_000)}
 
 
-def test_two_workers_in_a_group_split_the_stream_exactly_once(mosquitto_broker, fleet, tmp_path):
+def test_two_workers_in_a_group_split_the_stream_exactly_once(mosquitto_broker, fleet, tmp_path, index_url):
     viewer = mosquitto_broker.url("viewer", "v1", fleet=fleet)
     procs = [
         start_worker_process(
-            mosquitto_broker.url("worker", n, fleet=fleet), fleet, tmp_path, name=n, group="ingest"
+            mosquitto_broker.url("worker", n, fleet=fleet), fleet, tmp_path, name=n, group="ingest",
+            index=index_url,
         )
         for n in ("wa", "wb")
     ]
@@ -166,6 +193,7 @@ def test_two_workers_in_a_group_split_the_stream_exactly_once(mosquitto_broker, 
 
         per_worker[f.name.split("-")[2]] += pq.read_metadata(f).num_rows
     assert per_worker["wa"] > 0 and per_worker["wb"] > 0 and sum(per_worker.values()) == 20_000
+    _index_holds(tmp_path, fleet, index_url, 20_000)
 
 
 def test_compaction_while_the_worker_writes(mosquitto_broker, fleet, tmp_path):
@@ -251,14 +279,15 @@ elif point == "before_ack":  # renamed and committed, no PUBACK and no device ac
     mqtt.Client.ack = ack
 env = os.environ
 w = IngestWorker(WorkerConfig(broker=env["LEPTON_BROKER"], fleet=env["LEPTON_FLEET"], data=env["LEPTON_DATA"],
-                              name=env.get("CRASH_NAME", "w1"), group=env.get("CRASH_GROUP"), batch_ms=20))
+                              name=env.get("CRASH_NAME", "w1"), group=env.get("CRASH_GROUP"), batch_ms=20,
+                              index=env.get("LEPTON_INDEX")))
 w.start()
 w.run_forever()
 """
 
 
 @pytest.mark.parametrize("point", ["before_commit", "before_rename", "before_ack"])
-def test_crash_at_each_step_of_a_write_then_restart(mosquitto_broker, fleet, tmp_path, point):
+def test_crash_at_each_step_of_a_write_then_restart(mosquitto_broker, fleet, tmp_path, point, index_url):
     """The worker dies (os._exit) at a chosen step of its 3rd write; a restarted worker recovers the
     folder (deletes the uncommitted .tmp, or finishes the committed rename) and the stream ends up
     stored exactly once."""
@@ -268,7 +297,8 @@ def test_crash_at_each_step_of_a_write_then_restart(mosquitto_broker, fleet, tmp
 
     url = mosquitto_broker.url("worker", "w1", fleet=fleet)
     viewer = mosquitto_broker.url("viewer", "v1", fleet=fleet)
-    env = dict(os.environ, LEPTON_BROKER=url, LEPTON_FLEET=fleet, LEPTON_DATA=str(tmp_path))
+    env = dict(os.environ, LEPTON_BROKER=url, LEPTON_FLEET=fleet, LEPTON_DATA=str(tmp_path),
+               **(index_environment(index_url) if index_url else {}))
     crashing = subprocess.Popen([sys.executable, "-c", _CRASHING_WORKER, point, "3"], env=env)
     wait_status(viewer, fleet, "w1", lambda s: s.get("online") is True)
     pub = ResendPublisher(
@@ -285,7 +315,7 @@ def test_crash_at_each_step_of_a_write_then_restart(mosquitto_broker, fleet, tmp
     def on_progress(i: int) -> None:
         if i == 40:
             state["crash_rc"] = crashing.wait(30)  # it died at the chosen step...
-            state["proc"] = start_worker_process(url, fleet, tmp_path, name="w1")  # ...and comes back
+            state["proc"] = start_worker_process(url, fleet, tmp_path, name="w1", index=index_url)  # ...back
 
     try:
         pub.run(pace=0.01, on_progress=on_progress, timeout=90)
@@ -300,9 +330,11 @@ def test_crash_at_each_step_of_a_write_then_restart(mosquitto_broker, fleet, tmp
     assert len(pairs) == len(set(pairs)) == 3000
     assert sorted(s for _, s in pairs) == list(range(3000))
     assert not [p for p in (tmp_path / fleet / "data").iterdir() if p.name.endswith(".tmp")]
+    _index_holds(tmp_path, fleet, index_url, 3000)
 
 
-def test_group_member_dies_between_commit_and_rename_the_other_finishes(mosquitto_broker, fleet, tmp_path):
+def test_group_member_dies_between_commit_and_rename_the_other_finishes(mosquitto_broker, fleet, tmp_path,
+                                                                        index_url):
     """Two workers of a group share one folder; one dies after committing a file but before renaming
     it, and never comes back. The survivor's next write finishes that file, the devices' resends reach
     the survivor, and the union is exactly once with no .tmp left behind."""
@@ -318,10 +350,12 @@ def test_group_member_dies_between_commit_and_rename_the_other_finishes(mosquitt
         LEPTON_DATA=str(tmp_path),
         CRASH_NAME="wa",
         CRASH_GROUP="ingest",
+        **(index_environment(index_url) if index_url else {}),
     )
     crashing = subprocess.Popen([sys.executable, "-c", _CRASHING_WORKER, "before_rename", "2"], env=env)
     survivor = start_worker_process(
-        mosquitto_broker.url("worker", "wb", fleet=fleet), fleet, tmp_path, name="wb", group="ingest"
+        mosquitto_broker.url("worker", "wb", fleet=fleet), fleet, tmp_path, name="wb", group="ingest",
+        index=index_url,
     )
     for n in ("wa", "wb"):
         wait_status(viewer, fleet, n, lambda s: s.get("online") is True)
@@ -354,3 +388,4 @@ def test_group_member_dies_between_commit_and_rename_the_other_finishes(mosquitt
     assert not [p for p in (tmp_path / fleet / "data").iterdir() if p.name.endswith(".tmp")]
     names = {f.name.split("-")[2] for f in Dataset(tmp_path, fleet).files()}
     assert names == {"wa", "wb"}  # the dead worker's committed file was made visible by the survivor
+    _index_holds(tmp_path, fleet, index_url, 4_000)

@@ -7,7 +7,8 @@ import subprocess
 import sys
 import textwrap
 
-FORBIDDEN = ("torch", "lightning", "pytorch_lightning", "pyarrow", "onnx", "lepton.cloud", "amqtt", "duckdb")
+FORBIDDEN = ("torch", "lightning", "pytorch_lightning", "pyarrow", "onnx", "lepton.cloud", "amqtt", "duckdb",
+             "psycopg")
 
 
 def test_building_an_agent_imports_no_torch_lightning_pyarrow_or_onnx(tmp_path):
