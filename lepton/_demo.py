@@ -106,8 +106,8 @@ class Demo:
         self._procs: dict[str, subprocess.Popen] = {}
         self._logs: list[IO[bytes]] = []  # children's stdout/stderr files, closed in stop()
         self._stopping = threading.Event()
-        self._monitor = None
-        self.dashboard = None  # lepton.dashboard.DashboardServer with --dashboard
+        self._monitor: _Monitor | None = None
+        self.dashboard: Any = None  # lepton.dashboard.DashboardServer with --dashboard (optional extra)
 
     # -- processes --------------------------------------------------------------------------------
     def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
@@ -362,7 +362,8 @@ class _Monitor:
         with demo.view_lock:
             channel = demo.view.apply(message.topic, message.payload, now=time.time())
             if channel in ("status", "telemetry") and demo.first_model_s is None:
-                reports = demo.view.devices.get(demo.topics.parse(message.topic).device)
+                device = demo.topics.parse(message.topic).device
+                reports = demo.view.devices.get(device) if device is not None else None
                 if reports is not None and _device_view(reports).model_version is not None:
                     demo.first_model_s = time.monotonic() - demo.started
 

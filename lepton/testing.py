@@ -287,8 +287,10 @@ class PostgresServer:
 
     PostgreSQL refuses to run as root; as root the cluster belongs to user ``nobody`` (``runuser``).
 
-    >>> with PostgresServer() as pg:                       # doctest: +SKIP
-    ...     url = pg.url()  # postgresql://lepton:PASSWORD@127.0.0.1:PORT/lepton
+    Example (needs PostgreSQL installed)::
+
+        with PostgresServer() as pg:
+            url = pg.url()  # postgresql://lepton:PASSWORD@127.0.0.1:PORT/lepton
     """
 
     user = "lepton"

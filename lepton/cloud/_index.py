@@ -336,6 +336,7 @@ def open_index(dataset_dir: str | Path, url: str | None = None) -> SampleIndex:
     from lepton.cloud._index_pg import PostgresIndex, is_postgres_url, redact_url
 
     chosen = url if url is not None else recorded
+    assert chosen is not None  # both None returned the SQLite index above
     if not is_postgres_url(chosen):
         scheme = chosen.split("://", 1)[0] if "://" in chosen else chosen
         raise ConfigError(

@@ -92,10 +92,11 @@ class PostgresIndex(SampleIndex):
     ``$PGPASSWORD`` or ``~/.pgpass`` (libpq's environment variables apply). It is never logged: errors
     name the URL without it.
 
-    >>> index = PostgresIndex("postgresql://lepton@db/lepton", dataset="f1")  # doctest: +SKIP
-    >>> with index.transaction(devices=["cam-1"]):                            # doctest: +SKIP
-    ...     index.known("cam-1", [0, 1, 2])
-    set()
+    Example (needs a server)::
+
+        index = PostgresIndex("postgresql://lepton@db/lepton", dataset="f1")
+        with index.transaction(devices=["cam-1"]):
+            index.known("cam-1", [0, 1, 2])        # set()
     """
 
     def __init__(self, url: str, *, dataset: str, connect_timeout: float = 10.0) -> None:

@@ -99,10 +99,10 @@ class BoardCollector(Collector):
             families[key] = cls(name, help_text, labels=["fleet", "worker"])
         for row in doc["workers"]:
             fields = {"online": row.get("online"), **row["summary"]}
-            for key, family in families.items():
+            for key, worker_family in families.items():
                 value = _number(fields.get(key))
                 if value is not None:
-                    family.add_metric([fleet, row["worker"]], value)
+                    worker_family.add_metric([fleet, row["worker"]], value)
         yield from families.values()
 
         devices = GaugeMetricFamily("lepton_model_devices", "devices serving each version of a model "

@@ -366,6 +366,7 @@ class DeviceAgent:
             key = load_public_key(key)
         last = self.pipeline.ops[-1] if self.pipeline.ops else None
         shape = tuple(last["shape"]) if last and last["op"] == "reshape" and -1 not in last["shape"] else None
+        assert self.config.model is not None  # called only with --model
         return ModelRuntime(
             topics=self.topics,
             model=self.config.model,
@@ -774,8 +775,8 @@ class DeviceAgent:
             self._drain(progress)
             return self._shutdown()
         finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
             self._close_quietly()
 
     def _capture(self, progress: _Ticker) -> None:

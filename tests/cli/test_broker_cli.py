@@ -211,7 +211,7 @@ def test_the_documented_amqtt_yaml_is_a_valid_config(run_broker, tmp_path, fleet
      "    password_file: nope/passwd\n", "nopw.yaml", "nope/passwd named in nopw.yaml not found"),
     (f"listeners:\n  default:\n    bind: 127.0.0.1:{free_port()}\nplugins:\n  nowhere.Plugin: {{}}\n",
      "plugin.yaml", "No module named 'nowhere'"),
-])
+], ids=["missing", "bad-yaml", "bad-json", "scalar", "bind", "no-password-file", "plugin"])  # stable under xdist
 def test_an_unusable_config_file_is_one_clear_line(tmp_path, content, name, message):
     if content is not None:
         (tmp_path / name).write_text(content)
