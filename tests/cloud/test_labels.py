@@ -139,7 +139,7 @@ def test_the_documented_duckdb_and_pandas_joins_give_the_trainers_labels(tmp_pat
     store.append([LabelRow("dev-0", 0, "h0", "human", ts=2), LabelRow("dev-0", 2, "t2", "teacher",
                   confidence=0.99, ts=2)])
     resolver = store.resolver()
-    expected = {(f"dev-0", i): resolver.resolve("dev-0", i, lab) for i, lab in
+    expected = {("dev-0", i): resolver.resolve("dev-0", i, lab) for i, lab in
                 enumerate(["d0", None, "d2", None, "d4", "d5"])}
 
     doc = (Path(__file__).parents[2] / "docs" / "dataset.md").read_text()
