@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from lepton._fs import atomic_file, write_atomic
-from tests.conftest import REQUIRE_MOSQUITTO
+from tests.conftest import missing_component
 
 _TMP = re.compile(r"^\.(?P<name>.+)\.[0-9a-f]{8}\.tmp$")
 
@@ -26,10 +26,7 @@ _TMP = re.compile(r"^\.(?P<name>.+)\.[0-9a-f]{8}\.tmp$")
 def _strace(script: str, *args: str) -> list[str]:
     """Run ``script`` under strace; return its fsync and rename calls, in order, with fd paths (-y)."""
     if shutil.which("strace") is None:
-        message = "strace not found (apt-get install -y strace): it shows the fsyncs of atomic writes"
-        if REQUIRE_MOSQUITTO:  # CI installs every component; a missing one fails there
-            pytest.fail(message)
-        pytest.skip(message)
+        missing_component("strace not found (apt-get install -y strace): it shows the fsyncs of atomic writes")
     out = subprocess.run(
         ["strace", "-f", "-qq", "-y", "-s", "512", "-e", "trace=fsync,fdatasync,rename,renameat,renameat2",
          sys.executable, "-c", textwrap.dedent(script), *args],

@@ -21,12 +21,12 @@ import numpy as np
 import pytest
 
 from lepton.protocol import BrokerURL, Topics, build_package, connect, encode_json, new_client
+from tests.conftest import missing_component
 from tests.cloud._ingest_support import start_worker_process, stop_process
 from tests.device.test_hotswap_agent import linear_onnx
 from tests.device.test_runtime import Publisher, make_keys
 
 CHROMIUM = "/usr/bin/chromium"
-REQUIRE = os.environ.get("LEPTON_REQUIRE_MOSQUITTO") == "1"
 MODEL = "digits"
 
 pytestmark = [pytest.mark.mosquitto, pytest.mark.slow]
@@ -43,10 +43,7 @@ def browser():
     if not os.path.exists(CHROMIUM):
         missing.append(f"{CHROMIUM} (apt-get install -y chromium)")
     if missing:
-        message = "the browser test needs " + " and ".join(missing)
-        if REQUIRE:
-            pytest.fail(message + " and LEPTON_REQUIRE_MOSQUITTO=1")
-        pytest.skip(message)
+        missing_component("the browser test needs " + " and ".join(missing))
     pytest.importorskip("aiohttp")
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])

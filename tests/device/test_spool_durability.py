@@ -11,10 +11,9 @@ import sys
 import textwrap
 
 import numpy as np
-import pytest
 
 from lepton.device import Spool
-from tests.conftest import REQUIRE_MOSQUITTO
+from tests.conftest import missing_component
 
 SCRIPT = textwrap.dedent(
     """
@@ -36,10 +35,7 @@ SCRIPT = textwrap.dedent(
 
 def _syncs(tmp_path, mode: str, n: int) -> int:
     if shutil.which("strace") is None:
-        message = "strace not found (apt-get install -y strace): it counts the spool's fsyncs"
-        if REQUIRE_MOSQUITTO:  # CI installs every component; a missing one fails there
-            pytest.fail(message)
-        pytest.skip(message)
+        missing_component("strace not found (apt-get install -y strace): it counts the spool's fsyncs")
     out = subprocess.run(
         ["strace", "-f", "-qq", "-c", "-e", "trace=fsync,fdatasync", sys.executable, "-c", SCRIPT,
          str(tmp_path / mode), mode, str(n)],
