@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-import json
 import os
-import signal
 import sys
-import threading
 
 from lepton.cli import _credentials, _exit, _prefix
+from lepton.cli._foreground import run_until_signal
 
 DESCRIPTION = """\
 Answer the infer requests of a fleet's devices (lepton/FLEET/devices/+/infer) with the fleet's model
@@ -99,32 +97,15 @@ def run(args: argparse.Namespace) -> int:
         worker = ServeWorker(config)
     except ProtocolError as exc:  # a bad id: a usage error, exit 2
         raise ConfigError(str(exc)) from None
-    stop = threading.Event()
+    def progress(st: dict) -> str:
+        lat = st["latency_ms"]
+        return (f"[{args.name}] {args.model} v{st['model_version'] or '-'}"
+                f"  answered {st['answered']}  errors {sum(st['errors'].values())}"
+                f"  shed {st['shed']}  {st['answers_per_s']:.0f}/s"
+                f"  p50 {lat['p50'] if lat['p50'] is not None else '-'} ms"
+                f"  p99 {lat['p99'] if lat['p99'] is not None else '-'} ms  queue {st['queue']}")
 
-    def on_signal(signum, frame):  # noqa: ANN001, ARG001
-        stop.set()
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-    worker.start()
-    tty = sys.stderr.isatty()
-    try:
-        while not stop.wait(1.0 if not args.json else max(args.status_interval, 0.5)):
-            if args.quiet:
-                continue
-            st = worker.status()
-            if args.json:
-                print(json.dumps(st, sort_keys=True), flush=True)
-            else:
-                lat = st["latency_ms"]
-                line = (f"\r[{args.name}] {args.model} v{st['model_version'] or '-'}"
-                        f"  answered {st['answered']}  errors {sum(st['errors'].values())}"
-                        f"  shed {st['shed']}  {st['answers_per_s']:.0f}/s"
-                        f"  p50 {lat['p50'] if lat['p50'] is not None else '-'} ms"
-                        f"  p99 {lat['p99'] if lat['p99'] is not None else '-'} ms  queue {st['queue']}")
-                print(line if tty else line.strip(), end="" if tty else "\n", file=sys.stderr, flush=True)
-    finally:
-        worker.stop()
+    tty = run_until_signal(worker, args, progress)
     if not args.quiet:
         st = worker.status()
         print(f"{chr(10) if tty else ''}[{args.name}] stopped: answered {st['answered']}, "

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import signal
 import sys
-import threading
 
 from lepton.cli import _credentials, _exit, _prefix
+from lepton.cli._foreground import run_until_signal
 
 DESCRIPTION = """\
 Subscribe to every device's samples of a fleet and store them exactly once as Parquet under
@@ -206,31 +204,14 @@ def run(args: argparse.Namespace) -> int:
         quarantine_device_bytes=args.quarantine_device_mb * 1024 * 1024,
     )
     worker = IngestWorker(config)
-    stop = threading.Event()
+    def progress(st: dict) -> str:
+        return (
+            f"[{args.name}] stored {st['stored']}  dup {st['duplicates']}  "
+            f"dead {st['dead_letters']}  files {st['files']}  {st['samples_per_s']:.0f}/s  "
+            f"queue {st['queue']}"
+        )
 
-    def on_signal(signum, frame):  # noqa: ANN001, ARG001
-        stop.set()
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-    worker.start()
-    tty = sys.stderr.isatty()
-    try:
-        while not stop.wait(1.0 if not args.json else max(args.status_interval, 0.5)):
-            if args.quiet:
-                continue
-            st = worker.status()
-            if args.json:
-                print(json.dumps(st, sort_keys=True), flush=True)
-            else:
-                line = (
-                    f"\r[{args.name}] stored {st['stored']}  dup {st['duplicates']}  "
-                    f"dead {st['dead_letters']}  files {st['files']}  {st['samples_per_s']:.0f}/s  "
-                    f"queue {st['queue']}"
-                )
-                print(line if tty else line.strip(), end="" if tty else "\n", file=sys.stderr, flush=True)
-    finally:
-        worker.stop()
+    tty = run_until_signal(worker, args, progress)
     stats = worker.stats
     if not args.quiet:
         end = "\n" if tty else ""
