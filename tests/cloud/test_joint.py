@@ -90,7 +90,7 @@ def test_without_a_cloud_the_device_answers_alone_and_never_stalls(broker, fleet
     with IngestWorker(WorkerConfig(broker=broker.url("worker", "w1", fleet=fleet), fleet=fleet,
                                    data=tmp_path / "data", name="w1", batch_ms=10)):
         agent = _device(broker, fleet, keypair, tmp_path, "cam-2", limit=200, rate_hz=100,
-                        escalate_rate=0.5, answer_timeout_ms=100)
+                        escalate_rate=0.5, answer_timeout_ms=500)
         agent.start()
         _wait_model(agent)
         assert agent.runtime.version == version.version
@@ -100,8 +100,9 @@ def test_without_a_cloud_the_device_answers_alone_and_never_stalls(broker, fleet
     j = summary.collaboration
     assert summary.ok and j["escalated"] >= 60
     assert j["answered_by_cloud"] == 0 and j["answered_by_edge"] == 200 and j["answers_timed_out"] == j["escalated"]
-    # 200 samples at 100 Hz: 2 s of capture; waiting for no one costs one timeout at the end, not one each
-    assert took < 2.0 + 0.1 + 5.0, took
+    # 200 samples at 100 Hz: 2 s of capture; waiting for no one costs one timeout at the end (0.5 s), not
+    # one each (60 or more escalations x 0.5 s = 30 s or more); the rest is headroom for a loaded machine.
+    assert took < 2.0 + 0.5 + 12.0, took
     assert j["joint_accuracy"] == j["edge_accuracy"]
 
 
