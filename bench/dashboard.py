@@ -58,9 +58,10 @@ def publisher(url: str, fleet: str, ids: list[str], stop_at: float) -> None:
                       "skipped": 0, "next_seq": seq * 25, "model": "digits", "model_version": 1 + (i % 3),
                       "model_error": None, "accuracy": {str(1 + (i % 3)): {"accuracy": 0.95, "correct": 95,
                                                                           "samples": 100}}}
-            telemetry = {"v": 1, "ts": ts, "device": device, "captured": seq * 25, "published": seq * 25,
+            telemetry = {"v": 1, "ts": ts, "captured": seq * 25, "published": seq * 25,
                          "acked": max(0, seq * 25 - 10), "spool_depth": seq % 50, "inferences": seq * 25,
-                         "inference_ms": {"mean": 0.4, "p50": 0.35, "p99": 1.2}, "swaps": 1,
+                         "inference_ms_mean": 0.4, "inference_ms_p50": 0.35, "inference_ms_p99": 1.2,
+                         "swaps": 1,
                          "model_version": 1 + (i % 3), "uptime_s": seq}
             client.publish(topics.status(device), json.dumps(status), qos=0, retain=True)
             client.publish(topics.telemetry(device), json.dumps(telemetry), qos=0)

@@ -148,7 +148,7 @@ def device_process(wid: int, names: list[str], urls: list[str], fleet: str, pub_
         tel = d["runtime"].telemetry()
         out.append({"name": d["name"], "ts": d["ts"], "ver": d["ver"], "failures": d["failures"],
                     "runtime_failures": tel["inference_failures"], "rejections": tel["model_rejections"],
-                    "history": d["runtime"].swap_history(), "inference_ms": tel["inference_ms"]})
+                    "history": d["runtime"].swap_history(), "inference_ms": {k: tel[f"inference_ms_{k}"] for k in ("mean", "p50", "p99")}})
         d["runtime"].close()
     events.put(("done", wid, out))
 
@@ -212,8 +212,8 @@ def stall_probe(size_bytes: int, reps: int, results: mp.Queue) -> None:
     tel = runtime.telemetry()
     runtime.close()
     results.put({"model_bytes": len(make_model(size_bytes, 0)), "swaps": reps,
-                 "inference_ms_p50": tel["inference_ms"]["p50"],
-                 "inference_ms_p99": tel["inference_ms"]["p99"],
+                 "inference_ms_p50": tel["inference_ms_p50"],
+                 "inference_ms_p99": tel["inference_ms_p99"],
                  "max_gap_ms_swap": round(max(g for g in swap_gaps if g is not None), 2),
                  "max_gap_ms_quiet": round(max(g for g in quiet_gaps if g is not None), 2),
                  "failures": tel["inference_failures"]})

@@ -72,6 +72,7 @@ topic write $prefix/$fleet/devices/+/answers" ;;
 topic read $prefix/$fleet/devices/+/telemetry
 topic read $prefix/$fleet/devices/+/predictions
 topic read $prefix/$fleet/workers/+/status
+topic read $prefix/$fleet/workers/+/telemetry
 topic read $prefix/$fleet/models/#
 topic read $prefix/$fleet/deadletter" ;;
   *) usage ;;

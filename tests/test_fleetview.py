@@ -10,7 +10,7 @@ import pytest
 from lepton._demo import _device_view
 from lepton._fleetview import MAX_ENTRIES, MAX_PAYLOAD, FleetView
 from lepton.cli._status import snapshot
-from lepton.protocol import Topics, build_package, encode_json
+from lepton.protocol import Topics, build_package, encode_json, encode_telemetry
 
 PREFIX = "acme/site-3/lepton"
 
@@ -32,8 +32,8 @@ def _status(**fields) -> bytes:
 def test_status_and_telemetry_are_kept_per_device_and_both_renderers_read_them(view, topics):
     status = _status(model="digits", model_version=3, spool_depth=4,
                      accuracy={"3": {"accuracy": 0.75, "correct": 3, "samples": 4}})
-    telemetry = encode_json({"device": "cam-1", "captured": 10, "acked": 6, "spool_depth": 2, "swaps": 1,
-                             "inference_ms": {"p50": 1.5, "p99": 3.0}})
+    telemetry = encode_telemetry({"captured": 10, "acked": 6, "spool_depth": 2, "swaps": 1,
+                                  "inference_ms_p50": 1.5, "inference_ms_p99": 3.0})
 
     assert view.apply(topics.status("cam-1"), status, now=100.0) == "status"
     assert view.apply(topics.telemetry("cam-1"), telemetry, now=101.0) == "telemetry"

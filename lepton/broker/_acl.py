@@ -66,6 +66,7 @@ def role_grants(role: str, fleet: str, name: str, *, prefix: str = DEFAULT_PREFI
     if role == "viewer":
         return [f"topic read {p}/devices/+/status", f"topic read {p}/devices/+/telemetry",
                 f"topic read {p}/devices/+/predictions", f"topic read {p}/workers/+/status",
+                f"topic read {p}/workers/+/telemetry",
                 f"topic read {p}/models/#", f"topic read {p}/deadletter"]
     if role == "admin":
         # Development only (the embedded broker's first user): every topic of every fleet of ``prefix``.

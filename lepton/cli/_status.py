@@ -166,7 +166,6 @@ def device_row(name: str, status: dict | None, telemetry: dict | None, now: floa
         accuracy, samples = _num(entry.get("accuracy"), 0.0, 1.0), _int(entry.get("samples"))
     else:
         accuracy = _num(acc, 0.0, 1.0)
-    latency = _dict(telemetry.get("inference_ms"))
     error = status.get("model_error")
     if isinstance(error, dict):
         error_reason = clean_text(error.get("reason"))
@@ -186,8 +185,8 @@ def device_row(name: str, status: dict | None, telemetry: dict | None, now: floa
         "model_version": version,
         "accuracy": accuracy,
         "accuracy_samples": samples,
-        "inference_ms_p50": _num(latency.get("p50"), 0.0),
-        "inference_ms_p99": _num(latency.get("p99"), 0.0),
+        "inference_ms_p50": _num(telemetry.get("inference_ms_p50"), 0.0),
+        "inference_ms_p99": _num(telemetry.get("inference_ms_p99"), 0.0),
         "inferences": _int(telemetry.get("inferences")),
         "swaps": _int(telemetry.get("swaps")),
         "spool_depth": spool_depth,

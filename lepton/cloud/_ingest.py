@@ -51,6 +51,7 @@ from lepton.protocol import (
     encode_acks,
     encode_json,
     new_client,
+    telemetry_fields,
     validate_id,
 )
 
@@ -68,6 +69,10 @@ DEFAULT_WORKER_MAX_PAYLOAD_BYTES = 4 * 1024 * 1024
 #: Failures that say nothing about the messages being written: the disk is full or failing, the index
 #: is locked or unreadable for a while. They are retried, with backoff, and the batch stays unacked.
 _TRANSIENT = (OSError, sqlite3.OperationalError)
+
+#: fields of the worker status that are state, not numbers to chart: the telemetry leaves them out
+#: (``quarantine`` it carries flat, as ``quarantine_{entries,bytes,refused}``)
+_STATE_FIELDS = frozenset({"worker", "fleet", "group", "online", "last_error", "quarantine"})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -663,6 +668,9 @@ class IngestWorker:
 
     # -- status ---------------------------------------------------------------------------------------
     def _status_payload(self, *, online: bool = True, update_rate: bool = False) -> bytes:
+        return encode_json(self._status_body(online=online, update_rate=update_rate))
+
+    def _status_body(self, *, online: bool = True, update_rate: bool = False) -> dict[str, Any]:
         now = time.monotonic()
         t0, n0 = self._rate
         if update_rate and now - t0 > 0.2:
@@ -670,43 +678,52 @@ class IngestWorker:
             self._rate = (now, self.stats.stored)
         rate = self._last_rate
         st = self.stats
-        return encode_json(
-            {
-                "worker": self.config.name,
-                "online": online,
-                "fleet": self.config.fleet,
-                "group": self.config.group,
-                "samples_per_s": round(rate, 1),
-                "stored": st.stored,
-                "duplicates": st.duplicates,
-                "dead_letters": st.dead_letters,
-                "files": st.files,
-                "bytes": st.bytes,
-                "received": st.received,
-                "errors": st.errors,
-                "retrying": st.retrying,
-                "last_error": st.last_error,
-                "dropped_qos0": st.dropped_qos0,
-                "quarantine": self.quarantine.usage(),
-                "last_write": None if st.last_write is None else round(st.last_write, 3),
-                "queue": self._q.qsize(),
-                "queue_bytes": self._q_bytes,
-                "started_at": round(self.started_at, 3),
-                "train_runs": st.train_runs,
-                "train_running": st.train_running,
-                "train_last_exit": st.train_last_exit,
-                "train_last_started": st.train_last_started,
-            }
-        )
+        return {
+            "worker": self.config.name,
+            "online": online,
+            "fleet": self.config.fleet,
+            "group": self.config.group,
+            "samples_per_s": round(rate, 1),
+            "stored": st.stored,
+            "duplicates": st.duplicates,
+            "dead_letters": st.dead_letters,
+            "files": st.files,
+            "bytes": st.bytes,
+            "received": st.received,
+            "errors": st.errors,
+            "retrying": st.retrying,
+            "last_error": st.last_error,
+            "dropped_qos0": st.dropped_qos0,
+            "quarantine": self.quarantine.usage(),
+            "last_write": None if st.last_write is None else round(st.last_write, 3),
+            "queue": self._q.qsize(),
+            "queue_bytes": self._q_bytes,
+            "started_at": round(self.started_at, 3),
+            "train_runs": st.train_runs,
+            "train_running": st.train_running,
+            "train_last_exit": st.train_last_exit,
+            "train_last_started": st.train_last_started,
+        }
+
+    @staticmethod
+    def _telemetry_of(status: dict[str, Any]) -> dict[str, int | float]:
+        """The telemetry report that goes with a status: its numbers, flat (docs/protocol.md, "Worker
+        telemetry"); names, the error text and ``online`` stay in the status."""
+        body = {k: v for k, v in status.items() if k not in _STATE_FIELDS}
+        body.update({f"quarantine_{k}": v for k, v in status["quarantine"].items()})
+        return telemetry_fields(body)
+
+    def telemetry(self) -> dict[str, int | float]:
+        """The current telemetry report (what the telemetry topic carries, without ``v``/``ts``)."""
+        return self._telemetry_of(self._status_body())
 
     def _publish_status(self) -> None:
         if self._client is not None:
-            self._client.publish(
-                self.topics.worker_status(self.config.name),
-                self._status_payload(update_rate=True),
-                qos=1,
-                retain=True,
-            )
+            status = self._status_body(update_rate=True)
+            self._client.publish(self.topics.worker_status(self.config.name), encode_json(status), qos=1,
+                                 retain=True)
+            self._client.publish(self.topics.worker_telemetry(self.config.name),
+                                 encode_json(self._telemetry_of(status)), qos=0)
 
     def _status_loop(self) -> None:
         while not self._stop.wait(self.config.status_interval):

@@ -63,11 +63,17 @@ from lepton.protocol import (
     new_client,
     open_manifest,
     peek_seq,
+    telemetry_fields,
     validate_id,
     verify_chunk,
 )
 
 log = logging.getLogger(__name__)
+
+#: fields of the serve status that are state, not numbers to chart: the telemetry leaves them out or,
+#: for the objects, carries them flat (see ``ServeWorker._telemetry_of``)
+_STATE_FIELDS = frozenset({"worker", "fleet", "role", "online", "group", "model", "model_sha256",
+                           "model_error", "model_pending", "errors", "latency_ms", "teacher_labels"})
 
 __all__ = ["ModelAssembler", "ModelInfo", "ServeConfig", "ServeCore", "ServeWorker"]
 
@@ -965,13 +971,38 @@ class ServeWorker:
         body["online"] = online
         return encode_json(body)
 
+    @staticmethod
+    def _telemetry_of(status: dict[str, Any]) -> dict[str, int | float]:
+        """The telemetry report that goes with a status: its numbers, flat (docs/protocol.md, "Worker
+        telemetry"). ``errors`` becomes a total and one ``errors_{code}`` per ANSWER_ERRORS code,
+        ``latency_ms`` ``latency_ms_{p50,p99,mean}`` and ``latency_n``; names, texts and the model
+        error stay in the status."""
+        body = {k: v for k, v in status.items() if k not in _STATE_FIELDS}
+        errors = status["errors"]
+        body["errors"] = sum(errors.values())
+        body.update({f"errors_{code}": errors.get(code, 0) for code in ANSWER_ERRORS})
+        latency = status["latency_ms"]
+        body.update({f"latency_ms_{k}": latency[k] for k in ("p50", "p99", "mean")}, latency_n=latency["n"])
+        pending = status["model_pending"] or {}
+        body.update({f"model_pending_{k}": pending.get(k) for k in ("version", "chunks", "of")})
+        teacher = status["teacher_labels"] or {}
+        body.update({f"teacher_labels_{k}": teacher.get(k) for k in ("written", "dropped", "files")})
+        return telemetry_fields(body)
+
+    def telemetry(self) -> dict[str, int | float]:
+        """The current telemetry report (what the telemetry topic carries, without ``v``/``ts``)."""
+        return self._telemetry_of(self.status())
+
     def _publish_status(self) -> None:
         client = self._client
         if client is None:
             return
         try:
-            client.publish(self.topics.worker_status(self.config.name), self._status_payload(), qos=1,
+            status = self.status()
+            client.publish(self.topics.worker_status(self.config.name), encode_json(status), qos=1,
                            retain=True)
+            client.publish(self.topics.worker_telemetry(self.config.name),
+                           encode_json(self._telemetry_of(status)), qos=0)
         except (ValueError, RuntimeError) as exc:
             log.debug("serve %s: status not published: %s", self.config.name, exc)
 

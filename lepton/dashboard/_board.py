@@ -50,11 +50,8 @@ _RATE_FIELDS = {"captured": "capture_rate", "acked": "ack_rate", "escalated": "e
 
 
 def _escalated(telemetry: dict[str, Any]) -> int | None:
-    """Escalations so far: a flat ``escalated`` counter, or ``escalation.escalated``."""
-    value = _int(telemetry.get("escalated"))
-    if value is None:
-        value = _int(_dict(telemetry.get("escalation")).get("escalated"))
-    return value
+    """Escalations so far (the telemetry's ``escalated`` counter)."""
+    return _int(telemetry.get("escalated"))
 
 
 @dataclass

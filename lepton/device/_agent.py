@@ -78,7 +78,9 @@ from lepton.protocol import (
     decode_answer,
     encode_infer,
     encode_json,
+    encode_telemetry,
     new_client,
+    telemetry_fields,
     validate_id,
 )
 
@@ -417,13 +419,14 @@ class DeviceAgent:
         return body
 
     def telemetry(self) -> dict[str, Any]:
-        """The periodic telemetry body (see docs/protocol.md, "Telemetry")."""
+        """The periodic telemetry body (see docs/protocol.md, "Telemetry"), exactly as published: flat
+        ``name -> number`` (bools as 0/1, values not known yet left out). The topic names the device;
+        strings and objects belong in :meth:`status`."""
         with self._lock:
             c = replace(self.counters)  # a consistent snapshot
             self.counters.window_s, self.counters.window_n = 0.0, 0
         window_ms = round(1000 * c.window_s / c.window_n, 4) if c.window_n else None
         body: dict[str, Any] = {
-            "device": self.device_id,
             "captured": c.captured,
             "published": c.published,
             "resent": c.resent,
@@ -448,7 +451,7 @@ class DeviceAgent:
                 body.update(self.runtime.telemetry())
             except Exception:  # noqa: BLE001
                 log.exception("device %s: model runtime telemetry failed", self.device_id)
-        return body
+        return telemetry_fields(body)
 
     def _collaboration(self, c: _Counters) -> dict[str, Any]:
         """Flat numbers (Grafana's MQTT data source plots them as they are): escalation, answers, bytes."""
@@ -492,7 +495,7 @@ class DeviceAgent:
     def _publish_telemetry(self) -> None:
         client = self._client
         if client is not None and self._connected.is_set():
-            client.publish(self.topics.telemetry(self.device_id), encode_json(self.telemetry()), qos=0)
+            client.publish(self.topics.telemetry(self.device_id), encode_telemetry(self.telemetry()), qos=0)
 
     # -- MQTT callbacks (paho's network thread) -------------------------------------------------------
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001

@@ -130,6 +130,12 @@ class _Loaded:
 
 
 
+#: the numbers of the last swap the telemetry carries, as ``last_swap_{field}`` (its ``source`` is the
+#: status's ``model_source``)
+LAST_SWAP_FIELDS = ("version", "previous", "manifest_ts", "ready_ms", "verify_ms", "stage_ms", "load_ms",
+                    "swapped_ts", "first_inference_ts")
+
+
 class ModelRuntime:
     """Serves the current model of one model name and hot-swaps newer verified versions.
 
@@ -392,7 +398,8 @@ class ModelRuntime:
         return body
 
     def telemetry(self) -> dict[str, Any]:
-        """Counters for the device's telemetry report."""
+        """Counters for the device's telemetry report: flat ``name -> number`` (None until known, left
+        out on the wire), the last swap as ``last_swap_{field}`` for each of LAST_SWAP_FIELDS."""
         buffers = self.buffers()
         with self._stats_lock:
             lat = np.fromiter(self._latencies, dtype=np.float64)
@@ -401,18 +408,17 @@ class ModelRuntime:
                 "model_version": self.version,
                 "inferences": n,
                 "inference_failures": self._failures,
-                "inference_ms": {
-                    "mean": round(self._latency_sum / n, 4) if n else None,
-                    "p50": round(float(np.percentile(lat, 50)), 4) if lat.size else None,
-                    "p99": round(float(np.percentile(lat, 99)), 4) if lat.size else None,
-                },
+                "inference_ms_mean": round(self._latency_sum / n, 4) if n else None,
+                "inference_ms_p50": round(float(np.percentile(lat, 50)), 4) if lat.size else None,
+                "inference_ms_p99": round(float(np.percentile(lat, 99)), 4) if lat.size else None,
                 "swaps": self._swaps,
                 "model_rejections": self._rejections,
                 "model_stale_ignored": self._stale,
                 **buffers,
             }
             if self._swap_log:
-                body["last_swap"] = dict(self._swap_log[-1])
+                last = self._swap_log[-1]
+                body.update({f"last_swap_{key}": last.get(key) for key in LAST_SWAP_FIELDS})
         return body
 
     def swap_history(self) -> list[dict[str, Any]]:

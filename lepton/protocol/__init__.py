@@ -34,8 +34,10 @@ from lepton.protocol._envelope import (
     encode_sample_body,
     encode_samples,
     encode_samples_packed,
+    encode_telemetry,
     pipeline_hash,
     seqs_to_ranges,
+    telemetry_fields,
 )
 from lepton.protocol._ids import ID_PATTERN, validate_id
 from lepton.protocol._infer import (
@@ -135,6 +137,7 @@ __all__ = [
     "encode_sample_body",
     "encode_samples",
     "encode_samples_packed",
+    "encode_telemetry",
     "encode_tensor",
     "generate_keypair",
     "key_id",
@@ -151,6 +154,7 @@ __all__ = [
     "resolve_broker",
     "seqs_to_ranges",
     "short_lived_client",
+    "telemetry_fields",
     "validate_id",
     "validate_prefix",
     "verify_chunk",

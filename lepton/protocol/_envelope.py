@@ -390,6 +390,40 @@ def encode_json(body: dict[str, Any]) -> bytes:
     return json.dumps(out, separators=(",", ":"), sort_keys=True, default=_json_default).encode()
 
 
+def telemetry_fields(body: dict[str, Any]) -> dict[str, int | float]:
+    """The flat ``name -> number`` body of a telemetry report (device or worker), which Grafana's MQTT
+    data source charts as it is: a bool becomes 0 or 1, a value not known yet (None, NaN, infinity)
+    is left out, and anything else (a str, a dict, a list) is a bug of the sender: ProtocolError names
+    the field.
+
+    >>> telemetry_fields({"connected": True, "spool_depth": 3, "preprocess_ms": None})
+    {'connected': 1, 'spool_depth': 3}
+    """
+    out: dict[str, int | float] = {}
+    for key, value in body.items():
+        if isinstance(value, np.generic) and isinstance(value, (np.bool_, np.integer, np.floating)):
+            value = value.item()
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            out[key] = int(value)
+        elif isinstance(value, int):
+            out[key] = value
+        elif isinstance(value, float):
+            if math.isfinite(value):
+                out[key] = value
+        else:
+            raise ProtocolError(f"telemetry field {key!r} must be a number, not {type(value).__name__} "
+                                "(telemetry is flat name -> number; strings and objects go in the status)",
+                                field=key)
+    return out
+
+
+def encode_telemetry(body: dict[str, Any]) -> bytes:
+    """Encode a telemetry report: :func:`telemetry_fields` of ``body``, stamped like :func:`encode_json`."""
+    return encode_json(telemetry_fields(body))
+
+
 def decode_json(payload: bytes | bytearray | memoryview, *, field: str = "json") -> dict[str, Any]:
     """Decode a JSON report; raise ProtocolError if it is not a JSON object of protocol v1."""
     try:

@@ -46,7 +46,7 @@ def validate_prefix(value: object) -> str:
 @dataclass(frozen=True)
 class ParsedTopic:
     """What a topic names. ``channel`` is one of DEVICE_CHANNELS, ``"model"``, ``"model_chunk"``,
-    ``"worker_status"`` or ``"deadletter"``."""
+    ``"worker_status"``, ``"worker_telemetry"`` or ``"deadletter"``."""
 
     fleet: str
     channel: str
@@ -145,6 +145,9 @@ class Topics:
     def worker_status(self, worker: str) -> str:
         return f"{self.root}/workers/{validate_id(worker, kind='worker')}/status"
 
+    def worker_telemetry(self, worker: str) -> str:
+        return f"{self.root}/workers/{validate_id(worker, kind='worker')}/telemetry"
+
     def all_status(self) -> str:
         return f"{self.root}/+/+/status"
 
@@ -173,8 +176,8 @@ class Topics:
             if version < 1:
                 raise ProtocolError(f"model version must be >= 1 in {topic!r}", field="version")
             return ParsedTopic(self.fleet, "model_chunk", model=model, version=version, chunk=index)
-        if kind == "workers" and len(parts) == 3 and parts[2] == "status":
-            return ParsedTopic(self.fleet, "worker_status", worker=validate_id(parts[1], kind="worker"))
+        if kind == "workers" and len(parts) == 3 and parts[2] in ("status", "telemetry"):
+            return ParsedTopic(self.fleet, f"worker_{parts[2]}", worker=validate_id(parts[1], kind="worker"))
         if kind == "deadletter" and len(parts) == 1:
             return ParsedTopic(self.fleet, "deadletter")
         raise ProtocolError(f"topic {topic!r} is not a protocol v1 topic", field="topic")

@@ -206,9 +206,9 @@ POISON_STATUS = {
               b'"accuracy":[1,2],"ts":-1}',
 }
 POISON_TELEMETRY = {
-    "p-types": b'{"v":1,"inference_ms":{"p50":"1","p99":Infinity},"spool_depth":-5,"inferences":1.5,'
+    "p-types": b'{"v":1,"inference_ms_p50":"1","inference_ms_p99":Infinity,"spool_depth":-5,"inferences":1.5,'
                b'"swaps":true,"model_version":{"x":1},"ts":Infinity}',
-    "p-nan": b'{"v":1,"inference_ms":[1,2],"spool_depth":1e400,"ts":-Infinity}',
+    "p-nan": b'{"v":1,"inference_ms_p50":[1,2],"spool_depth":1e400,"ts":-Infinity}',
 }
 _UNSAFE = ("\x1b", "\r", "\x07", "\u202e", "\u2028", "\x00")
 

@@ -12,7 +12,14 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 
 from lepton.dashboard import FleetBoard  # noqa: E402
 from lepton.dashboard._board import MAX_VERSIONS  # noqa: E402
-from lepton.protocol import Topics, build_package, encode_json, generate_keypair, load_private_key  # noqa: E402
+from lepton.protocol import (  # noqa: E402
+    Topics,
+    build_package,
+    encode_json,
+    encode_telemetry,
+    generate_keypair,
+    load_private_key,
+)
 
 T = Topics(fleet="f1")
 
@@ -21,9 +28,8 @@ def _status(device: str, **fields) -> bytes:
     return encode_json({"device": device, "online": True, **fields})
 
 
-def _telemetry(device: str, ts: float, **fields) -> bytes:
-    body = {"device": device, **fields}
-    payload = json.loads(encode_json(body))
+def _telemetry(device: str, ts: float, **fields) -> bytes:  # the topic names the device
+    payload = json.loads(encode_telemetry(fields))
     payload["ts"] = ts
     return json.dumps(payload).encode()
 

@@ -28,8 +28,10 @@ from lepton.protocol import (
     encode_acks,
     encode_json,
     encode_samples,
+    encode_telemetry,
     pipeline_hash,
     seqs_to_ranges,
+    telemetry_fields,
 )
 
 SETTINGS = settings(deadline=None, max_examples=150, suppress_health_check=[HealthCheck.too_slow])
@@ -530,3 +532,22 @@ def test_packed_envelope_refuses_a_body_it_did_not_make():
     assert exc.value.field == "samples[].body"
     with pytest.raises(ProtocolError):
         encode_samples_packed("cam-1", [])
+
+
+def test_telemetry_is_flat_name_to_number_with_unknowns_left_out():
+    body = {"connected": True, "retrying": np.bool_(False), "spool_depth": np.int64(3), "uptime_s": 1.5,
+            "preprocess_ms": None, "edge_accuracy": float("nan"), "answer_ms_p99": float("inf")}
+
+    out = telemetry_fields(body)
+    decoded = decode_json(encode_telemetry(body))
+
+    assert out == {"connected": 1, "retrying": 0, "spool_depth": 3, "uptime_s": 1.5}
+    assert all(type(v) in (int, float) for v in out.values())
+    assert {k: v for k, v in decoded.items() if k not in ("v", "ts")} == out
+
+
+@pytest.mark.parametrize("value", ["cam-1", {"p50": 1.0}, [1, 2], b"x"])
+def test_telemetry_refuses_what_a_chart_cannot_plot_naming_the_field(value):
+    with pytest.raises(ProtocolError) as info:
+        telemetry_fields({"spool_depth": 1, "bad": value})
+    assert info.value.field == "bad"

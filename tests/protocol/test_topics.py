@@ -36,6 +36,7 @@ def test_model_worker_and_deadletter_topics_round_trip(fleet, model, version, in
     assert topics.parse(topics.model_chunk(model, version, index)) == ParsedTopic(
         fleet, "model_chunk", model=model, version=version, chunk=index)
     assert topics.parse(topics.worker_status(worker)) == ParsedTopic(fleet, "worker_status", worker=worker)
+    assert topics.parse(topics.worker_telemetry(worker)) == ParsedTopic(fleet, "worker_telemetry", worker=worker)
     assert topics.parse(topics.deadletter()) == ParsedTopic(fleet, "deadletter")
 
 
@@ -51,6 +52,7 @@ def test_the_documented_topic_strings():
     assert t.model_chunk("digits", 3, 0) == "lepton/demo/models/digits/v/3/chunks/0"
     assert t.deadletter() == "lepton/demo/deadletter"
     assert t.worker_status("ingest-1") == "lepton/demo/workers/ingest-1/status"
+    assert t.worker_telemetry("ingest-1") == "lepton/demo/workers/ingest-1/telemetry"
     assert t.all_devices("samples") == "lepton/demo/devices/+/samples"
     assert t.model_filter("digits") == "lepton/demo/models/digits/#"
     assert t.all_models() == "lepton/demo/models/#"
@@ -62,7 +64,8 @@ def test_the_documented_topic_strings():
 def test_bad_ids_are_refused_before_a_topic_exists(bad):
     t = Topics(fleet="demo")
     builders = [lambda: Topics(fleet=bad), lambda: t.samples(bad), lambda: t.acks(bad), lambda: t.model(bad),
-                lambda: t.model_chunk(bad, 1, 0), lambda: t.worker_status(bad), lambda: t.shared(bad, "x"),
+                lambda: t.model_chunk(bad, 1, 0), lambda: t.worker_status(bad), lambda: t.worker_telemetry(bad),
+                lambda: t.shared(bad, "x"),
                 lambda: validate_id(bad)]
 
     for build in builders:
@@ -132,7 +135,7 @@ def test_bad_model_versions_and_chunk_indices_are_refused(version, index):
     "lepton/demo/models/m/v/1/chunks/²",         # isdigit() but not int()-able
     "lepton/demo/models/m/v/0/chunks/0",        # versions start at 1
     "lepton/demo/workers/w1",
-    "lepton/demo/workers/w1/telemetry",
+    "lepton/demo/workers/w1/samples",
     "lepton/demo/deadletter/x",
     "lepton/demo/unknown",
     "",
