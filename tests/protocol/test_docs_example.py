@@ -79,13 +79,15 @@ def test_every_topic_and_reject_reason_of_the_code_is_documented():
     for channel in DEVICE_CHANNELS:
         assert f"lepton/{{fleet}}/devices/{{device}}/{channel}`" in DOC
     for topic in ("lepton/{fleet}/models/{model}`", "lepton/{fleet}/models/{model}/v/{version}/chunks/{i}`",
-                  "lepton/{fleet}/deadletter`", "lepton/{fleet}/workers/{worker}/status`"):
+                  "lepton/{fleet}/deadletter`", "lepton/{fleet}/workers/{worker}/status`",
+                  "lepton/{fleet}/workers/{worker}/telemetry`"):
         assert topic in DOC
     for reason in REJECT_REASONS:
         assert f"| `{reason}` |" in DOC
     for dtype in DTYPES:
         assert f"| `{dtype}`" in DOC
-    for heading in ("## Status", "## Telemetry", "## Dead letters", "## Predictions", "## Model delivery"):
+    for heading in ("## Status", "## Telemetry", "## Dead letters", "## Predictions", "## Model delivery",
+                    "## Worker telemetry"):
         assert f"\n{heading}\n" in DOC
 
 
@@ -125,3 +127,24 @@ def test_every_answer_error_code_is_documented():
     for code in ANSWER_ERRORS:
         assert f"| `{code}` |" in DOC
     assert "\n## Cloud inference\n" in DOC
+
+
+def documented_telemetry_fields(report: str) -> set[str]:
+    """Every field name in the first column of the ``report`` telemetry tables (``device``, ``worker``,
+    ``serve``) of docs/protocol.md, plus ``v`` and ``ts``."""
+    names = {"v", "ts"}
+    for block in DOC.split(f"<!-- telemetry-fields-begin {report} -->")[1:]:
+        for line in block.split("<!-- telemetry-fields-end -->", 1)[0].splitlines():
+            if line.startswith("| `"):
+                names.update(re.findall(r"`([a-z0-9_]+)`", line.split("|")[1]))
+    return names
+
+
+def test_the_telemetry_tables_name_only_fields_a_chart_can_plot():
+    device, worker, serve = (documented_telemetry_fields(r) for r in ("device", "worker", "serve"))
+
+    assert len(device) > 40 and len(worker) > 20 and len(serve) > 25  # all three tables were found
+    assert {"inference_ms_p50", "last_swap_ready_ms", "connected"} <= device and "device" not in device
+    assert {"quarantine_entries", "retrying"} <= worker and "quarantine" not in worker
+    assert {f"errors_{code}" for code in ANSWER_ERRORS} | {"latency_ms_p99", "latency_n"} <= serve
+    assert not {"worker", "fleet", "online", "last_error", "latency_ms"} & (worker | serve)
