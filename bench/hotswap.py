@@ -148,7 +148,8 @@ def device_process(wid: int, names: list[str], urls: list[str], fleet: str, pub_
         tel = d["runtime"].telemetry()
         out.append({"name": d["name"], "ts": d["ts"], "ver": d["ver"], "failures": d["failures"],
                     "runtime_failures": tel["inference_failures"], "rejections": tel["model_rejections"],
-                    "history": d["runtime"].swap_history(), "inference_ms": {k: tel[f"inference_ms_{k}"] for k in ("mean", "p50", "p99")}})
+                    "history": d["runtime"].swap_history(),
+                    "inference_ms": {k: tel[f"inference_ms_{k}"] for k in ("mean", "p50", "p99")}})
         d["runtime"].close()
     events.put(("done", wid, out))
 

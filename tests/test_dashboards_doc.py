@@ -7,7 +7,6 @@ import json
 import re
 
 from lepton.testing import PROJECT_ROOT
-
 from tests.protocol.test_docs_example import documented_telemetry_fields
 
 DOC = (PROJECT_ROOT / "docs" / "dashboards.md").read_text(encoding="utf-8")
@@ -29,5 +28,5 @@ def test_the_node_red_flow_reads_the_device_from_the_topic():
     nodes = {n["id"]: n for n in flow}
 
     assert nodes["telemetry-in"]["topic"] == "lepton/f1/devices/+/telemetry"
-    assert "payload.device" not in json.dumps(flow)  # telemetry carries no strings; the topic names the device
+    assert "payload.device" not in json.dumps(flow)  # no strings in telemetry: the topic names the device
     assert all(target in nodes for n in flow for wire in n.get("wires", []) for target in wire)

@@ -36,7 +36,8 @@ def test_model_worker_and_deadletter_topics_round_trip(fleet, model, version, in
     assert topics.parse(topics.model_chunk(model, version, index)) == ParsedTopic(
         fleet, "model_chunk", model=model, version=version, chunk=index)
     assert topics.parse(topics.worker_status(worker)) == ParsedTopic(fleet, "worker_status", worker=worker)
-    assert topics.parse(topics.worker_telemetry(worker)) == ParsedTopic(fleet, "worker_telemetry", worker=worker)
+    assert topics.parse(topics.worker_telemetry(worker)) == ParsedTopic(fleet, "worker_telemetry",
+                                                                        worker=worker)
     assert topics.parse(topics.deadletter()) == ParsedTopic(fleet, "deadletter")
 
 
