@@ -33,8 +33,10 @@ Figures per phase:
   longer of ``--duration`` and first publish -> last ack or receipt (so a sink that falls behind is
   charged for the backlog it drains afterwards, and one that keeps up shows the offered rate);
 * ack latency p50 / p99 / max over every acked sample;
-* exactly-once, checked afterwards: the dataset read back (lepton.cloud.Dataset) holds every published
-  (device, seq) exactly once: no duplicate, no missing, no stranger;
+* exactly-once, checked afterwards: the dataset read back (lepton.cloud.Dataset) holds every acked
+  (device, seq) exactly once, no duplicate and nothing never published; published samples still
+  unacked when ``--drain`` ran out are counted as ``undrained`` (queued in the broker, not lost: a
+  real device keeps them in its spool and resends);
 * CPU in cores (CPU seconds / wall seconds over the publishing window) and max RSS of the broker, the
   workers (summed), the simulators (summed) and the bare subscriber (psutil), the busiest single thread
   (a Python process or Mosquitto at ~1.0 is a core at 100 %: saturated), and the whole machine's busy
@@ -217,6 +219,7 @@ def simulate(ids: list[str], host: str, port: int, password: str, rate: float, s
         "pid": os.getpid(), "devices": n, "published": sum(d.published for d in devices),
         "acked": sum(d.acked for d in devices), "unacked": sum(len(d.sent) for d in devices),
         "published_by_device": {d.id: d.published for d in devices},
+        "unacked_by_device": {d.id: sorted(d.sent) for d in devices if d.sent},
         "last_ack": max((d.last_ack for d in devices), default=0.0), "publish_end": publish_end,
         "behind_max_s": round(behind_max, 3),
         "latencies": np.asarray(lat, dtype=np.float64).tobytes(),
@@ -449,7 +452,8 @@ def run_phase(broker, ctx, *, sink: str, workers: int, rate: float, ids: list[st
         row["ack_latency_ms"] = {"p50": _pct(lat, 0.50), "p99": _pct(lat, 0.99),
                                  "max": round(lat[-1] * 1000, 1) if lat else None, "samples": len(lat)}
         expected = {d: n for r in reports for d, n in r["published_by_device"].items()}
-        row["exactly_once"] = exactly_once(data, expected, seq_base)
+        unacked = {(d, s) for r in reports for d, seqs in r["unacked_by_device"].items() for s in seqs}
+        row["exactly_once"] = exactly_once(data, expected, seq_base, unacked)
         statuses = _worker_statuses(viewer_url, names)
         row["worker_stored"] = {n: statuses.get(n, {}).get("stored") for n in names}
         row["worker_duplicates"] = sum(statuses.get(n, {}).get("duplicates") or 0 for n in names)
@@ -467,8 +471,12 @@ def _pct(values: list[float], q: float) -> float | None:
     return round(values[min(len(values) - 1, int(q * len(values)))] * 1000, 1) if values else None
 
 
-def exactly_once(data: Path, expected: dict[str, int], seq_base: int) -> dict:
-    """Read the dataset back: every published (device, seq) stored exactly once, nothing else."""
+def exactly_once(data: Path, expected: dict[str, int], seq_base: int, unacked: set) -> dict:
+    """Read the dataset back: every acked (device, seq) stored exactly once, nothing stored twice, nothing
+    stored that was not published. ``missing`` counts published samples not stored; when the phase
+    ended before the sink drained its backlog (``--drain``) they are the unacked ones (``undrained``),
+    still queued in the broker, which is no breach (a real device would still hold them in its spool);
+    a missing sample that *was* acked is a breach (``acked_missing``)."""
     from lepton.cloud import Dataset
 
     table = Dataset(data, FLEET).read_table(columns=["device", "seq"])
@@ -476,10 +484,12 @@ def exactly_once(data: Path, expected: dict[str, int], seq_base: int) -> dict:
                                      strict=True))
     want = {(d, seq_base + i) for d, n in expected.items() for i in range(n)}
     duplicates = sum(1 for k, c in counts.items() if c > 1)
-    missing = len(want - counts.keys())
+    absent = want - counts.keys()
+    acked_missing = len(absent - unacked)
     strangers = len(counts.keys() - want)
-    return {"ok": duplicates == 0 and missing == 0 and strangers == 0, "expected": len(want),
-            "rows": table.num_rows, "duplicates": duplicates, "missing": missing, "unexpected": strangers}
+    return {"ok": duplicates == 0 and acked_missing == 0 and strangers == 0, "expected": len(want),
+            "rows": table.num_rows, "duplicates": duplicates, "missing": len(absent), "acked_missing": acked_missing,
+            "undrained": len(absent & unacked), "unexpected": strangers}
 
 
 def _viewer_collect(viewer_url: str, topic: str, seconds: float, until=None) -> dict[str, dict]:  # noqa: ANN001
@@ -547,6 +557,9 @@ def retained_statuses(viewer_url: str, ids: list[str]) -> dict:
 def limit_of(row: dict) -> str:
     hot = row["usage"]["hottest"]
     where = f"{hot['role']} {hot['busiest_thread_cores']:.2f}"
+    busy, cpus = row["usage"]["machine_busy_cores"], os.cpu_count() or 1
+    if hot["busiest_thread_cores"] < 0.85 and busy >= 0.9 * cpus:
+        where = f"machine {busy:.2f} of {cpus} cores busy; busiest thread {where}"
     if row["offered_per_s"] < 0.95 * row["target_per_s"]:
         return f"simulator ({where})"
     if row["taken"] < 0.95 * row["published"] or row["ingested_per_s"] < 0.95 * row["offered_per_s"]:
@@ -569,7 +582,8 @@ def print_table(rows: list[dict], statuses: dict) -> None:
             f"{r['ingested_per_s']:.0f}", f"{r['ingested_per_s'] / b:.2f}" if b else "-",
             f"{lat['p50']}" if lat.get("p50") is not None else "-",
             f"{lat['p99']}" if lat.get("p99") is not None else "-",
-            ("ok" if eo["ok"] else f"FAIL d{eo['duplicates']} m{eo['missing']}") if eo else "-",
+            (("ok" if not eo["undrained"] else f"ok, {eo['undrained']} undrained") if eo["ok"] else
+             f"FAIL dup {eo['duplicates']} lost {eo['acked_missing']}") if eo else "-",
             f"{u['broker']['cores']:.2f}", f"{u['workers']['cores']:.2f}" if "workers" in u else
             f"bare {u['bare']['cores']:.2f}", f"{u['simulators']['cores']:.2f}",
             f"{r['usage']['machine_busy_cores']:.2f}",
@@ -611,11 +625,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "fleet.json"))
     try:
         args = p.parse_args(argv)
-        devices = args.devices or (200 if args.quick else 1000)
+        devices = args.devices if args.devices is not None else (200 if args.quick else 1000)
         workers = _counts(args.workers or ("1,2" if args.quick else "1,2,3"), "--workers")
         rates = _counts(args.rates or ("1,5" if args.quick else "1,5,20,50"), "--rates", float)
-        duration = args.duration or (4.0 if args.quick else 10.0)
-        if devices < 1 or args.procs < 1 or duration <= 0:
+        duration = args.duration if args.duration is not None else (4.0 if args.quick else 10.0)
+        if devices < 1 or args.procs < 1 or duration <= 0 or args.drain < 0:
             raise SystemExit("fleet.py: error: --devices, --procs and --duration must be positive, "
                              "e.g. --devices 200 --procs 4 --duration 5")
     except SystemExit as exc:

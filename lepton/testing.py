@@ -202,8 +202,8 @@ class MosquittoBroker:
 
         For fleets of hundreds of simulated devices (bench/fleet.py), where :meth:`url` (one
         ``add-user.sh`` and one reload per user) would take minutes: the passwords are hashed by one
-        ``mosquitto_passwd -U``, the grants are ``role_grants`` (the same lines as ``add-user.sh``,
-        a doctest there and tests/broker keep them equal), and Mosquitto reloads once.
+        ``mosquitto_passwd -U``, the grants are ``role_grants`` (the same lines as ``add-user.sh``;
+        tests/broker/test_acl.py keeps them equal), and Mosquitto reloads once.
         """
         password = secrets.token_urlsafe(12)
         taken = [n for n in names if n in self._creds._users]
