@@ -101,7 +101,15 @@ def simulate(ids: list[str], host: str, port: int, password: str, rate: float, s
     ``duration`` s, wait up to ``drain`` s for the acks, stop cleanly (or vanish), put a report."""
     import numpy as np
 
-    from lepton.protocol import BrokerURL, Sample, Topics, decode_acks, encode_json, encode_samples, new_client
+    from lepton.protocol import (
+        BrokerURL,
+        Sample,
+        Topics,
+        decode_acks,
+        encode_json,
+        encode_samples,
+        new_client,
+    )
 
     topics = Topics(fleet=FLEET)
     sel = selectors.DefaultSelector()
@@ -231,9 +239,9 @@ def simulate(ids: list[str], host: str, port: int, password: str, rate: float, s
         results.join_thread()
         os._exit(0)
     for dev in devices:
-        dev.client.publish(topics.status(dev.id), encode_json({"device": dev.id, "online": False,
-                                                               "pipeline": PIPELINE, "source": "fleet-bench"}),
-                           qos=1, retain=True)
+        offline = encode_json({"device": dev.id, "online": False, "pipeline": PIPELINE,
+                               "source": "fleet-bench"})
+        dev.client.publish(topics.status(dev.id), offline, qos=1, retain=True)
     flush_deadline = time.monotonic() + 10
     while time.monotonic() < flush_deadline and any(
             d.client.want_write() or d.client._out_messages for d in devices):  # statuses PUBACKed
@@ -439,7 +447,8 @@ def run_phase(broker, ctx, *, sink: str, workers: int, rate: float, ids: list[st
 
     lat = sorted(v for r in reports for v in _floats(r["latencies"]))
     row: dict = {
-        "rate_per_device": rate, "sink": "bare" if sink == "bare" else f"{workers} worker" + "s" * (workers > 1),
+        "rate_per_device": rate,
+        "sink": "bare" if sink == "bare" else f"{workers} worker" + "s" * (workers > 1),
         "workers": workers if sink == "worker" else 0, "devices": len(ids),
         "target_per_s": round(len(ids) * rate, 1), "offered_per_s": round(published / duration, 1),
         "published": published, "taken": taken,
@@ -488,7 +497,8 @@ def exactly_once(data: Path, expected: dict[str, int], seq_base: int, unacked: s
     acked_missing = len(absent - unacked)
     strangers = len(counts.keys() - want)
     return {"ok": duplicates == 0 and acked_missing == 0 and strangers == 0, "expected": len(want),
-            "rows": table.num_rows, "duplicates": duplicates, "missing": len(absent), "acked_missing": acked_missing,
+            "rows": table.num_rows, "duplicates": duplicates, "missing": len(absent),
+            "acked_missing": acked_missing,
             "undrained": len(absent & unacked), "unexpected": strangers}
 
 
@@ -514,7 +524,29 @@ def _viewer_collect(viewer_url: str, topic: str, seconds: float, until=None) -> 
     return got
 
 
-def _wait_workers_online(viewer_url: str, names: list[str], procs: list[subprocess.Popen], data: Path) -> None:
+def _wait_login(url: str, timeout: float = 60.0) -> None:
+    """Until the broker accepts ``url``'s user: a reload of 1,000+ users is not instant on a busy machine."""
+    from lepton.errors import BrokerConnectionError
+    from lepton.protocol import BrokerURL, connect, new_client
+
+    parsed = BrokerURL.parse(url)
+    deadline = time.monotonic() + timeout
+    while True:
+        client = new_client(parsed, client_id=f"{parsed.username}/login-{time.time_ns()}")
+        try:
+            connect(client, parsed)
+        except BrokerConnectionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+            continue
+        client.disconnect()
+        client.loop_stop()
+        return
+
+
+def _wait_workers_online(viewer_url: str, names: list[str], procs: list[subprocess.Popen],
+                         data: Path) -> None:
     from lepton.protocol import Topics
 
     topics = Topics(fleet=FLEET)
@@ -587,7 +619,8 @@ def print_table(rows: list[dict], statuses: dict) -> None:
             f"{u['broker']['cores']:.2f}", f"{u['workers']['cores']:.2f}" if "workers" in u else
             f"bare {u['bare']['cores']:.2f}", f"{u['simulators']['cores']:.2f}",
             f"{r['usage']['machine_busy_cores']:.2f}",
-            f"{u['broker']['rss_mib_max']:.0f}/{u['workers']['rss_mib_max'] if 'workers' in u else u['bare']['rss_mib_max']:.0f}"
+            f"{u['broker']['rss_mib_max']:.0f}"
+            f"/{u['workers' if 'workers' in u else 'bare']['rss_mib_max']:.0f}"
             f"/{u['simulators']['rss_mib_max']:.0f}",
             limit_of(r)])
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(head)]
@@ -617,7 +650,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", default=None, help="worker counts to run, e.g. 1,2,3 (default; --quick 1,2)")
     p.add_argument("--rates", default=None,
                    help="samples/s per device, e.g. 1,5,20,50 (default; --quick 1,5)")
-    p.add_argument("--duration", type=float, default=None, help="publishing seconds per phase (10; --quick 4)")
+    p.add_argument("--duration", type=float, default=None,
+                   help="publishing seconds per phase (10; --quick 4)")
     p.add_argument("--drain", type=float, default=60.0,
                    help="seconds a phase waits after publishing for the last acks (60)")
     p.add_argument("--no-bare", action="store_true", help="skip the bare paho subscriber baseline")
@@ -649,7 +683,12 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     with MosquittoBroker() as broker, tempfile.TemporaryDirectory(prefix="lepton-fleet-") as tmp:
         password = broker.add_users("device", ids, fleet=FLEET)
+        # Every worker and bare-subscriber user of the run at once: one reload, not one per phase.
+        sink_users = [f"p{k}w{i + 1}" for k, (_, _, w) in enumerate(phases) for i in range(w)]
+        sink_users += [f"bare{k}" for k, (_, sink, _) in enumerate(phases) if sink == "bare"]
+        broker.add_users("worker", sink_users, fleet=FLEET)
         viewer_url = broker.url("viewer", "fleetview", fleet=FLEET)
+        _wait_login(broker.url("viewer", "fleetview", fleet=FLEET))
         print(f"{devices} devices in {procs} simulator processes on Mosquitto (project config) port "
               f"{broker.port}; {len(phases)} phases of {duration:g} s", file=sys.stderr, flush=True)
         for k, (rate, sink, w) in enumerate(phases):
@@ -668,7 +707,8 @@ def main(argv: list[str] | None = None) -> int:
         broker_log_errors = [line for line in broker.log().splitlines() if "rror" in line][-5:]
 
     exact = all(r["exactly_once"]["ok"] for r in rows if "exactly_once" in r)
-    status_ok = statuses["retained"] == devices and statuses["online"] == 0 and statuses["offline_last_will"] > 0
+    status_ok = (statuses["retained"] == devices and statuses["online"] == 0
+                 and statuses["offline_last_will"] > 0)
     print_table(rows, statuses)
     result = {
         "benchmark": "fleet", "broker": "mosquitto (project mosquitto.conf, ACL, one user per device)",
