@@ -196,6 +196,36 @@ class MosquittoBroker:
             self.reload()
         return f"mqtt://{name}:{password}@{self.host}:{self.port}"
 
+    def add_users(self, role: str, names: list[str], *, fleet: str = "test",
+                  prefix: str = DEFAULT_PREFIX) -> str:
+        """Create many new users of one role at once, all with one password, which is returned.
+
+        For fleets of hundreds of simulated devices (bench/fleet.py), where :meth:`url` (one
+        ``add-user.sh`` and one reload per user) would take minutes: the passwords are hashed by one
+        ``mosquitto_passwd -U``, the grants are ``role_grants`` (the same lines as ``add-user.sh``;
+        tests/broker/test_acl.py keeps them equal), and Mosquitto reloads once.
+        """
+        password = secrets.token_urlsafe(12)
+        taken = [n for n in names if n in self._creds._users]
+        if taken:
+            raise ValueError(f"user {taken[0]!r} already exists; add_users() only creates new users")
+        grants = [role_grants(role, fleet, name, prefix=prefix) for name in names]  # validates every id
+        scratch = Path(tempfile.mkdtemp(dir=self.workdir))
+        plain = scratch / "passwd"
+        plain.write_text("".join(f"{name}:{password}\n" for name in names))
+        subprocess.run(["mosquitto_passwd", "-U", str(plain)], check=True, capture_output=True)
+        with self.password_file.open("a") as out:
+            out.write(plain.read_text())
+        shutil.rmtree(scratch)
+        with self.acl_file.open("a") as out:
+            out.write("".join(f"\nuser {name}\n" + "".join(g + "\n" for g in lines)
+                              for name, lines in zip(names, grants, strict=True)))
+        for name in names:
+            self._creds._users[name] = password
+            self._granted.add((name, role, fleet, prefix))
+        self.reload()
+        return password
+
     @staticmethod
     def _add_user(role: str, fleet: str, name: str, password: str, passwd: Path, acl: Path,
                   prefix: str = DEFAULT_PREFIX) -> None:

@@ -123,6 +123,26 @@ def test_a_device_cannot_publish_on_another_devices_topics_nor_on_models(mosquit
 
 
 @pytest.mark.mosquitto
+def test_users_added_in_bulk_log_in_with_the_device_grants_only(mosquitto_broker, fleet):
+    topics = Topics(fleet=fleet)
+    password = mosquitto_broker.add_users("device", ["bulk-a", "bulk-b"], fleet=fleet)
+    url_a = f"mqtt://bulk-a:{password}@{mosquitto_broker.host}:{mosquitto_broker.port}"
+    with Inbox(mosquitto_broker.url("worker", "ingest-bulk", fleet=fleet)) as worker, \
+            Inbox(url_a, client_id="bulk-a") as device_a:
+        assert worker.subscribe(topics.all_devices("samples"))
+        device_a.publish(topics.samples("bulk-b"), b"forged")  # another device's topic: dropped
+        device_a.publish(topics.samples("bulk-a"), b"control")
+        seen = worker.until(topics.samples("bulk-a"))
+    with pytest.raises(ValueError, match="already exists"):
+        mosquitto_broker.add_users("device", ["bulk-b"], fleet=fleet)
+
+    assert [(m.topic, m.payload) for m in seen] == [(topics.samples("bulk-a"), b"control")]
+    bad = BrokerURL.parse(url_a).with_credentials("bulk-a", "not-the-password")
+    with pytest.raises(BrokerConnectionError):
+        connect(new_client(bad, client_id="bulk-a"), bad)
+
+
+@pytest.mark.mosquitto
 def test_a_device_cannot_write_into_another_fleet_even_under_its_own_id(mosquitto_broker, fleet):
     mine, other = Topics(fleet=fleet), Topics(fleet=f"{fleet}x")
     with Inbox(mosquitto_broker.url("worker", "ingest-x", fleet=other.fleet)) as other_worker, \
