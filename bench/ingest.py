@@ -134,10 +134,10 @@ def worker_run(
     if prof is not None:
         inner = w._process
 
-        def profiled(batch):  # noqa: ANN001, ANN202
+        def profiled(batch, done=None):  # noqa: ANN001, ANN202
             prof.enable()
             try:
-                return inner(batch)
+                return inner(batch, done)
             finally:
                 prof.disable()
 
