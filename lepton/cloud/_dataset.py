@@ -171,27 +171,21 @@ def table_from_columns(parts: Sequence[tuple[str, str | None, float, SampleColum
     """
     if not parts:
         return SCHEMA.empty_table()
-    device: list[str] = []
     seq: list[int] = []
     ts: list[float] = []
-    label: list[str | None] = []
+    label: list[int | str | None] = []
     dtype: list[str] = []
-    pipeline: list[str | None] = []
-    received: list[float] = []
     meta: list[str | None] = []
     data: list[Any] = []
     dims: list[int] = []
     ranks: list[int] = []
     dumps = json.dumps
-    for dev, pipe, received_at, c in parts:
+    for _dev, _pipe, _received_at, c in parts:
         n = len(c.seq)
-        device += [dev] * n
         seq += c.seq
         ts += c.ts
-        label += [None if y is None else str(y) for y in c.y]
+        label += c.y
         dtype += c.dtype
-        pipeline += [pipe] * n
-        received += [float(received_at)] * n
         if c.meta.count(None) == n:
             meta += c.meta
         else:
@@ -204,6 +198,19 @@ def table_from_columns(parts: Sequence[tuple[str, str | None, float, SampleColum
         else:
             dims += [d for s in c.shape for d in s]
             ranks += map(len, c.shape)
+    # One value per envelope (device, pipeline, receive time): spread to its rows by index, in C.
+    row_part = pa.array(np.repeat(np.arange(len(parts)), [len(p[3].seq) for p in parts]))
+    device = pa.array([p[0] for p in parts], pa.string()).take(row_part)
+    pipeline = pa.array([p[1] for p in parts], pa.string()).take(row_part)
+    received = pa.array([float(p[2]) for p in parts], pa.float64()).take(row_part)
+    # Labels are stored as text; int labels (the common kind) are turned into decimal text by Arrow.
+    kinds = set(map(type, label))
+    if kinds == {int}:
+        labels = pa.array(label, pa.int64()).cast(pa.string())
+    elif kinds <= {str, type(None)}:
+        labels = pa.array(label, pa.string())
+    else:
+        labels = pa.array([None if y is None else str(y) for y in label], pa.string())
     total = len(seq)
     shape_offsets = np.zeros(total + 1, np.int32)
     np.cumsum(np.asarray(ranks, np.int32), out=shape_offsets[1:])
@@ -215,7 +222,7 @@ def table_from_columns(parts: Sequence[tuple[str, str | None, float, SampleColum
         x = pa.Array.from_buffers(pa.binary(), total, [None, pa.py_buffer(offsets), pa.py_buffer(b"".join(data))])
     else:
         x = pa.array(data, pa.binary())
-    columns = [device, seq, ts, label, dtype, shape, x, pipeline, received, meta]
+    columns = [device, seq, ts, labels, dtype, shape, x, pipeline, received, meta]
     return pa.Table.from_arrays(
         [c if isinstance(c, (pa.Array, pa.ChunkedArray)) else pa.array(c, f.type)
          for c, f in zip(columns, SCHEMA, strict=True)],
