@@ -17,11 +17,12 @@ ratio = median worker samples/s / median baseline samples/s over --repeat runs. 
 extra worker run per shape (not counted in the figures) runs its writer thread under cProfile; the top
 functions (cumulative time) are printed and saved.
 
-Where the time goes (see the profiles in bench/results/ingest.json): with 1-sample messages the worker's
-writer thread (decode, Parquet, fsync, SQLite, one PUBACK per message) and paho's network thread (which
-alone is the whole baseline) share one GIL; with 32-sample messages the baseline is a receive loop that
-never looks inside 33 KB payloads, while the worker validates every sample in Python (decode_samples_raw, about
-half its time) and would have to write ~0.7 GB/s of fsynced Parquet to keep the baseline's pace.
+Where the time goes: each run records the CPU seconds of every thread during the drain
+(``cpu_s_by_thread`` in bench/results/ingest.json, printed below the table). The worker's paho network
+thread costs about what the bare client's does; the worker's writer thread (msgpack decode, the
+protocol's rules checked per envelope, Arrow columns, Parquet + fsync, the SQLite index, acks) comes on
+top, and both share one GIL, so the ratio is roughly bare paho CPU / (worker paho CPU + writer CPU).
+With --profile, the writer thread's cumulative profile shows which step of that dominates.
 """
 
 from __future__ import annotations
