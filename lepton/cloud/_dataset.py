@@ -219,7 +219,8 @@ def table_from_columns(parts: Sequence[tuple[str, str | None, float, SampleColum
     if int(sizes.sum()) < 2**31:  # binary's int32 offsets; beyond that pyarrow chunks the column
         offsets = np.zeros(total + 1, np.int32)
         np.cumsum(sizes, out=offsets[1:])
-        x = pa.Array.from_buffers(pa.binary(), total, [None, pa.py_buffer(offsets), pa.py_buffer(b"".join(data))])
+        buffers = [None, pa.py_buffer(offsets), pa.py_buffer(b"".join(data))]
+        x = pa.Array.from_buffers(pa.binary(), total, buffers)
     else:
         x = pa.array(data, pa.binary())
     columns = [device, seq, ts, labels, dtype, shape, x, pipeline, received, meta]

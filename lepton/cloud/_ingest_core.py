@@ -28,7 +28,8 @@ from lepton.protocol import MAX_SEQ, SampleColumns, Topics, decode_samples_colum
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "BatchDecoder", "BatchProgress", "DeadLetter", "DecodedBatch", "Inbound", "InboundLike", "Part", "WritePlan",
+    "BatchDecoder", "BatchProgress", "DeadLetter", "DecodedBatch", "Inbound", "InboundLike", "Part",
+    "WritePlan",
     "plan_write",
 ]
 
@@ -95,7 +96,9 @@ class DecodedBatch:
         """The rows of :attr:`table` as tuples in dataset schema order (for tests and tools)."""
         if self.table is None:
             return []
-        return list(zip(*(c.to_pylist() for c in self.table.columns))) if self.table.num_rows else []
+        if not self.table.num_rows:
+            return []
+        return list(zip(*(c.to_pylist() for c in self.table.columns), strict=True))
 
     @property
     def n_rows(self) -> int:
@@ -239,7 +242,9 @@ class BatchDecoder:
         from lepton.cloud import _dataset
 
         def table(parts: list[Part]) -> Any:
-            return _dataset.table_from_columns([(p.device, p.pipeline, p.received_at, p.columns) for p in parts])
+            return _dataset.table_from_columns(
+                [(p.device, p.pipeline, p.received_at, p.columns) for p in parts]
+            )
 
         try:
             out.table = table(out.parts)

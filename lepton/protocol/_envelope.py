@@ -82,7 +82,8 @@ class SampleColumns(NamedTuple):
             return cls([seq0], [ts0], [y0], [dtype0], [shape0], [data0], [meta0], True)
         cols = list(zip(*samples, strict=True)) if samples else [()] * 7
         seq, ts, y, dtype, shape, data, meta = (list(c) for c in cols)
-        uniform = bool(samples) and dtype.count(dtype[0]) == len(dtype) and shape.count(shape[0]) == len(shape)
+        n = len(samples)
+        uniform = bool(samples) and dtype.count(dtype[0]) == n and shape.count(shape[0]) == n
         return cls(seq, ts, y, dtype, shape, data, meta, uniform)
 
 
@@ -318,7 +319,10 @@ def _check_uniform(raws: list[Any], max_tensor_bytes: int) -> SampleColumns | No
     return SampleColumns(seqs, tss, ys, [first.dtype] * n, [first.shape] * n, datas, metas, True)
 
 
-def _check_samples(raw_samples: list[Any], max_tensor_bytes: int) -> tuple[list[RawSample], list[tuple[int, Any, ProtocolError]]]:
+def _check_samples(
+    raw_samples: list[Any], max_tensor_bytes: int
+) -> tuple[list[RawSample], list[tuple[int, Any, ProtocolError]]]:
+    """The per-sample rules over every sample: ``(good, bad)`` as :func:`decode_samples_raw` returns."""
     good: list[RawSample] = []
     bad: list[tuple[int, Any, ProtocolError]] = []
     for i, raw in enumerate(raw_samples):

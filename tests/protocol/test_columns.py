@@ -53,8 +53,8 @@ MUTATIONS = [
     ("sample", "extra", 1),
     ("sample", "seq", -1), ("sample", "seq", MAX_SEQ), ("sample", "seq", 2**63), ("sample", "seq", True),
     ("sample", "seq", 1.0), ("sample", "seq", "3"), ("sample", "seq", _MISSING),
-    ("sample", "ts", 5), ("sample", "ts", float("nan")), ("sample", "ts", float("inf")), ("sample", "ts", True),
-    ("sample", "ts", "1"), ("sample", "ts", _MISSING),
+    ("sample", "ts", 5), ("sample", "ts", float("nan")), ("sample", "ts", float("inf")),
+    ("sample", "ts", True), ("sample", "ts", "1"), ("sample", "ts", _MISSING),
     ("sample", "x", 5), ("sample", "x", _MISSING),
     ("x", "dtype", "float64"), ("x", "dtype", "int8"), ("x", "dtype", "nope"), ("x", "dtype", 3),
     ("x", "dtype", _MISSING),
@@ -117,7 +117,8 @@ def test_the_tensor_limit_applies_to_every_sample():
 
 
 labels = st.one_of(st.none(), st.integers(-(2**63), 2**63 - 1), st.text(max_size=300), st.booleans())
-metas = st.one_of(st.none(), st.just({}), st.dictionaries(st.text(max_size=4), st.integers(-5, 5), max_size=3))
+metas = st.one_of(st.none(), st.just({}),
+                  st.dictionaries(st.text(max_size=4), st.integers(-5, 5), max_size=3))
 
 
 @settings(deadline=None, max_examples=150, suppress_health_check=[HealthCheck.too_slow])
