@@ -17,11 +17,12 @@ ratio = median worker samples/s / median baseline samples/s over --repeat runs. 
 extra worker run per shape (not counted in the figures) runs its writer thread under cProfile; the top
 functions (cumulative time) are printed and saved.
 
-Where the time goes (see the profiles in bench/results/ingest.json): with 1-sample messages the worker's
-writer thread (decode, Parquet, fsync, SQLite, one PUBACK per message) and paho's network thread (which
-alone is the whole baseline) share one GIL; with 32-sample messages the baseline is a receive loop that
-never looks inside 33 KB payloads, while the worker validates every sample in Python (decode_samples_raw, about
-half its time) and would have to write ~0.7 GB/s of fsynced Parquet to keep the baseline's pace.
+Where the time goes: each run records the CPU seconds of every thread during the drain
+(``cpu_s_by_thread`` in bench/results/ingest.json, printed below the table). The worker's paho network
+thread costs about what the bare client's does; the worker's writer thread (msgpack decode, the
+protocol's rules checked per envelope, Arrow columns, Parquet + fsync, the SQLite index, acks) comes on
+top, and both share one GIL, so the ratio is roughly bare paho CPU / (worker paho CPU + writer CPU).
+With --profile, the writer thread's cumulative profile shows which step of that dominates.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import cProfile
 import io
 import json
 import logging
+import os
 import pstats
 import statistics
 import sys
@@ -48,6 +50,26 @@ sys.path.insert(0, str(HERE.parent))
 from lepton.cloud import Dataset, IngestWorker, WorkerConfig  # noqa: E402
 from lepton.protocol import BrokerURL, Sample, Topics, connect, encode_samples, new_client  # noqa: E402
 from lepton.testing import MosquittoBroker  # noqa: E402
+
+
+def thread_cpu() -> dict[str, float]:
+    """CPU seconds (user + system) used so far by each live thread of this process, by thread name
+    (Linux ``/proc/self/task``; empty elsewhere). Diffed around a drain, it says which thread the GIL
+    spent the time in."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for t in threading.enumerate():
+        try:
+            fields = Path(f"/proc/self/task/{t.native_id}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        name = "paho" if t.name.startswith("paho-mqtt-client") else t.name
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def _cpu_diff(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {k: round(v - before.get(k, 0.0), 3) for k, v in after.items() if v - before.get(k, 0.0) > 0}
 
 
 def payloads(device: str, messages: int, per_message: int, floats: int) -> list[bytes]:
@@ -97,14 +119,16 @@ def bare_subscriber(
 
     c = new_client(url, client_id=client_id, clean_session=False)
     c.on_message = on_message
+    cpu0 = thread_cpu()
     t0 = time.perf_counter()
     connect(c, url)
     if not done.wait(120):
         raise RuntimeError(f"bare subscriber got {got[0]} of {len(data)} messages")
     elapsed = time.perf_counter() - t0
+    cpu = _cpu_diff(cpu0, thread_cpu())
     c.disconnect()
     c.loop_stop()
-    return len(data) * per_message / elapsed
+    return len(data) * per_message / elapsed, cpu
 
 
 def worker_run(
@@ -134,21 +158,23 @@ def worker_run(
     if prof is not None:
         inner = w._process
 
-        def profiled(batch):  # noqa: ANN001, ANN202
+        def profiled(batch, done=None):  # noqa: ANN001, ANN202
             prof.enable()
             try:
-                return inner(batch)
+                return inner(batch, done)
             finally:
                 prof.disable()
 
         w._process = profiled  # type: ignore[method-assign]
     total = len(data) * per_message
+    cpu0 = thread_cpu()
     t0 = time.perf_counter()
     w.start()
     if not w.wait_stored(total, timeout=120):
         raise RuntimeError(f"worker stored {w.stats.stored} of {total}; broker log:\n{broker.log()[-3000:]}")
     elapsed = time.perf_counter() - t0
     status = w.status()
+    status["cpu_s"] = _cpu_diff(cpu0, thread_cpu())
     w.stop()
     count = Dataset(root, fleet).count()
     if count != total:
@@ -194,25 +220,25 @@ def main(argv: list[str] | None = None) -> int:
     window = args.inflight or 1000
     with MosquittoBroker(extra=extra) as broker, tempfile.TemporaryDirectory() as tmp:
         for per_message, messages in ((1, args.messages), (32, args.batched_messages)):
-            bases, rates, files = [], [], []
+            bases, rates, files, cpus = [], [], [], []
             for rep in range(args.repeat):
                 # A device account belongs to one fleet (the broker's ACL): each run has its own device.
                 base_dev, work_dev = f"bench-b{per_message}-{rep}", f"bench-w{per_message}-{rep}"
-                bases.append(
-                    bare_subscriber(
-                        broker,
-                        f"bb{per_message}-{rep}",
-                        base_dev,
-                        payloads(base_dev, messages, per_message, args.floats),
-                        per_message,
-                    )
+                base_rate, base_cpu = bare_subscriber(
+                    broker,
+                    f"bb{per_message}-{rep}",
+                    base_dev,
+                    payloads(base_dev, messages, per_message, args.floats),
+                    per_message,
                 )
+                bases.append(base_rate)
                 data = payloads(work_dev, messages, per_message, args.floats)
                 rate, status, _ = worker_run(
                     broker, f"bw{per_message}-{rep}", work_dev, data, per_message, Path(tmp), False, window
                 )
                 rates.append(rate)
                 files.append(status["files"])
+                cpus.append({"bare": base_cpu, "worker": status["cpu_s"]})
             if args.profile:  # a separate run: cProfile slows the worker, so it never feeds the figures
                 prof_dev = f"bench-p{per_message}"
                 data = payloads(prof_dev, messages, per_message, args.floats)
@@ -232,8 +258,9 @@ def main(argv: list[str] | None = None) -> int:
                     "ratio": round(rate / base, 3),
                     "files": files[0],
                     "runs": [
-                        {"bare": round(b, 1), "worker": round(r, 1), "ratio": round(r / b, 3)}
-                        for b, r in zip(bases, rates, strict=True)
+                        {"bare": round(b, 1), "worker": round(r, 1), "ratio": round(r / b, 3),
+                         "cpu_s_by_thread": c}
+                        for b, r, c in zip(bases, rates, cpus, strict=True)
                     ],
                 }
             )
@@ -249,6 +276,11 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['bare_samples_per_s']:>10.0f} {r['worker_samples_per_s']:>10.0f} "
             f"{r['ratio']:>6.2f} {r['files']:>6}"
         )
+    print("\nCPU seconds by thread during each drain (GIL-bound: the worker's threads add up):")
+    for r in rows:
+        for i, run in enumerate(r["runs"]):
+            c = run["cpu_s_by_thread"]
+            print(f"  {r['samples_per_message']:>2}/msg run {i}: bare {c['bare']}  worker {c['worker']}")
     for k, text in profiles.items():
         print(f"\n--- worker writer thread profile, {k} sample(s)/message (cumulative) ---")
         print("\n".join(text.splitlines()[:40]))

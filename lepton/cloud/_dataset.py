@@ -37,7 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lepton._fs import atomic_file, fsync_dir, write_atomic
-from lepton.protocol import DTYPES, RawSample, Sample, validate_id
+from lepton.protocol import DTYPES, RawSample, Sample, SampleColumns, validate_id
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,7 @@ __all__ = [
     "decode_x",
     "fsync_dir",
     "samples_to_table",
+    "table_from_columns",
     "table_from_rows",
     "write_atomic",
     "write_parquet_atomic",
@@ -157,6 +158,77 @@ def raw_sample_rows(device: str, pipeline: str | None, samples: Sequence[RawSamp
          received_at, dumps(r.meta, separators=(",", ":"), sort_keys=True, allow_nan=False) if r.meta else None)
         for r in samples
     ]
+
+
+def table_from_columns(parts: Sequence[tuple[str, str | None, float, SampleColumns]]) -> pa.Table:
+    """Build a :data:`SCHEMA` table from envelopes validated by ``lepton.protocol.decode_samples_columns``:
+    ``(device, pipeline, received_at, columns)`` each; the same table as :func:`table_from_rows` of
+    :func:`raw_sample_rows`.
+
+    The hot path of ingest, built per envelope, not per sample: the envelope's constant columns are
+    repeated, the ``x`` column is one buffer of the tensors' wire bytes with numpy offsets, and the
+    ``shape`` column of a uniform envelope is its first shape tiled.
+    """
+    if not parts:
+        return SCHEMA.empty_table()
+    seq: list[int] = []
+    ts: list[float] = []
+    label: list[int | str | None] = []
+    dtype: list[str] = []
+    meta: list[str | None] = []
+    data: list[Any] = []
+    dims: list[int] = []
+    ranks: list[int] = []
+    dumps = json.dumps
+    for _dev, _pipe, _received_at, c in parts:
+        n = len(c.seq)
+        seq += c.seq
+        ts += c.ts
+        label += c.y
+        dtype += c.dtype
+        if c.meta.count(None) == n:
+            meta += c.meta
+        else:
+            meta += [dumps(m, separators=(",", ":"), sort_keys=True, allow_nan=False) if m else None
+                     for m in c.meta]
+        data += c.data
+        if c.uniform:
+            dims += c.shape[0] * n
+            ranks += [len(c.shape[0])] * n
+        else:
+            dims += [d for s in c.shape for d in s]
+            ranks += map(len, c.shape)
+    # One value per envelope (device, pipeline, receive time): spread to its rows by index, in C.
+    row_part = pa.array(np.repeat(np.arange(len(parts)), [len(p[3].seq) for p in parts]))
+    device = pa.array([p[0] for p in parts], pa.string()).take(row_part)
+    pipeline = pa.array([p[1] for p in parts], pa.string()).take(row_part)
+    received = pa.array([float(p[2]) for p in parts], pa.float64()).take(row_part)
+    # Labels are stored as text; int labels (the common kind) are turned into decimal text by Arrow.
+    kinds = set(map(type, label))
+    if kinds == {int}:
+        labels = pa.array(label, pa.int64()).cast(pa.string())
+    elif kinds <= {str, type(None)}:
+        labels = pa.array(label, pa.string())
+    else:
+        labels = pa.array([None if y is None else str(y) for y in label], pa.string())
+    total = len(seq)
+    shape_offsets = np.zeros(total + 1, np.int32)
+    np.cumsum(np.asarray(ranks, np.int32), out=shape_offsets[1:])
+    shape = pa.ListArray.from_arrays(pa.array(shape_offsets), pa.array(np.asarray(dims, np.int32)))
+    sizes = np.fromiter(map(len, data), np.int64, total)
+    if int(sizes.sum()) < 2**31:  # binary's int32 offsets; beyond that pyarrow chunks the column
+        offsets = np.zeros(total + 1, np.int32)
+        np.cumsum(sizes, out=offsets[1:])
+        buffers = [None, pa.py_buffer(offsets), pa.py_buffer(b"".join(data))]
+        x = pa.Array.from_buffers(pa.binary(), total, buffers)
+    else:
+        x = pa.array(data, pa.binary())
+    columns = [device, seq, ts, labels, dtype, shape, x, pipeline, received, meta]
+    return pa.Table.from_arrays(
+        [c if isinstance(c, (pa.Array, pa.ChunkedArray)) else pa.array(c, f.type)
+         for c, f in zip(columns, SCHEMA, strict=True)],
+        schema=SCHEMA,
+    )
 
 
 def samples_to_table(

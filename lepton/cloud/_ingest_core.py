@@ -20,15 +20,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from lepton.errors import ProtocolError
-from lepton.protocol import MAX_SEQ, Topics, decode_samples_raw, seqs_to_ranges
+from lepton.protocol import MAX_SEQ, SampleColumns, Topics, decode_samples_columns, seqs_to_ranges
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "BatchDecoder", "BatchProgress", "DeadLetter", "DecodedBatch", "Inbound", "InboundLike", "WritePlan",
+    "BatchDecoder", "BatchProgress", "DeadLetter", "DecodedBatch", "Inbound", "InboundLike", "Part",
+    "WritePlan",
     "plan_write",
 ]
 
@@ -70,10 +71,20 @@ class DeadLetter:
     problems: tuple[tuple[int | None, str, str | None], ...]
 
 
+class Part(NamedTuple):
+    """The good samples of one message, as columns (validated by the protocol's rules)."""
+
+    index: int  # of the message in the batch
+    device: str
+    pipeline: str | None
+    received_at: float
+    columns: SampleColumns
+
+
 @dataclass
 class DecodedBatch:
-    #: ``(message index, device, rows in dataset schema order)`` of every message with good samples
-    parts: list[tuple[int, str, list[tuple]]] = field(default_factory=list)
+    #: every message with good samples, in batch order
+    parts: list[Part] = field(default_factory=list)
     dead: list[DeadLetter] = field(default_factory=list)
     #: seqs of dead-lettered samples to ack anyway, per device
     rejected: dict[str, set[int]] = field(default_factory=dict)
@@ -82,13 +93,26 @@ class DecodedBatch:
 
     @property
     def rows(self) -> list[tuple]:
-        return [r for _i, _d, rows in self.parts for r in rows]
+        """The rows of :attr:`table` as tuples in dataset schema order (for tests and tools)."""
+        if self.table is None:
+            return []
+        if not self.table.num_rows:
+            return []
+        return list(zip(*(c.to_pylist() for c in self.table.columns), strict=True))
+
+    @property
+    def n_rows(self) -> int:
+        return sum(len(p.columns.seq) for p in self.parts)
+
+    def keys(self) -> list[tuple[str, int]]:
+        """``(device, seq)`` of every good sample, in table order."""
+        return [(p.device, s) for p in self.parts for s in p.columns.seq]
 
     def seqs(self) -> dict[str, set[int]]:
         """The seqs of the good samples, per device."""
         out: dict[str, set[int]] = {}
-        for _i, device, rows in self.parts:
-            out.setdefault(device, set()).update(r[1] for r in rows)
+        for p in self.parts:
+            out.setdefault(p.device, set()).update(p.columns.seq)
         return out
 
 
@@ -96,7 +120,7 @@ class DecodedBatch:
 class WritePlan:
     """What the shell does once the index said which seqs it already holds."""
 
-    #: row indices of ``DecodedBatch.rows`` to write; None means all of them
+    #: row indices of ``DecodedBatch.table`` to write; None means all of them
     keep: list[int] | None
     n_new: int
     n_duplicates: int
@@ -172,8 +196,6 @@ class BatchDecoder:
         return parsed.device
 
     def _decode_one(self, i: int, msg: InboundLike, out: DecodedBatch) -> None:
-        from lepton.cloud._dataset import raw_sample_rows
-
         device: str | None = None
         try:
             device = self._device_of(msg.topic)
@@ -189,15 +211,14 @@ class BatchDecoder:
             if msg.unstorable is not None:
                 raise ProtocolError(f"the dataset writer cannot store this message ({msg.unstorable})",
                                     field="payload")
-            # The raw form of the validating decoder: no numpy array per sample, the tensor bytes go to
-            # Parquet as they arrived.
-            device, pipeline, good, bad = decode_samples_raw(
+            # The columnar form of the validating decoder: no numpy array per sample, the tensor bytes
+            # go to Parquet as they arrived, and the columns are built per envelope.
+            device, pipeline, cols, bad = decode_samples_columns(
                 msg.payload,
                 expected_device=device,
                 max_tensor_bytes=self.max_tensor_bytes,
                 max_payload_bytes=self.max_payload_bytes,
             )
-            rows = raw_sample_rows(device, pipeline, good, msg.received_at)
         except ProtocolError as exc:
             out.dead.append(DeadLetter(i, device, ((None, str(exc), exc.field),)))
             return
@@ -211,49 +232,52 @@ class BatchDecoder:
                 seq = raw.get("seq") if isinstance(raw, dict) else None
                 if type(seq) is int and 0 <= seq <= MAX_SEQ:
                     out.rejected.setdefault(device, set()).add(seq)
-        if rows:
-            out.parts.append((i, device, rows))
+        if cols.seq:
+            out.parts.append(Part(i, device, pipeline, msg.received_at, cols))
 
     @staticmethod
     def _build_table(out: DecodedBatch) -> None:
         """One Arrow table for the batch; a message whose rows the schema refuses is found, dead-lettered
         and left out (its seqs acked: resending cannot repair it)."""
-        from lepton.cloud._dataset import table_from_rows
+        from lepton.cloud import _dataset
 
-        rows = out.rows
+        def table(parts: list[Part]) -> Any:
+            return _dataset.table_from_columns(
+                [(p.device, p.pipeline, p.received_at, p.columns) for p in parts]
+            )
+
         try:
-            out.table = table_from_rows(rows)
+            out.table = table(out.parts)
             return
         except Exception:  # noqa: BLE001 - which message it was is found below
             log.warning("a batch of %d rows does not fit the dataset schema; checking message by message",
-                        len(rows))
+                        out.n_rows)
         kept = []
-        for i, device, rows in out.parts:
+        for part in out.parts:
             try:
-                table_from_rows(rows)
+                table([part])
             except Exception as exc:  # noqa: BLE001
                 reason = f"cannot be stored: {type(exc).__name__}: {exc}"
-                out.dead.append(DeadLetter(i, device, ((None, reason, "samples"),)))
-                out.rejected.setdefault(device, set()).update(r[1] for r in rows)
+                out.dead.append(DeadLetter(part.index, part.device, ((None, reason, "samples"),)))
+                out.rejected.setdefault(part.device, set()).update(part.columns.seq)
                 continue
-            kept.append((i, device, rows))
+            kept.append(part)
         out.parts = kept
-        out.table = table_from_rows(out.rows)
+        out.table = table(out.parts)
 
 
 def plan_write(batch: DecodedBatch, known: Mapping[str, set[int]]) -> WritePlan:
     """Exactly-once: keep the rows whose ``(device, seq)`` the index does not hold (``known``, per
     device) and that are not repeated inside the batch; ack everything seen."""
-    rows = batch.rows
+    n_rows = batch.n_rows
     valid = batch.seqs()
-    if not any(known.get(d) for d in valid) and sum(map(len, valid.values())) == len(rows):
+    if not any(known.get(d) for d in valid) and sum(map(len, valid.values())) == n_rows:
         keep = None  # the common case: nothing stored yet, no repeat inside the batch
-        n_new = len(rows)
+        n_new = n_rows
     else:
         keep, taken = [], set()
-        for i, r in enumerate(rows):
-            key = (r[0], r[1])
-            if r[1] not in known.get(r[0], ()) and key not in taken:
+        for i, key in enumerate(batch.keys()):
+            if key[1] not in known.get(key[0], ()) and key not in taken:
                 taken.add(key)
                 keep.append(i)
         n_new = len(keep)
@@ -264,7 +288,7 @@ def plan_write(batch: DecodedBatch, known: Mapping[str, set[int]]) -> WritePlan:
     return WritePlan(
         keep=keep,
         n_new=n_new,
-        n_duplicates=len(rows) - n_new,
+        n_duplicates=n_rows - n_new,
         new_seqs={d: s for d, s in new_seqs.items() if s},
         acks={d: seqs_to_ranges(s) for d, s in seen.items() if s},
     )

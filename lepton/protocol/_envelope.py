@@ -7,6 +7,8 @@ import math
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import chain
+from operator import itemgetter
 from typing import Any, NamedTuple
 
 import msgpack
@@ -53,6 +55,36 @@ class RawSample(NamedTuple):
     shape: list[int]
     data: bytes | bytearray | memoryview
     meta: dict[str, Any] | None
+
+
+class SampleColumns(NamedTuple):
+    """The validated samples of one envelope, column by column (:func:`decode_samples_columns`).
+
+    Entry ``i`` of every list is one sample, as :class:`RawSample` would hold it. ``uniform`` says every
+    sample has the dtype and shape of the first (the common case: one device, one pipeline), which
+    lets a store build its columns per envelope instead of per sample.
+    """
+
+    seq: list[int]
+    ts: list[float]
+    y: list[int | str | None]
+    dtype: list[str]
+    shape: list[list[int]]
+    data: list[bytes | bytearray | memoryview]
+    meta: list[dict[str, Any] | None]
+    uniform: bool
+
+    @classmethod
+    def from_raw(cls, samples: Sequence[RawSample]) -> SampleColumns:
+        """Columns of samples validated one by one (the per-sample rule path)."""
+        if len(samples) == 1:  # the commonest envelope of all: spare zip its overhead
+            ((seq0, ts0, y0, dtype0, shape0, data0, meta0),) = samples
+            return cls([seq0], [ts0], [y0], [dtype0], [shape0], [data0], [meta0], True)
+        cols = list(zip(*samples, strict=True)) if samples else [()] * 7
+        seq, ts, y, dtype, shape, data, meta = (list(c) for c in cols)
+        n = len(samples)
+        uniform = bool(samples) and dtype.count(dtype[0]) == n and shape.count(shape[0]) == n
+        return cls(seq, ts, y, dtype, shape, data, meta, uniform)
 
 
 @dataclass(frozen=True)
@@ -165,6 +197,16 @@ def decode_samples_raw(
     ProtocolError when the envelope itself (version, device, samples list) is wrong. Every other
     decoder here is built on this one, so the rules of protocol v1 live in one place.
     """
+    device, pipeline, raw_samples = _open_envelope(payload, expected_device, max_payload_bytes)
+    good, bad = _check_samples(raw_samples, max_tensor_bytes)
+    return device, pipeline, good, bad
+
+
+def _open_envelope(
+    payload: bytes | bytearray | memoryview, expected_device: str | None, max_payload_bytes: int
+) -> tuple[str, str | None, list[Any]]:
+    """The envelope's own rules (version, device, pipeline, samples list): ``(device, pipeline, raw
+    samples)``; raises ProtocolError."""
     body = _unpack(payload, max_payload_bytes)
     if not isinstance(body, dict):
         raise ProtocolError(f"envelope must be a map, got {type(body).__name__}", field="envelope")
@@ -181,6 +223,106 @@ def decode_samples_raw(
         raise ProtocolError("samples must be a non-empty list", field="samples")
     if len(raw_samples) > MAX_SAMPLES_PER_ENVELOPE:
         raise ProtocolError(f"more than {MAX_SAMPLES_PER_ENVELOPE} samples", field="samples")
+    return device, pipeline, raw_samples
+
+
+def decode_samples_columns(
+    payload: bytes | bytearray | memoryview,
+    *,
+    expected_device: str | None = None,
+    max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES,
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+) -> tuple[str, str | None, SampleColumns, list[tuple[int, Any, ProtocolError]]]:
+    """:func:`decode_samples_raw` with the good samples as columns: ``(device, pipeline, columns, bad)``.
+
+    The same rules, checked per envelope where the samples share their structure: the first sample
+    goes through the per-sample rules (:func:`decode_samples_raw`'s), and the others must have exactly
+    its dtype and shape (and pass the seq, ts, label and meta rules), which is tested for the whole
+    list at once with C-level ``map``/``set``/``min``/``max``. An envelope that is not uniform, or
+    that holds any bad sample, is decoded sample by sample instead, so the result (and every error)
+    is always what the per-sample rules give.
+    """
+    device, pipeline, raw_samples = _open_envelope(payload, expected_device, max_payload_bytes)
+    if len(raw_samples) > 1:
+        cols = _check_uniform(raw_samples, max_tensor_bytes)
+        if cols is not None:
+            return device, pipeline, cols, []
+    good, bad = _check_samples(raw_samples, max_tensor_bytes)
+    return device, pipeline, SampleColumns.from_raw(good), bad
+
+
+_GET_SEQ, _GET_TS, _GET_X = itemgetter("seq"), itemgetter("ts"), itemgetter("x")
+_GET_DTYPE, _GET_SHAPE, _GET_DATA = itemgetter("dtype"), itemgetter("shape"), itemgetter("data")
+_LABEL_TYPES = frozenset({int, str, type(None)})
+_INT = frozenset({int})
+_BYTES = frozenset({bytes})
+
+
+def _check_uniform(raws: list[Any], max_tensor_bytes: int) -> SampleColumns | None:
+    """The samples as columns if every one passes the per-sample rules with the first sample's dtype
+    and shape; None when anything differs or is wrong (the caller then checks sample by sample).
+
+    Accepts a subset of what :func:`_check_sample` accepts, never more: each test below is that
+    function's rule, or a narrower one (``ts`` a float, not an int; ``data`` bytes, as msgpack gives).
+    """
+    n = len(raws)
+    if set(map(type, raws)) != {dict}:
+        return None
+    try:
+        first = _check_sample(raws[0], 0, max_tensor_bytes)  # the per-sample rules, once
+        seqs = list(map(_GET_SEQ, raws))
+        tss = list(map(_GET_TS, raws))
+        xs = list(map(_GET_X, raws))
+        if set(map(type, xs)) != {dict}:
+            return None
+        dtypes = list(map(_GET_DTYPE, xs))
+        shapes = list(map(_GET_SHAPE, xs))
+        datas = list(map(_GET_DATA, xs))
+    except (KeyError, ProtocolError):
+        return None
+    if set(map(type, seqs)) != _INT or min(seqs) < 0 or max(seqs) > MAX_SEQ:
+        return None
+    if set(map(type, tss)) != {float} or not all(map(math.isfinite, tss)):
+        return None
+    # dtype and shape equal to the first sample's (validated above); == alone would let 1.0 or True
+    # pass for the int 1 in a shape, so the type of every dimension is checked too.
+    if dtypes.count(first.dtype) != n or shapes.count(first.shape) != n:
+        return None
+    if first.shape and set(map(type, chain.from_iterable(shapes))) != _INT:
+        return None
+    if set(map(type, datas)) != _BYTES or set(map(len, datas)) != {len(first.data)}:
+        return None
+    if first.dtype == "bool" and b"".join(datas).translate(None, b"\x00\x01"):
+        return None
+    ys = [r.get("y") for r in raws]
+    kinds = set(map(type, ys))
+    if not kinds <= _LABEL_TYPES:
+        return None
+    if int in kinds:
+        ints = ys if len(kinds) == 1 else [y for y in ys if type(y) is int]
+        if min(ints) < -(2**63) or max(ints) >= 2**63:
+            return None
+    if str in kinds:
+        strs = ys if len(kinds) == 1 else [y for y in ys if type(y) is str]
+        if max(map(len, strs)) > MAX_LABEL_CHARS:
+            return None
+    metas = [r.get("meta") for r in raws]
+    if metas.count(None) != n:
+        try:
+            for meta in metas:
+                if meta is not None:
+                    check_meta(meta)
+        except ProtocolError:
+            return None
+    # The first shape n times: the shape lists of the payload (n containers the garbage collector
+    # would keep scanning while the batch is held) are let go.
+    return SampleColumns(seqs, tss, ys, [first.dtype] * n, [first.shape] * n, datas, metas, True)
+
+
+def _check_samples(
+    raw_samples: list[Any], max_tensor_bytes: int
+) -> tuple[list[RawSample], list[tuple[int, Any, ProtocolError]]]:
+    """The per-sample rules over every sample: ``(good, bad)`` as :func:`decode_samples_raw` returns."""
     good: list[RawSample] = []
     bad: list[tuple[int, Any, ProtocolError]] = []
     for i, raw in enumerate(raw_samples):
@@ -188,7 +330,7 @@ def decode_samples_raw(
             good.append(_check_sample(raw, i, max_tensor_bytes))
         except ProtocolError as exc:
             bad.append((i, raw, exc))
-    return device, pipeline, good, bad
+    return good, bad
 
 
 def decode_samples_lenient(

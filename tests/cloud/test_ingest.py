@@ -299,11 +299,14 @@ def test_worker_config_errors_are_clear(tmp_path):
 
 def test_raw_rows_equal_the_rows_of_decoded_arrays():
     """The worker stores the wire bytes of ``decode_samples_raw`` without building arrays; its rows must
-    equal the rows built from the numpy samples of ``decode_samples_lenient``, on good and bad input."""
-    from lepton.cloud._dataset import _sample_row, raw_sample_rows
+    equal the rows built from the numpy samples of ``decode_samples_lenient``, on good and bad input,
+    and the table it builds per envelope (``decode_samples_columns`` -> ``table_from_columns``) must
+    equal the table of those rows."""
+    from lepton.cloud._dataset import _sample_row, raw_sample_rows, table_from_columns, table_from_rows
     from lepton.protocol import (
         DTYPES,
         Sample,
+        decode_samples_columns,
         decode_samples_lenient,
         decode_samples_raw,
         encode_samples,
@@ -327,6 +330,10 @@ def test_raw_rows_equal_the_rows_of_decoded_arrays():
         ]
         valid.append(encode_samples("cam-1", samples, pipeline=[None, "p1"][i % 2]))
     valid.append(encode_samples("cam-1", [Sample(seq=0, ts=1.0, x=np.zeros((0, 3), np.float32))]))
+    for name in ("float32", "bool"):  # uniform envelopes: the per-envelope path
+        x = (np.arange(6) % 2).astype(DTYPES[name]).reshape(3, 2)
+        valid.append(encode_samples("cam-1", [Sample(seq=100 + k, ts=2.5 + k, x=x, y=[7, "dog"][k % 2])
+                                              for k in range(8)], pipeline="p2"))
     corpus = valid + [p for p, _ in _fuzz_payloads("cam-1", 600, rng)]
     corpus += [
         bytes(rng.choice(valid)[: rng.randint(0, 40)]) + rng.randbytes(rng.randint(0, 40)) for _ in range(300)
@@ -338,6 +345,7 @@ def test_raw_rows_equal_the_rows_of_decoded_arrays():
     corpus.append(msgpack.packb(bool_bad, use_bin_type=True))
 
     accepted = 0
+    all_parts, all_rows = [], []
     for payload in corpus:
         try:
             env, bad = decode_samples_lenient(payload, expected_device="cam-1", max_tensor_bytes=1 << 20)
@@ -349,11 +357,18 @@ def test_raw_rows_equal_the_rows_of_decoded_arrays():
         device, pipeline, good, raw_bad = decode_samples_raw(payload, expected_device="cam-1",
                                                              max_tensor_bytes=1 << 20)
         assert [(i, e.field) for i, _, e in raw_bad] == [(i, e.field) for i, _, e in bad]
-        assert raw_sample_rows(device, pipeline, good, 0.0) == [
-            _sample_row("cam-1", env.pipeline, s, 0.0) for s in env.samples
-        ]
+        rows = raw_sample_rows(device, pipeline, good, 0.0)
+        assert rows == [_sample_row("cam-1", env.pipeline, s, 0.0) for s in env.samples]
+        _d, _p, cols, col_bad = decode_samples_columns(payload, expected_device="cam-1",
+                                                       max_tensor_bytes=1 << 20)
+        assert [(i, e.field) for i, _, e in col_bad] == [(i, e.field) for i, _, e in bad]
+        if rows:
+            assert table_from_columns([(device, pipeline, 0.0, cols)]).equals(table_from_rows(rows))
+            all_parts.append((device, pipeline, 0.0, cols))
+            all_rows += rows
         accepted += not bad
     assert accepted >= len(valid)
+    assert table_from_columns(all_parts).equals(table_from_rows(all_rows))  # a batch of many envelopes
 
 
 def test_bad_sample_in_good_message_is_quarantined_and_acked(amqtt_broker, fleet, tmp_path):

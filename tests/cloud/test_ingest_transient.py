@@ -92,19 +92,19 @@ def test_a_failure_of_unknown_kind_is_isolated_to_its_message(amqtt_broker, flee
     from tests.cloud._ingest_support import make_samples
     from tests.cloud.test_ingest_poison import _DeadLetters, _publish
 
-    real_table, real_write = dataset.table_from_rows, dataset.write_parquet_synced
+    real_table, real_write = dataset.table_from_columns, dataset.write_parquet_synced
 
-    def table_from_rows(rows):  # noqa: ANN001, ANN202
-        if any(r[0] == "bad-table" for r in rows):
-            raise ValueError("injected: the schema refuses this row")
-        return real_table(rows)
+    def table_from_columns(parts):  # noqa: ANN001, ANN202
+        if any(p[0] == "bad-table" for p in parts):
+            raise ValueError("injected: the schema refuses this message")
+        return real_table(parts)
 
     def write_parquet_synced(path, table, **kw):  # noqa: ANN001, ANN202
         if "bad-write" in table.column("device").to_pylist():
             raise TypeError("injected: the writer cannot encode this row")
         return real_write(path, table, **kw)
 
-    monkeypatch.setattr(dataset, "table_from_rows", table_from_rows)
+    monkeypatch.setattr(dataset, "table_from_columns", table_from_columns)
     monkeypatch.setattr(dataset, "write_parquet_synced", write_parquet_synced)
     topics = Topics(fleet=fleet)
     worker = IngestWorker(WorkerConfig(broker=amqtt_broker.url("worker", "w1", fleet=fleet), fleet=fleet,
