@@ -90,7 +90,13 @@ def run(args: argparse.Namespace) -> int:
         _print_summary(result)
     if result.get("interrupted"):
         return _exit.INTERRUPTED
-    return _exit.OK if result.get("model_version") else _exit.FAILURE
+    if not result.get("model_version"):
+        lead = "" if args.json else "\n"
+        print(f"{lead}lepton demo: error: no model reached the devices within --duration {args.duration:g} s "
+              f"({result.get('samples_ingested') or 0} samples ingested); raise --duration, or see the "
+              f"training log in {result.get('workdir')}/logs", file=sys.stderr)
+        return _exit.FAILURE
+    return _exit.OK
 
 
 def _print_summary(r: dict) -> None:

@@ -161,7 +161,7 @@ def test_watch_follows_live_updates_until_ctrl_c(amqtt_broker, fleet):
         else:
             raise AssertionError("the watch never showed v2")
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(15) == 0
+        assert proc.wait(60) == 0  # well under a second alone; a loaded machine once took over 15 s
     finally:
         if proc.poll() is None:
             proc.kill()
