@@ -20,6 +20,13 @@ as if the camera had not taken them). :meth:`append` waits for its commit. ``fsy
 (``--no-fsync``) keeps ``synchronous=NORMAL``: it still survives a crash or ``kill -9`` of the process,
 but a power cut can lose committed samples (SQLite WAL then fsyncs only at checkpoints).
 
+**Acks cost no fsync.** An ack's transaction (delete the acknowledged rows, save ``next_seq``) is
+written to the WAL with ``synchronous=NORMAL``; the next sample commit's fsync of the same WAL makes it
+durable with everything before it (a WAL replays a prefix of its transactions). A power cut in between
+can only bring acknowledged samples back: they are sent again and the cloud, which stores by
+``(device, seq)`` once, ignores the duplicates; the restored rows hold their seqs, so ``next_seq`` never
+goes back. So fsyncs per sample = sample commits per sample.
+
 **Threads and who owns what.** Three threads use a spool: the device's *capture* thread appends,
 the spool's own *committer* writes, the *publisher* reads and acks (and the main thread closes). Every
 mutable field has one owner or one lock:
@@ -165,7 +172,13 @@ class Spool:
         self.max_bytes = max_bytes
         self.on_full = on_full
         self.path = self.directory / DB_NAME
-        self._cond = threading.Condition(threading.RLock())
+        # One lock, three conditions, so each wake-up reaches only the threads it concerns: an append
+        # wakes the committer once per commit (not per sample) and nobody else; a commit or an ack wakes
+        # the publisher and the drain (_cond) and blocked appends (_room).
+        lock = threading.RLock()
+        self._cond = threading.Condition(lock)  # commits, acks, wake(), close: durable_next, depth
+        self._commit_cv = threading.Condition(lock)  # the committer: samples queued, close
+        self._room = threading.Condition(lock)  # blocked appends: bytes freed, commits done, closing
         self._db_lock = threading.RLock()
         self._closing = False  # wakes blocked appends (stop)
         self._stopping = False  # the committer writes what is queued and exits (close)
@@ -324,7 +337,7 @@ class Spool:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     raise SpoolFull(f"{why} for {timeout}s")
-                self._cond.wait(0.5 if left is None else min(left, 0.5))
+                self._room.wait(0.5 if left is None else min(left, 0.5))
 
             if self.on_full == "block":
                 while self._bytes + size > self.max_bytes:
@@ -339,7 +352,8 @@ class Spool:
             self._last_appended = seq
             self._bytes += size
             self._depth += 1
-            self._cond.notify_all()
+            if len(self._pending) in (1, self.commit_every):  # the first starts the commit clock
+                self._commit_cv.notify()
             return seq
 
     def skip_seq(self) -> int:
@@ -371,15 +385,16 @@ class Spool:
         while True:
             with self._cond:
                 while not self._pending and not self._stopping:
-                    self._cond.wait()
+                    self._commit_cv.wait()
                 if not self._pending:
                     self._committer_done = True
                     self._cond.notify_all()
+                    self._room.notify_all()
                     return
                 due = self._first_pending_at + self.commit_ms / 1000
                 while (len(self._pending) < self.commit_every and not self._stopping
                        and (left := due - time.monotonic()) > 0):
-                    self._cond.wait(left)
+                    self._commit_cv.wait(left)
                 batch = self._pending
                 self._pending = []
             try:
@@ -396,6 +411,7 @@ class Spool:
                     with self._cond:
                         self._committer_done = True
                         self._cond.notify_all()
+                        self._room.notify_all()
                     return
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
@@ -411,6 +427,7 @@ class Spool:
                     self._dropped_through = max(self._dropped_through, dropped_through)
                 self.commits += 1
                 self._cond.notify_all()
+                self._room.notify_all()
             if dropped:
                 log.warning("spool full (%d bytes): dropped the %d oldest unacknowledged samples",
                             self.max_bytes, dropped)
@@ -470,6 +487,8 @@ class Spool:
             # Save next_seq before deleting: the rows about to go may hold the highest seq. _db_next, not
             # _durable_next: the committer raises that one only after it released _db_lock.
             next_seq = self._db_next
+            if self.fsync:  # an ack's delete needs no fsync of its own (module docstring)
+                db.execute("PRAGMA synchronous=NORMAL")
             db.execute("BEGIN IMMEDIATE")
             try:
                 db.execute(
@@ -488,12 +507,16 @@ class Spool:
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
+            finally:
+                if self.fsync:
+                    db.execute("PRAGMA synchronous=FULL")
             self._db_bytes -= freed
         with self._cond:
             self._bytes -= freed
             self._depth -= removed
             if removed:
                 self._cond.notify_all()
+                self._room.notify_all()
         return removed
 
     # -- reading ------------------------------------------------------------------------------------
@@ -517,15 +540,15 @@ class Spool:
             return [r[0] for r in self._db.execute("SELECT seq FROM samples ORDER BY seq")]
 
     def wait_for_change(self, timeout: float) -> None:
-        """Sleep until a sample is appended or acked, or ``timeout`` passes."""
+        """Sleep until samples are committed or acked, :meth:`wake` is called, or ``timeout`` passes."""
         with self._cond:
             self._cond.wait(timeout)
 
     def wait_for_seq(self, seq: int, timeout: float) -> bool:
         """Sleep until a sample with ``seq`` (or a later one) was appended, or ``timeout`` passes.
 
-        Unlike :meth:`wait_for_change` this does not return on every append, so a publisher waiting to
-        fill a batch of 32 wakes once, not 32 times.
+        Unlike :meth:`wait_for_change` this does not return on every commit or ack, so a publisher
+        waiting to fill a batch of 32 wakes once, not once per commit.
         """
         with self._cond:
             return self._cond.wait_for(lambda: self._durable_next > seq or self._closing, timeout)
@@ -541,6 +564,7 @@ class Spool:
         with self._cond:
             self._closing = True
             self._cond.notify_all()
+            self._room.notify_all()
 
     def close(self) -> None:
         with self._cond:
@@ -549,6 +573,8 @@ class Spool:
             self._closing = True
             self._stopping = True  # the committer writes what is queued, then exits
             self._cond.notify_all()
+            self._commit_cv.notify_all()
+            self._room.notify_all()
         self._committer.join()
         with self._db_lock:
             if self._db is None:
