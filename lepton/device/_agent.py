@@ -33,7 +33,9 @@ retained status (``online: true``); a Last Will (retained) says ``online: false`
   ``ack_timeouts`` (after the publisher stopped, the main thread applies the last acks); the network
   thread ``reconnects``.
 * the :class:`PublishWindow` and ``_warned_oversize``: the publisher (the window is local to its loop).
-* ``_ack_inbox``: filled by the network thread, drained by the publisher, under ``_ack_lock``.
+* ``_ack_inbox`` and ``_ack_since`` (when its oldest range arrived): filled by the network thread,
+  drained by the publisher, under ``_ack_lock``.
+* ``_first_capture_at`` (capture) and ``_last_ack_at`` (whoever applies acks): under ``_lock``.
 * ``_ever_connected``, ``_backoff``: the network thread (paho's callbacks and :meth:`_network_loop`).
 * ``_stopped_by``: the capture thread, and the first :meth:`stop` (from any thread or a signal handler).
 * events: ``_connected`` is set and cleared by the network thread (cleared by the main thread at close);
@@ -85,6 +87,14 @@ from lepton.protocol import (
 log = logging.getLogger(__name__)
 
 __all__ = ["DeviceAgent", "DeviceConfig", "RunSummary", "default_spool_dir"]
+
+#: One spool read feeds up to this many samples (whole batches, within the window's byte budget) into
+#: one Send of several envelopes: at batch 1 one query serves 256 messages instead of one.
+READ_AHEAD_SAMPLES = 256
+#: While the publisher has samples to send, acks wait in the inbox this long (or until ACK_BATCH ranges
+#: queued) and are then deleted in one transaction; when it has nothing to send it applies them at once.
+ACK_DELAY_S = 0.002
+ACK_BATCH = 512
 
 
 def default_spool_dir(fleet: str, device_id: str) -> Path:
@@ -244,6 +254,11 @@ class RunSummary:
     stopped_by: str
     dropped_this_run: int = 0
     reconnects: int = 0
+    #: seconds from the first sample captured to the last acknowledgement applied (None: none acked);
+    #: ``duration_s`` also counts connecting, the start-up and the shutdown
+    capture_to_ack_s: float | None = None
+    #: spool transactions of samples this run (each one WAL fsync unless ``fsync=False``)
+    spool_commits: int = 0
     model_version: int | None = None
     skipped_items: list[str] = field(default_factory=list)
     #: escalation, answers, upload and bytes (the telemetry's collaboration fields)
@@ -314,6 +329,9 @@ class DeviceAgent:
         self._lock = threading.Lock()
         self._ack_lock = threading.Lock()
         self._ack_inbox: list[tuple[int, int]] = []
+        self._ack_since = 0.0
+        self._first_capture_at: float | None = None
+        self._last_ack_at: float | None = None
         self._stop = threading.Event()
         self._stopped_by = "running"
         self._warned_oversize = False
@@ -564,8 +582,17 @@ class DeviceAgent:
             log.warning("device %s: ignoring a bad acks payload: %s", self.device_id, exc)
             return
         with self._ack_lock:
+            if not self._ack_inbox:
+                self._ack_since = time.monotonic()
             self._ack_inbox.extend(ranges)
         self.spool.wake()
+
+    def _acks_due(self, now: float) -> bool:
+        """Acks queued long enough (or many enough) to be applied while there is sending to do."""
+        with self._ack_lock:
+            return bool(self._ack_inbox) and (
+                now - self._ack_since >= ACK_DELAY_S or len(self._ack_inbox) >= ACK_BATCH
+            )
 
     def _apply_acks(self, window: PublishWindow | None) -> None:
         """Delete what the queued acks cover (the publisher's, or the main thread's once it stopped)."""
@@ -578,6 +605,7 @@ class DeviceAgent:
         if removed:
             with self._lock:
                 self.counters.acked += removed
+                self._last_ack_at = time.monotonic()
         if window is not None:
             window.spool_deleted(removed, time.monotonic())
 
@@ -622,12 +650,15 @@ class DeviceAgent:
             window=cfg.window,
             ack_timeout=cfg.ack_timeout,
             max_message_bytes=cfg.max_message_bytes,
+            batches_per_read=max(1, READ_AHEAD_SAMPLES // cfg.batch_size),
+            read_bytes=max(4 * cfg.max_message_bytes, READ_AHEAD_SAMPLES * 1024),
         )
         next_report = time.monotonic() + cfg.telemetry_interval
         while not self._pub_stop.is_set():
-            self._apply_acks(window)
-            window.spool_dropped_through(spool.dropped_through)
             now = time.monotonic()
+            if self._acks_due(now):
+                self._apply_acks(window)
+            window.spool_dropped_through(spool.dropped_through)
             if self._connected.is_set():
                 if self._just_connected.is_set() or not window.online:
                     self._just_connected.clear()
@@ -660,6 +691,8 @@ class DeviceAgent:
                 )
                 with self._lock:
                     self.counters.ack_timeouts += 1
+            elif self._acks_due(float("inf")):  # nothing to send: apply the queued acks now, decide again
+                self._apply_acks(window)
             elif step.reason == "offline":
                 self._connected.wait(0.1)
             elif step.reason == "batch":
@@ -815,6 +848,7 @@ class DeviceAgent:
                 if delay > 0 and self._stop.wait(delay):
                     return
                 next_at = max(next_at + period, time.monotonic() - 1.0)  # catch up at most 1 s
+            t0_mono = time.monotonic()
             t0 = time.perf_counter()
             try:
                 x = self.pipeline(frame)
@@ -849,6 +883,8 @@ class DeviceAgent:
                 log.warning("device %s: sample skipped: %s", self.device_id, exc)
                 continue
             with self._lock:
+                if self._first_capture_at is None:
+                    self._first_capture_at = t0_mono
                 c.captured += 1
                 c.uploaded += uploaded
                 c.preprocess_s += spent
@@ -979,6 +1015,7 @@ class DeviceAgent:
                     pass
         with self._lock:
             c = replace(self.counters)
+            first, last_ack = self._first_capture_at, self._last_ack_at
         summary = RunSummary(
             device=self.device_id,
             fleet=self.config.fleet,
@@ -997,6 +1034,9 @@ class DeviceAgent:
             stopped_by=self._stopped_by,
             dropped_this_run=self.spool.dropped - self._dropped_at_start,
             reconnects=c.reconnects,
+            capture_to_ack_s=round(last_ack - first, 4)
+            if first is not None and last_ack is not None else None,
+            spool_commits=self.spool.commits,
             model_version=getattr(self.runtime, "version", None),
             skipped_items=list(self.source.skipped_items),
             collaboration={"escalation": self._escalation.mode, "upload": self._upload.spec,
