@@ -103,8 +103,18 @@ print(json.dumps({"rc": rc, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).r
 """
 
 
+#: The acker acknowledges what arrived within this many milliseconds in one message per device.
+ACK_EVERY_MS = 2.0
+
+
 class BenchAcker:
-    """Acknowledges every samples envelope of a fleet, like the ingest worker minus storage."""
+    """Acknowledges every samples envelope of a fleet, like the ingest worker minus storage.
+
+    Like the worker, it decodes (validates) every envelope and acknowledges in groups: the worker
+    acks once per written batch, with merged ranges per device; this one every ``ACK_EVERY_MS``.
+    Acking each envelope on its own made this single Python client, not the device, the limit at
+    batch 1 (its paho loop handled one ack publish per sample).
+    """
 
     def __init__(self, url: str, fleet: str) -> None:
         self.url, self.topics = BrokerURL.parse(url), Topics(fleet=fleet)
@@ -114,23 +124,46 @@ class BenchAcker:
         self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(self.topics.all_devices("samples"), qos=1)
         self.client.on_message = self._on_message
         self.lock, self.seqs = threading.Lock(), {}
+        self._due: dict[str, list[int]] = {}  # received, not yet acked: under _cond
+        self._cond, self._stop = threading.Condition(), False
+        self._flusher = threading.Thread(target=self._flush_loop, name="bench-acker-flush", daemon=True)
 
     def _on_message(self, client, userdata, msg):  # noqa: ANN001
         device = self.topics.parse(msg.topic).device
         env = decode_samples(msg.payload, expected_device=device)
+        seqs = [s.seq for s in env.samples]
         with self.lock:
-            self.seqs.setdefault(device, set()).update(s.seq for s in env.samples)
-        client.publish(
-            self.topics.acks(device), encode_acks(seqs_to_ranges(s.seq for s in env.samples)), qos=1
-        )
+            self.seqs.setdefault(device, set()).update(seqs)
+        with self._cond:
+            if not self._due:
+                self._cond.notify()
+            self._due.setdefault(device, []).extend(seqs)
+
+    def _flush_loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._due and not self._stop:
+                    self._cond.wait()
+                if self._stop:
+                    return
+            time.sleep(ACK_EVERY_MS / 1000)
+            with self._cond:
+                due, self._due = self._due, {}
+            for device, seqs in due.items():
+                self.client.publish(self.topics.acks(device), encode_acks(seqs_to_ranges(seqs)), qos=1)
 
     def __enter__(self) -> BenchAcker:
         self.client.connect(self.url.host, self.url.port)
         self.client.loop_start()
+        self._flusher.start()
         time.sleep(0.3)
         return self
 
     def __exit__(self, *exc: object) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        self._flusher.join()
         self.client.disconnect()
         self.client.loop_stop()
 

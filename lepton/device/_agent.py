@@ -828,6 +828,9 @@ class DeviceAgent:
         next_at = time.monotonic()
         runtime = self.runtime
         esc = self._escalation
+        escalating = esc.enabled  # fixed by the config: not a property lookup per sample
+        pending, answers = self._pending, self._answers
+        pipeline_hash = self.pipeline.hash
         pred_topic = self.topics.predictions(self.device_id) if cfg.predictions else None
         frames = iter(self.source)
         while True:
@@ -866,12 +869,12 @@ class DeviceAgent:
             if isinstance(label, np.generic):  # labels from numpy arrays (custom sources) go as plain values
                 label = label.item()
             escalated = esc.decide(prediction.confidence if prediction is not None else None) \
-                if esc.enabled else False
+                if escalating else False
             truth = None if label is None else str(label)
             try:
                 if self._upload.keep(self.device_id, self.spool.next_seq, escalated=escalated):
                     # Group commit: durable within the spool's commit_ms, and never published before.
-                    seq = self.spool.append_nowait(x, label, pipeline=self.pipeline.hash)
+                    seq = self.spool.append_nowait(x, label, pipeline=pipeline_hash)
                     uploaded = 1
                 else:  # not uploaded (--upload): the seq is used up all the same, a gap in the dataset
                     seq, uploaded = self.spool.skip_seq(), 0
@@ -899,7 +902,8 @@ class DeviceAgent:
             elif prediction is not None:
                 self._settle(PendingAnswers.local(seq, edge[0], edge[1], truth), prediction, pred_topic,
                              escalated=False)
-            self._collect_answers(pred_topic)
+            if answers or len(pending):  # nothing to match or expire otherwise
+                self._collect_answers(pred_topic)
             progress.tick(self)
             if cfg.limit is not None and c.captured >= cfg.limit:
                 self._stopped_by = "limit"

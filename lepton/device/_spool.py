@@ -31,9 +31,13 @@ goes back. So fsyncs per sample = sample commits per sample.
 the spool's own *committer* writes, the *publisher* reads and acks (and the main thread closes). Every
 mutable field has one owner or one lock:
 
-* ``_db`` (the connection) and ``_db_bytes``, ``_db_next`` (what the table holds, and one past the
-  highest seq it ever held): under ``_db_lock``, which serialises every use of the connection
-  (committer writes, publisher reads and deletes, close).
+* ``_db`` (the writing connection) and ``_db_bytes``, ``_db_next`` (what the table holds, and one past
+  the highest seq it ever held): under ``_db_lock``, which serialises every use of the connection
+  (committer writes, publisher deletes, close).
+* ``_rdb``, a second connection only for reading (:meth:`read_after`, :meth:`count_through`,
+  :meth:`seqs`): under ``_rdb_lock``. WAL lets it read while the committer writes and fsyncs, so the
+  publisher never waits for a commit; it sees a transaction only once it is committed, and with
+  ``synchronous=FULL`` SQLite publishes a commit to readers only after the WAL's fsync returned.
 * ``_pending``, ``_first_pending_at``, ``_next_seq``, ``_last_appended``, ``_bytes``, ``_depth``: under
   ``_cond``; written by capture (append, skip), the committer (commit, drop-oldest) and the publisher (ack).
 * ``_durable_next``, ``_dropped``, ``_dropped_through``, ``commits``, ``_commit_error``,
@@ -180,6 +184,7 @@ class Spool:
         self._commit_cv = threading.Condition(lock)  # the committer: samples queued, close
         self._room = threading.Condition(lock)  # blocked appends: bytes freed, commits done, closing
         self._db_lock = threading.RLock()
+        self._rdb_lock = threading.Lock()
         self._closing = False  # wakes blocked appends (stop)
         self._stopping = False  # the committer writes what is queued and exits (close)
         self.fsync = fsync
@@ -209,6 +214,8 @@ class Spool:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
             self._db.executescript(_SCHEMA)
+            self._rdb = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+            self._rdb.execute("PRAGMA query_only=1")
             self._bytes, self._depth = self._db.execute(
                 "SELECT COALESCE(SUM(size), 0), COUNT(*) FROM samples"
             ).fetchone()
@@ -329,21 +336,10 @@ class Spool:
             )
         ts = time.time() if ts is None else ts
         with self._cond:
-            deadline = None if timeout is None else time.monotonic() + timeout
-
-            def wait(why: str) -> None:
-                if self._closing:
-                    raise SpoolFull("spool is closing")
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    raise SpoolFull(f"{why} for {timeout}s")
-                self._room.wait(0.5 if left is None else min(left, 0.5))
-
-            if self.on_full == "block":
-                while self._bytes + size > self.max_bytes:
-                    wait(f"spool full ({self._bytes} of {self.max_bytes} bytes)")
-            while len(self._pending) >= self._max_pending:  # the disk is slower than capture
-                wait("spool commits are behind")
+            if (self.on_full == "block" and self._bytes + size > self.max_bytes) or (
+                len(self._pending) >= self._max_pending
+            ):
+                self._wait_for_room(size, timeout)
             seq = self._next_seq
             if not self._pending:
                 self._first_pending_at = time.monotonic()
@@ -355,6 +351,24 @@ class Spool:
             if len(self._pending) in (1, self.commit_every):  # the first starts the commit clock
                 self._commit_cv.notify()
             return seq
+
+    def _wait_for_room(self, size: int, timeout: float | None) -> None:
+        """(Holding ``_cond``) wait until a sample of ``size`` bytes may be queued; SpoolFull on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+
+        def wait(why: str) -> None:
+            if self._closing:
+                raise SpoolFull("spool is closing")
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise SpoolFull(f"{why} for {timeout}s")
+            self._room.wait(0.5 if left is None else min(left, 0.5))
+
+        if self.on_full == "block":
+            while self._bytes + size > self.max_bytes:
+                wait(f"spool full ({self._bytes} of {self.max_bytes} bytes)")
+        while len(self._pending) >= self._max_pending:  # the disk is slower than capture
+            wait("spool commits are behind")
 
     def skip_seq(self) -> int:
         """Use up the next seq without storing a sample (one the upload policy leaves out); return it.
@@ -522,8 +536,8 @@ class Spool:
     # -- reading ------------------------------------------------------------------------------------
     def read_after(self, seq: int, limit: int) -> list[SpooledSample]:
         """Up to ``limit`` stored samples with a seq greater than ``seq``, oldest first."""
-        with self._db_lock:  # committed rows only: nothing is published before it is durable
-            rows = self._db.execute(
+        with self._rdb_lock:  # committed rows only: nothing is published before it is durable
+            rows = self._rdb.execute(
                 "SELECT seq, ts, pipeline, body FROM samples WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit)
             ).fetchall()
         return [SpooledSample(r[0], r[1], r[2], r[3]) for r in rows]
@@ -531,13 +545,13 @@ class Spool:
     def count_through(self, seq: int) -> int:
         """How many stored samples have a seq <= ``seq`` (one SQL count; the publisher's window keeps its
         own in-flight count in memory, see :mod:`lepton.device._window`)."""
-        with self._db_lock:
-            return int(self._db.execute("SELECT COUNT(*) FROM samples WHERE seq <= ?", (seq,)).fetchone()[0])
+        with self._rdb_lock:
+            return int(self._rdb.execute("SELECT COUNT(*) FROM samples WHERE seq <= ?", (seq,)).fetchone()[0])
 
     def seqs(self) -> list[int]:
         """Committed seqs (call :meth:`flush` first to include the queued ones)."""
-        with self._db_lock:
-            return [r[0] for r in self._db.execute("SELECT seq FROM samples ORDER BY seq")]
+        with self._rdb_lock:
+            return [r[0] for r in self._rdb.execute("SELECT seq FROM samples ORDER BY seq")]
 
     def wait_for_change(self, timeout: float) -> None:
         """Sleep until samples are committed or acked, :meth:`wake` is called, or ``timeout`` passes."""
@@ -576,6 +590,10 @@ class Spool:
             self._commit_cv.notify_all()
             self._room.notify_all()
         self._committer.join()
+        with self._rdb_lock:
+            if self._rdb is not None:
+                self._rdb.close()
+                self._rdb = None  # type: ignore[assignment]
         with self._db_lock:
             if self._db is None:
                 return
