@@ -6,10 +6,11 @@ Three threads, each with one job:
   pipeline (and the model, when one is configured), appends each sample to the spool. It never touches
   the network, so a broker outage only makes the spool grow.
 * **publisher**: the shell around :class:`~lepton.device._window.PublishWindow`, the I/O-free go-back-N
-  window that decides what to send: it reads the spool in seq order after a cursor, packs up to
-  ``batch_size`` samples or what arrived within ``batch_ms`` into envelopes of at most
-  ``max_message_bytes`` (:func:`lepton.protocol.encode_samples_packed`, with the pipeline hash, splicing
-  the spooled sample bodies without re-encoding them), and this thread publishes them with QoS 1. A
+  window that decides what to send: it reads the spool in seq order after a cursor (up to
+  ``READ_AHEAD_SAMPLES`` per query, whole batches), packs ``batch_size`` samples or what arrived within
+  ``batch_ms`` into each envelope of at most ``max_message_bytes``
+  (:func:`lepton.protocol.encode_samples_packed`, with the pipeline hash, splicing the spooled sample
+  bodies without re-encoding them), and this thread publishes them with QoS 1. A
   sample leaves the spool only when a range on ``devices/{id}/acks`` covers it: a broker PUBACK proves
   nothing (Mosquitto drops silently when a queue is full, amqtt does not queue anonymous sessions). After a
   reconnect, or when no ack made progress for ``ack_timeout`` seconds, the cursor goes back to the start
@@ -20,6 +21,8 @@ Three threads, each with one job:
 * **network**: runs paho's loop and its callbacks and reconnects with exponential backoff and jitter, so
   a fleet that lost its broker does not reconnect in lock-step when it comes back. Its callbacks do no SQL
   and no disk I/O: acks are queued for the publisher, a connect only raises a flag the publisher acts on.
+  The publisher deletes what queued acks cover in one transaction: at once when it has nothing to send,
+  else when the oldest has waited ``ACK_DELAY_S`` (or ``ACK_BATCH`` ranges queued).
 
 The session is persistent (``clean_session=False``, client id = device id) so acks sent while the
 device was away are queued by the broker. On connect the device re-subscribes and publishes its
