@@ -6,10 +6,11 @@ Three threads, each with one job:
   pipeline (and the model, when one is configured), appends each sample to the spool. It never touches
   the network, so a broker outage only makes the spool grow.
 * **publisher**: the shell around :class:`~lepton.device._window.PublishWindow`, the I/O-free go-back-N
-  window that decides what to send: it reads the spool in seq order after a cursor, packs up to
-  ``batch_size`` samples or what arrived within ``batch_ms`` into envelopes of at most
-  ``max_message_bytes`` (:func:`lepton.protocol.encode_samples_packed`, with the pipeline hash, splicing
-  the spooled sample bodies without re-encoding them), and this thread publishes them with QoS 1. A
+  window that decides what to send: it reads the spool in seq order after a cursor (up to
+  ``READ_AHEAD_SAMPLES`` per query, whole batches), packs ``batch_size`` samples or what arrived within
+  ``batch_ms`` into each envelope of at most ``max_message_bytes``
+  (:func:`lepton.protocol.encode_samples_packed`, with the pipeline hash, splicing the spooled sample
+  bodies without re-encoding them), and this thread publishes them with QoS 1. A
   sample leaves the spool only when a range on ``devices/{id}/acks`` covers it: a broker PUBACK proves
   nothing (Mosquitto drops silently when a queue is full, amqtt does not queue anonymous sessions). After a
   reconnect, or when no ack made progress for ``ack_timeout`` seconds, the cursor goes back to the start
@@ -20,6 +21,8 @@ Three threads, each with one job:
 * **network**: runs paho's loop and its callbacks and reconnects with exponential backoff and jitter, so
   a fleet that lost its broker does not reconnect in lock-step when it comes back. Its callbacks do no SQL
   and no disk I/O: acks are queued for the publisher, a connect only raises a flag the publisher acts on.
+  The publisher deletes what queued acks cover in one transaction: at once when it has nothing to send,
+  else when the oldest has waited ``ACK_DELAY_S`` (or ``ACK_BATCH`` ranges queued).
 
 The session is persistent (``clean_session=False``, client id = device id) so acks sent while the
 device was away are queued by the broker. On connect the device re-subscribes and publishes its
@@ -33,7 +36,9 @@ retained status (``online: true``); a Last Will (retained) says ``online: false`
   ``ack_timeouts`` (after the publisher stopped, the main thread applies the last acks); the network
   thread ``reconnects``.
 * the :class:`PublishWindow` and ``_warned_oversize``: the publisher (the window is local to its loop).
-* ``_ack_inbox``: filled by the network thread, drained by the publisher, under ``_ack_lock``.
+* ``_ack_inbox`` and ``_ack_since`` (when its oldest range arrived): filled by the network thread,
+  drained by the publisher, under ``_ack_lock``.
+* ``_first_capture_at`` (capture) and ``_last_ack_at`` (whoever applies acks): under ``_lock``.
 * ``_ever_connected``, ``_backoff``: the network thread (paho's callbacks and :meth:`_network_loop`).
 * ``_stopped_by``: the capture thread, and the first :meth:`stop` (from any thread or a signal handler).
 * events: ``_connected`` is set and cleared by the network thread (cleared by the main thread at close);
@@ -87,6 +92,14 @@ from lepton.protocol import (
 log = logging.getLogger(__name__)
 
 __all__ = ["DeviceAgent", "DeviceConfig", "RunSummary", "default_spool_dir"]
+
+#: One spool read feeds up to this many samples (whole batches, within the window's byte budget) into
+#: one Send of several envelopes: at batch 1 one query serves 256 messages instead of one.
+READ_AHEAD_SAMPLES = 256
+#: While the publisher has samples to send, acks wait in the inbox this long (or until ACK_BATCH ranges
+#: queued) and are then deleted in one transaction; when it has nothing to send it applies them at once.
+ACK_DELAY_S = 0.002
+ACK_BATCH = 512
 
 
 def default_spool_dir(fleet: str, device_id: str) -> Path:
@@ -246,6 +259,11 @@ class RunSummary:
     stopped_by: str
     dropped_this_run: int = 0
     reconnects: int = 0
+    #: seconds from the first sample captured to the last acknowledgement applied (None: none acked);
+    #: ``duration_s`` also counts connecting, the start-up and the shutdown
+    capture_to_ack_s: float | None = None
+    #: spool transactions of samples this run (each one WAL fsync unless ``fsync=False``)
+    spool_commits: int = 0
     model_version: int | None = None
     skipped_items: list[str] = field(default_factory=list)
     #: escalation, answers, upload and bytes (the telemetry's collaboration fields)
@@ -316,6 +334,9 @@ class DeviceAgent:
         self._lock = threading.Lock()
         self._ack_lock = threading.Lock()
         self._ack_inbox: list[tuple[int, int]] = []
+        self._ack_since = 0.0
+        self._first_capture_at: float | None = None
+        self._last_ack_at: float | None = None
         self._stop = threading.Event()
         self._stopped_by = "running"
         self._warned_oversize = False
@@ -567,8 +588,17 @@ class DeviceAgent:
             log.warning("device %s: ignoring a bad acks payload: %s", self.device_id, exc)
             return
         with self._ack_lock:
+            if not self._ack_inbox:
+                self._ack_since = time.monotonic()
             self._ack_inbox.extend(ranges)
         self.spool.wake()
+
+    def _acks_due(self, now: float) -> bool:
+        """Acks queued long enough (or many enough) to be applied while there is sending to do."""
+        with self._ack_lock:
+            return bool(self._ack_inbox) and (
+                now - self._ack_since >= ACK_DELAY_S or len(self._ack_inbox) >= ACK_BATCH
+            )
 
     def _apply_acks(self, window: PublishWindow | None) -> None:
         """Delete what the queued acks cover (the publisher's, or the main thread's once it stopped)."""
@@ -581,6 +611,7 @@ class DeviceAgent:
         if removed:
             with self._lock:
                 self.counters.acked += removed
+                self._last_ack_at = time.monotonic()
         if window is not None:
             window.spool_deleted(removed, time.monotonic())
 
@@ -625,12 +656,15 @@ class DeviceAgent:
             window=cfg.window,
             ack_timeout=cfg.ack_timeout,
             max_message_bytes=cfg.max_message_bytes,
+            batches_per_read=max(1, READ_AHEAD_SAMPLES // cfg.batch_size),
+            read_bytes=max(4 * cfg.max_message_bytes, READ_AHEAD_SAMPLES * 1024),
         )
         next_report = time.monotonic() + cfg.telemetry_interval
         while not self._pub_stop.is_set():
-            self._apply_acks(window)
-            window.spool_dropped_through(spool.dropped_through)
             now = time.monotonic()
+            if self._acks_due(now):
+                self._apply_acks(window)
+            window.spool_dropped_through(spool.dropped_through)
             if self._connected.is_set():
                 if self._just_connected.is_set() or not window.online:
                     self._just_connected.clear()
@@ -663,6 +697,8 @@ class DeviceAgent:
                 )
                 with self._lock:
                     self.counters.ack_timeouts += 1
+            elif self._acks_due(float("inf")):  # nothing to send: apply the queued acks now, decide again
+                self._apply_acks(window)
             elif step.reason == "offline":
                 self._connected.wait(0.1)
             elif step.reason == "batch":
@@ -798,6 +834,9 @@ class DeviceAgent:
         next_at = time.monotonic()
         runtime = self.runtime
         esc = self._escalation
+        escalating = esc.enabled  # fixed by the config: not a property lookup per sample
+        pending, answers = self._pending, self._answers
+        pipeline_hash = self.pipeline.hash
         pred_topic = self.topics.predictions(self.device_id) if cfg.predictions else None
         frames = iter(self.source)
         while True:
@@ -818,6 +857,7 @@ class DeviceAgent:
                 if delay > 0 and self._stop.wait(delay):
                     return
                 next_at = max(next_at + period, time.monotonic() - 1.0)  # catch up at most 1 s
+            t0_mono = time.monotonic()
             t0 = time.perf_counter()
             try:
                 x = self.pipeline(frame)
@@ -835,12 +875,12 @@ class DeviceAgent:
             if isinstance(label, np.generic):  # labels from numpy arrays (custom sources) go as plain values
                 label = label.item()
             escalated = esc.decide(prediction.confidence if prediction is not None else None) \
-                if esc.enabled else False
+                if escalating else False
             truth = None if label is None else str(label)
             try:
                 if self._upload.keep(self.device_id, self.spool.next_seq, escalated=escalated):
                     # Group commit: durable within the spool's commit_ms, and never published before.
-                    seq = self.spool.append_nowait(x, label, pipeline=self.pipeline.hash)
+                    seq = self.spool.append_nowait(x, label, pipeline=pipeline_hash)
                     uploaded = 1
                 else:  # not uploaded (--upload): the seq is used up all the same, a gap in the dataset
                     seq, uploaded = self.spool.skip_seq(), 0
@@ -852,6 +892,8 @@ class DeviceAgent:
                 log.warning("device %s: sample skipped: %s", self.device_id, exc)
                 continue
             with self._lock:
+                if self._first_capture_at is None:
+                    self._first_capture_at = t0_mono
                 c.captured += 1
                 c.uploaded += uploaded
                 c.preprocess_s += spent
@@ -866,7 +908,8 @@ class DeviceAgent:
             elif prediction is not None:
                 self._settle(PendingAnswers.local(seq, edge[0], edge[1], truth), prediction, pred_topic,
                              escalated=False)
-            self._collect_answers(pred_topic)
+            if answers or len(pending):  # nothing to match or expire otherwise
+                self._collect_answers(pred_topic)
             progress.tick(self)
             if cfg.limit is not None and c.captured >= cfg.limit:
                 self._stopped_by = "limit"
@@ -982,6 +1025,7 @@ class DeviceAgent:
                     pass
         with self._lock:
             c = replace(self.counters)
+            first, last_ack = self._first_capture_at, self._last_ack_at
         summary = RunSummary(
             device=self.device_id,
             fleet=self.config.fleet,
@@ -1000,6 +1044,9 @@ class DeviceAgent:
             stopped_by=self._stopped_by,
             dropped_this_run=self.spool.dropped - self._dropped_at_start,
             reconnects=c.reconnects,
+            capture_to_ack_s=round(last_ack - first, 4)
+            if first is not None and last_ack is not None else None,
+            spool_commits=self.spool.commits,
             model_version=getattr(self.runtime, "version", None),
             skipped_items=list(self.source.skipped_items),
             collaboration={"escalation": self._escalation.mode, "upload": self._upload.spec,

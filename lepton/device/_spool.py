@@ -20,13 +20,24 @@ as if the camera had not taken them). :meth:`append` waits for its commit. ``fsy
 (``--no-fsync``) keeps ``synchronous=NORMAL``: it still survives a crash or ``kill -9`` of the process,
 but a power cut can lose committed samples (SQLite WAL then fsyncs only at checkpoints).
 
+**Acks cost no fsync.** An ack's transaction (delete the acknowledged rows, save ``next_seq``) is
+written to the WAL with ``synchronous=NORMAL``; the next sample commit's fsync of the same WAL makes it
+durable with everything before it (a WAL replays a prefix of its transactions). A power cut in between
+can only bring acknowledged samples back: they are sent again and the cloud, which stores by
+``(device, seq)`` once, ignores the duplicates; the restored rows hold their seqs, so ``next_seq`` never
+goes back. So fsyncs per sample = sample commits per sample.
+
 **Threads and who owns what.** Three threads use a spool: the device's *capture* thread appends,
 the spool's own *committer* writes, the *publisher* reads and acks (and the main thread closes). Every
 mutable field has one owner or one lock:
 
-* ``_db`` (the connection) and ``_db_bytes``, ``_db_next`` (what the table holds, and one past the
-  highest seq it ever held): under ``_db_lock``, which serialises every use of the connection
-  (committer writes, publisher reads and deletes, close).
+* ``_db`` (the writing connection) and ``_db_bytes``, ``_db_next`` (what the table holds, and one past
+  the highest seq it ever held): under ``_db_lock``, which serialises every use of the connection
+  (committer writes, publisher deletes, close).
+* ``_rdb``, a second connection only for reading (:meth:`read_after`, :meth:`count_through`,
+  :meth:`seqs`): under ``_rdb_lock``. WAL lets it read while the committer writes and fsyncs, so the
+  publisher never waits for a commit; it sees a transaction only once it is committed, and with
+  ``synchronous=FULL`` SQLite publishes a commit to readers only after the WAL's fsync returned.
 * ``_pending``, ``_first_pending_at``, ``_next_seq``, ``_last_appended``, ``_bytes``, ``_depth``: under
   ``_cond``; written by capture (append, skip), the committer (commit, drop-oldest) and the publisher (ack).
 * ``_durable_next``, ``_dropped``, ``_dropped_through``, ``commits``, ``_commit_error``,
@@ -165,8 +176,15 @@ class Spool:
         self.max_bytes = max_bytes
         self.on_full = on_full
         self.path = self.directory / DB_NAME
-        self._cond = threading.Condition(threading.RLock())
+        # One lock, three conditions, so each wake-up reaches only the threads it concerns: an append
+        # wakes the committer once per commit (not per sample) and nobody else; a commit or an ack wakes
+        # the publisher and the drain (_cond) and blocked appends (_room).
+        lock = threading.RLock()
+        self._cond = threading.Condition(lock)  # commits, acks, wake(), close: durable_next, depth
+        self._commit_cv = threading.Condition(lock)  # the committer: samples queued, close
+        self._room = threading.Condition(lock)  # blocked appends: bytes freed, commits done, closing
         self._db_lock = threading.RLock()
+        self._rdb_lock = threading.Lock()
         self._closing = False  # wakes blocked appends (stop)
         self._stopping = False  # the committer writes what is queued and exits (close)
         self.fsync = fsync
@@ -196,6 +214,8 @@ class Spool:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
             self._db.executescript(_SCHEMA)
+            self._rdb = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+            self._rdb.execute("PRAGMA query_only=1")
             self._bytes, self._depth = self._db.execute(
                 "SELECT COALESCE(SUM(size), 0), COUNT(*) FROM samples"
             ).fetchone()
@@ -316,21 +336,10 @@ class Spool:
             )
         ts = time.time() if ts is None else ts
         with self._cond:
-            deadline = None if timeout is None else time.monotonic() + timeout
-
-            def wait(why: str) -> None:
-                if self._closing:
-                    raise SpoolFull("spool is closing")
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    raise SpoolFull(f"{why} for {timeout}s")
-                self._cond.wait(0.5 if left is None else min(left, 0.5))
-
-            if self.on_full == "block":
-                while self._bytes + size > self.max_bytes:
-                    wait(f"spool full ({self._bytes} of {self.max_bytes} bytes)")
-            while len(self._pending) >= self._max_pending:  # the disk is slower than capture
-                wait("spool commits are behind")
+            if (self.on_full == "block" and self._bytes + size > self.max_bytes) or (
+                len(self._pending) >= self._max_pending
+            ):
+                self._wait_for_room(size, timeout)
             seq = self._next_seq
             if not self._pending:
                 self._first_pending_at = time.monotonic()
@@ -339,8 +348,27 @@ class Spool:
             self._last_appended = seq
             self._bytes += size
             self._depth += 1
-            self._cond.notify_all()
+            if len(self._pending) in (1, self.commit_every):  # the first starts the commit clock
+                self._commit_cv.notify()
             return seq
+
+    def _wait_for_room(self, size: int, timeout: float | None) -> None:
+        """(Holding ``_cond``) wait until a sample of ``size`` bytes may be queued; SpoolFull on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+
+        def wait(why: str) -> None:
+            if self._closing:
+                raise SpoolFull("spool is closing")
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise SpoolFull(f"{why} for {timeout}s")
+            self._room.wait(0.5 if left is None else min(left, 0.5))
+
+        if self.on_full == "block":
+            while self._bytes + size > self.max_bytes:
+                wait(f"spool full ({self._bytes} of {self.max_bytes} bytes)")
+        while len(self._pending) >= self._max_pending:  # the disk is slower than capture
+            wait("spool commits are behind")
 
     def skip_seq(self) -> int:
         """Use up the next seq without storing a sample (one the upload policy leaves out); return it.
@@ -371,15 +399,16 @@ class Spool:
         while True:
             with self._cond:
                 while not self._pending and not self._stopping:
-                    self._cond.wait()
+                    self._commit_cv.wait()
                 if not self._pending:
                     self._committer_done = True
                     self._cond.notify_all()
+                    self._room.notify_all()
                     return
                 due = self._first_pending_at + self.commit_ms / 1000
                 while (len(self._pending) < self.commit_every and not self._stopping
                        and (left := due - time.monotonic()) > 0):
-                    self._cond.wait(left)
+                    self._commit_cv.wait(left)
                 batch = self._pending
                 self._pending = []
             try:
@@ -396,6 +425,7 @@ class Spool:
                     with self._cond:
                         self._committer_done = True
                         self._cond.notify_all()
+                        self._room.notify_all()
                     return
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
@@ -411,6 +441,7 @@ class Spool:
                     self._dropped_through = max(self._dropped_through, dropped_through)
                 self.commits += 1
                 self._cond.notify_all()
+                self._room.notify_all()
             if dropped:
                 log.warning("spool full (%d bytes): dropped the %d oldest unacknowledged samples",
                             self.max_bytes, dropped)
@@ -470,6 +501,8 @@ class Spool:
             # Save next_seq before deleting: the rows about to go may hold the highest seq. _db_next, not
             # _durable_next: the committer raises that one only after it released _db_lock.
             next_seq = self._db_next
+            if self.fsync:  # an ack's delete needs no fsync of its own (module docstring)
+                db.execute("PRAGMA synchronous=NORMAL")
             db.execute("BEGIN IMMEDIATE")
             try:
                 db.execute(
@@ -488,19 +521,23 @@ class Spool:
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
+            finally:
+                if self.fsync:
+                    db.execute("PRAGMA synchronous=FULL")
             self._db_bytes -= freed
         with self._cond:
             self._bytes -= freed
             self._depth -= removed
             if removed:
                 self._cond.notify_all()
+                self._room.notify_all()
         return removed
 
     # -- reading ------------------------------------------------------------------------------------
     def read_after(self, seq: int, limit: int) -> list[SpooledSample]:
         """Up to ``limit`` stored samples with a seq greater than ``seq``, oldest first."""
-        with self._db_lock:  # committed rows only: nothing is published before it is durable
-            rows = self._db.execute(
+        with self._rdb_lock:  # committed rows only: nothing is published before it is durable
+            rows = self._rdb.execute(
                 "SELECT seq, ts, pipeline, body FROM samples WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit)
             ).fetchall()
         return [SpooledSample(r[0], r[1], r[2], r[3]) for r in rows]
@@ -508,24 +545,24 @@ class Spool:
     def count_through(self, seq: int) -> int:
         """How many stored samples have a seq <= ``seq`` (one SQL count; the publisher's window keeps its
         own in-flight count in memory, see :mod:`lepton.device._window`)."""
-        with self._db_lock:
-            return int(self._db.execute("SELECT COUNT(*) FROM samples WHERE seq <= ?", (seq,)).fetchone()[0])
+        with self._rdb_lock:
+            return int(self._rdb.execute("SELECT COUNT(*) FROM samples WHERE seq <= ?", (seq,)).fetchone()[0])
 
     def seqs(self) -> list[int]:
         """Committed seqs (call :meth:`flush` first to include the queued ones)."""
-        with self._db_lock:
-            return [r[0] for r in self._db.execute("SELECT seq FROM samples ORDER BY seq")]
+        with self._rdb_lock:
+            return [r[0] for r in self._rdb.execute("SELECT seq FROM samples ORDER BY seq")]
 
     def wait_for_change(self, timeout: float) -> None:
-        """Sleep until a sample is appended or acked, or ``timeout`` passes."""
+        """Sleep until samples are committed or acked, :meth:`wake` is called, or ``timeout`` passes."""
         with self._cond:
             self._cond.wait(timeout)
 
     def wait_for_seq(self, seq: int, timeout: float) -> bool:
         """Sleep until a sample with ``seq`` (or a later one) was appended, or ``timeout`` passes.
 
-        Unlike :meth:`wait_for_change` this does not return on every append, so a publisher waiting to
-        fill a batch of 32 wakes once, not 32 times.
+        Unlike :meth:`wait_for_change` this does not return on every commit or ack, so a publisher
+        waiting to fill a batch of 32 wakes once, not once per commit.
         """
         with self._cond:
             return self._cond.wait_for(lambda: self._durable_next > seq or self._closing, timeout)
@@ -541,6 +578,7 @@ class Spool:
         with self._cond:
             self._closing = True
             self._cond.notify_all()
+            self._room.notify_all()
 
     def close(self) -> None:
         with self._cond:
@@ -549,7 +587,13 @@ class Spool:
             self._closing = True
             self._stopping = True  # the committer writes what is queued, then exits
             self._cond.notify_all()
+            self._commit_cv.notify_all()
+            self._room.notify_all()
         self._committer.join()
+        with self._rdb_lock:
+            if self._rdb is not None:
+                self._rdb.close()
+                self._rdb = None  # type: ignore[assignment]
         with self._db_lock:
             if self._db is None:
                 return

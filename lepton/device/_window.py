@@ -25,9 +25,14 @@ The rules:
 1. Samples go out in seq order after a cursor, the highest seq sent since the last go-back. Seqs may
    have gaps (acked or dropped samples); nothing assumes they are contiguous.
 2. In flight are the samples sent since the last go-back and neither acknowledged nor dropped: at most
-   ``window``. A read asks for at most ``min(batch_size, window - in_flight)`` rows.
+   ``window``. A read asks for at most ``min(k * batch_size, window - in_flight)`` rows, where ``k``
+   (batches per read) is 1 until rows were seen, then as many batches as fit in ``read_bytes`` by the
+   last rows' mean body size, between 1 and ``batches_per_read``. One read then feeds one
+   :class:`Send` of up to ``k`` envelopes: at batch 1 that is one spool query for many samples.
 3. A batch goes out when it is full (``batch_size`` rows), when its oldest sample is ``batch_ms`` old (its
    capture time ``ts`` against ``wall``, the wall clock), or at once when ``flush`` (capture stopped).
+   Of a read of several batches, the full ones go out at once; a partial last one goes with them only
+   when it is due, else it is read again with the next read.
 4. Go-back-N: on ``connected`` and when samples are in flight and no ack made progress for
    ``ack_timeout`` seconds of ``now`` (a monotonic clock), the cursor goes back to the start and the
    in-flight samples are forgotten: everything still spooled is sent again, oldest first. Ack progress
@@ -37,7 +42,8 @@ The rules:
    spool, unknown seqs included (a previous run's samples may still be spooled); the spool ignores
    what it does not hold. The in-flight samples and offered rows that a range covers leave the window.
    A duplicate or out-of-order ack is harmless.
-6. Envelopes: a batch is split where the pipeline hash changes and before an envelope would outgrow
+6. Envelopes: a Send holds one envelope per batch of ``batch_size`` rows; a batch is split where the
+   pipeline hash changes and before an envelope would outgrow
    ``max_message_bytes`` (estimated as :data:`ENVELOPE_OVERHEAD` plus, per sample, its body and
    :data:`SAMPLE_OVERHEAD`, upper bounds). Every envelope holds at least one sample, so a sample larger
    than the limit on its own is still sent, alone, flagged ``oversize`` (the agent warns once;
@@ -160,13 +166,17 @@ def merge_ranges(ranges: Iterable[Sequence[int]]) -> list[tuple[int, int]]:
     return [(a, b) for a, b in merged]
 
 
-def split_envelopes(device_id: str, rows: Sequence[Row], max_message_bytes: int) -> tuple[Envelope, ...]:
-    """Pack ``rows`` (in seq order) into envelopes (rules 6 and 7 of the module docstring)."""
+def split_envelopes(
+    device_id: str, rows: Sequence[Row], max_message_bytes: int, max_count: int | None = None
+) -> tuple[Envelope, ...]:
+    """Pack ``rows`` (in seq order) into envelopes of at most ``max_count`` rows each (rules 6 and 7 of
+    the module docstring)."""
     out: list[Envelope] = []
     start, n = 0, len(rows)
     while start < n:
         end, size = start, ENVELOPE_OVERHEAD
-        while end < n and rows[end].pipeline == rows[start].pipeline:
+        stop = n if max_count is None else min(n, start + max_count)
+        while end < stop and rows[end].pipeline == rows[start].pipeline:
             size += len(rows[end].body) + SAMPLE_OVERHEAD
             if end > start and size > max_message_bytes:
                 break
@@ -219,9 +229,13 @@ class PublishWindow:
         window: int = 4096,
         ack_timeout: float = 10.0,
         max_message_bytes: int = 1_000_000,
+        batches_per_read: int = 1,
+        read_bytes: int = 4 * 1024 * 1024,
     ) -> None:
         if not 1 <= batch_size <= window:
             raise ValueError(f"need 1 <= batch_size ({batch_size}) <= window ({window})")
+        if batches_per_read < 1 or read_bytes < 1:
+            raise ValueError("batches_per_read and read_bytes must be >= 1")
         if batch_ms < 0 or ack_timeout <= 0:
             raise ValueError("batch_ms must be >= 0 and ack_timeout > 0")
         self.device_id = device_id
@@ -230,6 +244,9 @@ class PublishWindow:
         self.window = window
         self.ack_timeout = ack_timeout
         self.max_message_bytes = max_message_bytes
+        self.batches_per_read = batches_per_read
+        self.read_bytes = read_bytes
+        self._batches = 1  # batches per read, from the mean body size of the last rows offered (rule 2)
         self._online = False
         self._cursor = -1  # highest seq sent since the last go-back
         self._max_sent = -1  # highest seq ever sent: at or below it, a send is a resend
@@ -301,6 +318,9 @@ class PublishWindow:
             return
         after, self._read = self._read.after, None
         self._rows = [r for r in rows if r.seq > after and r.seq > self._dropped_through]
+        if self.batches_per_read > 1 and rows:
+            mean = max(1, sum(len(r.body) for r in rows) // len(rows))
+            self._batches = max(1, min(self.batches_per_read, self.read_bytes // (mean * self.batch_size)))
 
     def sent(self, send: Send) -> bool:
         """Confirm that ``send``, the last poll's decision, was published; False (ignored) otherwise."""
@@ -326,18 +346,21 @@ class PublishWindow:
             return Wait("window")
         rows, self._rows = self._rows, None
         if rows is None:
-            self._read = Read(self._cursor, min(self.batch_size, self.window - in_flight))
+            self._read = Read(self._cursor, min(self._batches * self.batch_size, self.window - in_flight))
             return self._read
         if not rows:
             return Wait("empty")
-        if len(rows) < self.batch_size and not flush:
-            wait = self.batch_ms / 1000 - (wall - rows[0].ts)
+        full = len(rows) - len(rows) % self.batch_size  # rows in full batches
+        if full < len(rows) and not flush:
+            wait = self.batch_ms / 1000 - (wall - rows[full].ts)
             if wait > 0:  # a partial batch waits until it is full or its oldest sample batch_ms old
-                return Wait("batch", wait, rows[0].seq + self.batch_size - 1)
+                if not full:
+                    return Wait("batch", wait, rows[0].seq + self.batch_size - 1)
+                rows = rows[:full]  # the full batches go now; the partial one is read again later
         if not in_flight:
             self._last_progress = now  # the ack clock starts with the first sample in flight
         self._unconfirmed = Send(
-            envelopes=split_envelopes(self.device_id, rows, self.max_message_bytes),
+            envelopes=split_envelopes(self.device_id, rows, self.max_message_bytes, self.batch_size),
             seqs=tuple(r.seq for r in rows),
             resent=sum(1 for r in rows if r.seq <= self._max_sent),
         )

@@ -381,3 +381,56 @@ def test_a_thousand_batches_of_32_through_the_window_and_the_encoder_take_well_u
         w.spool_deleted(len(w.receive_acks([(decision.seqs[0], decision.seqs[-1])])) * 32, float(i))
     assert w.in_flight == 0 and w.cursor == 31_999
     assert time.perf_counter() - started < 2.0  # generous for a slow CI machine
+
+
+# -- several batches per read (rule 2): one spool query feeds many envelopes -------------------------
+def test_one_read_of_several_batches_sends_one_envelope_per_full_batch():
+    w, spool = make(batch_size=1, window=64, batches_per_read=16), Spool(range(40))
+    w.connected(0.0)
+    assert w.poll(0.0, wall=T0 + 1) == Read(after=-1, limit=1)  # no rows seen yet: one batch
+    first = send(w, spool)
+    assert first.seqs == (0,)
+    # The mean body size is known now: 16 batches per read fit in read_bytes.
+    second = send(w, spool)
+    assert second.seqs == tuple(range(1, 17)) and len(second.envelopes) == 16
+    assert [sent_seqs(Send((e,), (), 0)) for e in second.envelopes] == [[s] for s in range(1, 17)]
+    assert w.in_flight == 17 and w.cursor == 16
+
+
+def test_the_batches_per_read_shrink_to_the_read_bytes_budget():
+    size = 1000
+    w, spool = make(batch_size=4, window=4096, batches_per_read=64, read_bytes=10 * size), Spool(
+        range(200), size=size
+    )
+    w.connected(0.0)
+    send(w, spool)
+    read = w.poll(0.0, wall=T0 + 1)
+    assert isinstance(read, Read) and read.limit == 8  # 10 bodies of ~1 kB fit: 2 batches of 4
+
+
+def test_a_partial_last_batch_of_a_read_waits_and_the_full_ones_go():
+    w, spool = make(batch_size=4, window=64, batches_per_read=4), Spool(range(4))
+    w.connected(0.0)
+    send(w, spool)  # seqs 0-3; now 4 batches per read
+    spool.add(range(4, 14), ts=T0 + 1)  # two full batches and a partial one of 2, all fresh
+    decision = step(w, spool, wall=T0 + 1)
+    assert isinstance(decision, Send) and decision.seqs == tuple(range(4, 12))
+    assert [e.count for e in decision.envelopes] == [4, 4]
+    assert w.sent(decision)
+    # The partial batch is read again and waits for batch_ms (rule 3), then goes as it is.
+    assert step(w, spool, wall=T0 + 1) == Wait("batch", pytest.approx(0.05), 15)
+    late = step(w, spool, wall=T0 + 1.1)
+    assert isinstance(late, Send) and late.seqs == (12, 13)
+    # flush sends a partial batch with the full ones at once
+    w2, spool2 = make(batch_size=4, window=64, batches_per_read=4), Spool(range(4))
+    w2.connected(0.0)
+    send(w2, spool2)
+    spool2.add(range(4, 10), ts=T0 + 1)
+    assert send(w2, spool2, wall=T0 + 1, flush=True).seqs == tuple(range(4, 10))
+
+
+def test_several_batches_per_read_still_respect_the_window():
+    w, spool = make(batch_size=2, window=6, batches_per_read=8), Spool(range(20))
+    w.connected(0.0)
+    send(w, spool)  # 0-1
+    assert w.poll(0.0, wall=T0 + 1) == Read(after=1, limit=4)  # 6 - 2 in flight

@@ -551,3 +551,34 @@ def test_telemetry_refuses_what_a_chart_cannot_plot_naming_the_field(value):
     with pytest.raises(ProtocolError) as info:
         telemetry_fields({"spool_depth": 1, "bad": value})
     assert info.value.field == "bad"
+
+
+def test_the_sample_body_fast_path_is_byte_for_byte_msgpack():
+    from lepton.protocol import encode_sample_body, encode_tensor
+
+    rng = np.random.default_rng(1)
+    arrays = [
+        rng.normal(size=(1, 8, 8)).astype(np.float32),  # the digits preset, 256 bytes: bin16
+        rng.normal(size=(7,)).astype(np.float32),  # 28 bytes: bin8
+        rng.integers(0, 255, (300, 300), dtype=np.uint8),  # 90,000 bytes: bin32
+        np.zeros((), np.float64),  # a scalar, shape []
+        rng.integers(0, 2, (3, 5)).astype(bool),
+        rng.integers(-9, 9, (2, 2, 2)).astype(np.int64),
+    ]
+    labels = [None, 0, 7, 127, 128, -1, -33, 2**40, "cat", "é" * 40]
+    for x in arrays:
+        for y in labels:
+            expected = msgpack.packb({"x": encode_tensor(x), "y": y}, use_bin_type=True)
+            assert encode_sample_body(x, y) == expected, (x.dtype, x.shape, y)
+    # What the fast path leaves to the general one gives the same bytes as before: converted dtypes,
+    # non-contiguous views, meta, and refusals.
+    view = rng.normal(size=(8, 8)).astype(np.float32)[:, ::2]
+    assert encode_sample_body(view, 1) == msgpack.packb({"x": encode_tensor(view), "y": 1}, use_bin_type=True)
+    big_endian = np.arange(4, dtype=">f4")
+    assert msgpack.unpackb(encode_sample_body(big_endian, 1))["x"]["data"] == np.arange(4, dtype="<f4").tobytes()
+    with_meta = msgpack.unpackb(encode_sample_body(arrays[1], 1, {"k": 1}))
+    assert with_meta["meta"] == {"k": 1} and with_meta["y"] == 1
+    with pytest.raises(ProtocolError):
+        encode_sample_body(arrays[1], True)  # a bool is not a label
+    with pytest.raises(ProtocolError):
+        encode_sample_body(np.zeros(3, np.complex64), 1)
