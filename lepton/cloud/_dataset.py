@@ -187,7 +187,7 @@ def table_from_columns(parts: Sequence[tuple[str, str | None, float, SampleColum
         label += c.y
         dtype += c.dtype
         if c.meta.count(None) == n:
-            meta += c.meta
+            meta += [None] * n
         else:
             meta += [dumps(m, separators=(",", ":"), sort_keys=True, allow_nan=False) if m else None
                      for m in c.meta]

@@ -74,7 +74,7 @@ class DeadLetter:
 class Part(NamedTuple):
     """The good samples of one message, as columns (validated by the protocol's rules)."""
 
-    index: int  # of the message in the batch
+    message: int  # its index in the batch
     device: str
     pipeline: str | None
     received_at: float
@@ -258,7 +258,7 @@ class BatchDecoder:
                 table([part])
             except Exception as exc:  # noqa: BLE001
                 reason = f"cannot be stored: {type(exc).__name__}: {exc}"
-                out.dead.append(DeadLetter(part.index, part.device, ((None, reason, "samples"),)))
+                out.dead.append(DeadLetter(part.message, part.device, ((None, reason, "samples"),)))
                 out.rejected.setdefault(part.device, set()).update(part.columns.seq)
                 continue
             kept.append(part)

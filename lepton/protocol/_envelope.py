@@ -142,7 +142,7 @@ def encode_sample_body(
             size = (b"\xc4" + bytes((n,)) if n < 0x100
                     else b"\xc5" + n.to_bytes(2, "big") if n < 0x10000 else b"\xc6" + n.to_bytes(4, "big"))
             label = _FIXINT[y] if type(y) is int and 0 <= y < 128 else msgpack.packb(y, use_bin_type=True)
-            return b"".join((head, size, x, _Y_KEY, label))
+            return b"".join((head, size, x.data, _Y_KEY, label))
     item: dict[str, Any] = {"x": encode_tensor(x), "y": _check_label(y, "y")}
     if meta:
         check_meta(meta)
