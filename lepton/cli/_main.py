@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 import sys
 
 from lepton.cli import _exit
@@ -63,7 +64,17 @@ def _not_built(name: str):
     return handler
 
 
+def _honour_ctrl_c() -> None:
+    """Every command stops on SIGINT (Ctrl-C, and how the demo and operators stop children). A process
+    started in the background of a non-interactive shell (``cmd &`` in a script, CI runners) inherits
+    SIGINT *ignored*, and Python then installs no KeyboardInterrupt handler: the command would run on
+    and its supervisor would have to SIGKILL it, orphaning what it started. Put the handler back."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _honour_ctrl_c()
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

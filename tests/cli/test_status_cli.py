@@ -140,14 +140,19 @@ def test_table(populated):
     assert any(line.startswith("w1") and "ingested=1234" in line for line in lines)
 
 
-def test_watch_follows_live_updates_until_ctrl_c(amqtt_broker, fleet):
+@pytest.mark.parametrize("sigint", ["default", "ignored"])
+def test_watch_follows_live_updates_until_ctrl_c(amqtt_broker, fleet, sigint):
+    """``ignored``: started as ``cmd &`` from a script or a CI runner, a process inherits SIGINT ignored;
+    the watch (every lepton command) must still stop on it (it once ran on until SIGKILL)."""
     topics = Topics(fleet=fleet)
     url = amqtt_broker.url("device", "dev-w", fleet=fleet)
     publish_retained(url, [(topics.status("dev-w"), encode_json({"online": True, "model_version": 1}))],
                      "dev-w")
-    proc = subprocess.Popen([*CLI, "status", "--broker", amqtt_broker.anonymous_url(), "--fleet", fleet,
-                             "--watch", "--json", "--interval", "0.2", "--timeout", "2"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    argv = [*CLI, "status", "--broker", amqtt_broker.anonymous_url(), "--fleet", fleet,
+            "--watch", "--json", "--interval", "0.2", "--timeout", "2"]
+    if sigint == "ignored":  # exec keeps an ignored signal ignored
+        argv = ["sh", "-c", 'trap "" INT; exec "$@"', "sh", *argv]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         first = json.loads(proc.stdout.readline())
         assert first["devices"][0]["model_version"] == 1
