@@ -31,7 +31,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import shutil
 import subprocess
 import sys
@@ -54,6 +53,7 @@ from lepton.protocol import (  # noqa: E402
     new_client,
     seqs_to_ranges,
 )
+from lepton.testing import count_syscalls  # noqa: E402
 
 RSS_TARGET_MB = 150
 
@@ -168,16 +168,6 @@ class BenchAcker:
         self.client.loop_stop()
 
 
-def _count_syncs(trace: Path) -> int:
-    """fsync + fdatasync calls in an ``strace -c`` summary."""
-    calls = 0
-    for line in trace.read_text().splitlines():
-        m = re.match(r"\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)\s+(?:\d+\s+)?(fsync|fdatasync)\s*$", line)
-        if m:
-            calls += int(m.group(1))
-    return calls
-
-
 def _env() -> dict[str, str]:
     return dict(os.environ, PYTHONPATH=str(HERE.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
 
@@ -230,7 +220,7 @@ def throughput(broker, fleet: str, batch: int, n: int, workdir: Path) -> dict:
             )
             if t_out.returncode != 0:
                 raise SystemExit(f"device run under strace failed ({t_out.returncode}): {t_out.stderr[-2000:]}")
-            fsyncs = _count_syncs(trace)
+            fsyncs = count_syscalls(trace.read_text())
         bare_out = subprocess.run(
             [
                 sys.executable,

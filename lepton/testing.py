@@ -34,12 +34,22 @@ __all__ = [
     "MosquittoBroker",
     "PROJECT_ROOT",
     "PostgresServer",
+    "count_syscalls",
     "mosquitto_available",
     "postgres_bin_dir",
     "wait_for_port",
 ]
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+_STRACE_C_ROW = re.compile(r"\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)\s+(?:\d+\s+)?(\w+)\s*$")
+
+
+def count_syscalls(summary: str, names: tuple[str, ...] = ("fsync", "fdatasync")) -> int:
+    """Calls of ``names`` in an ``strace -c`` summary table (``% time, seconds, usecs/call, calls,
+    [errors,] syscall``): how the spool's tests and bench/device.py count fsyncs."""
+    return sum(int(m.group(1)) for line in summary.splitlines()
+               if (m := _STRACE_C_ROW.match(line)) and m.group(2) in names)
 
 
 def mosquitto_available() -> bool:

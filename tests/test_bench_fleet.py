@@ -15,8 +15,6 @@ from pathlib import Path
 import pytest
 
 from lepton import exitcodes
-from lepton.testing import mosquitto_available
-from tests.conftest import missing_component
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "fleet.py"
@@ -30,9 +28,7 @@ def _run(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
 
 @pytest.mark.mosquitto
 @pytest.mark.slow  # ~15 s: a broker, 2 simulator processes, a worker process, two phases
-def test_a_tiny_fleet_is_stored_exactly_once_and_reported(tmp_path):
-    if not mosquitto_available():
-        missing_component("mosquitto binary not found (apt-get install -y mosquitto mosquitto-clients)")
+def test_a_tiny_fleet_is_stored_exactly_once_and_reported(tmp_path, require_mosquitto):
     out = tmp_path / "fleet.json"
 
     done = _run("--devices", "20", "--procs", "2", "--workers", "1", "--rates", "2", "--duration", "1.5",

@@ -94,9 +94,7 @@ class DecodedBatch:
     @property
     def rows(self) -> list[tuple]:
         """The rows of :attr:`table` as tuples in dataset schema order (for tests and tools)."""
-        if self.table is None:
-            return []
-        if not self.table.num_rows:
+        if self.table is None or not self.table.num_rows:
             return []
         return list(zip(*(c.to_pylist() for c in self.table.columns), strict=True))
 

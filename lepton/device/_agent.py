@@ -38,7 +38,8 @@ retained status (``online: true``); a Last Will (retained) says ``online: false`
 * the :class:`PublishWindow` and ``_warned_oversize``: the publisher (the window is local to its loop).
 * ``_ack_inbox`` and ``_ack_since`` (when its oldest range arrived): filled by the network thread,
   drained by the publisher, under ``_ack_lock``.
-* ``_first_capture_at`` (capture) and ``_last_ack_at`` (whoever applies acks): under ``_lock``.
+* ``_first_capture_at`` (capture) and ``_last_ack_at`` (whoever applies acks), ``time.perf_counter``
+  readings: under ``_lock``.
 * ``_ever_connected``, ``_backoff``: the network thread (paho's callbacks and :meth:`_network_loop`).
 * ``_stopped_by``: the capture thread, and the first :meth:`stop` (from any thread or a signal handler).
 * events: ``_connected`` is set and cleared by the network thread (cleared by the main thread at close);
@@ -83,7 +84,6 @@ from lepton.protocol import (
     decode_answer,
     encode_infer,
     encode_json,
-    encode_telemetry,
     new_client,
     telemetry_fields,
     validate_id,
@@ -516,7 +516,8 @@ class DeviceAgent:
     def _publish_telemetry(self) -> None:
         client = self._client
         if client is not None and self._connected.is_set():
-            client.publish(self.topics.telemetry(self.device_id), encode_telemetry(self.telemetry()), qos=0)
+            # telemetry() is flat already (telemetry_fields): encode it as it is
+            client.publish(self.topics.telemetry(self.device_id), encode_json(self.telemetry()), qos=0)
 
     # -- MQTT callbacks (paho's network thread) -------------------------------------------------------
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
@@ -611,7 +612,7 @@ class DeviceAgent:
         if removed:
             with self._lock:
                 self.counters.acked += removed
-                self._last_ack_at = time.monotonic()
+                self._last_ack_at = time.perf_counter()
         if window is not None:
             window.spool_deleted(removed, time.monotonic())
 
@@ -857,7 +858,6 @@ class DeviceAgent:
                 if delay > 0 and self._stop.wait(delay):
                     return
                 next_at = max(next_at + period, time.monotonic() - 1.0)  # catch up at most 1 s
-            t0_mono = time.monotonic()
             t0 = time.perf_counter()
             try:
                 x = self.pipeline(frame)
@@ -893,7 +893,7 @@ class DeviceAgent:
                 continue
             with self._lock:
                 if self._first_capture_at is None:
-                    self._first_capture_at = t0_mono
+                    self._first_capture_at = t0  # perf_counter, like _last_ack_at
                 c.captured += 1
                 c.uploaded += uploaded
                 c.preprocess_s += spent

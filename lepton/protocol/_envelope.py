@@ -576,7 +576,7 @@ def telemetry_fields(body: dict[str, Any]) -> dict[str, int | float]:
     """
     out: dict[str, int | float] = {}
     for key, value in body.items():
-        if isinstance(value, np.generic) and isinstance(value, (np.bool_, np.integer, np.floating)):
+        if isinstance(value, (np.bool_, np.integer, np.floating)):
             value = value.item()
         if value is None:
             continue

@@ -4,7 +4,6 @@ transaction is committed."""
 
 from __future__ import annotations
 
-import re
 import shutil
 import subprocess
 import sys
@@ -13,6 +12,7 @@ import textwrap
 import numpy as np
 
 from lepton.device import Spool
+from lepton.testing import count_syscalls
 from tests.conftest import missing_component
 
 SCRIPT = textwrap.dedent(
@@ -45,12 +45,7 @@ def _syncs(tmp_path, mode: str, n: int) -> int:
         capture_output=True, text=True, timeout=120,
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    calls = 0
-    for line in out.stderr.splitlines():
-        m = re.match(r"\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)\s+(?:\d+\s+)?(fsync|fdatasync)\s*$", line)
-        if m:
-            calls += int(m.group(1))
-    return calls
+    return count_syscalls(out.stderr)
 
 
 def test_group_commit_costs_a_fraction_of_an_fsync_per_sample(tmp_path):
