@@ -633,7 +633,20 @@ def train(
     final = on_global_zero(trainer, "the training report", finish)
     assert final is not None
     final.global_rank = trainer.global_rank
+    _end_process_group()
     return final
+
+
+def _end_process_group() -> None:
+    """Tear down the DDP process group while the interpreter is still whole.
+
+    Left to interpreter exit, gloo's threads are destroyed still joinable and the C++ runtime aborts the
+    rank ("terminate called without an active exception", exit -6) after a successful run.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _manifest_calibration(cal: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -133,10 +133,15 @@ def test_a_comparable_retrain_passes_the_gate_and_names_its_parent(fleet, digits
         json.dumps({fleet: {"version": first.version.version, "chunks": 2, "published_at": 1.0}})
     )
 
-    second = train(TrainConfig(data=digits_dir, fleet=fleet, model="digits", epochs=4, seed=1))
+    # Another seed of the same 4-epoch recipe lands anywhere in 0.98-0.995 on these 364 validation
+    # samples (CI saw 0.9808 against 0.9945), so "comparable" gets a 3-point tolerance; the refusal of a
+    # really worse model is test_gate_refuses_a_model_trained_on_shuffled_labels.
+    second = train(TrainConfig(data=digits_dir, fleet=fleet, model="digits", epochs=4, seed=1,
+                               tolerance_points=3.0))
 
     gate = second.report["gate"]
-    assert second.status == "kept" and gate["passed"]
+    assert second.status == "kept" and gate["passed"], gate
+    assert gate["new_accuracy"] >= gate["deployed_accuracy"] - 0.03 and gate["tolerance_points"] == 3.0
     assert gate["deployed_version"] == first.version.version
     # the deployed model is scored by ONNX Runtime on the same validation set
     assert gate["deployed_accuracy"] == pytest.approx(first.report["export"]["shipped_accuracy"])
