@@ -1,14 +1,13 @@
 """The cloud inference worker (``lepton serve``): devices' infer requests in, the cloud model's answers out.
 
-Three plain cores and a thin MQTT shell:
+Two plain cores and a thin MQTT shell:
 
-* :class:`ModelAssembler` (no I/O, clock passed in) rebuilds the fleet's model from its retained,
-  signed manifest and chunks exactly as a device does (docs/protocol.md, "How a device assembles a
-  model"): verify the manifest first (:func:`~lepton.protocol.open_manifest`), then each chunk as it
-  arrives, hold orphan chunks in a bounded buffer, ask for a re-subscription when progress stalls, and
-  join and verify the whole package (:func:`~lepton.protocol.assemble_package`). It uses the worker's
-  own connection, never a second one: brokers that bind client ids to users would let a second
-  connection of the same user kick the worker off.
+* :class:`~lepton.protocol.ModelAssembler` (no I/O, clock passed in), the very assembler a device
+  runs, rebuilds the fleet's model from its retained, signed manifest and chunks (docs/protocol.md,
+  "How a device assembles a model"): verify the manifest first, then each chunk as it arrives, hold
+  orphan chunks in a bounded buffer, ask for a re-subscription when progress stalls, and join and
+  verify the whole package. The worker feeds it from its own connection, never a second one: brokers
+  that bind client ids to users would let a second connection of the same user kick the worker off.
 * :class:`ServeCore` (no I/O, clock passed in) decides what happens to each request: decode it, shed
   it when the bounded queue (or the device's share of it) is full, refuse it when no model is loaded,
   its pipeline or shape does not fit, or its deadline passed, and turn model scores into answers. Every
@@ -20,9 +19,10 @@ Three plain cores and a thin MQTT shell:
 Threads and the state they own: paho's network thread only calls ``ServeCore.submit`` (under
 ``ServeWorker._lock``) and queues model messages; the **inference thread** takes batches from the core
 (under the same lock), runs ONNX Runtime outside it and publishes answers; the **model thread** owns the
-assembler, loads verified models and swaps them in with one reference assignment
-(``ServeWorker._served``), so a batch in flight finishes on the model it started with; the **status
-thread** publishes the retained status. The core is not thread-safe by itself: only ``_lock`` holders
+assembler (and replaces its immutable ``AssemblerStats`` snapshot, ``ServeWorker._assembly``, after
+every event, so ``status()`` reads a consistent copy from any thread), loads verified models and swaps
+them in with one reference assignment (``ServeWorker._served``), so a batch in flight finishes on the
+model it started with; the **status thread** publishes the retained status. The core is not thread-safe by itself: only ``_lock`` holders
 call it.
 """
 
@@ -47,25 +47,29 @@ from lepton.protocol import (
     DEFAULT_MAX_INFER_BYTES,
     DEFAULT_PREFIX,
     BrokerURL,
+    Announced,
+    AssemblerStats,
+    AssemblyEvent,
+    Cleared,
     InferAnswer,
     InferRequest,
-    ModelManifest,
+    ModelAssembler,
     ModelPackage,
     ParsedTopic,
+    Ready,
+    Refetch,
+    Rejected,
+    Stale,
     Topics,
-    assemble_package,
-    check_onnx_self_contained,
     connect,
     decode_infer,
     encode_answer,
     encode_json,
     load_public_key,
     new_client,
-    open_manifest,
     peek_seq,
     telemetry_fields,
     validate_id,
-    verify_chunk,
 )
 
 log = logging.getLogger(__name__)
@@ -75,7 +79,7 @@ log = logging.getLogger(__name__)
 _STATE_FIELDS = frozenset({"worker", "fleet", "role", "online", "group", "model", "model_sha256",
                            "model_error", "model_pending", "errors", "latency_ms", "teacher_labels"})
 
-__all__ = ["ModelAssembler", "ModelInfo", "ServeConfig", "ServeCore", "ServeWorker"]
+__all__ = ["ModelInfo", "ServeConfig", "ServeCore", "ServeWorker"]
 
 #: Requests are taken and answered at QoS 0 (docs/protocol.md, "Cloud inference": a late answer is
 #: worth nothing, so nothing is queued or retransmitted for an absent peer).
@@ -84,171 +88,6 @@ INFER_QOS = 0
 LATENCY_WINDOW = 2048
 #: The answer rate of the status is measured over this many seconds.
 RATE_S = 10
-
-
-# ------------------------------------------------------------------------------------------------
-# model assembly (I/O-free)
-# ------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Assembly:
-    """What one model message led to: ``ready`` (a verified package), ``rejected``, ``pending`` or
-    ``ignored``."""
-
-    kind: str
-    version: int | None = None
-    package: ModelPackage | None = None
-    error: ModelRejected | None = None
-
-
-class ModelAssembler:
-    """Rebuild and verify one model from its manifest and chunk messages, in any order.
-
-    State in, decision out; ``now`` (seconds, any monotonic clock) is passed in. A manifest decides
-    nothing until it verified (signature with ``public_key``, then its fleet and name); a chunk is kept
-    only once it matches its manifest's digest, or as a bounded orphan until its manifest comes.
-
-    >>> asm = ModelAssembler(fleet="demo", model="digits", public_key=None)
-    >>> asm.on_chunk(1, 0, b"bytes", now=0.0).kind    # no manifest yet: held as an orphan
-    'pending'
-    """
-
-    def __init__(
-        self,
-        *,
-        fleet: str,
-        model: str,
-        public_key: Any,
-        max_model_bytes: int = 1024 * 1024 * 1024,
-        max_orphan_bytes: int = 64 * 1024 * 1024,
-        stall_s: float = 3.0,
-        max_backoff_s: float = 60.0,
-    ) -> None:
-        self.fleet, self.model, self.public_key = fleet, model, public_key
-        self.max_model_bytes, self.max_orphan_bytes = max_model_bytes, max_orphan_bytes
-        self.stall_s, self.max_backoff_s = stall_s, max_backoff_s
-        #: the newest version that was assembled (served, or refused when loading): never assembled again
-        self.settled: int | None = None
-        self.pending: ModelManifest | None = None
-        self._signer: str | None = None
-        self._manifest_payload: bytes | None = None
-        self._chunks: dict[int, bytes] = {}
-        self._orphans: dict[tuple[int, int], bytes] = {}
-        self.orphan_bytes = 0
-        self.orphans_dropped = 0
-        self._progress_at: float | None = None
-        self._backoff = stall_s
-
-    def on_manifest(self, payload: bytes, *, now: float) -> Assembly:
-        if not payload or payload == self._manifest_payload:
-            return Assembly("ignored")  # a cleared manifest, or the one being assembled sent again
-        try:
-            manifest, signer = open_manifest(payload, public_key=self.public_key, fleet=self.fleet,
-                                             model=self.model)
-        except ModelRejected as exc:
-            return Assembly("rejected", error=exc)  # decides nothing: no buffer cleared, no version pinned
-        newest = max(self.settled or 0, self.pending.version if self.pending else 0)
-        if manifest.version <= newest:
-            return Assembly("ignored", version=manifest.version)  # stale_version: not an error
-        if manifest.size > self.max_model_bytes:
-            return Assembly("rejected", version=manifest.version, error=ModelRejected(
-                "too_large", f"v{manifest.version} is {manifest.size} bytes, over {self.max_model_bytes}"))
-        self.pending, self._signer, self._manifest_payload = manifest, signer, payload
-        self._chunks = {}
-        if manifest.size == 0:
-            self._chunks[0] = b""  # an empty model's one chunk is never published
-        for (version, index) in sorted(self._orphans):
-            if version <= manifest.version:
-                data = self._drop_orphan(version, index)
-                if version == manifest.version:
-                    self._add(index, data)
-        self._touch(now)
-        return self._maybe_complete()
-
-    def on_chunk(self, version: int, index: int, payload: bytes, *, now: float) -> Assembly:
-        if not payload:
-            return Assembly("ignored")  # cleared chunk
-        if self.pending is not None and version == self.pending.version:
-            try:
-                verify_chunk(self.pending, index, payload)
-            except ModelRejected as exc:
-                return Assembly("rejected", version=version, error=exc)  # dropped; a good copy may come
-            if index not in self._chunks:
-                self._add(index, payload)
-                self._touch(now)
-            return self._maybe_complete()
-        newest = max(self.settled or 0, self.pending.version if self.pending else 0)
-        if version <= newest:
-            return Assembly("ignored", version=version)
-        if (version, index) not in self._orphans:
-            if self.orphan_bytes + len(payload) > self.max_orphan_bytes:
-                self.orphans_dropped += 1  # fetched again by the next re-subscription
-                return Assembly("ignored", version=version)
-            self._orphans[(version, index)] = payload
-            self.orphan_bytes += len(payload)
-            if self._progress_at is None:
-                self._touch(now)
-        return Assembly("pending", version=version)
-
-    def on_message(self, parsed: ParsedTopic, payload: bytes, *, now: float) -> Assembly:
-        if parsed.channel == "model" and parsed.model == self.model:
-            return self.on_manifest(payload, now=now)
-        if parsed.channel == "model_chunk" and parsed.model == self.model:
-            assert parsed.version is not None and parsed.chunk is not None
-            return self.on_chunk(parsed.version, parsed.chunk, payload, now=now)
-        return Assembly("ignored")
-
-    def settle(self, version: int) -> None:
-        """The caller served (or refused to load) ``version``: never assemble it or anything older again."""
-        self.settled = max(self.settled or 0, version)
-        for key in [k for k in self._orphans if k[0] <= self.settled]:
-            self._drop_orphan(*key)
-
-    def refetch_due(self, now: float) -> bool:
-        """True when the caller should subscribe to the model's topics again (the broker then resends
-        every retained message): a version is incomplete, or orphans wait for their manifest, and
-        nothing progressed for a while (3 s, doubling up to 60 s)."""
-        if self.pending is None and not self._orphans:
-            return False
-        if self._progress_at is None or now - self._progress_at < self._backoff:
-            return False
-        self._progress_at = now
-        self._backoff = min(self._backoff * 2, self.max_backoff_s)
-        return True
-
-    def summary(self) -> dict[str, Any] | None:
-        if self.pending is None:
-            return None
-        return {"version": self.pending.version, "chunks": len(self._chunks), "of": len(self.pending.chunks)}
-
-    def _add(self, index: int, data: bytes) -> None:
-        assert self.pending is not None
-        try:
-            verify_chunk(self.pending, index, data)
-        except ModelRejected:
-            return
-        self._chunks[index] = data
-
-    def _drop_orphan(self, version: int, index: int) -> bytes:
-        data = self._orphans.pop((version, index))
-        self.orphan_bytes -= len(data)
-        return data
-
-    def _touch(self, now: float) -> None:
-        self._progress_at, self._backoff = now, self.stall_s
-
-    def _maybe_complete(self) -> Assembly:
-        manifest = self.pending
-        assert manifest is not None
-        if len(self._chunks) < len(manifest.chunks):
-            return Assembly("pending", version=manifest.version)
-        chunks, signer = self._chunks, self._signer
-        self.pending, self._chunks, self._manifest_payload, self._progress_at = None, {}, None, None
-        self.settle(manifest.version)
-        try:
-            package = assemble_package(manifest, chunks, signed_by=signer, chunks_verified=True)
-        except ModelRejected as exc:
-            return Assembly("rejected", version=manifest.version, error=exc)
-        return Assembly("ready", version=manifest.version, package=package)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -646,7 +485,10 @@ class ServeWorker:
         self.core = ServeCore(worker=config.name, model=config.model, topics=self.topics,
                               max_queue=config.max_queue, max_device_queue=config.max_device_queue,
                               max_payload_bytes=config.max_payload_bytes)
-        self.assembler = ModelAssembler(fleet=config.fleet, model=config.model, public_key=key)
+        # No pipeline or input check here: each request is checked against the model (ServeCore).
+        self.assembler = ModelAssembler(fleet=config.fleet, model=config.model, public_key=key,
+                                        pipeline_hash=None)
+        self._assembly: AssemblerStats = self.assembler.stats()  # the model thread's snapshot of it
         self.model_state = _ModelState()
         self._served: _Served | None = None
         self._lock = threading.Lock()  # around every call of self.core
@@ -745,7 +587,7 @@ class ServeWorker:
         served = self._served
         with self._lock:
             counters = self.core.status(now=time.time())
-            pending = self.assembler.summary()
+        pending = self._assembly.pending_summary
         state = self.model_state
         return {
             "worker": cfg.name, "fleet": cfg.fleet, "role": "serve", "online": not self._stop.is_set(),
@@ -874,42 +716,58 @@ class ServeWorker:
 
     # -- the model thread -----------------------------------------------------------------------------
     def _model_loop(self) -> None:
-        client = self._client
         while not self._stop.is_set():
             try:
                 parsed, payload = self._inbox.get(timeout=0.25)
             except queue.Empty:
-                if self.assembler.refetch_due(time.monotonic()):
-                    self.model_state.refetches += 1
-                    log.info("serve %s: model %s incomplete, subscribing again", self.config.name,
-                             self.config.model)
-                    client.subscribe(self.topics.model_filter(self.config.model), qos=0)
-                continue
-            with self._inbox_lock:
-                self._inbox_bytes -= len(payload)
+                parsed = None
             try:
-                result = self.assembler.on_message(parsed, payload, now=time.monotonic())
-                if result.kind == "ready":
-                    assert result.package is not None
-                    self._swap(result.package)
-                elif result.kind == "rejected":
-                    assert result.error is not None
-                    self._reject(result.error, result.version)
+                if parsed is not None:
+                    with self._inbox_lock:
+                        self._inbox_bytes -= len(payload)
+                    self._apply(self.assembler.receive(parsed, payload, time.monotonic()))
+                self._apply(self.assembler.tick(time.monotonic()))
             except Exception:  # nothing may kill the model thread: the model would never update again
                 log.exception("serve %s: unexpected error while assembling a model", self.config.name)
 
+    def _apply(self, events: list[AssemblyEvent]) -> None:
+        """Publish the assembler's new state, then carry out each of its decisions."""
+        self._assembly = self.assembler.stats()
+        cfg = self.config
+        for event in events:
+            if isinstance(event, Ready):
+                self._swap(event.package)
+            elif isinstance(event, Rejected):
+                self._reject(event.error, event.version)
+            elif isinstance(event, Refetch):
+                self.model_state.refetches += 1
+                log.info("serve %s: model %s: %s; subscribing again", cfg.name, cfg.model, event.why)
+                self._client.subscribe(self.topics.model_filter(cfg.model), qos=0)
+            elif isinstance(event, Stale):
+                log.debug("serve %s: model %s v%d ignored (stale_version): serving v%s", cfg.name, cfg.model,
+                          event.version, event.serving)
+            elif isinstance(event, Announced):
+                log.info("serve %s: model %s v%d announced: %d/%d chunks here", cfg.name, cfg.model,
+                         event.version, event.have, event.of)
+            elif isinstance(event, Cleared):
+                log.info("serve %s: model %s: retained manifest cleared; keeping v%s", cfg.name, cfg.model,
+                         event.serving)
+
     def _swap(self, package: ModelPackage) -> None:
+        version = package.manifest.version
         try:
             served = self._load(package)
         except ModelRejected as exc:
-            self._reject(exc, package.manifest.version)
+            self._apply(self.assembler.refuse(version, exc))
             return
         with self._model_cond:
             self._served = served  # the swap: one reference assignment
             self.model_state.swaps += 1
             self.model_state.error = None
             self._model_cond.notify_all()
-        log.info("serve %s: serving %s v%d", self.config.name, self.config.model, served.info.version)
+        self.assembler.served(version)
+        self._assembly = self.assembler.stats()
+        log.info("serve %s: serving %s v%d", self.config.name, self.config.model, version)
         self._publish_status()
 
     def _reject(self, exc: ModelRejected, version: int | None) -> None:
@@ -922,8 +780,7 @@ class ServeWorker:
     def _load(self, package: ModelPackage) -> _Served:
         import onnxruntime as ort
 
-        manifest = package.manifest
-        check_onnx_self_contained(package.data, what=f"{manifest.name} v{manifest.version}")
+        manifest = package.manifest  # verified whole, external data refused (ModelAssembler)
         try:
             options = ort.SessionOptions()
             options.intra_op_num_threads = self.config.threads
