@@ -16,7 +16,9 @@ import uuid
 import numpy as np
 import pytest
 
-from lepton.cloud._serve import ModelInfo, ServeConfig, ServeCore, ServeWorker
+from lepton.cloud._serve import ServeWorker
+from lepton.cloud._serve_config import ServeConfig
+from lepton.cloud._serve_core import ModelInfo, ServeCore, serve_telemetry
 from lepton.errors import ConfigError
 from lepton.protocol import (
     InferRequest,
@@ -140,6 +142,51 @@ def test_the_status_reports_throughput_and_nearest_rank_percentiles():
     assert (st["latency_ms"]["p50"], st["latency_ms"]["p99"]) == (pytest.approx(50.0), pytest.approx(99.0))
     assert st["answers_per_s"] == pytest.approx(100 / 10)   # over the last 10 s
     assert c.status(now=30.0)["answers_per_s"] == 0
+
+
+def test_the_telemetry_is_the_status_numbers_flat_with_one_count_per_error_code():
+    c = core()
+    c.submit(DEVICE_TOPIC, request(1), now=0.0, model=INFO)
+    c.submit(DEVICE_TOPIC, b"\xc1", now=0.0, model=INFO)
+    (item,), _ = c.take(now=0.0, model=INFO)
+    c.answer(item, np.arange(10.0), now=0.004, model=INFO)
+    status = {"worker": "w1", "fleet": "demo", "role": "serve", "online": True, "group": None,
+              "model": "digits", "model_sha256": "ab", "model_error": None, "model_version": 3,
+              "model_pending": {"version": 4, "chunks": 1, "of": 3}, "swaps": 1,
+              "teacher_labels": {"written": 5, "dropped": 0, "files": 1}, **c.status(now=0.5)}
+
+    flat = serve_telemetry(status)
+
+    assert (flat["errors"], flat["errors_bad_request"], flat["errors_overloaded"]) == (1, 1, 0)
+    assert (flat["latency_ms_p50"], flat["latency_n"]) == (pytest.approx(4.0), 1)
+    assert (flat["model_pending_version"], flat["model_pending_of"]) == (4, 3)
+    assert flat["teacher_labels_written"] == 5
+    assert (flat["model_version"], flat["swaps"], flat["received"]) == (3, 1, 2)
+    assert not {"worker", "model", "model_sha256", "model_error", "latency_ms"} & set(flat)
+
+
+def test_the_teacher_label_writer_writes_every_answer_it_is_given_before_it_closes(tmp_path):
+    from lepton.cloud._labels import LabelStore
+    from lepton.cloud._serve_labels import TeacherLabelWriter
+
+    c = core()
+    for seq in range(3):
+        c.submit(DEVICE_TOPIC, request(seq), now=0.0, model=INFO)
+    batch, _ = c.take(now=0.0, model=INFO)
+    replies = [c.answer(p, np.arange(10.0), now=0.0, model=INFO) for p in batch]
+    config = ServeConfig(broker="mqtt://w:pw@127.0.0.1:1883", fleet="demo", model="digits", verify=False,
+                         data=tmp_path, labels_flush_s=60.0)
+    writer = TeacherLabelWriter(config)
+
+    writer.put(replies[:2])
+    writer.put([])
+    writer.put(replies[2:])
+    writer.close()  # the last batch is written on close, not after labels_flush_s
+
+    rows = sorted(LabelStore(tmp_path, "demo").rows(), key=lambda r: r.seq)
+    assert [(r.device, r.seq, r.label, r.source) for r in rows] == \
+        [("cam-1", seq, "9", "teacher") for seq in range(3)]
+    assert (writer.written, writer.dropped, writer.files) == (3, 0, 1)
 
 
 # ------------------------------------------------------------------------------------------------
