@@ -76,7 +76,8 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lepton.cloud._serve import ServeConfig, ServeWorker
+    from lepton.cloud._serve import ServeWorker
+    from lepton.cloud._serve_config import ServeConfig
     from lepton.errors import ConfigError, ProtocolError
 
     broker = _credentials.broker_url(args, "serve")

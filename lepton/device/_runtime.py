@@ -11,7 +11,7 @@ thread) and calls :meth:`ModelRuntime.predict` for every captured sample::
     ...
     prediction = runtime.predict(features)      # None until a model is loaded
 
-This module is the shell around :class:`~lepton.device._assembler.ModelAssembler`, which holds every
+This module is the shell around :class:`~lepton.protocol.ModelAssembler`, which holds every
 rule of the model channel (verify first, orphan caps, timeouts, refetch, the whole-package checks)
 without I/O. The shell moves messages and the time to it and carries out what it decides: build an
 ``InferenceSession``, swap, store the last good model, re-subscribe, report.
@@ -37,7 +37,7 @@ Who owns what (each field has one writer; the constructor writes them all before
 * paho's network thread: ``_last_heard`` and ``_resumed_at`` (the worker only reads them, passing
   them to the assembler's ``tick``);
 * the worker thread: ``_core`` (the assembler; nobody else touches it), ``_snapshot`` (its
-  immutable :class:`~lepton.device._assembler.AssemblerStats`, replaced whole after every event, so
+  immutable :class:`~lepton.protocol.AssemblerStats`, replaced whole after every event, so
   ``status()`` and ``buffers()`` read a consistent copy from any thread), ``_current`` and ``_error``
   (replaced whole, read once by other threads);
 * ``_inbox_lock``: ``_inbox_bytes`` and ``_inbox_dropped`` (the network thread adds, the worker
@@ -65,23 +65,26 @@ from typing import Any
 
 import numpy as np
 
-from lepton.device._assembler import (
+from lepton.device._modelstore import ModelStore
+from lepton.errors import ModelRejected, ProtocolError
+from lepton.protocol import (
     INPUT_DTYPE_NAMES,
     Announced,
     AssemblerStats,
+    AssemblyEvent,
     Cleared,
-    Event,
     ModelAssembler,
+    ModelManifest,
+    ModelPackage,
     Ready,
     Refetch,
     Rejected,
     Stale,
-    check_shape,
-    fits,
+    Topics,
+    check_input_shape,
+    shape_fits,
+    validate_id,
 )
-from lepton.device._modelstore import ModelStore
-from lepton.errors import ModelRejected, ProtocolError
-from lepton.protocol import ModelManifest, ModelPackage, Topics, validate_id
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +146,7 @@ class ModelRuntime:
     signature is not. ``pipeline_hash`` (the hash of the device's preprocessing spec) must equal the
     model's; ``None`` skips that check. ``input_shape`` is the feature shape the pipeline produces,
     without the batch dimension; ``None`` skips the shape check. The limits and timeouts are the
-    assembler's (see :class:`~lepton.device._assembler.ModelAssembler`), except ``max_inbox_bytes``,
+    assembler's (see :class:`~lepton.protocol.ModelAssembler`), except ``max_inbox_bytes``,
     the bound of the queue between paho's thread and the worker.
     """
 
@@ -351,9 +354,9 @@ class ModelRuntime:
         if not current.batched:
             return arr
         shape = current.sample_shape
-        if fits(arr.shape, shape):
+        if shape_fits(arr.shape, shape):
             arr = arr[np.newaxis, ...]
-        elif not (arr.ndim == len(shape) + 1 and arr.shape[0] == 1 and fits(arr.shape[1:], shape)):
+        elif not (arr.ndim == len(shape) + 1 and arr.shape[0] == 1 and shape_fits(arr.shape[1:], shape)):
             if all(d > 0 for d in shape) and arr.size == math.prod(shape):
                 arr = arr.reshape((1, *shape))  # e.g. an (8, 8) image for a model that takes 64 features
         return np.ascontiguousarray(arr)
@@ -381,9 +384,6 @@ class ModelRuntime:
         with self._stats_lock:
             accuracy = {str(v): {"accuracy": round(c / n, 4) if n else None, "correct": c, "samples": n}
                         for v, (c, n) in sorted(self._accuracy.items())}
-        pending = None
-        if snap.pending is not None:
-            pending = dict(zip(("version", "chunks", "of"), snap.pending, strict=True))
         body: dict[str, Any] = {
             "model": self.model,
             "model_version": current.manifest.version if current else None,
@@ -391,7 +391,7 @@ class ModelRuntime:
             "model_source": current.source if current else None,
             "model_quantization": current.manifest.quantization if current else None,
             "model_error": dict(error) if error else None,
-            "model_pending": pending,
+            "model_pending": snap.pending_summary,
             "model_verify": self.public_key is not None,
             "accuracy": accuracy,
         }
@@ -461,10 +461,7 @@ class ModelRuntime:
                     with self._inbox_lock:
                         self._inbox_bytes -= len(payload)
                     t0 = time.perf_counter()  # a Ready package was joined and verified inside this call
-                    if parsed.channel == "model":
-                        events = self._core.receive_manifest(payload, mono, wall=wall)
-                    else:
-                        events = self._core.receive_chunk(parsed.version, parsed.chunk, payload, mono)
+                    events = self._core.receive(parsed, payload, mono, wall=wall)
                     self._apply(events, verify_ms=(time.perf_counter() - t0) * 1000.0)
                 self._apply(self._core.tick(time.monotonic(), resumed_at=self._resumed_at,
                                             last_heard=self._last_heard,
@@ -473,7 +470,7 @@ class ModelRuntime:
             except Exception:  # noqa: BLE001 - a bug here must not stop future swaps
                 log.exception("model runtime: unexpected error while handling a model message")
 
-    def _apply(self, events: list[Event], *, verify_ms: float = 0.0) -> None:
+    def _apply(self, events: list[AssemblyEvent], *, verify_ms: float = 0.0) -> None:
         """Publish the assembler's new state, then carry out each decision."""
         self._snapshot = self._core.stats()
         for event in events:
@@ -617,7 +614,7 @@ class ModelRuntime:
                                 f"but the ONNX graph takes {dtype_name}")
         dims = [d if isinstance(d, int) and d > 0 else -1 for d in node.shape]
         if self.input_shape is not None:
-            check_shape(manifest.version, dims, self.input_shape)
+            check_input_shape(manifest.version, dims, self.input_shape)
         batched = len(dims) >= 2  # features are at least 1-D, so a batched input is at least 2-D
         sample_shape = tuple(dims[1:]) if batched else tuple(dims)
         dtype = INPUT_DTYPES[dtype_name]

@@ -1,10 +1,25 @@
 """Protocol v1: the one wire contract that devices and the cloud share.
 
 Topics, ids, the tensor codec, samples/acks envelopes, infer requests and answers, JSON reports, broker
-URLs and model packages.
+URLs, model packages and their I/O-free assembler (one set of verification rules for a device and the
+cloud's serve worker).
 Everything here is pure Python + numpy + msgpack (+ paho for connections); see ``docs/protocol.md``.
 """
 
+from lepton.protocol._assembler import (
+    INPUT_DTYPE_NAMES,
+    Announced,
+    AssemblerStats,
+    AssemblyEvent,
+    Cleared,
+    ModelAssembler,
+    Ready,
+    Refetch,
+    Rejected,
+    Stale,
+    check_input_shape,
+    shape_fits,
+)
 from lepton.protocol._codec import (
     DEFAULT_MAX_TENSOR_BYTES,
     DTYPES,
@@ -89,7 +104,11 @@ from lepton.protocol._topics import DEFAULT_PREFIX, DEVICE_CHANNELS, ParsedTopic
 
 __all__ = [
     "ANSWER_ERRORS",
+    "Announced",
+    "AssemblerStats",
+    "AssemblyEvent",
     "BrokerURL",
+    "Cleared",
     "DEFAULT_CHUNK_SIZE",
     "DEFAULT_MAX_INFER_BYTES",
     "DEFAULT_MAX_PAYLOAD_BYTES",
@@ -98,6 +117,7 @@ __all__ = [
     "DEVICE_CHANNELS",
     "DTYPES",
     "ID_PATTERN",
+    "INPUT_DTYPE_NAMES",
     "InferAnswer",
     "InferRequest",
     "MAX_DIM",
@@ -106,20 +126,26 @@ __all__ = [
     "MAX_META_DEPTH",
     "MAX_META_ITEMS",
     "MAX_SEQ",
+    "ModelAssembler",
     "ModelManifest",
     "ModelPackage",
     "PROTOCOL_VERSION",
     "ParsedTopic",
     "REJECT_REASONS",
     "RawSample",
+    "Ready",
+    "Refetch",
+    "Rejected",
     "SampleColumns",
     "ResolvedBroker",
     "Sample",
     "SamplesEnvelope",
+    "Stale",
     "Topics",
     "assemble_package",
     "build_package",
     "check_destination",
+    "check_input_shape",
     "check_meta",
     "check_onnx_self_contained",
     "check_tensor",
@@ -157,6 +183,7 @@ __all__ = [
     "read_password_file",
     "resolve_broker",
     "seqs_to_ranges",
+    "shape_fits",
     "short_lived_client",
     "telemetry_fields",
     "validate_id",

@@ -10,7 +10,8 @@ import time
 import pytest
 
 from lepton.cloud import Dataset, IngestWorker, WorkerConfig
-from lepton.cloud._serve import ServeConfig, ServeWorker
+from lepton.cloud._serve import ServeWorker
+from lepton.cloud._serve_config import ServeConfig
 from lepton.device import DeviceAgent
 from lepton.protocol import Topics
 

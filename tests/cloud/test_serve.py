@@ -16,17 +16,17 @@ import uuid
 import numpy as np
 import pytest
 
-from lepton.cloud._serve import ModelAssembler, ModelInfo, ServeConfig, ServeCore, ServeWorker
+from lepton.cloud._serve import ServeWorker
+from lepton.cloud._serve_config import ServeConfig
+from lepton.cloud._serve_core import ModelInfo, ServeCore, serve_telemetry
 from lepton.errors import ConfigError
 from lepton.protocol import (
     InferRequest,
     Topics,
-    build_package,
     decode_answer,
     decode_json,
     encode_infer,
     load_private_key,
-    load_public_key,
 )
 from lepton.testing import PROJECT_ROOT
 from tests.broker._mqtt import Inbox
@@ -144,67 +144,54 @@ def test_the_status_reports_throughput_and_nearest_rank_percentiles():
     assert c.status(now=30.0)["answers_per_s"] == 0
 
 
+def test_the_telemetry_is_the_status_numbers_flat_with_one_count_per_error_code():
+    c = core()
+    c.submit(DEVICE_TOPIC, request(1), now=0.0, model=INFO)
+    c.submit(DEVICE_TOPIC, b"\xc1", now=0.0, model=INFO)
+    (item,), _ = c.take(now=0.0, model=INFO)
+    c.answer(item, np.arange(10.0), now=0.004, model=INFO)
+    status = {"worker": "w1", "fleet": "demo", "role": "serve", "online": True, "group": None,
+              "model": "digits", "model_sha256": "ab", "model_error": None, "model_version": 3,
+              "model_pending": {"version": 4, "chunks": 1, "of": 3}, "swaps": 1,
+              "teacher_labels": {"written": 5, "dropped": 0, "files": 1}, **c.status(now=0.5)}
+
+    flat = serve_telemetry(status)
+
+    assert (flat["errors"], flat["errors_bad_request"], flat["errors_overloaded"]) == (1, 1, 0)
+    assert (flat["latency_ms_p50"], flat["latency_n"]) == (pytest.approx(4.0), 1)
+    assert (flat["model_pending_version"], flat["model_pending_of"]) == (4, 3)
+    assert flat["teacher_labels_written"] == 5
+    assert (flat["model_version"], flat["swaps"], flat["received"]) == (3, 1, 2)
+    assert not {"worker", "model", "model_sha256", "model_error", "latency_ms"} & set(flat)
+
+
+def test_the_teacher_label_writer_writes_every_answer_it_is_given_before_it_closes(tmp_path):
+    from lepton.cloud._labels import LabelStore
+    from lepton.cloud._serve_labels import TeacherLabelWriter
+
+    c = core()
+    for seq in range(3):
+        c.submit(DEVICE_TOPIC, request(seq), now=0.0, model=INFO)
+    batch, _ = c.take(now=0.0, model=INFO)
+    replies = [c.answer(p, np.arange(10.0), now=0.0, model=INFO) for p in batch]
+    config = ServeConfig(broker="mqtt://w:pw@127.0.0.1:1883", fleet="demo", model="digits", verify=False,
+                         data=tmp_path, labels_flush_s=60.0)
+    writer = TeacherLabelWriter(config)
+
+    writer.put(replies[:2])
+    writer.put([])
+    writer.put(replies[2:])
+    writer.close()  # the last batch is written on close, not after labels_flush_s
+
+    rows = sorted(LabelStore(tmp_path, "demo").rows(), key=lambda r: r.seq)
+    assert [(r.device, r.seq, r.label, r.source) for r in rows] == \
+        [("cam-1", seq, "9", "teacher") for seq in range(3)]
+    assert (writer.written, writer.dropped, writer.files) == (3, 0, 1)
+
+
 # ------------------------------------------------------------------------------------------------
-# ModelAssembler: the device's assembly rules, cloud side
+# ServeConfig (the model's assembly rules are the device's: tests/protocol/test_assembler.py)
 # ------------------------------------------------------------------------------------------------
-MODEL_BYTES = bytes(range(256)) * 10  # three chunks of 1024 bytes (the smallest chunk size)
-
-
-def _package(private_key, *, version=1, data=MODEL_BYTES, fleet="demo", name="digits", chunk_size=1024):
-    return build_package(fleet=fleet, name=name, version=version, data=data,
-                         input_spec={"name": "input", "shape": [-1, 1, 8, 8], "dtype": "float32"},
-                         labels=[str(i) for i in range(10)], pipeline={"hash": DIGITS_HASH, "spec": None},
-                         metrics={}, chunk_size=chunk_size, private_key=private_key)
-
-
-def test_chunks_before_their_manifest_are_kept_and_the_package_completes_in_any_order(keypair):
-    private, public = load_private_key(keypair[0]), load_public_key(keypair[1])
-    manifest, chunks = _package(private)
-    asm = ModelAssembler(fleet="demo", model="digits", public_key=public)
-
-    early = [asm.on_chunk(1, i, chunks[i], now=0.0).kind for i in (2, 0)]
-    on_manifest = asm.on_manifest(manifest, now=0.1)
-    done = asm.on_chunk(1, 1, chunks[1], now=0.2)
-
-    assert early == ["pending", "pending"] and on_manifest.kind == "pending"
-    assert done.kind == "ready" and done.package.data == MODEL_BYTES
-    assert asm.on_manifest(manifest, now=0.3).kind == "ignored"          # stale: already assembled
-    assert asm.orphan_bytes == 0
-
-
-def test_a_forged_manifest_decides_nothing_and_a_corrupt_chunk_is_dropped_until_a_good_one(keypair, tmp_path):
-    from lepton.protocol import generate_keypair
-
-    private, public = load_private_key(keypair[0]), load_public_key(keypair[1])
-    forger = load_private_key(generate_keypair(tmp_path)[0])
-    genuine, chunks = _package(private, version=2)
-    forged, _ = _package(forger, version=9)
-    replayed, _ = _package(private, version=10, fleet="other")
-    asm = ModelAssembler(fleet="demo", model="digits", public_key=public)
-
-    assert asm.on_manifest(genuine, now=0.0).kind == "pending"
-    rejected = [asm.on_manifest(p, now=0.0).error.reason for p in (forged, replayed, b"{")]
-    bad = asm.on_chunk(2, 0, b"X" * 1024, now=0.0)
-    parts = [asm.on_chunk(2, i, c, now=0.0).kind for i, c in enumerate(chunks)]
-
-    assert rejected == ["unknown_key", "wrong_fleet", "bad_manifest"]
-    assert asm.summary() is None and parts[-1] == "ready"                # v2 was still the one pending
-    assert bad.kind == "rejected" and bad.error.reason == "chunk_hash_mismatch"
-
-
-def test_a_stalled_version_asks_for_a_resubscription_with_backoff(keypair):
-    private, public = load_private_key(keypair[0]), load_public_key(keypair[1])
-    manifest, chunks = _package(private)
-    asm = ModelAssembler(fleet="demo", model="digits", public_key=public, stall_s=3.0)
-    asm.on_manifest(manifest, now=100.0)
-    asm.on_chunk(1, 0, chunks[0], now=101.0)
-
-    due = [t for t in (102.0, 104.5, 105.0, 108.0, 111.0) if asm.refetch_due(t)]
-
-    assert due == [104.5, 111.0]  # 3 s after the last progress, then 6 s after that refetch
-    assert asm.summary() == {"version": 1, "chunks": 1, "of": 3}
-
-
 def test_serve_config_refuses_what_would_fail_later():
     url = "mqtt://w:pw@127.0.0.1:1883"
     with pytest.raises(ConfigError, match="--public-key"):

@@ -15,7 +15,8 @@ import pytest
 from lepton.cloud import IngestWorker, Registry, TrainConfig, WorkerConfig, train
 from lepton.cloud._export import ExportConfig, onnx_session
 from lepton.cloud._labels import LabelRow, LabelStore
-from lepton.cloud._serve import ServeConfig, ServeWorker
+from lepton.cloud._serve import ServeWorker
+from lepton.cloud._serve_config import ServeConfig
 from lepton.device import DeviceAgent
 from lepton.protocol import load_private_key
 

@@ -1,5 +1,8 @@
 """ModelAssembler: every rule of the model channel, without a broker, a thread or a sleep.
 
+One assembler serves both receivers (a device's runtime and the cloud serve worker), so the cases that
+came from the serve worker's former copy are here too (the section at the end).
+
 Packages are built with lepton.protocol's own builder and signed with real Ed25519 keys; time is the
 ``now`` each call passes. The model bytes are hand-written ONNX protobuf (a ModelProto whose
 producer_name pads it to any size), because the assembler checks only that the protobuf is well formed
@@ -13,10 +16,9 @@ import json
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from lepton.device._assembler import (
-    EMPTY_SHA256,
-    REFETCH_MAX_S,
-    REJECTED_VERSIONS_KEPT,
+from lepton.errors import ModelRejected
+from lepton.protocol import (
+    REJECT_REASONS,
     Announced,
     Cleared,
     ModelAssembler,
@@ -24,9 +26,10 @@ from lepton.device._assembler import (
     Refetch,
     Rejected,
     Stale,
+    Topics,
+    build_package,
 )
-from lepton.errors import ModelRejected
-from lepton.protocol import REJECT_REASONS, build_package
+from lepton.protocol._assembler import EMPTY_SHA256, REFETCH_MAX_S
 
 FLEET, MODEL, PIPE = "f1", "digits", "0123456789abcdef"
 INPUT = {"name": "x", "shape": [-1, 64], "dtype": "float32"}
@@ -267,6 +270,22 @@ def test_a_newer_manifest_supersedes_the_pending_one_and_older_orphans():
     assert only(chunks_in(c, 4, chunks4, 3.0), Ready).version == 4
 
 
+def test_a_second_manifest_of_the_version_being_assembled_is_stale_and_keeps_its_chunks():
+    c = core()
+    first, chunks = pkg(2)
+    resigned = build_package(fleet=FLEET, name=MODEL, version=2, data=b"".join(chunks), input_spec=INPUT,
+                             labels=[str(i) for i in range(10)], pipeline={"hash": PIPE, "spec": {}},
+                             chunk_size=CHUNK, private_key=KEY, created=1700000999.0)[0]
+    c.receive_manifest(first, 0.0)
+    chunks_in(c, 2, chunks, 0.0, indices=[0, 1])
+
+    events = c.receive_manifest(resigned, 1.0)
+
+    assert resigned != first and events == [Stale(2, None)]
+    assert c.stats().pending == (2, 2, 4)  # not restarted: the chunks already here still count
+    assert only(chunks_in(c, 2, chunks, 2.0, indices=[2, 3]), Ready).manifest_payload == first
+
+
 def test_served_drops_orphans_up_to_that_version_and_ignores_its_chunks():
     c = core()
     _, chunks1 = pkg(1)
@@ -374,14 +393,30 @@ def test_a_version_that_fails_to_load_is_refused_and_remembered():
     assert c.stats().orphan_chunks == 0 and c.serving is None
 
 
-def test_refused_versions_are_remembered_within_a_bound():
+def test_a_refused_version_is_a_floor_that_older_versions_never_pass_again():
     c = core(pipeline_hash="fedcba9876543210")  # every package below is refused
-    manifests = [pkg(v, b"")[0] for v in range(1, REJECTED_VERSIONS_KEPT + 2)]
-    for i, manifest in enumerate(manifests):
-        assert reasons(c.receive_manifest(manifest, float(i))) == ["incompatible_pipeline"]
+    manifests = {v: pkg(v, b"")[0] for v in (3, 5, 40)}
+    _, chunks4 = pkg(4)
+    c.served(2)
 
-    assert c.receive_manifest(manifests[-1], 99.0) == []  # still remembered
-    assert reasons(c.receive_manifest(manifests[0], 99.0)) == ["incompatible_pipeline"]  # forgotten
+    first = [reasons(c.receive_manifest(manifests[v], float(v))) for v in (3, 5)]
+    older = c.receive_manifest(manifests[3], 10.0) + chunks_in(c, 4, chunks4, 10.0)
+    newer = c.receive_manifest(manifests[40], 11.0)
+
+    assert first == [["incompatible_pipeline"], ["incompatible_pipeline"]]
+    assert older == [] and c.stats().orphan_chunks == 0  # below the newest refused version: ignored
+    assert reasons(newer) == ["incompatible_pipeline"] and c.serving == 2
+    assert c.receive_manifest(manifests[40], 12.0) == []  # O(1) memory, however many were refused
+
+
+def test_refusing_a_version_drops_the_orphans_at_and_below_it():
+    c = core(orphan_ttl=10**6)
+    for version in (3, 4, 6):
+        c.receive_chunk(version, 0, b"x", 0.0)
+
+    c.refuse(4, ModelRejected("load_failed", "ONNX Runtime said no"))
+
+    assert c.stats().orphan_versions == 1 and c.receive_chunk(4, 1, b"y", 1.0) == []
 
 
 # ------------------------------------------------------------------------------------------------
@@ -549,3 +584,85 @@ def test_a_stored_package_is_verified_like_one_from_the_broker():
         with pytest.raises(ModelRejected) as info:
             c.verify_stored(payload, stored)
         assert info.value.reason == reason
+
+
+# ------------------------------------------------------------------------------------------------
+# a whole message in, by topic (the shells' one entry point), and the status summary
+# ------------------------------------------------------------------------------------------------
+def test_receive_dispatches_by_topic_and_ignores_other_models_and_channels():
+    c = core()
+    topics = Topics(fleet=FLEET)
+    manifest, chunks = pkg(1)
+    other_model = topics.parse(topics.model("faces"))
+
+    ignored = c.receive(other_model, manifest, 0.0) + c.receive(topics.parse(topics.acks("cam-1")), b"x", 0.0)
+    announced = c.receive(topics.parse(topics.model(MODEL)), manifest, 1.0, wall=5.0)
+    events = []
+    for i, data in enumerate(chunks):
+        events += c.receive(topics.parse(topics.model_chunk(MODEL, 1, i)), data, 2.0)
+
+    assert ignored == [] and announced == [Announced(1, 0, 4)]
+    assert only(events, Ready).manifest_wall == 5.0
+
+
+def test_the_pending_summary_is_the_status_model_pending_object():
+    c = core()
+    manifest, chunks = pkg(1)
+    idle = c.stats().pending_summary
+    c.receive_manifest(manifest, 0.0)
+    c.receive_chunk(1, 0, chunks[0], 0.0)
+
+    assert idle is None and c.stats().pending_summary == {"version": 1, "chunks": 1, "of": 4}
+
+
+# ------------------------------------------------------------------------------------------------
+# cases from the serve worker's former assembler (lepton serve gets its model like a device)
+# ------------------------------------------------------------------------------------------------
+def serve_core(**kw) -> ModelAssembler:
+    """The assembler as the serve worker builds it: no pipeline or input check (requests are checked)."""
+    return ModelAssembler(fleet=FLEET, model=MODEL, public_key=KEY.public_key(), pipeline_hash=None, **kw)
+
+
+def test_serve_chunks_before_their_manifest_complete_the_package_in_any_order():
+    c = serve_core()
+    data = onnx_bytes(2 * CHUNK + 500)
+    manifest, chunks = pkg(1, data)
+
+    early = c.receive_chunk(1, 2, chunks[2], 0.0) + c.receive_chunk(1, 0, chunks[0], 0.0)
+    on_manifest = c.receive_manifest(manifest, 0.1)
+    done = c.receive_chunk(1, 1, chunks[1], 0.2)
+    c.served(1)
+
+    assert early == [] and on_manifest == [Announced(1, 2, 3)]
+    assert only(done, Ready).package.data == data
+    assert c.receive_manifest(manifest, 0.3) == [Stale(1, 1)]  # already assembled
+    assert c.stats().orphan_bytes == 0
+
+
+def test_serve_a_forged_or_replayed_manifest_decides_nothing_and_a_corrupt_chunk_waits_for_a_good_one():
+    c = serve_core()
+    genuine, chunks = pkg(2)
+    forged, _ = pkg(9, key=OTHER_KEY)
+    replayed, _ = pkg(10, fleet="other")
+
+    c.receive_manifest(genuine, 0.0)
+    rejected = [only(c.receive_manifest(p, 0.0), Rejected) for p in (forged, replayed, b"{")]
+    bad = c.receive_chunk(2, 0, b"X" * CHUNK, 0.0)
+    parts = chunks_in(c, 2, chunks, 0.0)
+
+    assert [(r.version, r.error.reason) for r in rejected] == \
+        [(9, "unknown_key"), (10, "wrong_fleet"), (None, "bad_manifest")]
+    assert c.stats().pending is None and only(parts, Ready).version == 2  # v2 was still the one pending
+    assert reasons(bad) == ["chunk_hash_mismatch"]
+
+
+def test_serve_a_stalled_version_asks_for_a_resubscription_with_backoff():
+    c = serve_core(refetch_after=3.0)
+    manifest, chunks = pkg(1)
+    c.receive_manifest(manifest, 100.0)
+    c.receive_chunk(1, 0, chunks[0], 101.0)
+
+    due = [t for t in (102.0, 104.5, 105.0, 108.0, 111.0) if c.tick(t)]
+
+    assert due == [104.5, 111.0]  # 3 s after the last progress, then 6 s after that refetch
+    assert c.stats().pending_summary == {"version": 1, "chunks": 1, "of": 4}

@@ -1,9 +1,10 @@
 """Model chunk assembly and verification without I/O: messages and the time in, decisions out.
 
-:class:`ModelAssembler` holds every rule of the model channel (docs/protocol.md, "Model delivery") and
-nothing else: it never touches MQTT, a thread, a clock or a file. Its caller (the device runtime's
-worker thread) feeds it what arrived, with the monotonic time it arrived, and carries out what it
-returns::
+:class:`ModelAssembler` holds every rule of the model channel (docs/protocol.md, "How a device
+assembles a model") and nothing else: it never touches MQTT, a thread, a clock or a file. It is the one
+copy both receivers use: a device's runtime (lepton/device/_runtime.py) and the cloud serve worker
+(lepton/cloud/_serve.py), which verifies and swaps models exactly as a device does. Its caller feeds it
+what arrived, with the monotonic time it arrived, and carries out what it returns::
 
     core = ModelAssembler(fleet="f1", model="digits", public_key=key, pipeline_hash=spec_hash,
                           input_shape=(64,))
@@ -15,18 +16,21 @@ returns::
         elif isinstance(event, Refetch):  # subscribe again: the broker resends what is retained
             ...
 
-An empty list means "waiting": nothing to do until more messages come or :meth:`tick` is called.
+An empty list means "waiting": nothing to do until more messages come or :meth:`ModelAssembler.tick`
+is called. Not thread-safe: the thread that calls it owns all of its state (the device runtime's worker
+thread, the serve worker's model thread); other threads read the immutable :class:`AssemblerStats`
+snapshot its owner publishes.
 
-The rules, each unit-tested in tests/device/test_assembler.py:
+The rules, each unit-tested in tests/protocol/test_assembler.py:
 
 * Verify first: a manifest goes through :func:`~lepton.protocol.open_manifest` (size, signature, fields,
-  the signed fleet and model against this device's) before it decides anything; a forged or replayed
+  the signed fleet and model against the receiver's) before it decides anything; a forged or replayed
   one supersedes nothing, clears nothing, pins nothing, and is reported with the version it claims.
-* A verified manifest not newer than the one served (or than the one being assembled) is
-  :class:`Stale`, not an error. A version refused once is not reported again (the retained manifest
-  comes back on every reconnect).
+* A verified manifest not newer than the one served or the one being assembled is :class:`Stale`,
+  not an error. A version refused once, and any older one, is never assembled again and not reported
+  again (the retained manifest comes back on every reconnect).
 * A newer verified manifest drops the older assembly and older orphan chunks; one that is too large
-  (``max_model_bytes``) or does not fit the device (pipeline hash, input dtype and shape) is refused.
+  (``max_model_bytes``) or does not fit the receiver (pipeline hash, input dtype and shape) is refused.
 * Chunks of the version being assembled are checked against their sha256 on arrival; chunks of any
   other newer version are *orphans*: unverifiable, held within ``max_orphan_bytes``,
   ``max_orphan_chunks`` and ``max_orphan_versions`` (O(1) per chunk), dropped after ``orphan_ttl``,
@@ -34,10 +38,24 @@ The rules, each unit-tested in tests/device/test_assembler.py:
   removes an orphan and is otherwise ignored.
 * A complete version is joined and checked whole (size, sha256), then refused if the ONNX model
   names external data files; otherwise it is :class:`Ready`.
-* Without progress, :meth:`tick` asks for a re-subscription (:class:`Refetch`) with exponential
-  backoff up to ``REFETCH_MAX_S``; after ``assemble_timeout`` it reports the missing chunks once
-  (``missing_chunk``) and keeps waiting. Orphans without a manifest trigger a refetch too, and so does
-  a resumed session that brought no model message within ``reconnect_quiet``.
+* Without progress, :meth:`ModelAssembler.tick` asks for a re-subscription (:class:`Refetch`) with
+  exponential backoff up to ``REFETCH_MAX_S``; after ``assemble_timeout`` it reports the missing chunks
+  once (``missing_chunk``) and keeps waiting. Orphans without a manifest trigger a refetch too, and so
+  does a resumed session that brought no model message within ``reconnect_quiet``.
+
+Where the device's and the serve worker's former copies differed, the stricter rule was kept (issue 11):
+
+* a second verified manifest of the version being assembled is stale (serve's rule; the device's
+  copy restarted the assembly with it, which docs/protocol.md never allowed);
+* a refused version is a floor: it and every older version are ignored from then on (serve's
+  ``settle``), where the device remembered the last 16 refused versions and would take an older one;
+* the serve worker now gets the device's caps (orphans bounded in count, versions and time as well as
+  bytes; 32 MiB of orphans and 256 MiB per model instead of 64 MiB and 1 GiB), the device's refusal
+  of manifests that do not fit (remembered, so not reported on every reconnect), the ``missing_chunk``
+  report, the external-data check before a package is Ready, and reports a forged manifest with the
+  version it claims;
+* the refetch backoff keeps growing while one version stays incomplete (the device's rule: each
+  re-subscription makes the broker resend every chunk), where serve's reset it on every new chunk.
 """
 
 from __future__ import annotations
@@ -48,31 +66,32 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lepton.errors import ModelRejected
-from lepton.protocol import (
+from lepton.protocol._ids import validate_id
+from lepton.protocol._models import (
     ModelManifest,
     ModelPackage,
     assemble_package,
     check_onnx_self_contained,
     open_manifest,
     parse_manifest,
-    validate_id,
     verify_chunk,
     verify_package,
 )
+from lepton.protocol._topics import ParsedTopic
 
 __all__ = [
-    "AssemblerStats",
-    "Announced",
-    "Cleared",
-    "Event",
     "INPUT_DTYPE_NAMES",
+    "Announced",
+    "AssemblerStats",
+    "AssemblyEvent",
+    "Cleared",
     "ModelAssembler",
     "Ready",
     "Refetch",
     "Rejected",
     "Stale",
-    "check_shape",
-    "fits",
+    "check_input_shape",
+    "shape_fits",
 ]
 
 #: dtypes a manifest may name for the model input (numpy names).
@@ -80,7 +99,6 @@ INPUT_DTYPE_NAMES = ("float32", "float16", "float64", "uint8", "int8", "int32", 
 #: sha256 of no bytes: the one chunk of an empty model, which is never sent (an empty retained
 #: message clears the topic), so a receiver takes it as present.
 EMPTY_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
-REJECTED_VERSIONS_KEPT = 16
 REFETCH_MAX_S = 60.0
 
 
@@ -144,7 +162,7 @@ class Cleared:
     serving: int | None
 
 
-Event = Ready | Rejected | Stale | Refetch | Announced | Cleared
+AssemblyEvent = Ready | Rejected | Stale | Refetch | Announced | Cleared
 
 
 @dataclass(frozen=True)
@@ -158,6 +176,13 @@ class AssemblerStats:
     orphan_versions: int
     orphans_dropped: int
     refetches: int
+
+    @property
+    def pending_summary(self) -> dict[str, int] | None:
+        """``pending`` as the ``model_pending`` object of a status: ``{"version", "chunks", "of"}``."""
+        if self.pending is None:
+            return None
+        return dict(zip(("version", "chunks", "of"), self.pending, strict=True))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -204,11 +229,18 @@ class _Orphans:
 
 
 class ModelAssembler:
-    """The model channel of one model name on one device, as a state machine without I/O.
+    """The model channel of one model name on one receiver, as a state machine without I/O.
 
     ``public_key=None`` is ``--no-verify``: hashes are still checked, the signature is not.
     ``pipeline_hash`` and ``input_shape`` (the feature shape without the batch dimension) are what the
-    device runs; ``None`` skips that check. Not thread-safe: one thread owns it.
+    device runs; ``None`` skips that check (the serve worker checks each request instead). Not
+    thread-safe: one thread owns it.
+
+    >>> asm = ModelAssembler(fleet="demo", model="digits", public_key=None, pipeline_hash=None)
+    >>> asm.receive_chunk(1, 0, b"bytes", now=0.0)    # no manifest yet: held as an orphan
+    []
+    >>> asm.stats().orphan_chunks
+    1
     """
 
     def __init__(
@@ -252,11 +284,23 @@ class ModelAssembler:
         self._refetch_wait = self.refetch_after  # between re-subscriptions for a missing manifest
         self._last_refetch = 0.0
         self._resume_handled: float | None = None  # the resumed_at that tick already decided on
-        self._rejected_versions: dict[int, str] = {}  # verified manifests refused: version -> reason
+        self._refused: int | None = None  # the newest verified version refused: it and older ones are ignored
         self._can_refetch = True  # as passed to the current tick
 
     # -- inputs -----------------------------------------------------------------------------------
-    def receive_manifest(self, payload: bytes, now: float, *, wall: float | None = None) -> list[Event]:
+    def receive(self, parsed: ParsedTopic, payload: bytes, now: float, *, wall: float | None = None
+                ) -> list[AssemblyEvent]:
+        """A message on one of this model's topics (manifest or chunk); others are not for it: ``[]``."""
+        if parsed.model != self.model:
+            return []
+        if parsed.channel == "model":
+            return self.receive_manifest(payload, now, wall=wall)
+        if parsed.channel == "model_chunk" and parsed.version is not None and parsed.chunk is not None:
+            return self.receive_chunk(parsed.version, parsed.chunk, payload, now)
+        return []
+
+    def receive_manifest(self, payload: bytes, now: float, *, wall: float | None = None
+                         ) -> list[AssemblyEvent]:
         """A message on the model's manifest topic, received at monotonic time ``now``."""
         if not payload:  # unverifiable, so it decides nothing
             return [Cleared(self.serving)]
@@ -270,9 +314,9 @@ class ModelAssembler:
             return [Rejected(_claimed_version(payload), exc)]  # the claimed version: for the report only
         version = manifest.version
         if (self.serving is not None and version <= self.serving) or (pending is not None
-                                                                      and version < pending.version):
-            return [Stale(version, self.serving)]
-        if version in self._rejected_versions:
+                                                                      and version <= pending.version):
+            return [Stale(version, self.serving)]  # the same version re-signed does not restart it either
+        if self._refused is not None and version <= self._refused:
             return []  # refused already; the retained manifest comes again on every reconnect
         # A verified manifest names the newest version: older pending chunks can never be served.
         self._pending = None
@@ -284,14 +328,12 @@ class ModelAssembler:
                                     f"at most {self.max_model_bytes} (max_model_bytes)")
             self.check_compatible(manifest)
         except ModelRejected as exc:
-            refused = self.refuse(version, exc)
-            self._drop_orphans(version)
-            return refused
+            return self.refuse(version, exc)  # drops its orphans too
         asm = _Assembly(version=version, manifest=manifest, manifest_payload=bytes(payload),
                         signed_by=signed_by, manifest_seen=now, manifest_wall=wall, last_progress=now,
                         refetch_wait=self.refetch_after)
         self._pending = asm
-        events: list[Event] = []
+        events: list[AssemblyEvent] = []
         bad: list[ModelRejected] = []
         for index, data in self._drop_orphans(version).items():
             try:
@@ -309,7 +351,7 @@ class ModelAssembler:
             events += self._finish(asm)
         return events
 
-    def receive_chunk(self, version: int, index: int, payload: bytes, now: float) -> list[Event]:
+    def receive_chunk(self, version: int, index: int, payload: bytes, now: float) -> list[AssemblyEvent]:
         """A message on chunk topic ``index`` of ``version``, received at monotonic time ``now``."""
         if self.serving is not None and version <= self.serving:
             return []
@@ -324,20 +366,21 @@ class ModelAssembler:
             if index not in pending.chunks:
                 pending.add(index, payload, now)
             return self._finish(pending) if pending.complete() else []
-        if (pending is not None and version < pending.version) or version in self._rejected_versions:
+        if (pending is not None and version < pending.version) or (self._refused is not None
+                                                                   and version <= self._refused):
             return []  # superseded or refused
         self._add_orphan(version, index, payload, now)
         return []
 
     def tick(self, now: float, *, resumed_at: float | None = None, last_heard: float = 0.0,
-             can_refetch: bool = True) -> list[Event]:
+             can_refetch: bool = True) -> list[AssemblyEvent]:
         """Time passed: drop old orphans, ask for a refetch, report a stalled version.
 
         ``resumed_at`` is when the connection last came back with its session resumed (None if it
         never did), ``last_heard`` when a model message last arrived, both monotonic like ``now``.
         ``can_refetch=False`` (nobody can re-subscribe): no :class:`Refetch`, and no refetch backoff.
         """
-        events: list[Event] = []
+        events: list[AssemblyEvent] = []
         self._can_refetch = can_refetch
         if resumed_at is not None and resumed_at != self._resume_handled \
                 and now - resumed_at > self.reconnect_quiet:
@@ -380,11 +423,14 @@ class ModelAssembler:
             self._drop_orphans(v)
         self._refetch_wait = self.refetch_after
 
-    def refuse(self, version: int, exc: ModelRejected) -> list[Event]:
-        """A verified version this device cannot use: remember it, so its manifest and chunks are ignored."""
-        self._rejected_versions[version] = exc.reason
-        while len(self._rejected_versions) > REJECTED_VERSIONS_KEPT:
-            del self._rejected_versions[min(self._rejected_versions)]
+    def refuse(self, version: int, exc: ModelRejected) -> list[AssemblyEvent]:
+        """A verified version this receiver cannot use: from now on its manifest and chunks, and those of
+        every older version, are ignored."""
+        self._refused = max(version, self._refused or version)
+        if self._pending is not None and self._pending.version <= self._refused:
+            self._pending = None
+        for v in [v for v in self._orphans if v <= self._refused]:
+            self._drop_orphans(v)
         return [Rejected(version, exc)]
 
     # -- checks -----------------------------------------------------------------------------------
@@ -404,7 +450,7 @@ class ModelAssembler:
             raise ModelRejected("incompatible_input",
                                 f"v{manifest.version} has a malformed input shape {shape!r}")
         if shape is not None and self.input_shape is not None:
-            check_shape(manifest.version, shape, self.input_shape)
+            check_input_shape(manifest.version, shape, self.input_shape)
 
     def verify_stored(self, manifest_payload: bytes, data: bytes) -> ModelPackage:
         """Verify a package read back from disk exactly like one from the broker; raise ModelRejected."""
@@ -435,7 +481,7 @@ class ModelAssembler:
         )
 
     # -- internals --------------------------------------------------------------------------------
-    def _finish(self, asm: _Assembly) -> list[Event]:
+    def _finish(self, asm: _Assembly) -> list[AssemblyEvent]:
         """All chunks are here: join them and verify the whole package."""
         self._pending = None  # the package holds the bytes now, or the version is refused
         try:
@@ -488,7 +534,7 @@ class ModelAssembler:
         self._orphan_chunks -= len(group.chunks)
         return group.chunks
 
-    def _refetch(self, now: float, why: str) -> list[Event]:
+    def _refetch(self, now: float, why: str) -> list[AssemblyEvent]:
         if not self._can_refetch:
             return []
         self._last_refetch = now
@@ -505,16 +551,16 @@ def _claimed_version(payload: bytes) -> int | None:
         return None
 
 
-def fits(shape: Sequence[int], dims: Sequence[int]) -> bool:
+def shape_fits(shape: Sequence[int], dims: Sequence[int]) -> bool:
     """Whether ``shape`` matches ``dims``, where -1 in ``dims`` takes any size."""
     return len(shape) == len(dims) and all(d == -1 or d == n for d, n in zip(dims, shape, strict=True))
 
 
-def check_shape(version: int, model_shape: Sequence[Any], features: tuple[int, ...]) -> None:
+def check_input_shape(version: int, model_shape: Sequence[Any], features: tuple[int, ...]) -> None:
     """The model's input (batch dimension first, or none) must accept the device's feature shape."""
     dims = [d if isinstance(d, int) and d > 0 else -1 for d in model_shape]
     for candidate in ([dims[1:]] if len(dims) >= 2 else []) + [dims]:
-        if fits(features, candidate):
+        if shape_fits(features, candidate):
             return
         if candidate and all(d > 0 for d in candidate) and math.prod(candidate) == math.prod(features):
             return  # same number of values: the runtime reshapes (e.g. 8x8 image -> 64 features)
