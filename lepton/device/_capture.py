@@ -25,7 +25,7 @@ import collections
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -41,7 +41,11 @@ from lepton.protocol import Topics, encode_json
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CaptureLoop", "Ticker"]
+__all__ = ["BLOCK", "CaptureLoop", "Ticker"]
+
+#: At most this many frames are read, preprocessed and spooled together, when the source has them at
+#: once (not a camera or a generator: :attr:`Source.waits`) and capture is not paced slower than it runs.
+BLOCK = 64
 
 
 class CaptureLoop:
@@ -91,82 +95,132 @@ class CaptureLoop:
         cfg, c = self.config, self.counters
         period = 1.0 / cfg.rate_hz if cfg.rate_hz else 0.0
         next_at = time.monotonic()
-        runtime = self.runtime
-        collab = self.collab
-        escalating = collab.enabled
-        answers = self.answers
-        pipeline_hash = self.pipeline.hash
+        most = 1 if self.source.waits else BLOCK
         frames = iter(self.source)
         while True:
-            try:
-                frame, label = next(frames)
-            except StopIteration:
-                break
-            except Exception as exc:  # noqa: BLE001 - a failing (custom) source ends capture, not the agent
-                log.exception(
-                    "device %s: source %s failed; stopping capture", self.device_id, self.source.describe()
-                )
-                return f"source error: {type(exc).__name__}: {exc}"[:200]
-            if self._stop.is_set():
-                return None
-            if period:
-                delay = next_at - time.monotonic()
-                if delay > 0 and self._stop.wait(delay):
+            n = most if cfg.limit is None else min(most, cfg.limit - c.captured)
+            if period and n > 1:  # paced: read as many frames as are due now (behind: catching up)
+                behind = time.monotonic() - next_at
+                n = min(n, 1 + int(behind / period)) if behind > 0 else 1
+            items, stamps, end = self._read(frames, n)
+            if items:
+                if self._stop.is_set():
                     return None
-                next_at = max(next_at + period, time.monotonic() - 1.0)  # catch up at most 1 s
-            t0 = time.perf_counter()
-            try:
-                x = self.pipeline(frame)
-            except FrameError as exc:
-                with self._lock:
-                    c.frame_errors += 1
-                    errors = c.frame_errors
+                if period:
+                    delay = next_at - time.monotonic()
+                    if delay > 0 and self._stop.wait(delay):
+                        return None
+                    next_at = max(next_at + len(items) * period, time.monotonic() - 1.0)  # catch up <= 1 s
+                if not self._capture_block(items, stamps):
+                    return None  # block policy interrupted by stop()
+                tick()
+                if cfg.limit is not None and c.captured >= cfg.limit:
+                    return "limit"
+            if end is not None:
+                return None if end == "source ended" and self._stop.is_set() else end
+
+    def _read(self, frames: Iterator[tuple[Any, Any]], n: int) -> tuple[list[tuple[Any, Any]], list[float], str | None]:
+        """Up to ``n`` frames with their capture times, and why the source ended (None: it did not)."""
+        items: list[tuple[Any, Any]] = []
+        stamps: list[float] = []
+        try:
+            for _ in range(n):
+                items.append(next(frames))
+                stamps.append(time.time())
+        except StopIteration:
+            return items, stamps, "source ended"
+        except Exception as exc:  # noqa: BLE001 - a failing (custom) source ends capture, not the agent
+            log.exception("device %s: source %s failed; stopping capture", self.device_id, self.source.describe())
+            return items, stamps, f"source error: {type(exc).__name__}: {exc}"[:200]
+        return items, stamps, None
+
+    def _capture_block(self, items: list[tuple[Any, Any]], stamps: list[float]) -> bool:
+        """Preprocess, infer, decide and spool a block of frames; False when the spool refused (stop).
+
+        Per sample as if one at a time: its seq, capture time, prediction, escalation and upload
+        decision, frame error; per block: one pipeline call, one spool hand-off, one counters update.
+        """
+        c, collab, runtime, spool = self.counters, self.collab, self.runtime, self.spool
+        escalating = collab.enabled
+        keep_all = collab.upload.mode == "all"
+        settling = escalating or runtime is not None  # anything to do per sample after spooling
+        encode = spool.encode_body
+        t0 = time.perf_counter()
+        xs = self.pipeline.run_block([frame for frame, _ in items])
+        spent = time.perf_counter() - t0
+        base = seq = spool.next_seq  # capture is the only thread that takes seqs: these are ours
+        bodies: list[bytes | None] = []
+        times: list[float] = []
+        later: list[tuple[int, np.ndarray, Any, str | None, bool]] = []
+        errors, ok = c.frame_errors, 0
+        for x, (_, label), ts in zip(xs, items, stamps, strict=True):
+            if isinstance(x, FrameError):
+                errors += 1
                 if errors <= 5 or errors % 1000 == 0:
-                    log.warning("device %s: frame skipped (%d so far): %s", self.device_id, errors, exc)
+                    log.warning("device %s: frame skipped (%d so far): %s", self.device_id, errors, x)
                 continue
-            spent = time.perf_counter() - t0
+            ok += 1
             prediction = runtime.predict(x) if runtime is not None else None
             if prediction is not None and label is not None:
                 runtime.record_truth(prediction, str(label))
             if isinstance(label, np.generic):  # labels from numpy arrays (custom sources) go as plain values
                 label = label.item()
             escalated = collab.decide(prediction) if escalating else False
-            truth = None if label is None else str(label)
-            try:
-                if collab.keep(self.spool.next_seq, escalated=escalated):
-                    # Group commit: durable within the spool's commit_ms, and never published before.
-                    seq = self.spool.append_nowait(x, label, pipeline=pipeline_hash)
-                    uploaded = 1
-                else:  # not uploaded (--upload): the seq is used up all the same, a gap in the dataset
-                    seq, uploaded = self.spool.skip_seq(), 0
-            except SpoolFull:
-                return None  # block policy interrupted by stop()
-            except ProtocolError as exc:  # e.g. a label that is neither int nor str: skip, never crash
-                with self._lock:
-                    c.frame_errors += 1
-                log.warning("device %s: sample skipped: %s", self.device_id, exc)
-                continue
+            body: bytes | None = None
+            if keep_all or collab.keep(seq, escalated=escalated):
+                try:
+                    body = encode(x, label)
+                except ProtocolError as exc:  # e.g. a label that is neither int nor str: skip, never crash
+                    errors += 1
+                    log.warning("device %s: sample skipped: %s", self.device_id, exc)
+                    continue
+            # else not uploaded (--upload): the seq is used up all the same, a gap in the dataset
+            bodies.append(body)
+            times.append(ts)
+            if settling:
+                later.append((seq, x, prediction, None if label is None else str(label), escalated))
+            seq += 1
+        if errors != c.frame_errors:  # capture is its only writer: reading it needs no lock
             with self._lock:
-                if self.first_at is None:
-                    self.first_at = t0  # perf_counter, like the publisher's last_ack_at
-                c.captured += 1
-                c.uploaded += uploaded
-                c.preprocess_s += spent
-                c.preprocess_n += 1
-                c.window_s += spent
-                c.window_n += 1
-            if escalated and self._connected.is_set():
-                self._escalate(seq, x, prediction, truth)
-            elif escalated:  # offline: the device's own answer stands at once, nothing waits
-                self._settle(collab.local(seq, prediction, truth), prediction)
-            elif prediction is not None:
-                self._settle(collab.local(seq, prediction, truth), prediction, escalated=False)
-            if answers or collab.waiting:  # nothing to match or expire otherwise
-                self.collect_answers()
-            tick()
-            if cfg.limit is not None and c.captured >= cfg.limit:
-                return "limit"
-        return None if self._stop.is_set() else "source ended"
+                c.frame_errors = errors
+        share = spent / ok if ok else 0.0  # preprocessing time per sample
+        done, full = 0, False
+        while not full and done < len(bodies):
+            try:
+                # Group commit: durable within the spool's commit_ms, and never published before. With
+                # the block policy, what went in is counted before capture waits for room for the rest.
+                spool.append_block(bodies[done:], ts=times[done:], pipeline=self.pipeline.hash, partial=True)
+            except SpoolFull:
+                full = True  # block policy interrupted by stop()
+            queued = spool.next_seq - base
+            self._count(t0, bodies[done:queued], share)
+            for seq, x, prediction, truth, escalated in later[done:queued]:
+                if escalated and self._connected.is_set():
+                    self._escalate(seq, x, prediction, truth)
+                elif escalated:  # offline: the device's own answer stands at once, nothing waits
+                    self._settle(collab.local(seq, prediction, truth), prediction)
+                elif prediction is not None:
+                    self._settle(collab.local(seq, prediction, truth), prediction, escalated=False)
+            done = queued
+        if self.answers or collab.waiting:  # nothing to match or expire otherwise
+            self.collect_answers()
+        return not full
+
+    def _count(self, t0: float, bodies: list[bytes | None], share: float) -> None:
+        """Count captured samples (``None`` bodies: seqs the upload policy left out)."""
+        if not bodies:
+            return
+        c, n = self.counters, len(bodies)
+        uploaded = n - bodies.count(None)
+        with self._lock:
+            if self.first_at is None:
+                self.first_at = t0  # perf_counter, like the publisher's last_ack_at
+            c.captured += n
+            c.uploaded += uploaded
+            c.preprocess_s += share * n
+            c.preprocess_n += n
+            c.window_s += share * n
+            c.window_n += n
 
     # -- collaboration: carry out the decisions of self.collab ------------------------------------------
     def _escalate(self, seq: int, x: np.ndarray, prediction: Any, truth: str | None) -> None:
