@@ -7,7 +7,8 @@ Never imports torch, lightning, pyarrow or onnx: a device installs ``lepton[devi
                 source="digits", pipeline="digits", limit=100).run()
 """
 
-from lepton.device._agent import DeviceAgent, DeviceConfig, RunSummary, default_spool_dir
+from lepton.device._agent import DeviceAgent
+from lepton.device._config import DeviceConfig, RunSummary, default_spool_dir
 from lepton.device._pipeline import OPS, PRESETS, FrameError, Pipeline, load_pipeline
 from lepton.device._runtime import ModelRuntime, Prediction
 from lepton.device._sources import IMAGE_SUFFIXES, Source, open_source

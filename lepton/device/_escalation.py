@@ -3,7 +3,7 @@ which answer a prediction uses, and which samples are uploaded to the dataset.
 
 Nothing here touches a socket, a thread, a clock or a file: every call takes ``now`` when time
 matters, so each rule is unit-tested in microseconds (tests/device/test_escalation.py). The agent
-(lepton/device/_agent.py) owns one instance of each, on its capture thread, and feeds it.
+(lepton/device/_collaboration.py) composes one instance of each, owned by the capture thread.
 
 * :class:`EscalationPolicy` decides whether a prediction is escalated: below a fixed calibrated
   confidence (``--escalate-below C``), or within a budget (``--escalate-rate R``): a sample is

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,6 +110,9 @@ class _Op:
     doc: str
     params: Mapping[str, tuple[Callable[[Any], Any], Any]]  # name -> (checker, default or _REQUIRED)
     build: Callable[[dict[str, Any]], Callable[[np.ndarray], np.ndarray]]
+    #: the op on a stack of same-shape frames (N first), equal byte for byte to ``build`` on each frame;
+    #: None: :meth:`Pipeline.run_block` applies ``build`` to each frame of the stack
+    block: Callable[[dict[str, Any]], Callable[[np.ndarray], np.ndarray]] | None = None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -302,10 +305,67 @@ def _build_color_hist(p: dict[str, Any]):
     return run
 
 
+# ------------------------------------------------------------------------------------------------
+# block implementations: each takes a C-contiguous stack of frames, N first, and returns a stack
+# ------------------------------------------------------------------------------------------------
+def _block_grayscale(p: dict[str, Any]):
+    def run(stack: np.ndarray) -> np.ndarray:
+        if stack.ndim == 3:
+            return stack
+        if stack.ndim == 4 and stack.shape[3] == 1:
+            return stack[:, :, :, 0]
+        if stack.ndim == 4 and stack.shape[3] in (3, 4):
+            # cvtColor converts pixel by pixel: the N frames as one N*H-row image convert the same.
+            n, h, w, c = stack.shape
+            return _to_gray(stack.reshape(n * h, w, c)).reshape(n, h, w)
+        raise FrameError(f"grayscale: expected an HxW or HxWx{{1,3,4}} image, got shape {stack.shape[1:]}")
+
+    return run
+
+
+def _block_resize(p: dict[str, Any]):
+    w, h, one = p["width"], p["height"], _build_resize(p)
+
+    def run(stack: np.ndarray) -> np.ndarray:
+        if stack.shape[1] == h and stack.shape[2] == w:
+            return stack
+        return np.stack([one(frame) for frame in stack])
+
+    return run
+
+
+def _block_crop(p: dict[str, Any]):
+    x, y, w, h = p["x"], p["y"], p["width"], p["height"]
+
+    def run(stack: np.ndarray) -> np.ndarray:
+        if y + h > stack.shape[1] or x + w > stack.shape[2]:
+            raise FrameError("crop falls outside the frame")
+        return stack[:, y : y + h, x : x + w]
+
+    return run
+
+
+def _block_normalize(p: dict[str, Any]):
+    mean = np.asarray(p["mean"], np.float32)
+    inv_std = (1.0 / np.asarray(p["std"], np.float32)).astype(np.float32)
+
+    def run(stack: np.ndarray) -> np.ndarray:
+        if mean.ndim and (stack.ndim != 4 or stack.shape[3] != mean.shape[0]):
+            raise FrameError("normalize: per-channel means need an HxWxC image")
+        return (stack.astype(np.float32) - mean) * inv_std
+
+    return run
+
+
+def _block_reshape(p: dict[str, Any]):
+    shape = tuple(p["shape"])
+    return lambda stack: stack.reshape((stack.shape[0], *shape))
+
+
 OPS: dict[str, _Op] = {
     op.name: op
     for op in [
-        _Op("grayscale", "BGR/BGRA -> single channel", {}, _build_grayscale),
+        _Op("grayscale", "BGR/BGRA -> single channel", {}, _build_grayscale, _block_grayscale),
         _Op(
             "gaussian_blur",
             "Gaussian denoise",
@@ -350,6 +410,7 @@ OPS: dict[str, _Op] = {
                 "interpolation": (_choice(*_INTERP), "area"),
             },
             _build_resize,
+            _block_resize,
         ),
         _Op(
             "crop",
@@ -361,20 +422,24 @@ OPS: dict[str, _Op] = {
                 "height": (_int(1), _REQUIRED),
             },
             _build_crop,
+            _block_crop,
         ),
         _Op(
             "normalize",
             "(x - mean) / std as float32",
             {"mean": (_floats(), 0.0), "std": (_floats(nonzero=True), 1.0)},
             _build_normalize,
+            _block_normalize,
         ),
         _Op(
             "cast",
             "dtype cast (uint8 clips and rounds)",
             {"dtype": (_choice("float16", "float32", "uint8"), _REQUIRED)},
             _build_cast,
+            _build_cast,  # elementwise: the same function takes a stack
         ),
-        _Op("reshape", "reshape, e.g. [1, 32, 32] for a CNN", {"shape": (_shape, _REQUIRED)}, _build_reshape),
+        _Op("reshape", "reshape, e.g. [1, 32, 32] for a CNN", {"shape": (_shape, _REQUIRED)}, _build_reshape,
+            _block_reshape),
         _Op(
             "hog",
             "HOG descriptor (float32 vector)",
@@ -493,6 +558,11 @@ class Pipeline:
         self.spec: dict[str, Any] = {"ops": self.ops}
         self.hash: str = pipeline_hash(self.spec)
         self._steps = [(op["op"], OPS[op["op"]].build(op)) for op in self.ops]
+        # (step, per_frame): the op on a stack, or the per-frame step to apply to each frame of it
+        self._block_steps: list[tuple[Callable[[np.ndarray], np.ndarray], bool]] = []
+        for op, (_, step) in zip(self.ops, self._steps, strict=True):
+            block = OPS[op["op"]].block
+            self._block_steps.append((block(op), False) if block is not None else (step, True))
 
     @classmethod
     def from_preset(cls, name: str) -> Pipeline:
@@ -534,6 +604,34 @@ class Pipeline:
             except Exception as exc:  # OpenCV raises cv2.error for shapes/dtypes it cannot take
                 raise FrameError(f"{name}: {type(exc).__name__}: {str(exc).strip()[:200]}") from None
         return np.ascontiguousarray(out)
+
+    def run_block(self, frames: Sequence[Any]) -> list[np.ndarray | FrameError]:
+        """The pipeline on each frame, in order: its feature tensor, or the FrameError it raised.
+
+        Byte for byte what calling the pipeline on each frame gives. Frames of one shape and dtype are
+        stacked and each op runs once on the stack where it can (grayscale, crop, normalize, cast,
+        reshape, and resize to the size they already have); the other ops loop over the stack. Anything
+        else, or an op that fails on the stack, runs frame by frame, so each frame gets its own error.
+        """
+        if len(frames) > 1:
+            first = frames[0]
+            if (type(first) is np.ndarray and first.ndim in (2, 3) and first.size
+                    and all(type(f) is np.ndarray and f.shape == first.shape and f.dtype == first.dtype
+                            for f in frames)):
+                try:
+                    stack = np.array(frames)  # one shape and dtype (checked): np.stack's result, faster
+                    for step, per_frame in self._block_steps:
+                        stack = np.stack([step(f) for f in stack]) if per_frame else step(stack)
+                    return list(np.ascontiguousarray(stack))
+                except Exception:  # noqa: BLE001 - frame by frame below, where each error is the frame's
+                    pass
+        out: list[np.ndarray | FrameError] = []
+        for frame in frames:
+            try:
+                out.append(self(frame))
+            except FrameError as exc:
+                out.append(exc)
+        return out
 
     def describe(self) -> str:
         return " -> ".join(op["op"] for op in self.ops) or "(identity)"

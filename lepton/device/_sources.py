@@ -45,6 +45,9 @@ class Source:
 
     kind = "custom"
     replayable = True
+    #: True when the next frame may take a while to come (a camera, a generator reading a sensor): the
+    #: agent then captures frame by frame; False lets it read several frames at once (lepton/device/_capture.py)
+    waits = False
 
     def __init__(self, *, once: bool = False) -> None:
         self.once = once
@@ -83,6 +86,7 @@ class Source:
 
 class CameraSource(Source):
     kind = "camera"
+    waits = True
     replayable = False  # a camera never runs out
 
     def __init__(self, index: int, *, once: bool = False) -> None:
@@ -268,6 +272,7 @@ class IterableSource(Source):
         self._items = items
         self._name = name
         self.replayable = callable(items) or isinstance(items, Sequence)
+        self.waits = not isinstance(items, Sequence)  # a generator may wait for each item
 
     def _one_pass(self) -> Iterator[Item]:
         items = self._items() if callable(self._items) else self._items

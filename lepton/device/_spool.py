@@ -328,29 +328,76 @@ class Spool:
         raises SpoolFull.
         """
         body = self.encode_body(x, y, meta)
-        size = len(body)
-        if size > self.max_bytes:
-            raise SpoolFull(
-                f"one sample of {size} bytes exceeds the whole spool ({self.max_bytes} bytes); "
-                "raise --spool-max-mb"
-            )
-        ts = time.time() if ts is None else ts
+        return self.append_block([body], ts=[time.time() if ts is None else ts], pipeline=pipeline,
+                                 timeout=timeout)
+
+    def append_many(
+        self,
+        xs: Sequence[np.ndarray],
+        ys: Sequence[int | str | None] | None = None,
+        *,
+        ts: Sequence[float] | None = None,
+        pipeline: str | None = None,
+        timeout: float | None = None,
+    ) -> list[int]:
+        """:meth:`append_nowait` of each sample in order, under one lock acquisition; return their seqs."""
+        labels = ys if ys is not None else [None] * len(xs)
+        bodies = [self.encode_body(x, y) for x, y in zip(xs, labels, strict=True)]
+        if ts is None:
+            now = time.time()
+            ts = [now] * len(bodies)
+        first = self.append_block(bodies, ts=ts, pipeline=pipeline, timeout=timeout)
+        return list(range(first, first + len(bodies)))
+
+    def append_block(
+        self,
+        bodies: Sequence[builtins.bytes | None],
+        *,
+        ts: Sequence[float],
+        pipeline: str | None = None,
+        timeout: float | None = None,
+        partial: bool = False,
+    ) -> int:
+        """Queue encoded sample bodies (:meth:`encode_body`) with consecutive seqs; return the first seq.
+
+        A ``None`` body uses up its seq without storing a sample (:meth:`skip_seq`). The same as
+        :meth:`append_nowait` (or :meth:`skip_seq`) of each in order, with one lock acquisition and one
+        hand-off to the committer for the whole block. Raises SpoolFull like :meth:`append_nowait`; the
+        bodies before the one that failed are queued then (:attr:`next_seq` says how far it got).
+        ``partial``: when room must be waited for after some bodies went in, return instead of waiting
+        (:attr:`next_seq` says how far it got), so the caller can count those first and call again.
+        """
         with self._cond:
-            if (self.on_full == "block" and self._bytes + size > self.max_bytes) or (
-                len(self._pending) >= self._max_pending
-            ):
-                self._wait_for_room(size, timeout)
-            seq = self._next_seq
-            if not self._pending:
-                self._first_pending_at = time.monotonic()
-            self._pending.append((seq, ts, pipeline, size, body))
-            self._next_seq = seq + 1
-            self._last_appended = seq
-            self._bytes += size
-            self._depth += 1
-            if len(self._pending) in (1, self.commit_every):  # the first starts the commit clock
-                self._commit_cv.notify()
-            return seq
+            first = self._next_seq
+            pending = self._pending
+            for body, t in zip(bodies, ts, strict=True):
+                seq = self._next_seq
+                if body is None:
+                    self._next_seq = seq + 1
+                    continue
+                size = len(body)
+                if size > self.max_bytes:
+                    raise SpoolFull(
+                        f"one sample of {size} bytes exceeds the whole spool ({self.max_bytes} bytes); "
+                        "raise --spool-max-mb"
+                    )
+                if (self.on_full == "block" and self._bytes + size > self.max_bytes) or (
+                    len(pending) >= self._max_pending
+                ):
+                    if partial and seq > first:
+                        return first
+                    self._wait_for_room(size, timeout)
+                    pending = self._pending  # the committer took the old list while we waited
+                if not pending:
+                    self._first_pending_at = time.monotonic()
+                pending.append((seq, t, pipeline, size, body))
+                self._next_seq = seq + 1
+                self._last_appended = seq
+                self._bytes += size
+                self._depth += 1
+                if len(pending) in (1, self.commit_every):  # the first starts the commit clock
+                    self._commit_cv.notify()
+            return first
 
     def _wait_for_room(self, size: int, timeout: float | None) -> None:
         """(Holding ``_cond``) wait until a sample of ``size`` bytes may be queued; SpoolFull on timeout."""

@@ -276,15 +276,15 @@ def test_bad_frames_are_counted_and_a_failing_custom_source_ends_capture_cleanly
 
 
 def test_reconnect_backoff_grows_with_jitter_and_resets():
-    from lepton.device._agent import _Backoff
+    from lepton.device._config import Backoff
 
-    b = _Backoff(base=0.5, cap=8.0)
+    b = Backoff(base=0.5, cap=8.0)
     delays = [b.next() for _ in range(8)]
     for attempt, d in enumerate(delays):
         full = min(8.0, 0.5 * 2**attempt)
         assert full / 2 <= d <= full  # "equal jitter": half fixed, half random
     assert max(delays) <= 8.0 and delays[-1] >= 4.0
-    fleet_delays = {round(_Backoff().next(), 6) for _ in range(50)}
+    fleet_delays = {round(Backoff().next(), 6) for _ in range(50)}
     assert len(fleet_delays) > 40  # devices coming back together do not reconnect in lock-step
     b.reset()
     assert b.next() <= 0.5
@@ -350,10 +350,10 @@ def test_paho_callbacks_run_no_sql_and_hand_the_connect_to_the_publisher(tmp_pat
         assert recorder.calls == []  # no SQL on paho's thread (the status reads the spool's memory)
         assert client.published == [] and client.subscribed == [agent.topics.acks("dev-1")] * 2
         assert agent._just_connected.is_set() and agent.connected  # the publisher takes it from here
-        assert agent._ack_inbox == [(0, 0)] and agent.counters.reconnects == 1
+        assert agent._publisher.ack_inbox == [(0, 0)] and agent.counters.reconnects == 1
         assert agent.status()["spool_depth"] == 1 and agent.telemetry()["captured"] == 0
         assert recorder.calls == []  # the reports cost no SQL on whatever thread builds them
-        agent._apply_acks(None)  # the publisher's job (or the main thread's once it stopped)
+        agent._publisher.apply_acks(None)  # the publisher's job (or the main thread's once it stopped)
         assert agent.spool.depth == 0 and agent.counters.acked == 1 and recorder.calls
     finally:
         agent._client = None
