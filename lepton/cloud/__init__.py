@@ -31,7 +31,8 @@ if TYPE_CHECKING:
     )
     from lepton.cloud._index import SampleIndex, SqliteIndex, compact, open_index
     from lepton.cloud._index_pg import PostgresIndex
-    from lepton.cloud._ingest import IngestWorker, WorkerConfig
+    from lepton.cloud._ingest import IngestWorker
+    from lepton.cloud._ingest_config import WorkerConfig
     from lepton.cloud._nets import MLP, Classifier, SmallCNN, build_network
     from lepton.cloud._registry import ModelVersion, Registry
     from lepton.cloud._training import (
@@ -68,7 +69,7 @@ _LAZY = {
     "SCHEMA": "lepton.cloud._dataset", "Dataset": "lepton.cloud._dataset",
     "decode_x": "lepton.cloud._dataset", "raw_sample_rows": "lepton.cloud._dataset",
     "samples_to_table": "lepton.cloud._dataset", "write_parquet_atomic": "lepton.cloud._dataset",
-    "IngestWorker": "lepton.cloud._ingest", "WorkerConfig": "lepton.cloud._ingest",
+    "IngestWorker": "lepton.cloud._ingest", "WorkerConfig": "lepton.cloud._ingest_config",
     "SampleIndex": "lepton.cloud._index", "SqliteIndex": "lepton.cloud._index",
     "compact": "lepton.cloud._index", "open_index": "lepton.cloud._index",
     "PostgresIndex": "lepton.cloud._index_pg",
