@@ -12,7 +12,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from lepton.cloud._data import DataConfig, DatasetInfo, ParquetDataModule
+    from lepton.cloud._data import ParquetDataModule
+    from lepton.cloud._data_config import DataConfig, DatasetInfo
     from lepton.cloud._dataset import (
         SCHEMA,
         Dataset,
@@ -53,7 +54,7 @@ _LAZY = {
     # training, export, registry, delivery (issue 5)
     "Classifier": "lepton.cloud._nets", "MLP": "lepton.cloud._nets", "SmallCNN": "lepton.cloud._nets",
     "build_network": "lepton.cloud._nets",
-    "DataConfig": "lepton.cloud._data", "DatasetInfo": "lepton.cloud._data",
+    "DataConfig": "lepton.cloud._data_config", "DatasetInfo": "lepton.cloud._data_config",
     "ParquetDataModule": "lepton.cloud._data",
     "ExportConfig": "lepton.cloud._export", "ExportError": "lepton.errors",
     "ExportResult": "lepton.cloud._export", "export_and_compress": "lepton.cloud._export",
