@@ -45,7 +45,7 @@ def labelled_samples(data: Path, fleet: str) -> int:
     """Labelled rows in the fleet's dataset, reading only the label column."""
     import pyarrow.parquet as pq
 
-    from lepton.cloud._data import dataset_files
+    from lepton.cloud._data_config import dataset_files
 
     total = 0
     for path in dataset_files(data, fleet):

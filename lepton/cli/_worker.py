@@ -157,7 +157,8 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lepton.cloud._ingest import IngestWorker, WorkerConfig
+    from lepton.cloud._ingest import IngestWorker
+    from lepton.cloud._ingest_config import WorkerConfig
     from lepton.errors import ConfigError
 
     prefix = _prefix.resolve_prefix(args)

@@ -12,7 +12,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from lepton.cloud._data import DataConfig, DatasetInfo, ParquetDataModule
+    from lepton.cloud._data import ParquetDataModule
+    from lepton.cloud._data_config import DataConfig, DatasetInfo
     from lepton.cloud._dataset import (
         SCHEMA,
         Dataset,
@@ -31,7 +32,8 @@ if TYPE_CHECKING:
     )
     from lepton.cloud._index import SampleIndex, SqliteIndex, compact, open_index
     from lepton.cloud._index_pg import PostgresIndex
-    from lepton.cloud._ingest import IngestWorker, WorkerConfig
+    from lepton.cloud._ingest import IngestWorker
+    from lepton.cloud._ingest_config import WorkerConfig
     from lepton.cloud._nets import MLP, Classifier, SmallCNN, build_network
     from lepton.cloud._registry import ModelVersion, Registry
     from lepton.cloud._training import (
@@ -52,7 +54,7 @@ _LAZY = {
     # training, export, registry, delivery (issue 5)
     "Classifier": "lepton.cloud._nets", "MLP": "lepton.cloud._nets", "SmallCNN": "lepton.cloud._nets",
     "build_network": "lepton.cloud._nets",
-    "DataConfig": "lepton.cloud._data", "DatasetInfo": "lepton.cloud._data",
+    "DataConfig": "lepton.cloud._data_config", "DatasetInfo": "lepton.cloud._data_config",
     "ParquetDataModule": "lepton.cloud._data",
     "ExportConfig": "lepton.cloud._export", "ExportError": "lepton.errors",
     "ExportResult": "lepton.cloud._export", "export_and_compress": "lepton.cloud._export",
@@ -68,7 +70,7 @@ _LAZY = {
     "SCHEMA": "lepton.cloud._dataset", "Dataset": "lepton.cloud._dataset",
     "decode_x": "lepton.cloud._dataset", "raw_sample_rows": "lepton.cloud._dataset",
     "samples_to_table": "lepton.cloud._dataset", "write_parquet_atomic": "lepton.cloud._dataset",
-    "IngestWorker": "lepton.cloud._ingest", "WorkerConfig": "lepton.cloud._ingest",
+    "IngestWorker": "lepton.cloud._ingest", "WorkerConfig": "lepton.cloud._ingest_config",
     "SampleIndex": "lepton.cloud._index", "SqliteIndex": "lepton.cloud._index",
     "compact": "lepton.cloud._index", "open_index": "lepton.cloud._index",
     "PostgresIndex": "lepton.cloud._index_pg",

@@ -22,6 +22,17 @@ Design (why it is exactly-once and durable):
   records the new rows, so two workers on one folder never store a sample twice.
 - After each durable write the worker publishes on ``devices/{id}/acks`` the ranges of every seq it
   saw in the batch for that device, duplicates included, so a device that resends is released.
+- The settings are in :mod:`lepton.cloud._ingest_config`; the disk side of a batch (quarantine,
+  Parquet, index, rename) in :mod:`lepton.cloud._ingest_store`; the training child
+  (``--train-every``) in :mod:`lepton.cloud._ingest_trainer`; the counters and telemetry in
+  :mod:`lepton.cloud._ingest_status`.
+
+Owning threads: paho's network thread runs the MQTT callbacks; it alone bumps the connection
+generation (``_gen``), and it adds to the receive queue's byte count (``_q_bytes``, under
+``_q_cond``), which the writer thread subtracts from. The writer thread owns the
+:class:`~lepton.cloud._ingest_store.BatchStore` (decoder, index, quarantine), the
+:class:`~lepton.cloud._ingest_trainer.TrainerProcess` and the counters; the status thread only
+publishes. :meth:`IngestWorker.stop` stops the trainer and closes the index after the writer ended.
 """
 
 from __future__ import annotations
@@ -29,30 +40,27 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import os
 import queue
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lepton.cloud._ingest_core import BatchDecoder, BatchProgress, DeadLetter, plan_write
+from lepton.cloud._ingest_config import DEFAULT_WORKER_MAX_PAYLOAD_BYTES, WorkerConfig
+from lepton.cloud._ingest_core import BatchDecoder, BatchProgress
+from lepton.cloud._ingest_status import RateMeter, WorkerStats, status_body, telemetry_of
+from lepton.cloud._ingest_store import BatchStore, warm_up
+from lepton.cloud._ingest_trainer import TrainerProcess
 from lepton.errors import ConfigError
 from lepton.protocol import (
-    DEFAULT_MAX_TENSOR_BYTES,
-    DEFAULT_PREFIX,
     BrokerURL,
     Topics,
     connect,
     encode_acks,
     encode_json,
     new_client,
-    telemetry_fields,
-    validate_id,
 )
 
 if TYPE_CHECKING:
@@ -62,99 +70,9 @@ log = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_WORKER_MAX_PAYLOAD_BYTES", "IngestWorker", "WorkerConfig"]
 
-#: The worker's default ceiling for one message: well above the device's 1,000,000-byte envelopes,
-#: and exactly what ``max_packet_size`` in the project's mosquitto.conf allows (4 MiB).
-DEFAULT_WORKER_MAX_PAYLOAD_BYTES = 4 * 1024 * 1024
-
 #: Failures that say nothing about the messages being written: the disk is full or failing, the index
 #: is locked or unreadable for a while. They are retried, with backoff, and the batch stays unacked.
 _TRANSIENT = (OSError, sqlite3.OperationalError)
-
-#: fields of the worker status that are state, not numbers to chart: the telemetry leaves them out
-#: (``quarantine`` it carries flat, as ``quarantine_{entries,bytes,refused}``)
-_STATE_FIELDS = frozenset({"worker", "fleet", "group", "online", "last_error", "quarantine"})
-
-
-@dataclass(frozen=True, kw_only=True)
-class WorkerConfig:
-    """Settings of one ingest worker. Only ``broker``, ``fleet`` and ``data`` are required.
-
-    >>> WorkerConfig(broker="mqtt://w1:pw@127.0.0.1:1883", fleet="demo", data="/data").batch
-    4096
-    """
-
-    broker: str
-    fleet: str
-    data: str | Path
-    name: str = "worker"
-    #: topics are ``{prefix}/{fleet}/...``; the training child gets the same ``--prefix``.
-    prefix: str = DEFAULT_PREFIX
-    #: shared-subscription group: several workers with the same group split the stream.
-    group: str | None = None
-    #: ``None`` probes the broker; ``False`` refuses ``group`` at once (e.g. known amqtt).
-    shared_subscriptions: bool | None = None
-    #: the exactly-once index: None for SQLite in the dataset folder (one machine), or
-    #: ``postgresql://USER@HOST[:PORT]/DB`` (workers on several machines; docs/dataset.md).
-    index: str | None = dataclasses.field(default=None, repr=False)  # may hold a password
-    batch: int = 4096  # samples per file, at most
-    batch_ms: float = 100.0  # wait at most this long for more messages before writing
-    #: messages per write at most: the broker's in-flight window (mosquitto.conf max_inflight_messages).
-    max_pending: int = 1000
-    #: with a burst pending, write once no message came for this long (the broker's window is full).
-    idle_ms: float = 5.0
-    status_interval: float = 2.0
-    max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES
-    #: larger messages are dead-lettered unread; keep it at the broker's max_packet_size.
-    max_payload_bytes: int = DEFAULT_WORKER_MAX_PAYLOAD_BYTES
-    #: payload bytes received and not yet written, at most: beyond it paho's network thread waits
-    #: (QoS 1: the broker holds the rest) and QoS 0 messages are dropped and counted.
-    max_queue_bytes: int = 256 * 1024 * 1024
-    #: quarantine bounds, bytes per device and in total (payloads are de-duplicated by hash).
-    quarantine_device_bytes: int = 64 * 1024 * 1024
-    quarantine_bytes: int = 1024 * 1024 * 1024
-    #: at most this many per-sample dead-letter reports per message (then one summary report).
-    max_reports_per_message: int = 16
-    # -- training trigger ---------------------------------------------------------------------------
-    train_every: int | None = None  # new labelled samples
-    train_interval: float | None = None  # seconds, if new labelled samples arrived
-    model: str | None = None
-    key: str | None = None
-    train_publish: bool = False
-    #: the training child's broker URL (with password) when it publishes; default ``broker``. Give it a
-    #: user of its own (role trainer): brokers that bind client ids to users (mosquitto.conf
-    #: use_username_as_clientid) would let a child with the worker's user kick the worker off.
-    train_broker: str | None = None
-    train_args: tuple[str, ...] = ()
-    #: replaces ``python -m lepton train ...`` entirely (tests, custom trainers).
-    train_command: tuple[str, ...] | None = None
-
-    def __post_init__(self) -> None:
-        validate_id(self.fleet, kind="fleet", flag="--fleet")
-        Topics(fleet=self.fleet, prefix=self.prefix)  # validates the prefix too
-        validate_id(self.name, kind="worker", flag="--name")
-        if self.group is not None:
-            validate_id(self.group, kind="group", flag="--group")
-        if self.model is not None:
-            validate_id(self.model, kind="model", flag="--model")
-        BrokerURL.parse(self.broker)
-        if self.index is not None:
-            from lepton.cloud._index_pg import is_postgres_url
-
-            if not is_postgres_url(self.index):
-                raise ConfigError(
-                    "--index must be postgresql://USER@HOST[:PORT]/DATABASE (password in $PGPASSWORD); "
-                    "leave it out for the SQLite index in the dataset folder"
-                )
-        if self.train_broker is not None:
-            BrokerURL.parse(self.train_broker)
-        if self.batch < 1 or self.max_pending < 1 or self.batch_ms < 0:
-            raise ConfigError("--batch and --max-pending must be >= 1 and --batch-ms >= 0")
-        if self.max_payload_bytes < 1024 or self.max_queue_bytes < self.max_payload_bytes:
-            raise ConfigError("--max-payload-kb must be >= 1 and --max-queue-mb at least one payload")
-        if self.quarantine_device_bytes < 0 or self.quarantine_bytes < 0:
-            raise ConfigError("--quarantine-mb and --quarantine-device-mb must be >= 0")
-        if (self.train_every or self.train_interval) and not (self.model or self.train_command):
-            raise ConfigError("--train-every/--train-interval need --model NAME")
 
 
 @dataclass
@@ -169,25 +87,6 @@ class _Message:
     #: set when writing this message failed for a reason no retry can fix: dead-letter it.
     unstorable: str | None = None
 
-
-@dataclass
-class WorkerStats:
-    received: int = 0  # messages
-    stored: int = 0  # new samples written
-    duplicates: int = 0
-    dead_letters: int = 0  # bad messages + bad samples
-    files: int = 0
-    bytes: int = 0
-    errors: int = 0  # failed write attempts (transient: retried) and internal errors (isolated)
-    retrying: bool = False
-    last_error: str | None = None
-    dropped_qos0: int = 0  # QoS 0 messages dropped because the receive queue was full
-    last_write: float | None = None
-    labelled_since_train: int = 0
-    train_runs: int = 0
-    train_running: bool = False
-    train_last_exit: int | None = None
-    train_last_started: float | None = None
 
 
 class IngestWorker:
@@ -227,6 +126,9 @@ class IngestWorker:
             ),
         )
         self.stats = WorkerStats()
+        self._trainer = TrainerProcess(
+            config, log_path=self.dir / "train.log", on_change=self._publish_status, stats=self.stats
+        )
         self._q: queue.Queue[_Message] = queue.Queue()
         # Payload bytes in ``_q``: added by paho's network thread, taken by the writer, under _q_cond.
         self._q_bytes = 0
@@ -236,15 +138,19 @@ class IngestWorker:
         self._stopped = threading.Event()
         self._writer: threading.Thread | None = None
         self._status_thread: threading.Thread | None = None
-        self._my_unmarked: list[str] = []
         self._cond = threading.Condition()
-        self._train_proc: subprocess.Popen | None = None
-        self._last_train = time.monotonic()
-        self._rate = (time.monotonic(), 0)
-        self._last_rate = 0.0
+        self._rate = RateMeter(now=time.monotonic())
         self._client: mqtt.Client | None = None
-        self._decoder = BatchDecoder(
-            self.topics, max_tensor_bytes=config.max_tensor_bytes, max_payload_bytes=config.max_payload_bytes
+        self._store = BatchStore(
+            config,
+            data_dir=self.data_dir,
+            index=self.index,
+            quarantine=self.quarantine,
+            decoder=BatchDecoder(
+                self.topics,
+                max_tensor_bytes=config.max_tensor_bytes,
+                max_payload_bytes=config.max_payload_bytes,
+            ),
         )
         self.started_at = time.time()
 
@@ -262,7 +168,7 @@ class IngestWorker:
         from lepton.cloud._index import recover
 
         recover(self.index, self.dir)
-        _warm_up()
+        warm_up()
         cfg = self.config
         client = new_client(
             self.url,
@@ -313,7 +219,7 @@ class IngestWorker:
             self._writer.join(timeout)
         if self._status_thread is not None:
             self._status_thread.join(timeout)
-        self._stop_training()
+        self._trainer.stop()
         client = self._client
         if client is not None:
             with contextlib.suppress(Exception):
@@ -438,7 +344,7 @@ class IngestWorker:
         try:
             first = self._take(self._q.get(timeout=0.2))
         except queue.Empty:
-            self._poll_training()
+            self._trainer.poll()
             return not self._stop.is_set()
         batch = [first]
         n_samples = _samples_hint(first)
@@ -457,7 +363,7 @@ class IngestWorker:
                 break
             n_samples += _samples_hint(batch[-1])
         self._process_with_retry(batch)
-        self._poll_training()
+        self._trainer.poll()
         return True
 
     def _process_with_retry(self, batch: list[_Message]) -> None:
@@ -524,71 +430,15 @@ class IngestWorker:
 
     def _process(self, batch: list[_Message], done: BatchProgress | None = None) -> None:
         """Carry out one batch transaction: the decisions come from the I/O-free core
-        (:mod:`lepton.cloud._ingest_core`), this does the disk, the index and the MQTT side.
+        (:mod:`lepton.cloud._ingest_core`), the disk and the index side from
+        :class:`~lepton.cloud._ingest_store.BatchStore`; this does the MQTT side.
 
         ``done`` records the steps already carried out by an earlier attempt at the same batch
         (after a transient error), which are not done again."""
-        from lepton.cloud._dataset import fsync_dir, new_file_name, write_parquet_synced
-        from lepton.cloud._index import finish_file
-
-        cfg = self.config
         done = done if done is not None else BatchProgress()
-        if done.decoded is None:  # decoded, and its dead letters admitted to quarantine, once
-            done.decoded = self._decoder.decode(batch)
-            done.reports, done.quarantine, done.n_dead = self._dead_letters(batch, done.decoded.dead)
-        decoded = done.decoded
-        valid = decoded.seqs()
-
-        # Quarantine first: a bad payload is on disk before its message can be acked.
-        if done.quarantine and not done.quarantined:
-            for qname, payload, report in done.quarantine:
-                if self.quarantine.unwritten(qname):
-                    self.quarantine.write(qname, payload, encode_json(report))
-            self.quarantine.sync()
-        done.quarantined = True
-
-        if not done.committed and (decoded.parts or self._my_unmarked):
-            plan = None
-            name = None
-            size = 0
-            labelled = 0
-            with self.index.transaction(devices=valid):  # locks these devices only (PostgreSQL)
-                marked = list(self._my_unmarked)
-                if marked:
-                    self.index.mark_visible(marked)
-                others = self.index.invisible_files()
-                if others:  # another writer died between commit and rename: finish its file
-                    for other in others:
-                        finish_file(self.data_dir, other)
-                    self.index.mark_visible(others)
-                plan = plan_write(decoded, {dev: self.index.known(dev, seqs) for dev, seqs in valid.items()})
-                if plan.n_new:
-                    table = decoded.table if plan.keep is None else decoded.table.take(plan.keep)
-                    labelled = plan.n_new - table.column("label").null_count
-                    name = new_file_name(cfg.name)
-                    size = write_parquet_synced(self.data_dir / f".{name}.tmp", table)
-                    for dev, seqs in plan.new_seqs.items():
-                        self.index.add(dev, seqs)
-                    self.index.add_file(name, rows=plan.n_new, size=size, visible=False)
-            # Committed: from here on a retry must not look the seqs up again (they would count as
-            # duplicates) nor write another file.
-            self._my_unmarked = [n for n in self._my_unmarked if n not in marked]
-            done.committed = True
-            done.plan, done.name, done.size, done.labelled = plan, name, size, labelled
-        plan, name = done.plan, done.name
-        if name is not None and not done.renamed:
-            try:
-                os.replace(self.data_dir / f".{name}.tmp", self.data_dir / name)
-            except FileNotFoundError:
-                # Another writer finished it for us meanwhile (and a compaction may already have
-                # merged it), or an earlier attempt renamed it: the index is what made it durable.
-                log.debug("worker %s: %s was finished by another writer", cfg.name, name)
-            fsync_dir(self.data_dir)
-            self._my_unmarked.append(name)
-            done.renamed = True
-
-        if plan is None:  # no good samples: nothing known to look up, only rejected seqs to ack
-            plan = done.plan = plan_write(decoded, {})
+        self._store.write(batch, done)
+        plan = done.plan
+        assert plan is not None  # write() always leaves the plan of what to ack
         # Durable: tell the devices (duplicates and rejected seqs included), report, then PUBACK.
         client = self._client
         assert client is not None  # the writer thread runs between start() and stop()
@@ -619,103 +469,39 @@ class IngestWorker:
                 self.stats.files += 1
                 self.stats.bytes += done.size
                 self.stats.last_write = time.time()
-            self.stats.labelled_since_train += done.labelled
+            self._trainer.add_labelled(done.labelled)
             self._cond.notify_all()
 
-    def _dead_letters(self, batch: list[_Message], dead: list[DeadLetter]):
-        """Reports to publish and payloads to quarantine for the batch's dead letters:
-        ``(reports, [(name, payload, report)], problems counted)``."""
-        cfg = self.config
-        reports: list[dict[str, Any]] = []
-        quarantine: list[tuple[str, bytes, dict[str, Any]]] = []
-        n = 0
-        for d in dead:
-            msg = batch[d.index]
-            problems = d.problems
-            n += len(problems)
-            full = {"problems": [{"sample": i, "reason": r, "field": f} for i, r, f in problems]}
-            qname, verdict = self.quarantine.admit(d.device, msg.payload,
-                                                   report_size=len(encode_json(full)) + 400)
-            base = {
-                "topic": msg.topic,
-                "device": d.device,
-                "size": len(msg.payload),
-                "time": msg.received_at,
-                "worker": cfg.name,
-                "quarantine": qname if verdict in ("new", "duplicate") else None,
-            }
-            if base["quarantine"] is None:
-                base["quarantine_refused"] = verdict  # over its bounds: reported, acked, not kept
-            shown = problems[: cfg.max_reports_per_message]
-            for index, reason, fld in shown:
-                reports.append({**base, "reason": reason, "field": fld, "sample": index})
-            if len(problems) > len(shown):
-                reports.append(
-                    {
-                        **base,
-                        "reason": f"{len(problems) - len(shown)} more bad samples in this message",
-                        "field": None,
-                        "sample": None,
-                    }
-                )
-            if verdict == "new":
-                quarantine.append((qname, bytes(msg.payload), {**base, **full}))
-            log.warning(
-                "worker %s: dead-lettered %d problem(s) from %s (%d bytes): %s",
-                cfg.name, len(problems), msg.topic, len(msg.payload), problems[0][1],
-            )
-        return reports, quarantine, n
-
     # -- status ---------------------------------------------------------------------------------------
+    def train_command(self) -> list[str]:
+        """The training child's argv (see :meth:`TrainerProcess.command`)."""
+        return self._trainer.command()
+
+    def train_environment(self) -> dict[str, str]:
+        """The training child's environment (see :meth:`TrainerProcess.environment`)."""
+        return self._trainer.environment()
+
     def _status_payload(self, *, online: bool = True, update_rate: bool = False) -> bytes:
         return encode_json(self._status_body(online=online, update_rate=update_rate))
 
     def _status_body(self, *, online: bool = True, update_rate: bool = False) -> dict[str, Any]:
-        now = time.monotonic()
-        t0, n0 = self._rate
-        if update_rate and now - t0 > 0.2:
-            self._last_rate = (self.stats.stored - n0) / (now - t0)
-            self._rate = (now, self.stats.stored)
-        rate = self._last_rate
-        st = self.stats
-        return {
-            "worker": self.config.name,
-            "online": online,
-            "fleet": self.config.fleet,
-            "group": self.config.group,
-            "samples_per_s": round(rate, 1),
-            "stored": st.stored,
-            "duplicates": st.duplicates,
-            "dead_letters": st.dead_letters,
-            "files": st.files,
-            "bytes": st.bytes,
-            "received": st.received,
-            "errors": st.errors,
-            "retrying": st.retrying,
-            "last_error": st.last_error,
-            "dropped_qos0": st.dropped_qos0,
-            "quarantine": self.quarantine.usage(),
-            "last_write": None if st.last_write is None else round(st.last_write, 3),
-            "queue": self._q.qsize(),
-            "queue_bytes": self._q_bytes,
-            "started_at": round(self.started_at, 3),
-            "train_runs": st.train_runs,
-            "train_running": st.train_running,
-            "train_last_exit": st.train_last_exit,
-            "train_last_started": st.train_last_started,
-        }
-
-    @staticmethod
-    def _telemetry_of(status: dict[str, Any]) -> dict[str, int | float]:
-        """The telemetry report that goes with a status: its numbers, flat (docs/protocol.md, "Worker
-        telemetry"); names, the error text and ``online`` stay in the status."""
-        body = {k: v for k, v in status.items() if k not in _STATE_FIELDS}
-        body.update({f"quarantine_{k}": v for k, v in status["quarantine"].items()})
-        return telemetry_fields(body)
+        if update_rate:
+            self._rate.update(now=time.monotonic(), total=self.stats.stored)
+        return status_body(
+            self.config,
+            self.stats,
+            online=online,
+            rate=self._rate.rate,
+            quarantine=self.quarantine.usage(),
+            queue=self._q.qsize(),
+            queue_bytes=self._q_bytes,
+            started_at=self.started_at,
+            training=self._trainer.status(),
+        )
 
     def telemetry(self) -> dict[str, int | float]:
         """The current telemetry report (what the telemetry topic carries, without ``v``/``ts``)."""
-        return self._telemetry_of(self._status_body())
+        return telemetry_of(self._status_body())
 
     def _publish_status(self) -> None:
         if self._client is not None:
@@ -723,7 +509,7 @@ class IngestWorker:
             self._client.publish(self.topics.worker_status(self.config.name), encode_json(status), qos=1,
                                  retain=True)
             self._client.publish(self.topics.worker_telemetry(self.config.name),
-                                 encode_json(self._telemetry_of(status)), qos=0)
+                                 encode_json(telemetry_of(status)), qos=0)
 
     def _status_loop(self) -> None:
         while not self._stop.wait(self.config.status_interval):
@@ -740,128 +526,8 @@ class IngestWorker:
         body.pop("v", None)
         return body
 
-    # -- training trigger -----------------------------------------------------------------------------
-    def train_command(self) -> list[str]:
-        cfg = self.config
-        if cfg.train_command:
-            return list(cfg.train_command)
-        cmd = [
-            sys.executable,
-            "-m",
-            "lepton",
-            "train",
-            "--data",
-            str(cfg.data),
-            "--fleet",
-            cfg.fleet,
-            "--prefix",
-            cfg.prefix,
-            "--model",
-            str(cfg.model),
-        ]
-        if cfg.train_publish:
-            cmd.append("--publish")  # the broker URL goes in the environment: argv is world-readable
-        if cfg.key:
-            cmd += ["--key", str(cfg.key)]
-        return cmd + list(cfg.train_args)
-
-    def train_environment(self) -> dict[str, str]:
-        """The training child's environment: the broker URL (with its password) in $LEPTON_BROKER
-        when it publishes, no broker credentials otherwise; never any of it in argv (/proc/PID/cmdline)."""
-        from lepton.protocol._mqtt import ENV_BROKER, child_environment
-
-        cfg = self.config
-        url = BrokerURL.parse(cfg.train_broker) if cfg.train_broker else self.url
-        if cfg.train_publish:
-            return child_environment(url, os.environ)
-        return {k: v for k, v in child_environment(url, os.environ).items() if k != ENV_BROKER}
-
-    def _stop_training(self, grace: float = 10.0) -> None:
-        """SIGTERM the training child, SIGKILL it after ``grace`` seconds, and reap it: no trainer
-        outlives its worker (the writer thread, which starts it, has stopped)."""
-        proc, self._train_proc = self._train_proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            log.info("worker %s: stopping training run %d (pid %d)", self.config.name, self.stats.train_runs,
-                     proc.pid)
-            proc.terminate()
-            try:
-                proc.wait(grace)
-            except subprocess.TimeoutExpired:
-                log.warning("worker %s: training pid %d ignored SIGTERM for %.0fs; killing it",
-                            self.config.name, proc.pid, grace)
-                proc.kill()
-                proc.wait()
-        self.stats.train_running = False
-        self.stats.train_last_exit = proc.returncode
-
-    def _poll_training(self) -> None:
-        cfg = self.config
-        st = self.stats
-        proc = self._train_proc
-        if proc is not None:
-            rc = proc.poll()
-            if rc is None:
-                return
-            self._train_proc = None
-            st.train_running = False
-            st.train_last_exit = rc
-            (log.info if rc == 0 else log.warning)(
-                "worker %s: training run %d exited with %d (log: %s)",
-                cfg.name,
-                st.train_runs,
-                rc,
-                self.dir / "train.log",
-            )
-            self._publish_status()
-        if not (cfg.train_every or cfg.train_interval) or st.labelled_since_train == 0:
-            return
-        due = bool(cfg.train_every and st.labelled_since_train >= cfg.train_every)
-        due = due or bool(cfg.train_interval and time.monotonic() - self._last_train >= cfg.train_interval)
-        if not due:
-            return
-        cmd = self.train_command()
-        shown = [("***" if i > 0 and cmd[i - 1] == "--broker" else a) for i, a in enumerate(cmd)]
-        log.info(
-            "worker %s: %d new labelled samples, starting training: %s",
-            cfg.name,
-            st.labelled_since_train,
-            " ".join(shown),
-        )
-        try:
-            with open(self.dir / "train.log", "ab") as out:
-                self._train_proc = subprocess.Popen(
-                    cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                    env=self.train_environment(),
-                )
-        except OSError as exc:
-            log.error("worker %s: cannot start training %s: %s", cfg.name, cmd[0], exc)
-            st.train_last_exit = -1
-            self._last_train = time.monotonic()
-            st.labelled_since_train = 0
-            return
-        st.train_runs += 1
-        st.train_running = True
-        st.train_last_started = round(time.time(), 3)
-        st.labelled_since_train = 0
-        self._last_train = time.monotonic()
-        self._publish_status()
-
 
 _MIN_WINDOW = 20
-
-
-def _warm_up() -> None:
-    """Import what the first Parquet write pulls in lazily (pandas shims: ~0.2 s) before any message
-    waits on it."""
-    import io
-
-    import pyarrow.parquet as pq
-
-    from lepton.cloud._dataset import SCHEMA
-
-    pq.write_table(SCHEMA.empty_table(), io.BytesIO())
 
 
 def _samples_hint(msg: _Message) -> int:

@@ -11,7 +11,7 @@ import torch
 
 from lepton.cli._main import main
 from lepton.cloud import Classifier, DataConfig, ParquetDataModule, Registry, TrainConfig, fetch_model, train
-from lepton.cloud._data import is_validation
+from lepton.cloud._data_select import is_validation
 from tests.cloud.conftest import DIGITS_HASH, write_dataset
 
 
