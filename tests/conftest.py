@@ -11,6 +11,13 @@ from lepton.testing import AmqttBroker, MosquittoBroker, PostgresServer, mosquit
 
 REQUIRE_MOSQUITTO = os.environ.get("LEPTON_REQUIRE_MOSQUITTO") == "1"
 
+# One torch/OpenMP thread per process, here and in every process a test starts (they inherit the
+# environment). The suite runs on two pytest workers on a 2-core machine, and each test may start
+# trainers and devices of its own: with torch's default of one thread per core, one small training step
+# of the digits CNN took 6-447 ms instead of 5-8 ms whenever another process held a core.
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
 
 def missing_component(message: str) -> None:
     """A real component a test needs is not here: fail in CI (LEPTON_REQUIRE_MOSQUITTO=1, where
