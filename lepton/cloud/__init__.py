@@ -36,15 +36,8 @@ if TYPE_CHECKING:
     from lepton.cloud._ingest_config import WorkerConfig
     from lepton.cloud._nets import MLP, Classifier, SmallCNN, build_network
     from lepton.cloud._registry import ModelVersion, Registry
-    from lepton.cloud._training import (
-        BestWeights,
-        ExportCallback,
-        RegistryCallback,
-        TrainConfig,
-        TrainResult,
-        on_global_zero,
-        train,
-    )
+    from lepton.cloud._callbacks import BestWeights, ExportCallback, on_global_zero
+    from lepton.cloud._training import RegistryCallback, TrainConfig, TrainResult, train
     from lepton.errors import DeliveryError, ExportError
 
 # Training, export, registry and delivery pull in torch, Lightning and ONNX Runtime, which the ingest
@@ -62,9 +55,9 @@ _LAZY = {
     "ModelVersion": "lepton.cloud._registry", "Registry": "lepton.cloud._registry",
     "DeliveryError": "lepton.errors", "PublishResult": "lepton.cloud._delivery",
     "fetch_model": "lepton.cloud._delivery", "publish_package": "lepton.cloud._delivery",
-    "BestWeights": "lepton.cloud._training", "ExportCallback": "lepton.cloud._training",
+    "BestWeights": "lepton.cloud._callbacks", "ExportCallback": "lepton.cloud._callbacks",
     "RegistryCallback": "lepton.cloud._training", "TrainConfig": "lepton.cloud._training",
-    "TrainResult": "lepton.cloud._training", "on_global_zero": "lepton.cloud._training",
+    "TrainResult": "lepton.cloud._training", "on_global_zero": "lepton.cloud._callbacks",
     "train": "lepton.cloud._training",
     # dataset and ingest worker (issue 4)
     "SCHEMA": "lepton.cloud._dataset", "Dataset": "lepton.cloud._dataset",

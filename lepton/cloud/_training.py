@@ -32,25 +32,24 @@ import logging
 import sys
 import time
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
 
+from lepton.cloud._callbacks import BestWeights, ExportCallback, on_global_zero
 from lepton.cloud._data import DataConfig, ParquetDataModule
-from lepton.cloud._export import ExportConfig, ExportResult, export_and_compress, onnx_accuracy, onnx_session
+from lepton.cloud._export import ExportConfig
+from lepton.cloud._gate import evaluate_deployed, gate_decision
 from lepton.cloud._nets import TARGETS, choose_network, make_module
 from lepton.cloud._registry import ModelVersion, Registry
-from lepton.errors import ConfigError, GateRefused, RankZeroFailed
+from lepton.errors import ConfigError, GateRefused
 from lepton.protocol import DEFAULT_CHUNK_SIZE, DEFAULT_PREFIX, Topics, validate_id
 
 log = logging.getLogger(__name__)
 
-_T = TypeVar("_T")
 #: ``--strategy`` values: "auto" is one process, or DDP when there are several.
 STRATEGIES = ("auto", "ddp")
 
@@ -202,62 +201,6 @@ class TrainResult:
         return self
 
 
-# ------------------------------------------------------------------------------------------------
-# callbacks
-# ------------------------------------------------------------------------------------------------
-class BestWeights(pl.Callback):
-    """Keep the weights of the best validation epoch and load them back when fitting ends."""
-
-    def __init__(self, monitor: str = "val_acc") -> None:
-        self.monitor = monitor
-        self.best: float | None = None
-        self.best_epoch: int | None = None
-        self._state: dict[str, Any] | None = None
-
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking:
-            return
-        metric = trainer.callback_metrics.get(self.monitor)
-        if metric is None:
-            return
-        # Every rank must restore the same epoch: reduce the value (a no-op when the module logged it
-        # with sync_dist=True, and the fix for a --module that did not).
-        value = float(trainer.strategy.reduce(torch.as_tensor(float(metric)), reduce_op="mean"))
-        if self.best is None or value > self.best:
-            self.best, self.best_epoch = value, trainer.current_epoch
-            self._state = copy.deepcopy(pl_module.state_dict())
-
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._state is not None:
-            pl_module.load_state_dict(self._state)
-
-
-class ExportCallback(pl.Callback):
-    """Export to ONNX, verify, quantize; the result is in ``.result`` after fitting.
-
-    Runs on global rank zero only (``.result`` stays None on the other ranks); every rank learns
-    whether it succeeded.
-    """
-
-    def __init__(self, config: ExportConfig) -> None:
-        self.config = config
-        self.result: ExportResult | None = None
-        self.seconds = 0.0
-
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        started = time.perf_counter()
-
-        def export() -> None:
-            # Lightning sets Trainer.datamodule in fit() without declaring it on the class
-            datamodule = trainer.datamodule  # type: ignore[attr-defined]
-            self.result = export_and_compress(pl_module, datamodule, self.config)
-
-        try:
-            on_global_zero(trainer, "ONNX export", export, share=False)
-        finally:
-            self.seconds = time.perf_counter() - started
-
-
 class RegistryCallback(pl.Callback):
     """Gate, store and (optionally) publish the exported model; the result is in ``.result``.
 
@@ -384,130 +327,6 @@ class RegistryCallback(pl.Callback):
             status = "published"
         version = self.registry.get(cfg.model, version.version)
         return TrainResult(version=version, status=status, report=version.report)
-
-
-def on_global_zero(
-    trainer: pl.Trainer, what: str, work: Callable[[], _T], *, share: bool = True
-) -> _T | None:
-    """Run ``work`` on global rank zero only, then broadcast its outcome so every rank agrees.
-
-    Returns ``work()``'s value on every rank (None on the other ranks when not ``share``: an ONNX
-    model need not travel). When ``work`` raises on rank zero, rank zero re-raises it and every other
-    rank raises :class:`~lepton.errors.RankZeroFailed` naming it: no rank is left waiting in a
-    collective that rank zero never reaches. Every rank must call it, in the same order (a
-    callback hook does).
-    """
-    value: _T | None = None
-    error: Exception | None = None
-    if trainer.is_global_zero:
-        try:
-            value = work()
-        except Exception as exc:  # noqa: BLE001 - re-raised below, after the other ranks are told
-            error = exc
-    if trainer.world_size > 1:
-        message = None if error is None else f"{type(error).__name__}: {error}"
-        shared, message = trainer.strategy.broadcast((value if share else None, message), src=0)
-        if not trainer.is_global_zero:
-            if message is not None:
-                raise RankZeroFailed(what, message, rank=trainer.global_rank)
-            value = shared
-    if error is not None:
-        raise error
-    return value
-
-
-# ------------------------------------------------------------------------------------------------
-# the gate
-# ------------------------------------------------------------------------------------------------
-def evaluate_deployed(
-    registry: Registry, name: str, fleet: str, dm: ParquetDataModule
-) -> dict[str, Any] | None:
-    """Score the version deployed to ``fleet`` on ``dm``'s validation set with ONNX Runtime.
-
-    Returns None when nothing is deployed, else ``{"version", "comparable", "accuracy"|"reason"}``.
-    Class indices are matched by label name, so a new class does not break the comparison.
-    """
-    deployed = registry.deployed(name, fleet)
-    if deployed is None:
-        return None
-    m, info = deployed.manifest, dm.info
-    out: dict[str, Any] = {"version": deployed.version, "comparable": False}
-    if m["pipeline"].get("hash") != info.pipeline:
-        trained_on = m["pipeline"].get("hash")
-        out["reason"] = f"v{deployed.version} was trained on pipeline {trained_on!r}, not {info.pipeline!r}"
-        return out
-    if list(m["input"].get("shape", []))[1:] != list(info.shape):
-        out["reason"] = (
-            f"v{deployed.version} takes input shape {m['input'].get('shape')}, data has {list(info.shape)}"
-        )
-        return out
-    index = {lab: i for i, lab in enumerate(info.labels)}
-    label_map = np.asarray([index.get(str(lab), -1) for lab in m["labels"]], dtype=np.int64)
-    try:
-        session = onnx_session(deployed.data())
-        acc, n = onnx_accuracy(session, dm.iter_numpy("val"), label_map=label_map)
-    except Exception as exc:  # noqa: BLE001 - a broken deployed model must not block a fix
-        out["reason"] = f"v{deployed.version} could not be evaluated: {exc}"
-        return out
-    out.update(comparable=True, accuracy=acc, val_samples=n)
-    return out
-
-
-def gate_decision(
-    new_accuracy: float,
-    deployed: dict[str, Any] | None,
-    tolerance_points: float,
-    *,
-    force_incomparable: bool = False,
-) -> dict[str, Any]:
-    """Pass or refuse: new >= deployed - tolerance on the same validation set.
-
-    A version that cannot be compared with the deployed one (another pipeline or input shape, or a
-    deployed model that fails to run) is refused unless ``force_incomparable``: shipping it is how a
-    device inventing a pipeline hash would take the fleet's model over.
-    """
-    gate: dict[str, Any] = {
-        "new_accuracy": new_accuracy,
-        "tolerance_points": tolerance_points,
-        "deployed_version": None,
-        "deployed_accuracy": None,
-        "comparable": deployed is not None and bool(deployed["comparable"]),
-        "forced": False,
-    }
-    if deployed is None:
-        return {**gate, "passed": True, "reason": "no deployed version to compare with"}
-    gate["deployed_version"] = deployed["version"]
-    if not deployed["comparable"]:
-        if force_incomparable:
-            return {
-                **gate,
-                "passed": True,
-                "forced": True,
-                "reason": f"not comparable ({deployed['reason']}); shipped because of --force-incomparable",
-            }
-        return {
-            **gate,
-            "passed": False,
-            "reason": f"not comparable: {deployed['reason']}; the new version is kept on disk and not "
-            "shipped (pass --force-incomparable to ship it anyway)",
-        }
-    dep = deployed["accuracy"]
-    gate["deployed_accuracy"] = dep
-    floor = dep - tolerance_points / 100.0
-    if new_accuracy + 1e-12 >= floor:
-        return {
-            **gate,
-            "passed": True,
-            "reason": f"new accuracy {new_accuracy:.4f} >= deployed v{deployed['version']} {dep:.4f} "
-            f"- {tolerance_points:g} points on the same validation set",
-        }
-    return {
-        **gate,
-        "passed": False,
-        "reason": f"new accuracy {new_accuracy:.4f} < deployed v{deployed['version']} {dep:.4f} "
-        f"- {tolerance_points:g} points on the same validation set; the new version is kept "
-        "on disk and not shipped",
-    }
 
 
 # ------------------------------------------------------------------------------------------------

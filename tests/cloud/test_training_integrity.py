@@ -19,7 +19,7 @@ import pytest
 from lepton.cli._main import main
 from lepton.cloud import DataConfig, ExportConfig, ParquetDataModule, Registry, TrainConfig, train
 from lepton.cloud._data_select import device_caps, is_validation
-from lepton.cloud._training import gate_decision
+from lepton.cloud._gate import gate_decision
 from lepton.errors import ConfigError
 from tests.cloud.conftest import DIGITS_HASH
 
