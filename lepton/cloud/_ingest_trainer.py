@@ -43,10 +43,6 @@ class TrainingStats:
     train_last_started: float | None = None
 
 
-def _nothing() -> None:
-    pass
-
-
 class TrainerProcess:
     """The training child of one ingest worker, started when ``config``'s trigger is due.
 
@@ -67,7 +63,7 @@ class TrainerProcess:
         config: WorkerConfig,
         *,
         log_path: Path,
-        on_change: Callable[[], None] = _nothing,
+        on_change: Callable[[], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         stats: TrainingStats | None = None,
     ) -> None:
@@ -78,6 +74,10 @@ class TrainerProcess:
         self._proc: subprocess.Popen | None = None
         self._last_train = clock()
         self.stats = stats if stats is not None else TrainingStats()
+
+    def _changed(self) -> None:
+        if self._on_change is not None:
+            self._on_change()
 
     def status(self) -> dict[str, Any]:
         """The training fields of the worker's status (docs/protocol.md)."""
@@ -155,7 +155,7 @@ class TrainerProcess:
                 rc,
                 self.log_path,
             )
-            self._on_change()
+            self._changed()
         if self.due():
             self._start()
 
@@ -186,7 +186,7 @@ class TrainerProcess:
         self.stats.train_last_started = round(time.time(), 3)
         self.stats.labelled_since_train = 0
         self._last_train = self._clock()
-        self._on_change()
+        self._changed()
 
     @property
     def pid(self) -> int | None:

@@ -15,6 +15,7 @@ envelope and into every model manifest, so a device refuses a model trained on o
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -209,28 +210,31 @@ def _build_resize(p: dict[str, Any]):
     return run
 
 
-def _build_crop(p: dict[str, Any]):
+def _build_crop(p: dict[str, Any], lead: int = 0):
+    """``lead=1``: the same crop on a stack of frames (N first), for :meth:`Pipeline.run_block`."""
     x, y, w, h = p["x"], p["y"], p["width"], p["height"]
+    window = (slice(None),) * lead + (slice(y, y + h), slice(x, x + w))
 
     def run(img: np.ndarray) -> np.ndarray:
-        if y + h > img.shape[0] or x + w > img.shape[1]:
+        if y + h > img.shape[lead] or x + w > img.shape[lead + 1]:
             raise FrameError(
-                f"crop x={x} y={y} {w}x{h} falls outside the {img.shape[1]}x{img.shape[0]} frame"
+                f"crop x={x} y={y} {w}x{h} falls outside the {img.shape[lead + 1]}x{img.shape[lead]} frame"
             )
-        return img[y : y + h, x : x + w]
+        return img[window]
 
     return run
 
 
-def _build_normalize(p: dict[str, Any]):
+def _build_normalize(p: dict[str, Any], lead: int = 0):
+    """``lead=1``: the same op on a stack of frames (N first), for :meth:`Pipeline.run_block`."""
     mean = np.asarray(p["mean"], np.float32)
     inv_std = (1.0 / np.asarray(p["std"], np.float32)).astype(np.float32)
 
     def run(img: np.ndarray) -> np.ndarray:
-        if mean.ndim and (img.ndim != 3 or img.shape[2] != mean.shape[0]):
+        if mean.ndim and (img.ndim != 3 + lead or img.shape[2 + lead] != mean.shape[0]):
             raise FrameError(
                 f"normalize: {mean.shape[0]} per-channel means need an HxWx{mean.shape[0]} "
-                f"image, got shape {img.shape}"
+                f"image, got shape {img.shape[lead:]}"
             )
         return (img.astype(np.float32) - mean) * inv_std
 
@@ -334,29 +338,6 @@ def _block_resize(p: dict[str, Any]):
     return run
 
 
-def _block_crop(p: dict[str, Any]):
-    x, y, w, h = p["x"], p["y"], p["width"], p["height"]
-
-    def run(stack: np.ndarray) -> np.ndarray:
-        if y + h > stack.shape[1] or x + w > stack.shape[2]:
-            raise FrameError("crop falls outside the frame")
-        return stack[:, y : y + h, x : x + w]
-
-    return run
-
-
-def _block_normalize(p: dict[str, Any]):
-    mean = np.asarray(p["mean"], np.float32)
-    inv_std = (1.0 / np.asarray(p["std"], np.float32)).astype(np.float32)
-
-    def run(stack: np.ndarray) -> np.ndarray:
-        if mean.ndim and (stack.ndim != 4 or stack.shape[3] != mean.shape[0]):
-            raise FrameError("normalize: per-channel means need an HxWxC image")
-        return (stack.astype(np.float32) - mean) * inv_std
-
-    return run
-
-
 def _block_reshape(p: dict[str, Any]):
     shape = tuple(p["shape"])
     return lambda stack: stack.reshape((stack.shape[0], *shape))
@@ -422,14 +403,14 @@ OPS: dict[str, _Op] = {
                 "height": (_int(1), _REQUIRED),
             },
             _build_crop,
-            _block_crop,
+            functools.partial(_build_crop, lead=1),
         ),
         _Op(
             "normalize",
             "(x - mean) / std as float32",
             {"mean": (_floats(), 0.0), "std": (_floats(nonzero=True), 1.0)},
             _build_normalize,
-            _block_normalize,
+            functools.partial(_build_normalize, lead=1),
         ),
         _Op(
             "cast",
@@ -605,6 +586,16 @@ class Pipeline:
                 raise FrameError(f"{name}: {type(exc).__name__}: {str(exc).strip()[:200]}") from None
         return np.ascontiguousarray(out)
 
+    def _run_stacked(self, frames: Sequence[np.ndarray]) -> list[np.ndarray | FrameError] | None:
+        """Every op once on the stack of ``frames`` (one shape and dtype), or None if any op failed."""
+        stack = np.array(frames)  # one shape and dtype (checked by the caller): np.stack's result, faster
+        try:
+            for step, per_frame in self._block_steps:
+                stack = np.stack([step(f) for f in stack]) if per_frame else step(stack)
+        except Exception:  # noqa: BLE001 - the caller goes frame by frame, where each error is the frame's
+            return None
+        return list(np.ascontiguousarray(stack))
+
     def run_block(self, frames: Sequence[Any]) -> list[np.ndarray | FrameError]:
         """The pipeline on each frame, in order: its feature tensor, or the FrameError it raised.
 
@@ -618,13 +609,9 @@ class Pipeline:
             if (type(first) is np.ndarray and first.ndim in (2, 3) and first.size
                     and all(type(f) is np.ndarray and f.shape == first.shape and f.dtype == first.dtype
                             for f in frames)):
-                try:
-                    stack = np.array(frames)  # one shape and dtype (checked): np.stack's result, faster
-                    for step, per_frame in self._block_steps:
-                        stack = np.stack([step(f) for f in stack]) if per_frame else step(stack)
-                    return list(np.ascontiguousarray(stack))
-                except Exception:  # noqa: BLE001 - frame by frame below, where each error is the frame's
-                    pass
+                stacked = self._run_stacked(frames)
+                if stacked is not None:
+                    return stacked
         out: list[np.ndarray | FrameError] = []
         for frame in frames:
             try:
