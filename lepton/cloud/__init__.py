@@ -32,6 +32,8 @@ if TYPE_CHECKING:
     )
     from lepton.cloud._index import SampleIndex, SqliteIndex, compact, open_index
     from lepton.cloud._index_pg import PostgresIndex
+    from lepton.cloud._serve import ServeWorker
+    from lepton.cloud._serve_config import ServeConfig
     from lepton.cloud._ingest import IngestWorker
     from lepton.cloud._ingest_config import WorkerConfig
     from lepton.cloud._nets import MLP, Classifier, SmallCNN, build_network
@@ -67,6 +69,8 @@ _LAZY = {
     "SampleIndex": "lepton.cloud._index", "SqliteIndex": "lepton.cloud._index",
     "compact": "lepton.cloud._index", "open_index": "lepton.cloud._index",
     "PostgresIndex": "lepton.cloud._index_pg",
+    # joint inference: the serve worker answering escalated samples (lepton serve)
+    "ServeConfig": "lepton.cloud._serve_config", "ServeWorker": "lepton.cloud._serve",
 }
 
 # A literal, so type checkers and linters read it; equal to _LAZY's keys (tests/cloud/test_api.py).
@@ -91,6 +95,8 @@ __all__ = [
     "RegistryCallback",
     "SCHEMA",
     "SampleIndex",
+    "ServeConfig",
+    "ServeWorker",
     "SmallCNN",
     "SqliteIndex",
     "TrainConfig",

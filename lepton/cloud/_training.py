@@ -27,7 +27,6 @@ on rank zero is an error on every rank instead of a peer waiting forever in a co
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import sys
 import time
@@ -37,7 +36,6 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
 
 from lepton.cloud._callbacks import BestWeights, ExportCallback, on_global_zero
 from lepton.cloud._data import DataConfig, ParquetDataModule
