@@ -37,11 +37,11 @@ publishes. :meth:`IngestWorker.stop` stops the trainer and closes the index afte
 
 from __future__ import annotations
 
+import collections
 import contextlib
-import dataclasses
 import logging
+import os
 import queue
-import sqlite3
 import threading
 import time
 from dataclasses import dataclass
@@ -49,7 +49,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lepton.cloud._ingest_config import DEFAULT_WORKER_MAX_PAYLOAD_BYTES, WorkerConfig
-from lepton.cloud._ingest_core import BatchDecoder, BatchProgress
+from lepton.cloud._ingest_child import StoreChild
+from lepton.cloud._ingest_core import BatchDecoder
+from lepton.cloud._ingest_runner import TRANSIENT, Msg, Outcome, StoreRunner, StoreState
 from lepton.cloud._ingest_status import RateMeter, WorkerStats, status_body, telemetry_of
 from lepton.cloud._ingest_store import BatchStore, warm_up
 from lepton.cloud._ingest_trainer import TrainerProcess
@@ -70,9 +72,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_WORKER_MAX_PAYLOAD_BYTES", "IngestWorker", "WorkerConfig"]
 
-#: Failures that say nothing about the messages being written: the disk is full or failing, the index
-#: is locked or unreadable for a while. They are retried, with backoff, and the batch stays unacked.
-_TRANSIENT = (OSError, sqlite3.OperationalError)
+_TRANSIENT = TRANSIENT
 
 
 @dataclass
@@ -84,8 +84,6 @@ class _Message:
     payload: bytes
     received_at: float
     retain: bool = False
-    #: set when writing this message failed for a reason no retry can fix: dead-letter it.
-    unstorable: str | None = None
 
 
 
@@ -141,18 +139,59 @@ class IngestWorker:
         self._cond = threading.Condition()
         self._rate = RateMeter(now=time.monotonic())
         self._client: mqtt.Client | None = None
-        self._store = BatchStore(
-            config,
-            data_dir=self.data_dir,
-            index=self.index,
-            quarantine=self.quarantine,
-            decoder=BatchDecoder(
-                self.topics,
-                max_tensor_bytes=config.max_tensor_bytes,
-                max_payload_bytes=config.max_payload_bytes,
-            ),
-        )
+        self._store = self._make_store(self.index)
+        # In-process mode: the writer thread runs the store. Store-child mode: the child does, the
+        # writer thread sends it batches (at most ``_slots`` unanswered, in ``_sent``) and the result
+        # thread does the MQTT side of its answers.
+        self._runner: StoreRunner | None = None
+        self._child: StoreChild | None = None
+        self._results: threading.Thread | None = None
+        self._slots = threading.Semaphore(2)
+        self._sent: collections.deque[list[_Message]] = collections.deque()
+        self._store_errors = 0  # the store's error count already added to stats.errors
+        self._quarantine_usage: dict[str, int] | None = None  # the child's, from its last answer
+        self._fatal: int | None = None
+        self._stopping = False
         self.started_at = time.time()
+
+    def _make_store(self, index: Any) -> BatchStore:
+        cfg = self.config
+        decoder = BatchDecoder(self.topics, max_tensor_bytes=cfg.max_tensor_bytes,
+                               max_payload_bytes=cfg.max_payload_bytes)
+        return BatchStore(cfg, data_dir=self.data_dir, index=index, quarantine=self.quarantine,
+                          decoder=decoder)
+
+    def _start_store(self) -> None:
+        """Build the store's runner: in the writer thread, or in a forked child (the default)."""
+        cfg = self.config
+        if not cfg.store_process:
+            self._runner = StoreRunner(self._store, transient=self._transient, wait=self._stop.wait,
+                                       on_state=self._on_runner_state, name=cfg.name)
+            return
+        from lepton.cloud._index import open_index
+
+        self.index.close()  # the child opens its own: a database connection must not cross a fork
+        own: list[Any] = []
+
+        def make_runner(on_state, wait):  # noqa: ANN001, ANN202 - runs in the child
+            index = open_index(self.dir, cfg.index)
+            own.append(index)
+            return StoreRunner(self._make_store(index), transient=_TRANSIENT + index.transient_errors,
+                               wait=wait, on_state=on_state, name=cfg.name)
+
+        def close() -> None:  # in the child, on its way out
+            for index in own:
+                index.close()
+
+        self._child = StoreChild(make_runner, close, name=cfg.name)
+        self._results = threading.Thread(target=self._result_loop, name=f"lepton-ingest-{cfg.name}-acks",
+                                         daemon=True)
+        self._results.start()
+
+    @property
+    def store_pid(self) -> int | None:
+        """The store child's pid (None in-process mode or before start)."""
+        return self._child.pid if self._child is not None else None
 
     # -- lifecycle ------------------------------------------------------------------------------------
     def __enter__(self) -> IngestWorker:
@@ -169,6 +208,23 @@ class IngestWorker:
 
         recover(self.index, self.dir)
         warm_up()
+        self._start_store()  # before any MQTT thread runs: the child is forked from this one only
+        try:
+            self._connect()
+        except BaseException:
+            self._stop_store()
+            raise
+
+    def _stop_store(self) -> None:
+        self._stop.set()
+        if self._child is not None:
+            self._child.abandon_retries()
+            self._child.request_stop()
+            if self._results is not None:
+                self._results.join(10)
+            self._child.join(10)
+
+    def _connect(self) -> None:
         cfg = self.config
         client = new_client(
             self.url,
@@ -212,11 +268,19 @@ class IngestWorker:
 
     def stop(self, timeout: float = 30.0) -> None:
         """Write what was received, stop the training child, publish the offline status and disconnect."""
-        if self._stop.is_set():
+        if self._stopping:
             return
+        self._stopping = True
         self._stop.set()
+        if self._child is not None:
+            self._child.abandon_retries()  # as in-process: a batch in its retry backoff gives up
         if self._writer is not None:
             self._writer.join(timeout)
+        if self._child is not None:
+            self._child.request_stop()
+            if self._results is not None:
+                self._results.join(timeout)
+            self._child.join(timeout)
         if self._status_thread is not None:
             self._status_thread.join(timeout)
         self._trainer.stop()
@@ -327,7 +391,7 @@ class IngestWorker:
         self._probe_topic = None
         return ok
 
-    # -- writer thread --------------------------------------------------------------------------------
+    # -- writer thread (and, with the store child, the result thread) --------------------------------
     def _write_loop(self) -> None:
         while True:
             try:
@@ -339,12 +403,19 @@ class IngestWorker:
                 time.sleep(0.5)
 
     def _write_once(self) -> bool:
-        """Gather one batch and write it; False once stopping and the queue is empty."""
+        """Gather one batch and write it (or hand it to the store child); False once stopping and the
+        queue is empty."""
         cfg = self.config
+        child = self._child
+        if child is not None and not self._slots.acquire(timeout=0.2):
+            return not (self._stop.is_set() and (self._q.empty() or self._fatal is not None))
         try:
             first = self._take(self._q.get(timeout=0.2))
         except queue.Empty:
-            self._trainer.poll()
+            if child is not None:
+                self._slots.release()
+            else:
+                self._trainer.poll()
             return not self._stop.is_set()
         batch = [first]
         n_samples = _samples_hint(first)
@@ -362,114 +433,102 @@ class IngestWorker:
             except queue.Empty:
                 break
             n_samples += _samples_hint(batch[-1])
-        self._process_with_retry(batch)
+        if child is not None:
+            self._sent.append(batch)  # before the send: the result thread pops it
+            child.send([(m.topic, m.payload, m.received_at, m.retain) for m in batch])
+            return True
+        assert self._runner is not None
+        self._finish(batch, self._runner.run(
+            [Msg(i, m.topic, m.payload, m.received_at, m.retain) for i, m in enumerate(batch)]))
         self._trainer.poll()
         return True
 
-    def _process_with_retry(self, batch: list[_Message]) -> None:
-        """Write ``batch``: retry transient failures with backoff; isolate anything else.
-
-        A failure that is not transient is a message the writer cannot store that the protocol's rules
-        let through (a bug, or a rule still missing): the batch is split in halves until that message
-        is alone, and then it is dead-lettered and acknowledged, so it can never stall ingest.
-        """
-        delay = 0.5
-        st = self.stats
-        # What this batch has already done (quarantine, index commit, rename, acks): a retry carries on
-        # from there, so no step is done twice and every message is counted once.
-        done = BatchProgress()
+    def _result_loop(self) -> None:
+        """The store child's answers: do the MQTT side of each finished batch (result thread)."""
+        child = self._child
+        assert child is not None
         while True:
             try:
-                self._process(batch, done)
-                if st.retrying:
-                    log.warning("worker %s: writing works again", self.config.name)
-                    st.retrying = False
-                    self._publish_status()
+                if not child.poll(0.2):
+                    self._trainer.poll()
+                    continue
+                msg = child.recv()
+            except (EOFError, OSError):
+                self._child_died()
                 return
-            except self._transient as exc:  # disk full, I/O error, index locked or unreachable: retry
-                st.errors += 1
-                st.retrying = True
-                st.last_error = f"{type(exc).__name__}: {exc}"[:300]
-                log.error(
-                    "worker %s: writing a batch of %d messages failed (%s); retrying in %.1fs",
-                    self.config.name, len(batch), st.last_error, delay,
-                )
-                self._publish_status()
-                if self._stop.wait(delay):
-                    log.warning(
-                        "worker %s: stopping with %d messages unwritten (the broker redelivers them)",
-                        self.config.name,
-                        len(batch),
-                    )
+            try:
+                if msg[0] == "bye":
                     return
-                delay = min(delay * 2, 10.0)
-            except Exception as exc:  # deterministic: never retried as it is
-                st.errors += 1
-                st.last_error = f"{type(exc).__name__}: {exc}"[:300]
-                if done.committed:
-                    # The samples are durable in the index: splitting would count them again as
-                    # duplicates. Count the batch once; its unacked messages come back after a
-                    # reconnect and are dropped (and acked) as duplicates then.
-                    log.exception("worker %s: finishing a committed batch of %d messages failed",
-                                  self.config.name, len(batch))
-                    self._count(batch, done)
-                    return
-                if len(batch) > 1:
-                    log.exception(
-                        "worker %s: a batch of %d messages cannot be written; isolating the message",
-                        self.config.name, len(batch),
-                    )
-                    half = len(batch) // 2
-                    self._process_with_retry(batch[:half])
-                    self._process_with_retry(batch[half:])
-                    return
-                log.exception("worker %s: message on %s cannot be written; dead-lettering it",
-                              self.config.name, batch[0].topic)
-                batch = [dataclasses.replace(batch[0], unstorable=f"{type(exc).__name__}: {exc}"[:300])]
-                done = BatchProgress()  # a different batch now: decoded again, as a dead letter
+                if msg[0] == "state":
+                    self._copy_state(msg[1])
+                    self._publish_status()
+                    continue
+                _, outcomes, self._quarantine_usage = msg
+                batch = self._sent.popleft()
+                self._slots.release()
+                self._finish(batch, outcomes)
+                self._trainer.poll()
+            except Exception:
+                self.stats.errors += 1
+                log.exception("worker %s: unexpected error handling the store's result", self.config.name)
 
-    def _process(self, batch: list[_Message], done: BatchProgress | None = None) -> None:
-        """Carry out one batch transaction: the decisions come from the I/O-free core
-        (:mod:`lepton.cloud._ingest_core`), the disk and the index side from
-        :class:`~lepton.cloud._ingest_store.BatchStore`; this does the MQTT side.
-
-        ``done`` records the steps already carried out by an earlier attempt at the same batch
-        (after a transient error), which are not done again."""
-        done = done if done is not None else BatchProgress()
-        self._store.write(batch, done)
-        plan = done.plan
-        assert plan is not None  # write() always leaves the plan of what to ack
-        # Durable: tell the devices (duplicates and rejected seqs included), report, then PUBACK.
-        client = self._client
-        assert client is not None  # the writer thread runs between start() and stop()
-        for dev, ranges in plan.acks.items():
-            client.publish(self.topics.acks(dev), encode_acks(ranges), qos=1)
-        if not done.reported:
-            for report in done.reports:
-                client.publish(self.topics.deadletter(), encode_json(report), qos=1)
-            done.reported = True
-        gen = self._gen
-        for msg in batch:
-            if msg.gen == gen and msg.qos > 0:
-                client.ack(msg.mid, msg.qos)
-        self._count(batch, done)
-
-    def _count(self, batch: list[_Message], done: BatchProgress) -> None:
-        """Add a batch to the counters: once per batch, whatever its attempts."""
-        if done.counted:
+    def _child_died(self) -> None:
+        """The store child is gone: fail loudly and exit. Nothing it had not finished is acked, so the
+        broker redelivers it to the next session (and the index drops what it had committed)."""
+        child = self._child
+        assert child is not None
+        child.join(5)
+        code = child.exitcode
+        if self._stop.is_set():  # stopping anyway: what it had not finished stays unacked
+            log.error("worker %s: the store child died while stopping (exit code %s)", self.config.name, code)
             return
-        done.counted = True
-        plan = done.plan
+        rc = 128 - code if code is not None and code < 0 else (code or 1)
+        log.critical("worker %s: the store child (pid %s) died (exit code %s); exiting with %d so it is "
+                     "restarted (the broker redelivers everything unacknowledged)",
+                     self.config.name, child.pid, code, rc)
+        logging.shutdown()
+        os._exit(rc)
+
+    def _copy_state(self, state: StoreState) -> None:
+        st = self.stats
+        st.errors += state.errors - self._store_errors
+        self._store_errors = state.errors
+        st.retrying, st.last_error = state.retrying, state.last_error
+
+    def _on_runner_state(self) -> None:  # in-process mode (writer thread)
+        assert self._runner is not None
+        self._copy_state(self._runner.state)
+        self._publish_status()
+
+    def _finish(self, batch: list[_Message], outcomes: list[Outcome]) -> None:
+        """The MQTT side of a written batch: tell the devices (duplicates and rejected seqs included),
+        report dead letters, PUBACK (only what the store made durable), count."""
+        client = self._client
+        assert client is not None  # between start() and stop()
+        for out in outcomes:
+            if out.ack:
+                for dev, ranges in out.acks.items():
+                    client.publish(self.topics.acks(dev), encode_acks(ranges), qos=1)
+                for report in out.reports:
+                    client.publish(self.topics.deadletter(), encode_json(report), qos=1)
+                gen = self._gen
+                for i in out.messages:
+                    msg = batch[i]
+                    if msg.gen == gen and msg.qos > 0:
+                        client.ack(msg.mid, msg.qos)
+            self._count(len(out.messages), out)
+
+    def _count(self, received: int, out: Outcome) -> None:
         with self._cond:
-            self.stats.received += len(batch)
-            self.stats.dead_letters += done.n_dead
-            self.stats.stored += plan.n_new if plan is not None else 0
-            self.stats.duplicates += plan.n_duplicates if plan is not None else 0
-            if done.name is not None:
+            self.stats.received += received
+            self.stats.dead_letters += out.n_dead
+            self.stats.stored += out.stored
+            self.stats.duplicates += out.duplicates
+            if out.file:
                 self.stats.files += 1
-                self.stats.bytes += done.size
+                self.stats.bytes += out.size
                 self.stats.last_write = time.time()
-            self._trainer.add_labelled(done.labelled)
+            self._trainer.add_labelled(out.labelled)
             self._cond.notify_all()
 
     # -- status ---------------------------------------------------------------------------------------
@@ -492,7 +551,7 @@ class IngestWorker:
             self.stats,
             online=online,
             rate=self._rate.rate,
-            quarantine=self.quarantine.usage(),
+            quarantine=self._quarantine_usage or self.quarantine.usage(),
             queue=self._q.qsize(),
             queue_bytes=self._q_bytes,
             started_at=self.started_at,

@@ -47,6 +47,9 @@ class WorkerConfig:
     #: with a burst pending, write once no message came for this long (the broker's window is full).
     idle_ms: float = 5.0
     status_interval: float = 2.0
+    #: run the store (validation, Parquet + fsync, the index) in a forked child process, out of paho's
+    #: GIL (the default); False runs it in the worker's writer thread (one process).
+    store_process: bool = True
     max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES
     #: larger messages are dead-lettered unread; keep it at the broker's max_packet_size.
     max_payload_bytes: int = DEFAULT_WORKER_MAX_PAYLOAD_BYTES
