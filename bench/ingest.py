@@ -14,15 +14,17 @@ two cores) out of the measurement, so both sides see the same broker delivering 
             commit, end-to-end acks to the device, PUBACK after durability).
 
 ratio = median worker samples/s / median baseline samples/s over --repeat runs. With --profile, one
-extra worker run per shape (not counted in the figures) runs its writer thread under cProfile; the top
-functions (cumulative time) are printed and saved.
+extra worker run per shape (not counted in the figures) runs its store in-process (``store_process=False``)
+under cProfile; the top functions (cumulative time) are printed and saved.
 
-Where the time goes: each run records the CPU seconds of every thread during the drain
-(``cpu_s_by_thread`` in bench/results/ingest.json, printed below the table). The worker's paho network
-thread costs about what the bare client's does; the worker's writer thread (msgpack decode, the
-protocol's rules checked per envelope, Arrow columns, Parquet + fsync, the SQLite index, acks) comes on
-top, and both share one GIL, so the ratio is roughly bare paho CPU / (worker paho CPU + writer CPU).
-With --profile, the writer thread's cumulative profile shows which step of that dominates.
+Where the time goes: each run records the CPU seconds of every thread during the drain, and of the
+worker's store child (``cpu_s_by_thread`` in bench/results/ingest.json, printed below the table; the
+child's key is ``store-child``). The worker's MQTT process runs paho's network thread, the batching
+thread (``lepton-ingest-NAME``) and the result thread (``lepton-ingest-NAME-acks``: device acks,
+PUBACKs in bulk); they share one GIL, so that process's ratio is roughly bare paho CPU / (their sum).
+The store child (msgpack decode, the protocol's rules checked per envelope, Arrow columns, Parquet +
+fsync, the SQLite index) runs on the other core; whichever of the two is slower sets the rate.
+With --profile, the store's cumulative profile (run in-process for it) shows which step dominates.
 """
 
 from __future__ import annotations
@@ -159,19 +161,24 @@ def worker_run(
     w.start()  # creates the persistent session and subscription
     w.stop()
     queue_messages(broker, fleet, device, data)
-    w = IngestWorker(cfg)
     prof = cProfile.Profile() if profile else None
-    if prof is not None:
-        inner = w._process
+    if prof is not None:  # cProfile sees this process only: run the store in-process to profile it
+        from dataclasses import replace
 
-        def profiled(batch, done=None):  # noqa: ANN001, ANN202
+        from lepton.cloud._ingest_runner import StoreRunner
+
+        cfg = replace(cfg, store_process=False)
+        inner = StoreRunner.run
+
+        def profiled(self, batch):  # noqa: ANN001, ANN202
             prof.enable()
             try:
-                return inner(batch, done)
+                return inner(self, batch)
             finally:
                 prof.disable()
 
-        w._process = profiled  # type: ignore[method-assign]
+        StoreRunner.run = profiled  # type: ignore[method-assign]
+    w = IngestWorker(cfg)
     total = len(data) * per_message
     cpu0 = thread_cpu()
     t0 = time.perf_counter()
@@ -190,6 +197,7 @@ def worker_run(
         raise RuntimeError(f"dataset holds {count} samples, expected {total}")
     text = ""
     if prof is not None:
+        StoreRunner.run = inner  # type: ignore[method-assign]
         buf = io.StringIO()
         pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats(18)
         text = buf.getvalue()
@@ -208,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         help="messages for 32 samples/message (default 1500 = 48,000 samples)",
     )
     p.add_argument("--floats", type=int, default=256, help="float32 per tensor (default 256 = 1 KiB)")
-    p.add_argument("--profile", action="store_true", help="profile the worker's writer thread (cProfile)")
+    p.add_argument("--profile", action="store_true", help="profile the worker's store, run in-process (cProfile)")
     p.add_argument("--repeat", type=int, default=3, help="runs per shape; medians are reported (default 3)")
     p.add_argument("--out", default=str(HERE / "results" / "ingest.json"))
     p.add_argument("--log-level", default="WARNING")
@@ -285,13 +293,13 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['bare_samples_per_s']:>10.0f} {r['worker_samples_per_s']:>10.0f} "
             f"{r['ratio']:>6.2f} {r['files']:>6}"
         )
-    print("\nCPU seconds by thread during each drain (GIL-bound: the worker's threads add up):")
+    print("\nCPU seconds by thread during each drain (store-child: the worker's store process):")
     for r in rows:
         for i, run in enumerate(r["runs"]):
             c = run["cpu_s_by_thread"]
             print(f"  {r['samples_per_message']:>2}/msg run {i}: bare {c['bare']}  worker {c['worker']}")
     for k, text in profiles.items():
-        print(f"\n--- worker writer thread profile, {k} sample(s)/message (cumulative) ---")
+        print(f"\n--- worker store profile (in-process), {k} sample(s)/message (cumulative) ---")
         print("\n".join(text.splitlines()[:40]))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -56,6 +56,7 @@ from lepton.cloud._ingest_status import RateMeter, WorkerStats, status_body, tel
 from lepton.cloud._ingest_store import BatchStore, warm_up
 from lepton.cloud._ingest_trainer import TrainerProcess
 from lepton.errors import ConfigError
+from lepton.protocol import _mqtt
 from lepton.protocol import (
     BrokerURL,
     Topics,
@@ -512,9 +513,13 @@ class IngestWorker:
                 for report in out.reports:
                     client.publish(self.topics.deadletter(), encode_json(report), qos=1)
                 gen = self._gen
+                mids = [batch[i].mid for i in out.messages if batch[i].gen == gen and batch[i].qos == 1]
+                # One wake-up of paho's loop for the lot; called through its module so that a test can
+                # inject a crash just before the PUBACKs.
+                _mqtt.ack_many(client, mids)
                 for i in out.messages:
                     msg = batch[i]
-                    if msg.gen == gen and msg.qos > 0:
+                    if msg.gen == gen and msg.qos == 2:
                         client.ack(msg.mid, msg.qos)
             self._count(len(out.messages), out)
 

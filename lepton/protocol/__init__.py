@@ -92,6 +92,7 @@ from lepton.protocol._models import (
 )
 from lepton.protocol._mqtt import (
     BrokerURL,
+    ack_many,
     ResolvedBroker,
     child_environment,
     connect,
@@ -103,6 +104,7 @@ from lepton.protocol._mqtt import (
 from lepton.protocol._topics import DEFAULT_PREFIX, DEVICE_CHANNELS, ParsedTopic, Topics, validate_prefix
 
 __all__ = [
+    "ack_many",
     "ANSWER_ERRORS",
     "Announced",
     "AssemblerStats",

@@ -7,7 +7,7 @@ import math
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from itertools import chain
+from itertools import chain, repeat
 from operator import itemgetter
 from typing import Any, NamedTuple
 
@@ -327,7 +327,7 @@ def _check_uniform(raws: list[Any], max_tensor_bytes: int) -> SampleColumns | No
         return None
     if first.dtype == "bool" and b"".join(datas).translate(None, b"\x00\x01"):
         return None
-    ys = [r.get("y") for r in raws]
+    ys = list(map(dict.get, raws, repeat("y")))
     kinds = set(map(type, ys))
     if not kinds <= _LABEL_TYPES:
         return None
@@ -339,7 +339,7 @@ def _check_uniform(raws: list[Any], max_tensor_bytes: int) -> SampleColumns | No
         strs = ys if len(kinds) == 1 else [y for y in ys if type(y) is str]
         if max(map(len, strs)) > MAX_LABEL_CHARS:
             return None
-    metas = [r.get("meta") for r in raws]
+    metas = list(map(dict.get, raws, repeat("meta")))
     if metas.count(None) != n:
         try:
             for meta in metas:
@@ -512,8 +512,20 @@ def seqs_to_ranges(seqs: Iterable[int]) -> list[list[int]]:
     >>> seqs_to_ranges([5, 1, 2, 3, 7])
     [[1, 3], [5, 5], [7, 7]]
     """
+    unique = seqs if isinstance(seqs, (set, frozenset)) else set(seqs)
+    if len(unique) > 64:  # vectorised: sort once, cut where a seq is not its predecessor + 1
+        try:
+            a = np.fromiter(unique, dtype=np.int64, count=len(unique))
+        except (OverflowError, TypeError, ValueError):
+            a = None  # outside int64 (or not ints): the loop below gives the same answer
+        if a is not None:
+            a.sort()
+            cut = np.flatnonzero(np.diff(a) != 1) + 1
+            firsts = a[np.concatenate(([0], cut))].tolist()
+            lasts = a[np.concatenate((cut - 1, [len(a) - 1]))].tolist()
+            return [list(r) for r in zip(firsts, lasts)]
     ranges: list[list[int]] = []
-    for seq in sorted(set(seqs)):
+    for seq in sorted(unique):
         if ranges and seq == ranges[-1][1] + 1:
             ranges[-1][1] = seq
         else:

@@ -7,6 +7,7 @@ import logging
 import os
 import ssl
 import stat
+import struct
 import threading
 import uuid
 from collections.abc import Iterator, Mapping
@@ -222,6 +223,29 @@ def new_client(
     client.max_queued_messages_set(max_queued)
     client.reconnect_delay_set(min_delay=1, max_delay=30)
     return client
+
+
+_PUBACK = struct.Struct("!BBH")
+
+
+def ack_many(client: mqtt.Client, mids: list[int]) -> None:
+    """PUBACK QoS 1 messages of a ``manual_ack`` client, many at once.
+
+    ``client.ack`` queues one packet per message and writes a byte to paho's socket pair for each, so
+    the network thread wakes up and calls ``send`` once per message. This queues the same PUBACK
+    packets (``0x40 0x02 MID``, MQTT 3.1.1 section 3.4: the bytes on the wire are those ``ack``
+    sends) as one buffer: one wake-up and one ``send`` for the lot. Falls back to ``client.ack``
+    per message on a paho without the internal queue this relies on (paho-mqtt 2.x has it).
+    """
+    if not mids:
+        return
+    queue_packet = getattr(client, "_packet_queue", None)
+    if queue_packet is None or not getattr(client, "_manual_ack", False) or len(mids) == 1:
+        for mid in mids:
+            client.ack(mid, 1)
+        return
+    packet = b"".join([_PUBACK.pack(0x40, 2, mid) for mid in mids])
+    queue_packet(0x40, packet, 0, 1)
 
 
 def connect(client: mqtt.Client, url: BrokerURL, *, keepalive: int = 30, timeout: float = 10.0) -> None:

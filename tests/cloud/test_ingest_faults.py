@@ -249,7 +249,6 @@ def test_compaction_while_the_worker_writes(mosquitto_broker, fleet, tmp_path):
 
 _CRASHING_WORKER = """
 import os, sys
-import paho.mqtt.client as mqtt
 from lepton.cloud import IngestWorker, WorkerConfig, _dataset
 point, nth = sys.argv[1], int(sys.argv[2])
 calls = [0]
@@ -271,12 +270,13 @@ elif point == "before_rename":  # committed in the index, still .tmp on disk
             hit()
         return real_replace(src, dst, *a, **k)
     os.replace = replace
-elif point == "before_ack":  # renamed and committed, no PUBACK and no device ack yet
-    real_ack = mqtt.Client.ack
-    def ack(self, mid, qos):
+elif point == "before_ack":  # renamed and committed, device acks published, no PUBACK yet
+    from lepton.protocol import _mqtt
+    real_ack = _mqtt.ack_many
+    def ack_many(client, mids):
         hit()
-        return real_ack(self, mid, qos)
-    mqtt.Client.ack = ack
+        return real_ack(client, mids)
+    _mqtt.ack_many = ack_many
 env = os.environ
 w = IngestWorker(WorkerConfig(broker=env["LEPTON_BROKER"], fleet=env["LEPTON_FLEET"], data=env["LEPTON_DATA"],
                               name=env.get("CRASH_NAME", "w1"), group=env.get("CRASH_GROUP"), batch_ms=20,

@@ -222,8 +222,11 @@ def test_a_retried_batch_is_counted_and_quarantined_once(broker, fleet, tmp_path
     bad = dict(good["samples"][0], seq=10, meta={"a": float("nan")})
     mixed = msgpack.packb({**good, "samples": [*good["samples"], bad]}, use_bin_type=True)
     topics = Topics(fleet=fleet)
+    # In-process store: the faults and the call log below live in this process (a forked store child
+    # would inherit the faults, but log its calls in its own copy of ``fsyncs`` and ``writes``).
     worker = IngestWorker(WorkerConfig(broker=broker.url("worker", "w1", fleet=fleet), fleet=fleet,
-                                       data=tmp_path, name="w1", batch_ms=300, status_interval=0.3))
+                                       data=tmp_path, name="w1", batch_ms=300, status_interval=0.3,
+                                       store_process=False))
     with _DeadLetters(broker.url("viewer", "v1", fleet=fleet), fleet) as dead:
         worker.start()
         try:
