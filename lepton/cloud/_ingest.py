@@ -6,10 +6,19 @@ Design (why it is exactly-once and durable):
   our subscription and queues samples while we are away, and redelivers every message we have not
   PUBACKed. We PUBACK a message only after each of its samples is in a renamed, fsynced Parquet file
   committed to the index, or dead-lettered (report published, raw payload fsynced in quarantine).
-- paho calls ``on_message`` in its network thread; it only enqueues. One writer thread decodes, batches
+- paho calls ``on_message`` in its network thread; it only enqueues. The writer thread batches
   (``batch`` samples, ``batch_ms``, or ``max_pending`` messages: the broker's in-flight window, after
-  which it sends nothing until we ack), writes and acks. ``Client.ack`` only appends to paho's outgoing
-  deque and wakes the network thread through its socket pair, so calling it from the writer is safe.
+  which it sends nothing until we ack) and hands each batch to the store. By default
+  (``store_process``) the store runs in a forked child (:mod:`lepton.cloud._ingest_child`), out of
+  this process's GIL: the writer sends it the raw messages of a batch through a pipe (at most two
+  batches unanswered) and the result thread does the MQTT side of each answer: device acks,
+  dead-letter reports, then the PUBACKs of the batch in one buffer
+  (:func:`lepton.protocol.ack_many`: it only appends to paho's outgoing deque and wakes the network
+  thread once through its socket pair, so calling it from another thread is safe). With
+  ``store_process=False`` the writer thread runs the store itself and does the MQTT side.
+  If the store child dies the worker exits (code of the child, 128 + signal if killed) without
+  acking anything the child had not finished; if the worker dies the child sees its pipe close and
+  exits.
 - A PUBACK carries a packet id that is only meaningful on the connection the message arrived on: after
   a reconnect we skip acks of older messages (the broker redelivers them, the index drops them).
 - Every message is decoded, validated and turned into rows inside its own error boundary: a message
@@ -29,10 +38,14 @@ Design (why it is exactly-once and durable):
 
 Owning threads: paho's network thread runs the MQTT callbacks; it alone bumps the connection
 generation (``_gen``), and it adds to the receive queue's byte count (``_q_bytes``, under
-``_q_cond``), which the writer thread subtracts from. The writer thread owns the
-:class:`~lepton.cloud._ingest_store.BatchStore` (decoder, index, quarantine), the
-:class:`~lepton.cloud._ingest_trainer.TrainerProcess` and the counters; the status thread only
-publishes. :meth:`IngestWorker.stop` stops the trainer and closes the index after the writer ended.
+``_q_cond``), which the writer thread subtracts from. The store (:class:`~lepton.cloud._ingest_store.
+BatchStore`: decoder, index, quarantine, and the :class:`~lepton.cloud._ingest_runner.StoreRunner`
+that retries and isolates) is owned by the store child's only thread, or in-process by the writer
+thread. The counters and the :class:`~lepton.cloud._ingest_trainer.TrainerProcess` are owned by the
+thread that does the MQTT side of results (the result thread, or in-process the writer thread); the
+batches sent and not yet answered (``_sent``, a deque) go from the writer to the result thread; the
+status thread only publishes. :meth:`IngestWorker.stop` stops the child and the trainer and closes
+the index after the writer ended.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ received_at, retain), ...])`` or ``("stop",)``; child -> parent ``("state", Stor
 
 from __future__ import annotations
 
+import gc
 import logging
 import multiprocessing
 import os
@@ -92,6 +93,9 @@ class StoreChild:
 
 def _child_main(conn, parent_conn, stop, make_runner, close) -> None:  # noqa: ANN001
     parent_conn.close()  # else the parent's death would never end our recv()
+    # What the fork inherited stays out of the garbage collector's scans (they would walk the whole
+    # parent heap at every full collection, and touch, hence copy, its pages).
+    gc.freeze()
     parent = os.getppid()
 
     def wait(seconds: float) -> bool:  # the retry backoff: give up when stopping or orphaned
