@@ -190,8 +190,12 @@ class Spool:
         self.fsync = fsync
         self.commit_ms = commit_ms
         self.commit_every = commit_every
-        #: samples queued at most before append waits for the committer
-        self._max_pending = max(4 * commit_every, 1024)
+        #: samples (and bytes) queued at most before append waits for the committer. While one commit's
+        #: fsync runs, capture queues the next commit: the queue must hold what capture makes during an
+        #: fsync (several ms on a loaded disk), or the fsync time caps the throughput at this / fsync.
+        self._max_pending = max(16 * commit_every, 4096)
+        self._max_pending_bytes = max(16 * 1024 * 1024, 2 * commit_every * 1024)
+        self._pending_bytes = 0
         self._pending: list[tuple[int, float, str | None, int, bytes]] = []
         self._first_pending_at = 0.0
         self._commit_error: str | None = None
@@ -381,8 +385,10 @@ class Spool:
                         f"one sample of {size} bytes exceeds the whole spool ({self.max_bytes} bytes); "
                         "raise --spool-max-mb"
                     )
-                if (self.on_full == "block" and self._bytes + size > self.max_bytes) or (
-                    len(pending) >= self._max_pending
+                if (
+                    (self.on_full == "block" and self._bytes + size > self.max_bytes)
+                    or len(pending) >= self._max_pending
+                    or (pending and self._pending_bytes >= self._max_pending_bytes)
                 ):
                     if partial and seq > first:
                         return first
@@ -391,6 +397,7 @@ class Spool:
                 if not pending:
                     self._first_pending_at = time.monotonic()
                 pending.append((seq, t, pipeline, size, body))
+                self._pending_bytes += size
                 self._next_seq = seq + 1
                 self._last_appended = seq
                 self._bytes += size
@@ -414,7 +421,9 @@ class Spool:
         if self.on_full == "block":
             while self._bytes + size > self.max_bytes:
                 wait(f"spool full ({self._bytes} of {self.max_bytes} bytes)")
-        while len(self._pending) >= self._max_pending:  # the disk is slower than capture
+        while len(self._pending) >= self._max_pending or (  # the disk is slower than capture
+            self._pending and self._pending_bytes >= self._max_pending_bytes
+        ):
             wait("spool commits are behind")
 
     def skip_seq(self) -> int:
@@ -458,11 +467,13 @@ class Spool:
                     self._commit_cv.wait(left)
                 batch = self._pending
                 self._pending = []
+                self._pending_bytes = 0
             try:
                 dropped, freed, dropped_through = self._write(batch)
             except sqlite3.Error as exc:  # disk full, I/O error: keep the rows queued and retry
                 with self._cond:
                     self._pending = batch + self._pending
+                    self._pending_bytes = sum(r[3] for r in self._pending)
                     self._first_pending_at = time.monotonic()
                     if self._commit_error is None:
                         log.error("spool %s: commit failed (%s); retrying", self.path, exc)
