@@ -200,6 +200,11 @@ class Spool:
         self._first_pending_at = 0.0
         self._commit_error: str | None = None
         self.commits = 0
+        self._ack_queue: list[Sequence[int]] = []  # ranges for the committer (ack_nowait), under _cond
+        self._acks_applying = False  # the committer took ranges and has not applied them yet
+        #: samples removed by acks since the spool was opened, and when (perf_counter) acks last removed any
+        self.acked_total = 0
+        self.last_ack_at: float | None = None
         try:
             # Samples are the device's data: 0600 whatever the umask. SQLite (default 0644) gives its
             # -wal and -shm files the database file's mode, so creating that one first covers all three;
@@ -454,25 +459,30 @@ class Spool:
         backoff = 0.05
         while True:
             with self._cond:
-                while not self._pending and not self._stopping:
+                while not self._pending and not self._ack_queue and not self._stopping:
                     self._commit_cv.wait()
-                if not self._pending:
+                if not self._pending and not self._ack_queue:
                     self._committer_done = True
                     self._cond.notify_all()
                     self._room.notify_all()
                     return
-                due = self._first_pending_at + self.commit_ms / 1000
-                while (len(self._pending) < self.commit_every and not self._stopping
-                       and (left := due - time.monotonic()) > 0):
-                    self._commit_cv.wait(left)
+                if self._pending:  # queued acks wait for the commit clock too, and ride in its transaction
+                    due = self._first_pending_at + self.commit_ms / 1000
+                    while (len(self._pending) < self.commit_every and not self._stopping
+                           and (left := due - time.monotonic()) > 0):
+                        self._commit_cv.wait(left)
                 batch = self._pending
                 self._pending = []
                 self._pending_bytes = 0
+                acks, self._ack_queue = self._ack_queue, []
+                self._acks_applying = bool(acks)
             try:
-                dropped, freed, dropped_through = self._write(batch)
+                dropped, freed, dropped_through, removed, ack_freed = self._write(batch, acks)
             except sqlite3.Error as exc:  # disk full, I/O error: keep the rows queued and retry
                 with self._cond:
                     self._pending = batch + self._pending
+                    self._ack_queue = acks + self._ack_queue
+                    self._acks_applying = False
                     self._pending_bytes = sum(r[3] for r in self._pending)
                     self._first_pending_at = time.monotonic()
                     if self._commit_error is None:
@@ -491,13 +501,16 @@ class Spool:
             backoff = 0.05
             with self._cond:
                 self._commit_error = None
-                self._durable_next = batch[-1][0] + 1
+                self._acks_applying = False
+                self._count_acked(removed, ack_freed)
+                if batch:
+                    self._durable_next = batch[-1][0] + 1
+                    self.commits += 1
                 self._bytes -= freed
                 self._depth -= dropped
                 self._dropped += dropped
                 if dropped_through is not None:
                     self._dropped_through = max(self._dropped_through, dropped_through)
-                self.commits += 1
                 self._cond.notify_all()
                 self._room.notify_all()
             if dropped:
@@ -505,19 +518,23 @@ class Spool:
                             self.max_bytes, dropped)
 
     def _write(
-        self, batch: list[tuple[int, float, str | None, int, builtins.bytes]]
-    ) -> tuple[int, int, int | None]:
-        """One transaction for ``batch`` (drop-oldest included).
+        self, batch: list[tuple[int, float, str | None, int, builtins.bytes]], acks: list[Sequence[int]]
+    ) -> tuple[int, int, int | None, int, int]:
+        """One transaction for the queued ack ranges, then ``batch`` (drop-oldest included).
 
-        Returns (dropped, freed bytes, the highest seq dropped or None).
+        Returns (dropped, freed bytes, the highest seq dropped or None, acked, freed by acks). Without
+        samples it is an ack transaction alone: no fsync of its own (module docstring).
         """
+        if not batch:
+            return (0, 0, None, *self._ack_now(acks))
         size = sum(r[3] for r in batch)
         with self._db_lock:
             db = self._db
             db.execute("BEGIN IMMEDIATE")
             try:
+                removed, ack_freed = self._delete_ranges(db, acks, batch[-1][0] + 1) if acks else (0, 0)
                 dropped, freed, last_dropped = 0, 0, None
-                need = self._db_bytes + size - self.max_bytes
+                need = self._db_bytes - ack_freed + size - self.max_bytes
                 if need > 0:
                     for seq_, sz in db.execute("SELECT seq, size FROM samples ORDER BY seq"):
                         if freed >= need:
@@ -546,35 +563,60 @@ class Spool:
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
-            self._db_bytes += size - freed
+            self._db_bytes += size - freed - ack_freed
             self._db_next = batch[-1][0] + 1
-        return dropped, freed, last_dropped
+        return dropped, freed, last_dropped, removed, ack_freed
 
     def ack(self, ranges: Iterable[Sequence[int]]) -> int:
-        """Delete the samples whose seq falls in any inclusive ``(first, last)`` range; return how many."""
-        removed = 0
-        freed = 0
+        """Delete the samples whose seq falls in any inclusive ``(first, last)`` range; return how many.
+
+        The caller waits for the delete (and for the committer's current transaction, which holds the
+        writing connection through its fsync); :meth:`ack_nowait` does not.
+        """
+        removed, freed = self._ack_now(list(ranges))
+        with self._cond:
+            self._count_acked(removed, freed)
+            if removed:
+                self._cond.notify_all()
+                self._room.notify_all()
+        return removed
+
+    def ack_nowait(self, ranges: Iterable[Sequence[int]]) -> None:
+        """Queue ranges for the committer, which deletes what they cover in its next transaction.
+
+        The publisher's way to ack: it never waits for a commit's fsync. The next sample commit applies
+        them (at most ``commit_ms`` later), or at once when none is queued; :attr:`acked_total`,
+        :attr:`depth` and :attr:`bytes` count them once they are deleted, :meth:`flush_acks` waits for that.
+        """
+        with self._cond:
+            self._ack_queue.extend(ranges)
+            self._commit_cv.notify()
+
+    def flush_acks(self, timeout: float | None = None) -> bool:
+        """Wait until every range given to :meth:`ack_nowait` so far is applied; False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(
+                lambda: (not self._ack_queue and not self._acks_applying) or self._committer_done, timeout
+            )
+
+    def _count_acked(self, removed: int, freed: int) -> None:
+        """(Holding ``_cond``) acks deleted ``removed`` samples of ``freed`` bytes."""
+        self._bytes -= freed
+        self._depth -= removed
+        if removed:
+            self.acked_total += removed
+            self.last_ack_at = time.perf_counter()
+
+    def _ack_now(self, ranges: list[Sequence[int]]) -> tuple[int, int]:
+        """An ack transaction of its own (no fsync); returns (samples removed, bytes freed)."""
         with self._db_lock:
             db = self._db
-            # Save next_seq before deleting: the rows about to go may hold the highest seq. _db_next, not
-            # _durable_next: the committer raises that one only after it released _db_lock.
-            next_seq = self._db_next
             if self.fsync:  # an ack's delete needs no fsync of its own (module docstring)
                 db.execute("PRAGMA synchronous=NORMAL")
             db.execute("BEGIN IMMEDIATE")
             try:
-                db.execute(
-                    "UPDATE meta SET value = ? WHERE key='next_seq' AND value < ?", (next_seq, next_seq)
-                )
-                for first, last in ranges:
-                    n, sz = db.execute(
-                        "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM samples WHERE seq BETWEEN ? AND ?",
-                        (first, last),
-                    ).fetchone()
-                    if n:
-                        db.execute("DELETE FROM samples WHERE seq BETWEEN ? AND ?", (first, last))
-                        removed += n
-                        freed += sz
+                # _db_next, not _durable_next: the committer raises that one only after it released _db_lock.
+                removed, freed = self._delete_ranges(db, ranges, self._db_next)
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
@@ -583,13 +625,25 @@ class Spool:
                 if self.fsync:
                     db.execute("PRAGMA synchronous=FULL")
             self._db_bytes -= freed
-        with self._cond:
-            self._bytes -= freed
-            self._depth -= removed
-            if removed:
-                self._cond.notify_all()
-                self._room.notify_all()
-        return removed
+        return removed, freed
+
+    @staticmethod
+    def _delete_ranges(db: sqlite3.Connection, ranges: list[Sequence[int]], next_seq: int) -> tuple[int, int]:
+        """(In a transaction, holding ``_db_lock``) delete the ranges; return (removed, bytes freed).
+
+        Saves ``next_seq`` first: the rows about to go may hold the highest seq.
+        """
+        db.execute("UPDATE meta SET value = ? WHERE key='next_seq' AND value < ?", (next_seq, next_seq))
+        removed = freed = 0
+        for first, last in ranges:
+            n, sz = db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM samples WHERE seq BETWEEN ? AND ?", (first, last)
+            ).fetchone()
+            if n:
+                db.execute("DELETE FROM samples WHERE seq BETWEEN ? AND ?", (first, last))
+                removed += n
+                freed += sz
+        return removed, freed
 
     # -- reading ------------------------------------------------------------------------------------
     def read_after(self, seq: int, limit: int) -> list[SpooledSample]:
