@@ -22,7 +22,9 @@ transaction, so the publisher never waits for a commit's fsync, and the publishe
 
 **Who owns what.**
 
-* the :class:`PublishWindow` and ``_warned_oversize``: the publisher (the window is local to its loop).
+* the :class:`PublishWindow`, ``_warned_oversize`` and ``_acks_counted`` (the spool's ``acked_total``
+  already counted): the publisher (the window is local to its loop); ``_acks_counted`` passes to the
+  main thread once the publisher stopped.
 * ``ack_inbox`` and ``_ack_since`` (when its oldest range arrived): filled by the network thread,
   drained by the publisher (or, once the publisher stopped, by the main thread), under ``_ack_lock``.
 * ``last_ack_at`` (``time.perf_counter`` when acks last removed samples) and the counters it writes

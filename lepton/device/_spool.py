@@ -25,7 +25,15 @@ written to the WAL with ``synchronous=NORMAL``; the next sample commit's fsync o
 durable with everything before it (a WAL replays a prefix of its transactions). A power cut in between
 can only bring acknowledged samples back: they are sent again and the cloud, which stores by
 ``(device, seq)`` once, ignores the duplicates; the restored rows hold their seqs, so ``next_seq`` never
-goes back. So fsyncs per sample = sample commits per sample.
+goes back. So fsyncs per sample = sample commits per sample. The publisher acks with
+:meth:`Spool.ack_nowait`: the committer deletes the queued ranges first thing in its next sample
+commit's transaction (so they are fsynced with it), or in an ack transaction of its own at once when no
+sample is queued; the publisher thus never waits on the writing connection while a commit fsyncs.
+:meth:`Spool.ack` deletes in the caller's thread and returns the count.
+
+**Queue bound.** Capture may queue up to ``16 * commit_every`` samples (at least 4,096) or 16 MiB
+before append waits: while one commit fsyncs (several ms on a loaded disk) capture fills the next, and
+a smaller bound made the fsync time the throughput cap (about 1,024 samples per fsync before).
 
 **Threads and who owns what.** Three threads use a spool: the device's *capture* thread appends,
 the spool's own *committer* writes, the *publisher* reads and acks (and the main thread closes). Every
@@ -40,6 +48,8 @@ mutable field has one owner or one lock:
   ``synchronous=FULL`` SQLite publishes a commit to readers only after the WAL's fsync returned.
 * ``_pending``, ``_first_pending_at``, ``_next_seq``, ``_last_appended``, ``_bytes``, ``_depth``: under
   ``_cond``; written by capture (append, skip), the committer (commit, drop-oldest) and the publisher (ack).
+* ``_ack_queue``, ``_acks_applying``: under ``_cond``; filled by :meth:`ack_nowait` (publisher), taken by
+  the committer. ``acked_total``, ``last_ack_at``: under ``_cond``, by whoever deleted (committer, ack).
 * ``_durable_next``, ``_dropped``, ``_dropped_through``, ``commits``, ``_commit_error``,
   ``_committer_done``: written by the committer only, under ``_cond``.
 * ``_closing`` (by :meth:`interrupt` and :meth:`close`) and ``_stopping`` (by :meth:`close`): under
