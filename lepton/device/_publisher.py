@@ -14,13 +14,17 @@ It also publishes the status (on connect, when the model changes, every telemetr
 telemetry.
 
 Acks arrive on paho's network thread, which does no SQL and no disk I/O: it only queues the ranges
-(:meth:`Publisher.queue_acks`). The publisher deletes what queued acks cover in one transaction: at
-once when it has nothing to send, else when the oldest has waited ``ACK_DELAY_S`` (or ``ACK_BATCH``
-ranges queued).
+(:meth:`Publisher.queue_acks`). The publisher hands the queued ranges to the spool
+(:meth:`Spool.ack_nowait`) at once when it has nothing to send, else when the oldest has waited
+``ACK_DELAY_S`` (or ``ACK_BATCH`` ranges queued); the spool's committer deletes them in its next
+transaction, so the publisher never waits for a commit's fsync, and the publisher counts what was deleted
+(``acked``, ack progress) from :attr:`Spool.acked_total`.
 
 **Who owns what.**
 
-* the :class:`PublishWindow` and ``_warned_oversize``: the publisher (the window is local to its loop).
+* the :class:`PublishWindow`, ``_warned_oversize`` and ``_acks_counted`` (the spool's ``acked_total``
+  already counted): the publisher (the window is local to its loop); ``_acks_counted`` passes to the
+  main thread once the publisher stopped.
 * ``ack_inbox`` and ``_ack_since`` (when its oldest range arrived): filled by the network thread,
   drained by the publisher (or, once the publisher stopped, by the main thread), under ``_ack_lock``.
 * ``last_ack_at`` (``time.perf_counter`` when acks last removed samples) and the counters it writes
@@ -89,6 +93,7 @@ class Publisher:
         self.ack_inbox: list[tuple[int, int]] = []
         self._ack_since = 0.0
         self.last_ack_at: float | None = None
+        self._acks_counted = spool.acked_total  # what _count_acks counted so far (the publisher's)
         self._warned_oversize = False
 
     # -- acks (queued by the network thread) ----------------------------------------------------------
@@ -108,19 +113,28 @@ class Publisher:
             )
 
     def apply_acks(self, window: PublishWindow | None) -> None:
-        """Delete what the queued acks cover (the publisher's, or the main thread's once it stopped)."""
+        """Hand what the queued acks cover to the spool (the publisher's, or the main thread's once it stopped)."""
         with self._ack_lock:
-            if not self.ack_inbox:
-                return
             pending, self.ack_inbox = self.ack_inbox, []
-        ranges = window.receive_acks(pending) if window is not None else merge_ranges(pending)
-        removed = self.spool.ack(ranges)
+        if window is not None:  # the spool's committer deletes them: never wait for a commit's fsync here
+            if pending:
+                self.spool.ack_nowait(window.receive_acks(pending))
+            return
+        self.spool.flush_acks(5.0)  # the main thread at shutdown: what the committer holds first, then these
+        if pending:
+            self.spool.ack(merge_ranges(pending))
+        self._count_acks(None)
+
+    def _count_acks(self, window: PublishWindow | None) -> None:
+        """Count the samples the spool deleted for acks since the last call (ack progress)."""
+        total = self.spool.acked_total
+        removed, self._acks_counted = total - self._acks_counted, total
         if removed:
             with self._lock:
                 self.counters.acked += removed
-                self.last_ack_at = time.perf_counter()
-        if window is not None:
-            window.spool_deleted(removed, time.monotonic())
+                self.last_ack_at = self.spool.last_ack_at
+            if window is not None:
+                window.spool_deleted(removed, time.monotonic())
 
     # -- the publisher thread -------------------------------------------------------------------------
     def run(self) -> None:
@@ -151,6 +165,7 @@ class Publisher:
             now = time.monotonic()
             if self._acks_due(now):
                 self.apply_acks(window)
+            self._count_acks(window)
             window.spool_dropped_through(spool.dropped_through)
             if self._connected.is_set():
                 if self._just_connected.is_set() or not window.online:

@@ -25,7 +25,15 @@ written to the WAL with ``synchronous=NORMAL``; the next sample commit's fsync o
 durable with everything before it (a WAL replays a prefix of its transactions). A power cut in between
 can only bring acknowledged samples back: they are sent again and the cloud, which stores by
 ``(device, seq)`` once, ignores the duplicates; the restored rows hold their seqs, so ``next_seq`` never
-goes back. So fsyncs per sample = sample commits per sample.
+goes back. So fsyncs per sample = sample commits per sample. The publisher acks with
+:meth:`Spool.ack_nowait`: the committer deletes the queued ranges first thing in its next sample
+commit's transaction (so they are fsynced with it), or in an ack transaction of its own at once when no
+sample is queued; the publisher thus never waits on the writing connection while a commit fsyncs.
+:meth:`Spool.ack` deletes in the caller's thread and returns the count.
+
+**Queue bound.** Capture may queue up to ``16 * commit_every`` samples (at least 4,096) or 16 MiB
+before append waits: while one commit fsyncs (several ms on a loaded disk) capture fills the next, and
+a smaller bound made the fsync time the throughput cap (about 1,024 samples per fsync before).
 
 **Threads and who owns what.** Three threads use a spool: the device's *capture* thread appends,
 the spool's own *committer* writes, the *publisher* reads and acks (and the main thread closes). Every
@@ -40,6 +48,8 @@ mutable field has one owner or one lock:
   ``synchronous=FULL`` SQLite publishes a commit to readers only after the WAL's fsync returned.
 * ``_pending``, ``_first_pending_at``, ``_next_seq``, ``_last_appended``, ``_bytes``, ``_depth``: under
   ``_cond``; written by capture (append, skip), the committer (commit, drop-oldest) and the publisher (ack).
+* ``_ack_queue``, ``_acks_applying``: under ``_cond``; filled by :meth:`ack_nowait` (publisher), taken by
+  the committer. ``acked_total``, ``last_ack_at``: under ``_cond``, by whoever deleted (committer, ack).
 * ``_durable_next``, ``_dropped``, ``_dropped_through``, ``commits``, ``_commit_error``,
   ``_committer_done``: written by the committer only, under ``_cond``.
 * ``_closing`` (by :meth:`interrupt` and :meth:`close`) and ``_stopping`` (by :meth:`close`): under
@@ -190,12 +200,21 @@ class Spool:
         self.fsync = fsync
         self.commit_ms = commit_ms
         self.commit_every = commit_every
-        #: samples queued at most before append waits for the committer
-        self._max_pending = max(4 * commit_every, 1024)
+        #: samples (and bytes) queued at most before append waits for the committer. While one commit's
+        #: fsync runs, capture queues the next commit: the queue must hold what capture makes during an
+        #: fsync (several ms on a loaded disk), or the fsync time caps the throughput at this / fsync.
+        self._max_pending = max(16 * commit_every, 4096)
+        self._max_pending_bytes = max(16 * 1024 * 1024, 2 * commit_every * 1024)
+        self._pending_bytes = 0
         self._pending: list[tuple[int, float, str | None, int, bytes]] = []
         self._first_pending_at = 0.0
         self._commit_error: str | None = None
         self.commits = 0
+        self._ack_queue: list[Sequence[int]] = []  # ranges for the committer (ack_nowait), under _cond
+        self._acks_applying = False  # the committer took ranges and has not applied them yet
+        #: samples removed by acks since the spool was opened, and when (perf_counter) acks last removed any
+        self.acked_total = 0
+        self.last_ack_at: float | None = None
         try:
             # Samples are the device's data: 0600 whatever the umask. SQLite (default 0644) gives its
             # -wal and -shm files the database file's mode, so creating that one first covers all three;
@@ -381,8 +400,10 @@ class Spool:
                         f"one sample of {size} bytes exceeds the whole spool ({self.max_bytes} bytes); "
                         "raise --spool-max-mb"
                     )
-                if (self.on_full == "block" and self._bytes + size > self.max_bytes) or (
-                    len(pending) >= self._max_pending
+                if (
+                    (self.on_full == "block" and self._bytes + size > self.max_bytes)
+                    or len(pending) >= self._max_pending
+                    or (pending and self._pending_bytes >= self._max_pending_bytes)
                 ):
                     if partial and seq > first:
                         return first
@@ -391,6 +412,7 @@ class Spool:
                 if not pending:
                     self._first_pending_at = time.monotonic()
                 pending.append((seq, t, pipeline, size, body))
+                self._pending_bytes += size
                 self._next_seq = seq + 1
                 self._last_appended = seq
                 self._bytes += size
@@ -414,7 +436,9 @@ class Spool:
         if self.on_full == "block":
             while self._bytes + size > self.max_bytes:
                 wait(f"spool full ({self._bytes} of {self.max_bytes} bytes)")
-        while len(self._pending) >= self._max_pending:  # the disk is slower than capture
+        while len(self._pending) >= self._max_pending or (  # the disk is slower than capture
+            self._pending and self._pending_bytes >= self._max_pending_bytes
+        ):
             wait("spool commits are behind")
 
     def skip_seq(self) -> int:
@@ -445,24 +469,31 @@ class Spool:
         backoff = 0.05
         while True:
             with self._cond:
-                while not self._pending and not self._stopping:
+                while not self._pending and not self._ack_queue and not self._stopping:
                     self._commit_cv.wait()
-                if not self._pending:
+                if not self._pending and not self._ack_queue:
                     self._committer_done = True
                     self._cond.notify_all()
                     self._room.notify_all()
                     return
-                due = self._first_pending_at + self.commit_ms / 1000
-                while (len(self._pending) < self.commit_every and not self._stopping
-                       and (left := due - time.monotonic()) > 0):
-                    self._commit_cv.wait(left)
+                if self._pending:  # queued acks wait for the commit clock too, and ride in its transaction
+                    due = self._first_pending_at + self.commit_ms / 1000
+                    while (len(self._pending) < self.commit_every and not self._stopping
+                           and (left := due - time.monotonic()) > 0):
+                        self._commit_cv.wait(left)
                 batch = self._pending
                 self._pending = []
+                self._pending_bytes = 0
+                acks, self._ack_queue = self._ack_queue, []
+                self._acks_applying = bool(acks)
             try:
-                dropped, freed, dropped_through = self._write(batch)
+                dropped, freed, dropped_through, removed, ack_freed = self._write(batch, acks)
             except sqlite3.Error as exc:  # disk full, I/O error: keep the rows queued and retry
                 with self._cond:
                     self._pending = batch + self._pending
+                    self._ack_queue = acks + self._ack_queue
+                    self._acks_applying = False
+                    self._pending_bytes = sum(r[3] for r in self._pending)
                     self._first_pending_at = time.monotonic()
                     if self._commit_error is None:
                         log.error("spool %s: commit failed (%s); retrying", self.path, exc)
@@ -480,13 +511,16 @@ class Spool:
             backoff = 0.05
             with self._cond:
                 self._commit_error = None
-                self._durable_next = batch[-1][0] + 1
+                self._acks_applying = False
+                self._count_acked(removed, ack_freed)
+                if batch:
+                    self._durable_next = batch[-1][0] + 1
+                    self.commits += 1
                 self._bytes -= freed
                 self._depth -= dropped
                 self._dropped += dropped
                 if dropped_through is not None:
                     self._dropped_through = max(self._dropped_through, dropped_through)
-                self.commits += 1
                 self._cond.notify_all()
                 self._room.notify_all()
             if dropped:
@@ -494,19 +528,23 @@ class Spool:
                             self.max_bytes, dropped)
 
     def _write(
-        self, batch: list[tuple[int, float, str | None, int, builtins.bytes]]
-    ) -> tuple[int, int, int | None]:
-        """One transaction for ``batch`` (drop-oldest included).
+        self, batch: list[tuple[int, float, str | None, int, builtins.bytes]], acks: list[Sequence[int]]
+    ) -> tuple[int, int, int | None, int, int]:
+        """One transaction for the queued ack ranges, then ``batch`` (drop-oldest included).
 
-        Returns (dropped, freed bytes, the highest seq dropped or None).
+        Returns (dropped, freed bytes, the highest seq dropped or None, acked, freed by acks). Without
+        samples it is an ack transaction alone: no fsync of its own (module docstring).
         """
+        if not batch:
+            return (0, 0, None, *self._ack_now(acks))
         size = sum(r[3] for r in batch)
         with self._db_lock:
             db = self._db
             db.execute("BEGIN IMMEDIATE")
             try:
+                removed, ack_freed = self._delete_ranges(db, acks, batch[-1][0] + 1) if acks else (0, 0)
                 dropped, freed, last_dropped = 0, 0, None
-                need = self._db_bytes + size - self.max_bytes
+                need = self._db_bytes - ack_freed + size - self.max_bytes
                 if need > 0:
                     for seq_, sz in db.execute("SELECT seq, size FROM samples ORDER BY seq"):
                         if freed >= need:
@@ -535,35 +573,60 @@ class Spool:
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
-            self._db_bytes += size - freed
+            self._db_bytes += size - freed - ack_freed
             self._db_next = batch[-1][0] + 1
-        return dropped, freed, last_dropped
+        return dropped, freed, last_dropped, removed, ack_freed
 
     def ack(self, ranges: Iterable[Sequence[int]]) -> int:
-        """Delete the samples whose seq falls in any inclusive ``(first, last)`` range; return how many."""
-        removed = 0
-        freed = 0
+        """Delete the samples whose seq falls in any inclusive ``(first, last)`` range; return how many.
+
+        The caller waits for the delete (and for the committer's current transaction, which holds the
+        writing connection through its fsync); :meth:`ack_nowait` does not.
+        """
+        removed, freed = self._ack_now(list(ranges))
+        with self._cond:
+            self._count_acked(removed, freed)
+            if removed:
+                self._cond.notify_all()
+                self._room.notify_all()
+        return removed
+
+    def ack_nowait(self, ranges: Iterable[Sequence[int]]) -> None:
+        """Queue ranges for the committer, which deletes what they cover in its next transaction.
+
+        The publisher's way to ack: it never waits for a commit's fsync. The next sample commit applies
+        them (at most ``commit_ms`` later), or at once when none is queued; :attr:`acked_total`,
+        :attr:`depth` and :attr:`bytes` count them once they are deleted, :meth:`flush_acks` waits for that.
+        """
+        with self._cond:
+            self._ack_queue.extend(ranges)
+            self._commit_cv.notify()
+
+    def flush_acks(self, timeout: float | None = None) -> bool:
+        """Wait until every range given to :meth:`ack_nowait` so far is applied; False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(
+                lambda: (not self._ack_queue and not self._acks_applying) or self._committer_done, timeout
+            )
+
+    def _count_acked(self, removed: int, freed: int) -> None:
+        """(Holding ``_cond``) acks deleted ``removed`` samples of ``freed`` bytes."""
+        self._bytes -= freed
+        self._depth -= removed
+        if removed:
+            self.acked_total += removed
+            self.last_ack_at = time.perf_counter()
+
+    def _ack_now(self, ranges: list[Sequence[int]]) -> tuple[int, int]:
+        """An ack transaction of its own (no fsync); returns (samples removed, bytes freed)."""
         with self._db_lock:
             db = self._db
-            # Save next_seq before deleting: the rows about to go may hold the highest seq. _db_next, not
-            # _durable_next: the committer raises that one only after it released _db_lock.
-            next_seq = self._db_next
             if self.fsync:  # an ack's delete needs no fsync of its own (module docstring)
                 db.execute("PRAGMA synchronous=NORMAL")
             db.execute("BEGIN IMMEDIATE")
             try:
-                db.execute(
-                    "UPDATE meta SET value = ? WHERE key='next_seq' AND value < ?", (next_seq, next_seq)
-                )
-                for first, last in ranges:
-                    n, sz = db.execute(
-                        "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM samples WHERE seq BETWEEN ? AND ?",
-                        (first, last),
-                    ).fetchone()
-                    if n:
-                        db.execute("DELETE FROM samples WHERE seq BETWEEN ? AND ?", (first, last))
-                        removed += n
-                        freed += sz
+                # _db_next, not _durable_next: the committer raises that one only after it released _db_lock.
+                removed, freed = self._delete_ranges(db, ranges, self._db_next)
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
@@ -572,13 +635,25 @@ class Spool:
                 if self.fsync:
                     db.execute("PRAGMA synchronous=FULL")
             self._db_bytes -= freed
-        with self._cond:
-            self._bytes -= freed
-            self._depth -= removed
-            if removed:
-                self._cond.notify_all()
-                self._room.notify_all()
-        return removed
+        return removed, freed
+
+    @staticmethod
+    def _delete_ranges(db: sqlite3.Connection, ranges: list[Sequence[int]], next_seq: int) -> tuple[int, int]:
+        """(In a transaction, holding ``_db_lock``) delete the ranges; return (removed, bytes freed).
+
+        Saves ``next_seq`` first: the rows about to go may hold the highest seq.
+        """
+        db.execute("UPDATE meta SET value = ? WHERE key='next_seq' AND value < ?", (next_seq, next_seq))
+        removed = freed = 0
+        for first, last in ranges:
+            n, sz = db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM samples WHERE seq BETWEEN ? AND ?", (first, last)
+            ).fetchone()
+            if n:
+                db.execute("DELETE FROM samples WHERE seq BETWEEN ? AND ?", (first, last))
+                removed += n
+                freed += sz
+        return removed, freed
 
     # -- reading ------------------------------------------------------------------------------------
     def read_after(self, seq: int, limit: int) -> list[SpooledSample]:

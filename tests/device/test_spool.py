@@ -217,3 +217,19 @@ def test_an_existing_world_readable_spool_is_made_private_on_open(tmp_path):
         assert spool.depth == 1
         assert {n: (tmp_path / n).stat().st_mode & 0o777 for n in ("spool.sqlite3", "spool.lock")} == {
             "spool.sqlite3": 0o600, "spool.lock": 0o600}
+
+
+def test_ack_nowait_is_deleted_by_the_committer_alone_or_with_the_next_commit(tmp_path):
+    with Spool(tmp_path, commit_ms=1) as spool:
+        for i in range(10):
+            spool.append(np.full(4, i, np.float32), i)
+        spool.ack_nowait([(0, 2), (100, 200)])  # nothing queued to commit: an ack transaction at once
+        assert spool.flush_acks(5)
+        assert spool.acked_total == 3 and spool.depth == 7 and spool.seqs() == list(range(3, 10))
+        seq = spool.append_nowait(np.zeros(4, np.float32), 0)
+        spool.ack_nowait([(3, 4)])  # rides in the transaction that commits seq 10
+        assert spool.flush() and spool.flush_acks(5)
+        assert spool.seqs() == [*range(5, 10), seq] and spool.acked_total == 5 and spool.last_ack_at
+    with Spool(tmp_path) as spool:  # deleted on disk, and next_seq kept
+        assert spool.depth == 6 and spool.next_seq == 11
+        assert spool.ack([(5, 10)]) == 6 and spool.acked_total == 6
