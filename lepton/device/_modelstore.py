@@ -20,9 +20,10 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
-from lepton._fs import write_atomic
+from lepton._fs import atomic_file, write_atomic
 from lepton.errors import ModelRejected
 from lepton.protocol import parse_manifest, validate_id
 
@@ -42,13 +43,21 @@ class ModelStore:
         return self.directory / f"{self.model}.v{int(version)}.onnx"
 
     # -- writing ----------------------------------------------------------------------------------
-    def stage(self, version: int, data: bytes) -> Path:
+    def stage(self, version: int, data: bytes | Sequence[bytes]) -> Path:
         """Write a version's ONNX bytes (not yet the last good model); return the file's path.
 
-        Not fsynced yet: :meth:`commit` does it, so a swap does not wait for the disk.
+        ``data`` may be the model's parts in order (a package's ``parts``): they are written one
+        after the other, never joined. Not fsynced yet: :meth:`commit` does it, so a swap does not
+        wait for the disk.
         """
         path = self.onnx_path(version)
-        self._write_atomic(path, data, durable=False)
+        if isinstance(data, (bytes, bytearray, memoryview)):
+            self._write_atomic(path, data, durable=False)
+            return path
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with atomic_file(path, mode=0o600, fsync=False) as fh:
+            for part in data:
+                fh.write(part)
         return path
 
     def commit(self, manifest_payload: bytes, version: int) -> None:

@@ -507,7 +507,7 @@ class ModelRuntime:
         t1 = time.perf_counter()
         path: Path | None = None
         try:  # staged on disk first: ONNX Runtime loads a file without holding the GIL for long
-            path = self.store.stage(version, package.data)
+            path = self.store.stage(version, package.parts)  # chunk by chunk: never joined in memory
         except OSError as exc:
             log.warning("model %s v%d: cannot write it to %s (%s); loading it from memory",
                         self.model, version, self.store.directory, exc)

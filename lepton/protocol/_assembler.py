@@ -36,8 +36,9 @@ The rules, each unit-tested in tests/protocol/test_assembler.py:
   ``max_orphan_chunks`` and ``max_orphan_versions`` (O(1) per chunk), dropped after ``orphan_ttl``,
   and checked when their manifest verifies. An empty chunk payload (the cloud clearing a topic)
   removes an orphan and is otherwise ignored.
-* A complete version is joined and checked whole (size, sha256), then refused if the ONNX model
-  names external data files; otherwise it is :class:`Ready`.
+* A complete version is checked whole (size, sha256, hashed chunk by chunk in order: the chunks are
+  not copied into one buffer; ``package.parts`` holds them), then refused if the ONNX model names
+  external data files; otherwise it is :class:`Ready`.
 * Without progress, :meth:`ModelAssembler.tick` asks for a re-subscription (:class:`Refetch`) with
   exponential backoff up to ``REFETCH_MAX_S``; after ``assemble_timeout`` it reports the missing chunks
   once (``missing_chunk``) and keeps waiting. Orphans without a manifest trigger a refetch too, and so
@@ -488,7 +489,7 @@ class ModelAssembler:
             package = assemble_package(asm.manifest, asm.chunks, signed_by=asm.signed_by,
                                        chunks_verified=True)
             # before ONNX Runtime sees it: it would open the files external data names
-            check_onnx_self_contained(package.data, what=f"v{asm.version}")
+            check_onnx_self_contained(package.parts, what=f"v{asm.version}")
         except ModelRejected as exc:
             return self.refuse(asm.version, exc)
         return [Ready(package=package, manifest_payload=asm.manifest_payload, manifest_seen=asm.manifest_seen,
