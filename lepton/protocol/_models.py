@@ -415,11 +415,15 @@ def verify_signature(signed: bytes, signature: dict[str, Any] | None, public_key
     return key_id(raw)
 
 
-def verify_chunk(manifest: ModelManifest, index: int, data: bytes) -> None:
-    """Check one chunk against the manifest; raise ModelRejected("chunk_hash_mismatch")."""
+def verify_chunk(manifest: ModelManifest, index: int, data: bytes, *, digest: str | None = None) -> None:
+    """Check one chunk against the manifest; raise ModelRejected("chunk_hash_mismatch").
+
+    ``digest`` is the sha256 hex of ``data`` when the caller computed it already (the assembler hashes
+    an orphan chunk as it arrives, before its manifest came); otherwise ``data`` is hashed here.
+    """
     if not 0 <= index < len(manifest.chunks):
         raise ModelRejected("chunk_hash_mismatch", f"chunk {index} is outside 0..{len(manifest.chunks) - 1}")
-    if hashlib.sha256(data).hexdigest() != manifest.chunks[index]:
+    if (digest if digest is not None else hashlib.sha256(data).hexdigest()) != manifest.chunks[index]:
         raise ModelRejected("chunk_hash_mismatch", f"chunk {index} of v{manifest.version} is corrupted")
 
 
@@ -453,12 +457,15 @@ def assemble_package(
     *,
     signed_by: str | None,
     chunks_verified: bool = False,
+    whole: tuple[str, int] | None = None,
 ) -> ModelPackage:
     """Join the chunks of a manifest whose signature the caller has already checked.
 
     Checks that no chunk is missing, each chunk's sha256 (unless ``chunks_verified``: a receiver that
     ran :func:`verify_chunk` on every chunk as it arrived need not hash them again) and the whole
-    model's sha256 and size. Raises ModelRejected with the reason.
+    model's sha256 and size. ``whole`` is ``(sha256 hex, size)`` of exactly these chunks in index order
+    when the caller hashed them as they came (the assembler does); otherwise they are hashed here, chunk
+    by chunk (never joined). Raises ModelRejected with the reason.
     """
     missing = [i for i in range(len(manifest.chunks)) if i not in chunks]
     if missing:
@@ -467,10 +474,12 @@ def assemble_package(
         for i in range(len(manifest.chunks)):
             verify_chunk(manifest, i, chunks[i])
     parts = tuple(chunks[i] for i in range(len(manifest.chunks)))
-    whole = hashlib.sha256()  # chunk by chunk: the same digest as of the joined bytes, without the copy
-    for part in parts:
-        whole.update(part)
-    if sum(len(p) for p in parts) != manifest.size or whole.hexdigest() != manifest.sha256:
+    if whole is None:
+        hasher = hashlib.sha256()  # chunk by chunk: the digest of the joined bytes, without the copy
+        for part in parts:
+            hasher.update(part)
+        whole = (hasher.hexdigest(), sum(len(p) for p in parts))
+    if whole[1] != manifest.size or whole[0] != manifest.sha256:
         raise ModelRejected("hash_mismatch", f"assembled v{manifest.version} does not match its sha256/size")
     return ModelPackage(manifest=manifest, parts=parts, signed_by=signed_by)
 
