@@ -79,7 +79,7 @@ def make_model(target_bytes: int, seed: int) -> bytes:
 # device processes
 # ------------------------------------------------------------------------------------------------
 def device_process(wid: int, names: list[str], urls: list[str], fleet: str, pub_key_path: str, store: str,
-                   rate: float, events: mp.Queue, control: mp.Queue) -> None:
+                   rate: float, events: mp.Queue, control: mp.Queue, options: dict) -> None:
     """Host several device runtimes, each with its own paho client and paced inference thread."""
     import logging
 
@@ -93,7 +93,7 @@ def device_process(wid: int, names: list[str], urls: list[str], fleet: str, pub_
     devices = []
     for name, url in zip(names, urls, strict=True):
         runtime = ModelRuntime(topics=topics, model=MODEL, store_dir=Path(store) / name, public_key=key,
-                               pipeline_hash=PIPE, input_shape=(N_IN,))
+                               pipeline_hash=PIPE, input_shape=(N_IN,), **options)
         broker = BrokerURL.parse(url)
         client = new_client(broker, client_id=name)
         subscribed = threading.Event()
@@ -177,28 +177,33 @@ def device_process(wid: int, names: list[str], urls: list[str], fleet: str, pub_
 
 def floor_process(name: str, url: str, fleet: str, events: mp.Queue, control: mp.Queue) -> None:
     """The transport floor: a bare paho subscriber that subscribes like a device (the same filter shape,
-    QoS 0) to the ``FLOOR_MODEL`` topics and only counts bytes. Per version: when its first chunk and
-    its manifest (published last, so its last byte) arrived, and how many payload bytes came."""
-    from lepton.protocol import BrokerURL, Topics, connect, new_client
+    QoS 0) to the ``FLOOR_MODEL`` topics and only counts bytes (and reads the chunk count from the
+    manifest). Per version: when its first message and its last byte arrived, and how many bytes came."""
+    from lepton.protocol import BrokerURL, Topics, connect, new_client, parse_manifest
 
     topics = Topics(fleet=fleet)
     broker = BrokerURL.parse(url)
     client = new_client(broker, client_id=name)
     subscribed = threading.Event()
-    current: dict = {}  # the version being received: first arrival, bytes
+    got: dict[int, dict] = {}  # version -> first arrival, bytes, chunks, chunks expected
 
     def on_message(c, u, m) -> None:
         now = time.time()
         if not m.payload:
             return
         if "/v/" in m.topic:
-            if not current:
-                current.update(version=int(m.topic.split("/v/")[1].split("/")[0]), first=now, nbytes=0)
-            current["nbytes"] += len(m.payload)
-        elif current:  # the manifest: the last message of a publish
-            events.put(("floor", name, current["version"], current["first"], now,
-                        current["nbytes"] + len(m.payload)))
-            current.clear()
+            version, n, expect = int(m.topic.split("/v/")[1].split("/")[0]), 1, None
+        else:  # the manifest
+            manifest = parse_manifest(m.payload)[0]
+            version, n, expect = manifest.version, 0, len(manifest.chunks)
+        v = got.setdefault(version, {"first": now, "nbytes": 0, "chunks": 0, "expect": None})
+        v["nbytes"] += len(m.payload)
+        v["chunks"] += n
+        if expect is not None:
+            v["expect"] = expect
+        if v["expect"] is not None and v["chunks"] == v["expect"]:
+            events.put(("floor", name, version, v["first"], now, v["nbytes"]))
+            v["expect"] = -1  # reported
 
     client.on_connect = lambda c, u, f, rc, p: c.subscribe(topics.model_filter(FLOOR_MODEL), 0)
     client.on_subscribe = lambda c, u, mid, rcs, p: subscribed.set()
@@ -238,7 +243,7 @@ def cpu_in(samples: list, lo: float, hi: float) -> float | None:
     return float(np.interp(hi, walls, cpus) - np.interp(lo, walls, cpus))
 
 
-def stall_probe(size_bytes: int, reps: int, results: mp.Queue) -> None:
+def stall_probe(size_bytes: int, reps: int, results: mp.Queue, options: dict) -> None:
     """One runtime, one thread inferring back to back, a model of ``size_bytes`` fed in-process.
 
     Isolates the runtime from the broker and from other device processes: the longest pause between
@@ -252,7 +257,7 @@ def stall_probe(size_bytes: int, reps: int, results: mp.Queue) -> None:
     key = load_private_key(priv)
     topics = Topics(fleet="probe")
     runtime = ModelRuntime(topics=topics, model=MODEL, store_dir=work / "store",
-                           public_key=load_public_key(pub), pipeline_hash=PIPE, input_shape=(N_IN,))
+                           public_key=load_public_key(pub), pipeline_hash=PIPE, input_shape=(N_IN,), **options)
 
     def messages(version: int, data: bytes) -> list[tuple[str, bytes]]:
         manifest, chunks = build_package(fleet=topics.fleet, name=MODEL, version=version, data=data,
@@ -324,6 +329,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps-small", type=int, default=5)
     parser.add_argument("--reps-large", type=int, default=3)
     parser.add_argument("--broker", choices=["mosquitto", "amqtt"], default=None)
+    parser.add_argument("--prepack-max-mb", type=float, default=None,
+                        help="ModelRuntime(prepack_max_bytes=...) of the devices: build larger models without "
+                             "ONNX Runtime's weight prepacking; -1: always prepack (default: the runtime's default)")
+    parser.add_argument("--order", choices=["chunks-first", "manifest-first"], default="chunks-first",
+                        help="chunks then the manifest (the default, as this bench always did), or the manifest "
+                             "then the chunks (docs/protocol.md's order of publication, lepton.cloud's)")
     parser.add_argument("--no-floor", action="store_true",
                         help="skip the transport floor (bare subscribers that only count bytes)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "hotswap.json"))
@@ -352,6 +363,8 @@ def main(argv: list[str] | None = None) -> int:
     models = {"small": [make_model(sizes["small"], s) for s in range(1, args.reps_small + 2)],
               "large": [make_model(sizes["large"], 100 + s) for s in range(args.reps_large)]}
 
+    prepack = {} if args.prepack_max_mb is None else {  # the same for the devices and the stall probe
+        "prepack_max_bytes": None if args.prepack_max_mb < 0 else int(args.prepack_max_mb * 2**20)}
     broker_handle = MosquittoBroker() if kind == "mosquitto" else AmqttBroker()
     broker_handle.start()
     ctx = mp.get_context("spawn")
@@ -382,7 +395,8 @@ def main(argv: list[str] | None = None) -> int:
             control = ctx.Queue()
             p = ctx.Process(target=device_process, daemon=True,
                             args=(wid, group, urls, fleet, str(pub_path), str(work / "store"), args.rate,
-                                  events, control))
+                                  events, control,
+                                  prepack))
             p.start()
             procs.append(p)
             controls.append(control)
@@ -428,9 +442,9 @@ def main(argv: list[str] | None = None) -> int:
                                              pipeline={"hash": PIPE, "spec": {}}, parent=parent,
                                              private_key=private)
             start = time.time()
-            infos = [publisher.publish(topics.model_chunk(model, version, i), c, qos=1, retain=True)
-                     for i, c in enumerate(chunks)]
-            infos.append(publisher.publish(topics.model(model), manifest, qos=1, retain=True))
+            msgs = [(topics.model_chunk(model, version, i), c) for i, c in enumerate(chunks)]
+            msgs.insert(0 if args.order == "manifest-first" else len(msgs), (topics.model(model), manifest))
+            infos = [publisher.publish(t, p, qos=1, retain=True) for t, p in msgs]
             for info in infos:
                 info.wait_for_publish(120)
             return start, time.time(), len(chunks)
@@ -569,6 +583,8 @@ def main(argv: list[str] | None = None) -> int:
                 for k, t in stamps.items():
                     if t is not None:
                         phases[k].append((t - w0) * 1000)
+                s.setdefault("devices_ms", {})[dev["name"]] = {
+                    k: round((t - w0) * 1000, 1) for k, t in stamps.items() if t is not None}
             cpus = [cpu_in(c, w0, s["done"]) for c in cpu_by_wid.values()]
             dev_cpu.append(sum(c for c in cpus if c is not None))
             broker_cpu_s.append(cpu_in(broker_cpu, w0, s["done"]))
@@ -596,7 +612,7 @@ def main(argv: list[str] | None = None) -> int:
     probes = {}
     for size in ("small", "large"):
         probe_q: mp.Queue = ctx.Queue()
-        proc = ctx.Process(target=stall_probe, args=(sizes[size], 3, probe_q), daemon=True)
+        proc = ctx.Process(target=stall_probe, args=(sizes[size], 3, probe_q, prepack), daemon=True)
         proc.start()
         probes[size] = probe_q.get(timeout=300)
         proc.join(30)
@@ -611,12 +627,15 @@ def main(argv: list[str] | None = None) -> int:
                          "manifest_to_ready_ms_max": round(ready[-1], 1) if ready else None,
                          "steps_ms_max": {k: max((h.get(k) or 0 for d in results for h in d["history"]
                                                   if h["version"] == s["version"]), default=None)
-                                          for k in ("verify_ms", "stage_ms", "load_ms")}})
+                                          for k in ("verify_ms", "stage_ms", "load_ms")},
+                         "devices_ms": s.get("devices_ms", {})})
     failures = sum(d["failures"] + d["runtime_failures"] for d in results)
     failures += sum(r["failures"] for r in probes.values())
     rejections = sum(d["rejections"] for d in results)
     summary = {
         "config": {"devices": args.devices, "processes": args.procs, "broker": kind, "rate_hz": args.rate,
+                   "order": args.order,
+                   "runtime_options": prepack,
                    "reps_small": args.reps_small, "reps_large": args.reps_large,
                    "layout": "each runtime has its own paho client; runtimes spread over the processes"},
         "sizes": per_size,

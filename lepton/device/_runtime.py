@@ -97,6 +97,13 @@ _ORT_TYPES = {
     "tensor(uint8)": "uint8", "tensor(int8)": "int8", "tensor(int32)": "int32", "tensor(int64)": "int64",
 }
 LATENCY_WINDOW = 2048
+#: Models larger than this are built without ONNX Runtime's weight prepacking. ``predict`` runs one
+#: sample at a time, where a large model is a matrix-vector product bound by memory: prepacking does not
+#: speed it up (0.85 ms with, 0.78 ms without on bench/hotswap.py's 21 MB MLP) but makes a second copy
+#: of every weight and most of the session build (43 -> 26 ms alone; with 10 device processes on 2 cores
+#: see README, "What limits the throughput figures"). Small models keep it (the 1 MB MLP: 0.019 ms
+#: with, 0.028 ms without).
+PREPACK_MAX_BYTES = 8 * 1024 * 1024
 ACCURACY_VERSIONS_KEPT = 8
 
 
@@ -147,7 +154,9 @@ class ModelRuntime:
     model's; ``None`` skips that check. ``input_shape`` is the feature shape the pipeline produces,
     without the batch dimension; ``None`` skips the shape check. The limits and timeouts are the
     assembler's (see :class:`~lepton.protocol.ModelAssembler`), except ``max_inbox_bytes``,
-    the bound of the queue between paho's thread and the worker.
+    the bound of the queue between paho's thread and the worker. ``prepack_max_bytes``: a model larger
+    than this is built with ONNX Runtime's weight prepacking off (see :data:`PREPACK_MAX_BYTES`); None
+    always prepacks.
     """
 
     def __init__(
@@ -173,6 +182,7 @@ class ModelRuntime:
         reconnect_quiet: float = 2.0,
         on_resubscribe: Callable[[], None] | None = None,
         warmup_runs: int = 2,
+        prepack_max_bytes: int | None = PREPACK_MAX_BYTES,
     ) -> None:
         self.topics = topics
         self.model = validate_id(model, kind="model")
@@ -185,6 +195,7 @@ class ModelRuntime:
         self.max_inbox_bytes = int(max_inbox_bytes)
         self.on_resubscribe = on_resubscribe
         self.warmup_runs = int(warmup_runs)
+        self.prepack_max_bytes = prepack_max_bytes
         self.store = ModelStore(store_dir, self.model)
 
         self._core = ModelAssembler(
@@ -595,6 +606,8 @@ class ModelRuntime:
             options.intra_op_num_threads = self.intra_op_threads
             options.inter_op_num_threads = 1
             options.log_severity_level = 3
+            if self.prepack_max_bytes is not None and manifest.size > self.prepack_max_bytes:
+                options.add_session_config_entry("session.disable_prepacking", "1")
             session = ort.InferenceSession(str(path) if path is not None else package.data,
                                            sess_options=options, providers=self.providers)
         except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types

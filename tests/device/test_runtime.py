@@ -251,6 +251,28 @@ def test_chunks_in_any_order_before_and_after_the_manifest(tmp_path, keys, fleet
         runtime.close()
 
 
+@pytest.mark.parametrize("limit, prepacked", [(None, True), (10**9, True), (1000, False)])
+def test_models_above_prepack_max_bytes_are_built_without_prepacking_and_predict_the_same(
+        tmp_path, keys, fleet, limit, prepacked):
+    private, public, _, _ = keys
+    data = make_onnx(5, hidden=32)
+    assert len(data) > 1000
+    runtime = make_runtime(fleet, tmp_path, public, prepack_max_bytes=limit)
+    try:
+        feed(runtime, messages(Topics(fleet=fleet), 1, *package(fleet, 1, data, private)))
+        wait_for(lambda: runtime.version == 1, what="v1")
+        options = runtime._current.session.get_session_options()  # the session the swap installed
+        try:
+            disabled = options.get_session_config_entry("session.disable_prepacking") == "1"
+        except RuntimeError:  # never set: ONNX Runtime's default, prepacking on
+            disabled = False
+
+        assert disabled is not prepacked
+        assert runtime.predict(PROBE).index == reference(data)
+    finally:
+        runtime.close()
+
+
 def test_stale_versions_are_ignored_without_an_error(tmp_path, keys, fleet):
     private, public, _, _ = keys
     topics = Topics(fleet=fleet)
