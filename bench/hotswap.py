@@ -7,8 +7,9 @@
 Setup: one broker (Mosquitto when installed, else the embedded amqtt); ``--devices`` ModelRuntime
 instances, each with its own paho client, its own last-good-model directory and its own inference
 thread calling ``predict()`` at ``--rate`` Hz (a camera-paced device), spread over ``--procs``
-processes. A publisher sends each model as the cloud does (retained chunks, then the retained signed
-manifest) and clears the previous version's chunks once every device has moved on.
+processes. A publisher sends each model as retained QoS 1 messages (by default the chunks, then the
+signed manifest; see ``--order``) and clears the previous version's chunks once every device has
+moved on.
 
 Figures, per model size (a ~1 MB and a ~20 MB fp32 MLP, verified with an Ed25519 signature):
 
@@ -24,6 +25,20 @@ Figures, per model size (a ~1 MB and a ~20 MB fp32 MLP, verified with an Ed25519
   hashes and loads the new model at the same moment), so a second figure isolates the runtime:
 * stall probe: one runtime in its own process, inferring back to back, fed 3 swaps in-process (no
   broker): the longest pause between two inferences during a swap vs during a quiet period as long.
+* where the time goes, per device and swap, in ms from the publish start: first chunk and last chunk
+  received (paho's callback), manifest received, assembled (verified whole, before staging), built
+  (session loaded and warmed up, swapped in), first inference on it; p50 and max in the table, every
+  device's in the JSON (``swaps[].devices_ms``).
+* transport floor: after each swap's quiet window the same bytes are published the same way on
+  another model's topics to ``--devices`` bare paho subscribers (one process each, subscribed like a
+  device at QoS 0) that only count bytes: publish start to the last byte at each is what no device
+  code can beat on this broker and machine.
+* CPU seconds per swap (from each process's own clock, and /proc for Mosquitto): all device processes
+  together and per device, the broker; the same for the floor's subscribers.
+
+``--order manifest-first`` publishes as docs/protocol.md and lepton.cloud do (the manifest, then the
+chunks); the default keeps this bench's historical order (the chunks, then the manifest), in which a
+device can verify nothing before the last message.
 """
 
 from __future__ import annotations

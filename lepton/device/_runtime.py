@@ -55,6 +55,7 @@ from __future__ import annotations
 import logging
 import math
 import queue
+import sys
 import threading
 import time
 from collections import deque
@@ -206,6 +207,7 @@ class ModelRuntime:
             reconnect_quiet=reconnect_quiet)
         self._snapshot: AssemblerStats = self._core.stats()
         self._current: _Loaded | None = None  # THE swap point: assigned whole, read once per predict
+        self._retired: list[_Loaded] = []  # swapped out; the worker frees them (see _free_retired)
         self._error: dict[str, Any] | None = None
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._inbox_lock = threading.Lock()
@@ -467,6 +469,7 @@ class ModelRuntime:
             if item is None:
                 return
             try:
+                self._free_retired()
                 if item:
                     parsed, payload, mono, wall = item
                     with self._inbox_lock:
@@ -477,6 +480,7 @@ class ModelRuntime:
                 self._apply(self._core.tick(time.monotonic(), resumed_at=self._resumed_at,
                                             last_heard=self._last_heard,
                                             can_refetch=self.on_resubscribe is not None))
+                self._free_retired()
                 time.sleep(0)  # hand the GIL to a waiting inference thread now, not after the 5 ms interval
             except Exception:  # noqa: BLE001 - a bug here must not stop future swaps
                 log.exception("model runtime: unexpected error while handling a model message")
@@ -502,6 +506,24 @@ class ModelRuntime:
                          event.of)
             elif isinstance(event, Cleared):
                 log.info("model %s: retained manifest cleared; keeping v%s", self.model, event.serving)
+
+    def _free_retired(self) -> None:
+        """Free the sessions swapped out, here on the worker, once no inference holds them any more.
+
+        Freeing a large session unmaps tens of MB; done by whichever thread drops the last reference,
+        which would be an inference thread (the one in flight at the swap, or the next one) and pause
+        it for milliseconds. The worker keeps the last reference instead and drops it as soon as the
+        reference count shows nobody else holds it (an inference in flight finishes first).
+        """
+        keep = []
+        while self._retired:
+            old = self._retired.pop()
+            # getrefcount counts ``old`` and its own argument: 2 means nobody else holds it (nor its
+            # session: the _Loaded's field and the argument)
+            if sys.getrefcount(old) > 2 or sys.getrefcount(old.session) > 2:
+                keep.append(old)
+            del old  # the last reference unless kept: the session is freed here
+        self._retired = keep
 
     def _refetch(self, why: str) -> None:
         if self.on_resubscribe is None:  # it asks only when it can (can_refetch), unless set to None since
@@ -554,6 +576,7 @@ class ModelRuntime:
                  "manifest_ts": manifest_wall,
                  "ready_ms": round(ready_ms, 3) if ready_ms is not None else None,
                  "swapped_ts": None, "first_inference_ts": None, **(steps or {})}
+        retired = self._current
         with self._stats_lock:
             self._swap_log.append(entry)
             del self._swap_log[:-64]
@@ -561,6 +584,9 @@ class ModelRuntime:
             self._current = loaded  # the swap: one reference assignment
             if loaded.source == "broker":
                 self._swaps += 1
+        if retired is not None:
+            self._retired.append(retired)  # freed by the worker, not by an inference (_free_retired)
+        del retired
         self._error = None
         log.info("model %s: now serving v%d (was %s, from %s, %d bytes, sha256 %s)", self.model,
                  loaded.manifest.version, f"v{previous}" if previous else "none", loaded.source,

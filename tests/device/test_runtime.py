@@ -273,6 +273,33 @@ def test_models_above_prepack_max_bytes_are_built_without_prepacking_and_predict
         runtime.close()
 
 
+def test_a_swapped_out_session_is_freed_by_the_worker_once_no_inference_holds_it(tmp_path, keys, fleet):
+    """Freeing a large session takes milliseconds; the worker does it, not the next inference."""
+    import weakref
+
+    private, public, _, _ = keys
+    topics = Topics(fleet=fleet)
+    runtime = make_runtime(fleet, tmp_path, public)
+    freed_by: list[str] = []
+    try:
+        feed(runtime, messages(topics, 1, *package(fleet, 1, make_onnx(1, hidden=32), private)))
+        wait_for(lambda: runtime.version == 1, what="v1")
+        old = runtime._current  # held across the swap, as by an inference in flight on v1
+        weakref.finalize(old, lambda: freed_by.append(threading.current_thread().name))
+        held = runtime.predict(PROBE)
+
+        feed(runtime, messages(topics, 2, *package(fleet, 2, make_onnx(2, hidden=32), private)))
+        wait_for(lambda: runtime.version == 2, what="v2")
+        after = [runtime.predict(PROBE) for _ in range(3)]
+        del old  # the "inference" returns: without the worker's reference this thread would free it
+        wait_for(lambda: freed_by, what="the old model freed")
+
+        assert held.version == 1 and all(p.version == 2 for p in after)
+        assert freed_by == [f"lepton-runtime-{MODEL}"]  # the worker thread, not this (inference) thread
+    finally:
+        runtime.close()
+
+
 def test_stale_versions_are_ignored_without_an_error(tmp_path, keys, fleet):
     private, public, _, _ = keys
     topics = Topics(fleet=fleet)
