@@ -105,6 +105,9 @@ LATENCY_WINDOW = 2048
 #: see README, "What limits the throughput figures"). Small models keep it (the 1 MB MLP: 0.019 ms
 #: with, 0.028 ms without).
 PREPACK_MAX_BYTES = 8 * 1024 * 1024
+#: The worker drops its reference to a swapped-out model after this long even if someone else still
+#: holds it (see ``_free_retired``).
+RETIRED_MAX_S = 60.0
 ACCURACY_VERSIONS_KEPT = 8
 
 
@@ -207,7 +210,7 @@ class ModelRuntime:
             reconnect_quiet=reconnect_quiet)
         self._snapshot: AssemblerStats = self._core.stats()
         self._current: _Loaded | None = None  # THE swap point: assigned whole, read once per predict
-        self._retired: list[_Loaded] = []  # swapped out; the worker frees them (see _free_retired)
+        self._retired: list[tuple[float, _Loaded]] = []  # (when, swapped out): the worker frees them
         self._error: dict[str, Any] | None = None
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._inbox_lock = threading.Lock()
@@ -516,12 +519,14 @@ class ModelRuntime:
         reference count shows nobody else holds it (an inference in flight finishes first).
         """
         keep = []
+        now = time.monotonic()
         while self._retired:
-            old = self._retired.pop()
+            since, old = self._retired.pop()
             # getrefcount counts ``old`` and its own argument: 2 means nobody else holds it (nor its
-            # session: the _Loaded's field and the argument)
-            if sys.getrefcount(old) > 2 or sys.getrefcount(old.session) > 2:
-                keep.append(old)
+            # session: the _Loaded's field and the argument). Someone holding it for a minute (not an
+            # inference) frees it themselves: the worker never keeps old models for good.
+            if (sys.getrefcount(old) > 2 or sys.getrefcount(old.session) > 2) and now - since < RETIRED_MAX_S:
+                keep.append((since, old))
             del old  # the last reference unless kept: the session is freed here
         self._retired = keep
 
@@ -585,7 +590,7 @@ class ModelRuntime:
             if loaded.source == "broker":
                 self._swaps += 1
         if retired is not None:
-            self._retired.append(retired)  # freed by the worker, not by an inference (_free_retired)
+            self._retired.append((time.monotonic(), retired))  # freed by the worker (_free_retired)
         del retired
         self._error = None
         log.info("model %s: now serving v%d (was %s, from %s, %d bytes, sha256 %s)", self.model,

@@ -300,6 +300,28 @@ def test_a_swapped_out_session_is_freed_by_the_worker_once_no_inference_holds_it
         runtime.close()
 
 
+def test_the_worker_lets_go_of_a_swapped_out_model_someone_keeps_holding(tmp_path, keys, fleet, monkeypatch):
+    """Not an inference but a holder that never lets go: the worker drops its own reference after
+    RETIRED_MAX_S instead of keeping every old model."""
+    import lepton.device._runtime as runtime_module
+
+    monkeypatch.setattr(runtime_module, "RETIRED_MAX_S", 0.0)
+    private, public, _, _ = keys
+    topics = Topics(fleet=fleet)
+    runtime = make_runtime(fleet, tmp_path, public)
+    try:
+        feed(runtime, messages(topics, 1, *package(fleet, 1, make_onnx(1, hidden=32), private)))
+        wait_for(lambda: runtime.version == 1, what="v1")
+        old = runtime._current
+        feed(runtime, messages(topics, 2, *package(fleet, 2, make_onnx(2, hidden=32), private)))
+        wait_for(lambda: runtime.version == 2, what="v2")
+
+        wait_for(lambda: not runtime._retired, what="the worker to drop its reference")
+        assert old.manifest.version == 1 and runtime.predict(PROBE).version == 2
+    finally:
+        runtime.close()
+
+
 def test_stale_versions_are_ignored_without_an_error(tmp_path, keys, fleet):
     private, public, _, _ = keys
     topics = Topics(fleet=fleet)
