@@ -272,7 +272,8 @@ def stall_probe(size_bytes: int, reps: int, results: mp.Queue, options: dict) ->
     key = load_private_key(priv)
     topics = Topics(fleet="probe")
     runtime = ModelRuntime(topics=topics, model=MODEL, store_dir=work / "store",
-                           public_key=load_public_key(pub), pipeline_hash=PIPE, input_shape=(N_IN,), **options)
+                           public_key=load_public_key(pub), pipeline_hash=PIPE, input_shape=(N_IN,),
+                           **options)
 
     def messages(version: int, data: bytes) -> list[tuple[str, bytes]]:
         manifest, chunks = build_package(fleet=topics.fleet, name=MODEL, version=version, data=data,
@@ -345,11 +346,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps-large", type=int, default=3)
     parser.add_argument("--broker", choices=["mosquitto", "amqtt"], default=None)
     parser.add_argument("--prepack-max-mb", type=float, default=None,
-                        help="ModelRuntime(prepack_max_bytes=...) of the devices: build larger models without "
-                             "ONNX Runtime's weight prepacking; -1: always prepack (default: the runtime's default)")
+                        help="ModelRuntime(prepack_max_bytes=...) of the devices and the stall probe: build "
+                             "larger models without ONNX Runtime's weight prepacking; -1: always prepack "
+                             "(default: the runtime's default)")
     parser.add_argument("--order", choices=["chunks-first", "manifest-first"], default="chunks-first",
-                        help="chunks then the manifest (the default, as this bench always did), or the manifest "
-                             "then the chunks (docs/protocol.md's order of publication, lepton.cloud's)")
+                        help="chunks then the manifest (the default, as this bench always did), or the "
+                             "manifest then the chunks (docs/protocol.md's order of publication, "
+                             "lepton.cloud's)")
     parser.add_argument("--no-floor", action="store_true",
                         help="skip the transport floor (bare subscribers that only count bytes)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "hotswap.json"))
@@ -419,12 +422,14 @@ def main(argv: list[str] | None = None) -> int:
         for name in floor_names:
             control = ctx.Queue()
             p = ctx.Process(target=floor_process, daemon=True,
-                            args=(name, broker_handle.url("device", name, fleet=fleet), fleet, events, control))
+                            args=(name, broker_handle.url("device", name, fleet=fleet), fleet, events,
+                                  control))
             p.start()
             floor_procs.append(p)
             floor_controls.append(control)
         first_seen: dict[tuple[str, int], float] = {}
-        floor_seen: dict[tuple[str, int], tuple[float, float, int]] = {}  # (sub, version) -> first, last, bytes
+        # (subscriber, version) -> first arrival, last byte, bytes
+        floor_seen: dict[tuple[str, int], tuple[float, float, int]] = {}
 
         def pump(timeout: float) -> list:
             got = []
@@ -529,7 +534,8 @@ def main(argv: list[str] | None = None) -> int:
             control.put("stop")
         results, floor_cpu = [], {}
         deadline = time.monotonic() + 60
-        while (len(results) < len(procs) or len(floor_cpu) < len(floor_procs)) and time.monotonic() < deadline:
+        while (len(results) < len(procs) or len(floor_cpu) < len(floor_procs)) \
+                and time.monotonic() < deadline:
             for item in pump(1.0):
                 if item[0] == "done":
                     results.extend(item[2])
@@ -594,7 +600,8 @@ def main(argv: list[str] | None = None) -> int:
                 if hist and hist[0].get("swapped_ts"):
                     h = hist[0]
                     stamps["built"] = h["swapped_ts"]
-                    stamps["assembled"] = h["swapped_ts"] - ((h.get("stage_ms") or 0) + (h.get("load_ms") or 0)) / 1000
+                    steps_s = ((h.get("stage_ms") or 0) + (h.get("load_ms") or 0)) / 1000
+                    stamps["assembled"] = h["swapped_ts"] - steps_s
                 for k, t in stamps.items():
                     if t is not None:
                         phases[k].append((t - w0) * 1000)
@@ -619,7 +626,8 @@ def main(argv: list[str] | None = None) -> int:
                           "max": round(max(floor_last), 1) if floor_last else None},
             "publish_ms_p50": pct([(f["published"] - f["start"]) * 1000 for f in fl], 50)}
         r["cpu_s_per_swap"] = {
-            "devices_sum": pct(dev_cpu, 50, 3), "per_device": pct([c / args.devices for c in dev_cpu], 50, 3) if dev_cpu else None,
+            "devices_sum": pct(dev_cpu, 50, 3),
+            "per_device": pct([c / args.devices for c in dev_cpu], 50, 3) if dev_cpu else None,
             "broker": pct([c for c in broker_cpu_s if c is not None], 50, 3),
             "floor_subscribers_sum": pct(floor_dev_cpu, 50, 3),
             "floor_broker": pct([c for c in (cpu_in(broker_cpu, f["start"], f["done"]) for f in fl)
@@ -674,7 +682,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['served_in_swap_windows']:>9}/{r['served_in_quiet_windows']:<9} "
               f"{r['served_ratio']!s:>6} {r['max_gap_ms_swap']!s:>11}/{r['max_gap_ms_quiet']!s:<10}")
     print("\nwhere the time goes: ms from the publish start, p50/max over devices x swaps; the transport "
-          "floor is the same\nchunks published the same way to bare subscribers (one process each) that only count bytes")
+          "floor is the same\nchunks published the same way to bare subscribers (one process each) that only "
+          "count bytes")
     header = f"{'model':>8} " + " ".join(f"{k.replace('_', ' '):>15}" for k in phase_names) + \
         f" {'floor last byte p50/p99/max':>28}"
     print(header)
@@ -685,15 +694,17 @@ def main(argv: list[str] | None = None) -> int:
         mb = f"{(r['model_bytes'] or 0) / 1e6:.1f}MB"
         ph = r["phases_ms"]
         fl = r["transport_floor_ms"]["last_byte"]
-        print(f"{mb:>8} " + " ".join(f"{str(ph[k]['p50']) + '/' + str(ph[k]['max']):>15}" for k in phase_names)
+        cells = " ".join(f"{str(ph[k]['p50']) + '/' + str(ph[k]['max']):>15}" for k in phase_names)
+        print(f"{mb:>8} " + cells
               + f" {str(fl['p50']) + '/' + str(fl['p99']) + '/' + str(fl['max']):>28}")
     print("\nCPU seconds per swap (median over swaps): all device processes, per device, the broker; "
           "the floor's subscribers and broker")
     for r in per_size.values():
         if r["swaps"]:
             c = r["cpu_s_per_swap"]
-            print(f"{(r['model_bytes'] or 0) / 1e6:>6.1f}MB devices {c['devices_sum']} ({c['per_device']}/device), "
-                  f"broker {c['broker']}; floor: subscribers {c['floor_subscribers_sum']}, broker {c['floor_broker']}")
+            print(f"{(r['model_bytes'] or 0) / 1e6:>6.1f}MB devices {c['devices_sum']} "
+                  f"({c['per_device']}/device), broker {c['broker']}; "
+                  f"floor: subscribers {c['floor_subscribers_sum']}, broker {c['floor_broker']}")
     print("\nstall probe: 1 runtime in its own process, inference back to back, 3 swaps fed in-process")
     print(f"{'model':>8} {'inference p50/p99 ms':>21} {'max gap swap ms':>16} {'max gap quiet ms':>17}")
     for r in probes.values():

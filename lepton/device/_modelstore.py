@@ -120,7 +120,8 @@ class ModelStore:
         except FileNotFoundError:
             return []
 
-    def _write_atomic(self, path: Path, data: bytes, *, durable: bool = True) -> None:
+    def _write_atomic(self, path: Path, data: bytes | bytearray | memoryview, *,
+                      durable: bool = True) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         write_atomic(path, data, mode=0o600, fsync=durable)  # 0600 as before (mkstemp's mode)
 
