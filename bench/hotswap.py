@@ -7,8 +7,9 @@
 Setup: one broker (Mosquitto when installed, else the embedded amqtt); ``--devices`` ModelRuntime
 instances, each with its own paho client, its own last-good-model directory and its own inference
 thread calling ``predict()`` at ``--rate`` Hz (a camera-paced device), spread over ``--procs``
-processes. A publisher sends each model as the cloud does (retained chunks, then the retained signed
-manifest) and clears the previous version's chunks once every device has moved on.
+processes. A publisher sends each model as retained QoS 1 messages (by default the chunks, then the
+signed manifest; see ``--order``) and clears the previous version's chunks once every device has
+moved on.
 
 Figures, per model size (a ~1 MB and a ~20 MB fp32 MLP, verified with an Ed25519 signature):
 
@@ -24,6 +25,20 @@ Figures, per model size (a ~1 MB and a ~20 MB fp32 MLP, verified with an Ed25519
   hashes and loads the new model at the same moment), so a second figure isolates the runtime:
 * stall probe: one runtime in its own process, inferring back to back, fed 3 swaps in-process (no
   broker): the longest pause between two inferences during a swap vs during a quiet period as long.
+* where the time goes, per device and swap, in ms from the publish start: first chunk and last chunk
+  received (paho's callback), manifest received, assembled (verified whole, before staging), built
+  (session loaded and warmed up, swapped in), first inference on it; p50 and max in the table, every
+  device's in the JSON (``swaps[].devices_ms``).
+* transport floor: after each swap's quiet window the same bytes are published the same way on
+  another model's topics to ``--devices`` bare paho subscribers (one process each, subscribed like a
+  device at QoS 0) that only count bytes: publish start to the last byte at each is what no device
+  code can beat on this broker and machine.
+* CPU seconds per swap (from each process's own clock, and /proc for Mosquitto): all device processes
+  together and per device, the broker; the same for the floor's subscribers.
+
+``--order manifest-first`` publishes as docs/protocol.md and lepton.cloud do (the manifest, then the
+chunks); the default keeps this bench's historical order (the chunks, then the manifest), in which a
+device can verify nothing before the last message.
 """
 
 from __future__ import annotations
@@ -45,6 +60,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 MODEL = "bench"
+FLOOR_MODEL = "floor"  # the transport floor's topics: the same shape, another model name
 PIPE = "bench-pipeline-0"
 N_IN, N_OUT = 64, 10
 
@@ -78,7 +94,7 @@ def make_model(target_bytes: int, seed: int) -> bytes:
 # device processes
 # ------------------------------------------------------------------------------------------------
 def device_process(wid: int, names: list[str], urls: list[str], fleet: str, pub_key_path: str, store: str,
-                   rate: float, events: mp.Queue, control: mp.Queue) -> None:
+                   rate: float, events: mp.Queue, control: mp.Queue, options: dict) -> None:
     """Host several device runtimes, each with its own paho client and paced inference thread."""
     import logging
 
@@ -92,7 +108,7 @@ def device_process(wid: int, names: list[str], urls: list[str], fleet: str, pub_
     devices = []
     for name, url in zip(names, urls, strict=True):
         runtime = ModelRuntime(topics=topics, model=MODEL, store_dir=Path(store) / name, public_key=key,
-                               pipeline_hash=PIPE, input_shape=(N_IN,))
+                               pipeline_hash=PIPE, input_shape=(N_IN,), **options)
         broker = BrokerURL.parse(url)
         client = new_client(broker, client_id=name)
         subscribed = threading.Event()
@@ -101,7 +117,17 @@ def device_process(wid: int, names: list[str], urls: list[str], fleet: str, pub_
             for topic_filter, qos in runtime.subscriptions():
                 c.subscribe(topic_filter, qos)
 
-        def on_message(c, u, m, runtime=runtime):
+        arrivals: dict[int, dict] = {}  # version -> first/last chunk arrival (wall clock), chunk count
+        manifests: list[float] = []  # arrival of each manifest message (its version is known once verified)
+
+        def on_message(c, u, m, runtime=runtime, arrivals=arrivals, manifests=manifests):
+            now = time.time()
+            if "/v/" in m.topic and m.payload:  # .../models/bench/v/{version}/chunks/{index}
+                got = arrivals.setdefault(int(m.topic.split("/v/")[1].split("/")[0]), {"first_chunk": now})
+                got["last_chunk"] = now
+                got["chunks"] = got.get("chunks", 0) + 1
+            elif m.payload:
+                manifests.append(now)
             runtime.handle_message(m.topic, m.payload, m.retain)
 
         client.on_connect = on_connect
@@ -110,7 +136,8 @@ def device_process(wid: int, names: list[str], urls: list[str], fleet: str, pub_
         connect(client, broker)
         subscribed.wait(10)
         devices.append({"name": name, "runtime": runtime, "client": client, "ts": [], "ver": [],
-                        "failures": 0, "seen": set()})
+                        "failures": 0, "seen": set(), "arrivals": arrivals,
+                        "manifests": manifests})
 
     def infer(dev: dict) -> None:
         runtime, period = dev["runtime"], 1.0 / rate
@@ -133,7 +160,15 @@ def device_process(wid: int, names: list[str], urls: list[str], fleet: str, pub_
                 dev["seen"].add(pred.version)
                 events.put(("version", dev["name"], pred.version, now))
 
+    cpu: list[tuple[float, float]] = []  # (wall clock, CPU seconds of this process)
+
+    def sample_cpu() -> None:
+        while not stop.is_set():
+            cpu.append((time.time(), time.process_time()))
+            time.sleep(0.02)
+
     threads = [threading.Thread(target=infer, args=(d,), daemon=True) for d in devices]
+    threads.append(threading.Thread(target=sample_cpu, daemon=True))
     for t in threads:
         t.start()
     events.put(("ready", wid, len(devices)))
@@ -146,7 +181,8 @@ def device_process(wid: int, names: list[str], urls: list[str], fleet: str, pub_
         d["client"].disconnect()
         d["client"].loop_stop()
         tel = d["runtime"].telemetry()
-        out.append({"name": d["name"], "ts": d["ts"], "ver": d["ver"], "failures": d["failures"],
+        out.append({"name": d["name"], "wid": wid, "ts": d["ts"], "ver": d["ver"], "failures": d["failures"],
+                    "arrivals": d["arrivals"], "manifests": d["manifests"], "cpu": cpu,
                     "runtime_failures": tel["inference_failures"], "rejections": tel["model_rejections"],
                     "history": d["runtime"].swap_history(),
                     "inference_ms": {k: tel[f"inference_ms_{k}"] for k in ("mean", "p50", "p99")}})
@@ -154,7 +190,75 @@ def device_process(wid: int, names: list[str], urls: list[str], fleet: str, pub_
     events.put(("done", wid, out))
 
 
-def stall_probe(size_bytes: int, reps: int, results: mp.Queue) -> None:
+def floor_process(name: str, url: str, fleet: str, events: mp.Queue, control: mp.Queue) -> None:
+    """The transport floor: a bare paho subscriber that subscribes like a device (the same filter shape,
+    QoS 0) to the ``FLOOR_MODEL`` topics and only counts bytes (and reads the chunk count from the
+    manifest). Per version: when its first message and its last byte arrived, and how many bytes came."""
+    from lepton.protocol import BrokerURL, Topics, connect, new_client, parse_manifest
+
+    topics = Topics(fleet=fleet)
+    broker = BrokerURL.parse(url)
+    client = new_client(broker, client_id=name)
+    subscribed = threading.Event()
+    got: dict[int, dict] = {}  # version -> first arrival, bytes, chunks, chunks expected
+
+    def on_message(c, u, m) -> None:
+        now = time.time()
+        if not m.payload:
+            return
+        if "/v/" in m.topic:
+            version, n, expect = int(m.topic.split("/v/")[1].split("/")[0]), 1, None
+        else:  # the manifest
+            manifest = parse_manifest(m.payload)[0]
+            version, n, expect = manifest.version, 0, len(manifest.chunks)
+        v = got.setdefault(version, {"first": now, "nbytes": 0, "chunks": 0, "expect": None})
+        v["nbytes"] += len(m.payload)
+        v["chunks"] += n
+        if expect is not None:
+            v["expect"] = expect
+        if v["expect"] is not None and v["chunks"] == v["expect"]:
+            events.put(("floor", name, version, v["first"], now, v["nbytes"]))
+            v["expect"] = -1  # reported
+
+    client.on_connect = lambda c, u, f, rc, p: c.subscribe(topics.model_filter(FLOOR_MODEL), 0)
+    client.on_subscribe = lambda c, u, mid, rcs, p: subscribed.set()
+    client.on_message = on_message
+    connect(client, broker)
+    subscribed.wait(10)
+    stop = threading.Event()
+    cpu: list[tuple[float, float]] = []
+
+    def sample_cpu() -> None:
+        while not stop.is_set():
+            cpu.append((time.time(), time.process_time()))
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample_cpu, daemon=True)
+    sampler.start()
+    events.put(("floor_ready", name))
+    control.get()
+    stop.set()
+    sampler.join(5)
+    client.disconnect()
+    client.loop_stop()
+    events.put(("floor_done", name, cpu))
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_in(samples: list, lo: float, hi: float) -> float | None:
+    """CPU seconds spent between wall-clock times ``lo`` and ``hi``, from (wall, cpu) samples."""
+    if len(samples) < 2:
+        return None
+    walls, cpus = np.asarray(samples).T
+    return float(np.interp(hi, walls, cpus) - np.interp(lo, walls, cpus))
+
+
+def stall_probe(size_bytes: int, reps: int, results: mp.Queue, options: dict) -> None:
     """One runtime, one thread inferring back to back, a model of ``size_bytes`` fed in-process.
 
     Isolates the runtime from the broker and from other device processes: the longest pause between
@@ -168,7 +272,8 @@ def stall_probe(size_bytes: int, reps: int, results: mp.Queue) -> None:
     key = load_private_key(priv)
     topics = Topics(fleet="probe")
     runtime = ModelRuntime(topics=topics, model=MODEL, store_dir=work / "store",
-                           public_key=load_public_key(pub), pipeline_hash=PIPE, input_shape=(N_IN,))
+                           public_key=load_public_key(pub), pipeline_hash=PIPE, input_shape=(N_IN,),
+                           **options)
 
     def messages(version: int, data: bytes) -> list[tuple[str, bytes]]:
         manifest, chunks = build_package(fleet=topics.fleet, name=MODEL, version=version, data=data,
@@ -223,8 +328,8 @@ def stall_probe(size_bytes: int, reps: int, results: mp.Queue) -> None:
 # ------------------------------------------------------------------------------------------------
 # coordinator
 # ------------------------------------------------------------------------------------------------
-def pct(values: list[float], q: float) -> float | None:
-    return round(float(np.percentile(values, q)), 1) if values else None
+def pct(values: list[float], q: float, digits: int = 1) -> float | None:
+    return round(float(np.percentile(values, q)), digits) if values else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -240,6 +345,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps-small", type=int, default=5)
     parser.add_argument("--reps-large", type=int, default=3)
     parser.add_argument("--broker", choices=["mosquitto", "amqtt"], default=None)
+    parser.add_argument("--prepack-max-mb", type=float, default=None,
+                        help="ModelRuntime(prepack_max_bytes=...) of the devices and the stall probe: build "
+                             "larger models without ONNX Runtime's weight prepacking; -1: always prepack "
+                             "(default: the runtime's default)")
+    parser.add_argument("--order", choices=["chunks-first", "manifest-first"], default="chunks-first",
+                        help="chunks then the manifest (the default, as this bench always did), or the "
+                             "manifest then the chunks (docs/protocol.md's order of publication, "
+                             "lepton.cloud's)")
+    parser.add_argument("--no-floor", action="store_true",
+                        help="skip the transport floor (bare subscribers that only count bytes)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "hotswap.json"))
     args = parser.parse_args(argv)
     args.procs = max(1, min(args.procs or args.devices, args.devices))
@@ -266,11 +381,27 @@ def main(argv: list[str] | None = None) -> int:
     models = {"small": [make_model(sizes["small"], s) for s in range(1, args.reps_small + 2)],
               "large": [make_model(sizes["large"], 100 + s) for s in range(args.reps_large)]}
 
+    prepack = {} if args.prepack_max_mb is None else {  # the same for the devices and the stall probe
+        "prepack_max_bytes": None if args.prepack_max_mb < 0 else int(args.prepack_max_mb * 2**20)}
     broker_handle = MosquittoBroker() if kind == "mosquitto" else AmqttBroker()
     broker_handle.start()
     ctx = mp.get_context("spawn")
     events: mp.Queue = ctx.Queue()
     procs, controls = [], []
+    floor_procs, floor_controls = [], []
+    broker_cpu: list[tuple[float, float]] = []  # (wall clock, CPU seconds of the broker process)
+    sampling = threading.Event()
+    broker_pid = broker_handle._proc.pid if kind == "mosquitto" and broker_handle._proc else None
+
+    def sample_broker() -> None:
+        while broker_pid is not None and not sampling.is_set():
+            try:
+                broker_cpu.append((time.time(), proc_cpu_seconds(broker_pid)))
+            except OSError:
+                return
+            time.sleep(0.02)
+
+    threading.Thread(target=sample_broker, daemon=True).start()
     try:
         pub_url = BrokerURL.parse(broker_handle.url("worker", "bench-cloud", fleet=fleet))
         publisher = new_client(pub_url, client_id="bench-cloud", max_inflight=100)
@@ -282,11 +413,23 @@ def main(argv: list[str] | None = None) -> int:
             control = ctx.Queue()
             p = ctx.Process(target=device_process, daemon=True,
                             args=(wid, group, urls, fleet, str(pub_path), str(work / "store"), args.rate,
-                                  events, control))
+                                  events, control,
+                                  prepack))
             p.start()
             procs.append(p)
             controls.append(control)
+        floor_names = [] if args.no_floor else [f"floor-{i:02d}" for i in range(args.devices)]
+        for name in floor_names:
+            control = ctx.Queue()
+            p = ctx.Process(target=floor_process, daemon=True,
+                            args=(name, broker_handle.url("device", name, fleet=fleet), fleet, events,
+                                  control))
+            p.start()
+            floor_procs.append(p)
+            floor_controls.append(control)
         first_seen: dict[tuple[str, int], float] = {}
+        # (subscriber, version) -> first arrival, last byte, bytes
+        floor_seen: dict[tuple[str, int], tuple[float, float, int]] = {}
 
         def pump(timeout: float) -> list:
             got = []
@@ -295,6 +438,8 @@ def main(argv: list[str] | None = None) -> int:
                 while True:
                     if item[0] == "version":
                         first_seen[(item[1], item[2])] = item[3]
+                    elif item[0] == "floor":
+                        floor_seen[(item[1], item[2])] = item[3:]
                     got.append(item)
                     item = events.get_nowait()
             except queue.Empty:
@@ -303,22 +448,23 @@ def main(argv: list[str] | None = None) -> int:
 
         ready = 0
         deadline = time.monotonic() + 120
-        while ready < len(procs) and time.monotonic() < deadline:
-            ready += sum(1 for item in pump(1.0) if item[0] == "ready")
-        if ready < len(procs):
+        while ready < len(procs) + len(floor_procs) and time.monotonic() < deadline:
+            ready += sum(1 for item in pump(1.0) if item[0] in ("ready", "floor_ready"))
+        if ready < len(procs) + len(floor_procs):
             raise RuntimeError("device processes did not start")
 
-        def publish(version: int, data: bytes, parent: int | None) -> tuple[float, float, int]:
-            manifest, chunks = build_package(fleet=fleet, name=MODEL, version=version, data=data,
+        def publish(version: int, data: bytes, parent: int | None, model: str = MODEL
+                    ) -> tuple[float, float, int]:
+            manifest, chunks = build_package(fleet=fleet, name=model, version=version, data=data,
                                              input_spec={"name": "x", "shape": [-1, N_IN],
                                                          "dtype": "float32"},
                                              labels=[str(i) for i in range(N_OUT)],
                                              pipeline={"hash": PIPE, "spec": {}}, parent=parent,
                                              private_key=private)
             start = time.time()
-            infos = [publisher.publish(topics.model_chunk(MODEL, version, i), c, qos=1, retain=True)
-                     for i, c in enumerate(chunks)]
-            infos.append(publisher.publish(topics.model(MODEL), manifest, qos=1, retain=True))
+            msgs = [(topics.model_chunk(model, version, i), c) for i, c in enumerate(chunks)]
+            msgs.insert(0 if args.order == "manifest-first" else len(msgs), (topics.model(model), manifest))
+            infos = [publisher.publish(t, p, qos=1, retain=True) for t, p in msgs]
             for info in infos:
                 info.wait_for_publish(120)
             return start, time.time(), len(chunks)
@@ -332,10 +478,27 @@ def main(argv: list[str] | None = None) -> int:
             missing = [n for n in names if (n, version) not in first_seen]
             raise RuntimeError(f"v{version} never reached {missing}")
 
-        def clear(version: int, n_chunks: int) -> None:
-            for info in [publisher.publish(topics.model_chunk(MODEL, version, i), b"", qos=1, retain=True)
+        def clear(version: int, n_chunks: int, model: str = MODEL) -> None:
+            for info in [publisher.publish(topics.model_chunk(model, version, i), b"", qos=1, retain=True)
                          for i in range(n_chunks)]:
                 info.wait_for_publish(60)
+
+        def floor(version: int, data: bytes) -> dict | None:
+            """The same chunks published the same way to the bare subscribers: the transport floor."""
+            if not floor_names:
+                return None
+            start, published, n_chunks = publish(version, data, None, model=FLOOR_MODEL)
+            deadline = time.monotonic() + 120
+            while not all((n, version) in floor_seen for n in floor_names) and time.monotonic() < deadline:
+                pump(0.2)
+            clear(version, n_chunks, model=FLOOR_MODEL)
+            got = [floor_seen[(n, version)] for n in floor_names if (n, version) in floor_seen]
+            return {"version": version, "start": start, "published": published,
+                    "first_ms": [(g[0] - start) * 1000 for g in got],
+                    "last_ms": [(g[1] - start) * 1000 for g in got],
+                    "complete": sum(1 for g in got if g[2] > len(data)),  # every chunk and the manifest
+                    "subscribers": len(floor_names),
+                    "done": max(g[1] for g in got) if got else None}
 
         print(f"{args.devices} device runtimes in {args.procs} process(es), {kind}, "
               f"{args.rate:g} inferences/s per device", flush=True)
@@ -344,6 +507,7 @@ def main(argv: list[str] | None = None) -> int:
         wait_all(1)
         time.sleep(1.0)
         swaps = []  # (size, version, start, published, done, quiet_end)
+        floors = []  # one transport-floor publish after each swap, the same model bytes
         plan = [("small", m) for m in models["small"][1:]] + [("large", m) for m in models["large"]]
         for size, data in plan:
             version += 1
@@ -355,22 +519,33 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(max(0.0, start + window - time.time()) + window + 0.5)  # a quiet window follows
             swaps.append({"size": size, "version": version, "start": start, "published": published,
                           "done": done, "end": start + window, "window_s": window, "bytes": len(data)})
+            fl = floor(version, data)
+            if fl is not None:
+                fl["size"] = size
+                floors.append(fl)
+                time.sleep(0.5)
             print(f"  v{version} ({size}, {len(data) / 1e6:.1f} MB): published (all PUBACKs) in "
                   f"{(published - start) * 1000:.0f} ms, all {args.devices} devices swapped in "
-                  f"{(done - start) * 1000:.0f} ms", flush=True)
+                  f"{(done - start) * 1000:.0f} ms"
+                  + (f"; floor: last byte at all {len(floor_names)} bare subscribers in "
+                     f"{max(fl['last_ms']):.0f} ms" if fl else ""), flush=True)
             pump(0.0)
-        for control in controls:
+        for control in controls + floor_controls:
             control.put("stop")
-        results = []
+        results, floor_cpu = [], {}
         deadline = time.monotonic() + 60
-        while len(results) < len(procs) and time.monotonic() < deadline:
+        while (len(results) < len(procs) or len(floor_cpu) < len(floor_procs)) \
+                and time.monotonic() < deadline:
             for item in pump(1.0):
                 if item[0] == "done":
                     results.extend(item[2])
+                elif item[0] == "floor_done":
+                    floor_cpu[item[1]] = item[2]
         publisher.disconnect()
         publisher.loop_stop()
     finally:
-        for p in procs:
+        sampling.set()
+        for p in procs + floor_procs:
             p.join(10)
             if p.is_alive():
                 p.kill()
@@ -407,10 +582,60 @@ def main(argv: list[str] | None = None) -> int:
             "max_gap_ms_swap": round(max(gap_swap), 1) if gap_swap else None,
             "max_gap_ms_quiet": round(max(gap_quiet), 1) if gap_quiet else None,
         }
+    # Where the time goes: per device and swap, ms from the publish start to each step.
+    phase_names = ("first_chunk", "last_chunk", "manifest", "assembled", "built", "first_inference")
+    cpu_by_wid = {d["wid"]: d["cpu"] for d in results}
+    for size in ("small", "large"):
+        events_ = [s for s in swaps if s["size"] == size]
+        phases: dict[str, list[float]] = {k: [] for k in phase_names}
+        dev_cpu, broker_cpu_s = [], []
+        for s in events_:
+            v, w0 = s["version"], s["start"]
+            for dev in results:
+                arr = dev["arrivals"].get(v, {})
+                hist = [h for h in dev["history"] if h["version"] == v]
+                manifest = min((t for t in dev["manifests"] if t >= w0), default=None)
+                stamps = {"first_chunk": arr.get("first_chunk"), "last_chunk": arr.get("last_chunk"),
+                          "manifest": manifest, "first_inference": first_seen.get((dev["name"], v))}
+                if hist and hist[0].get("swapped_ts"):
+                    h = hist[0]
+                    stamps["built"] = h["swapped_ts"]
+                    steps_s = ((h.get("stage_ms") or 0) + (h.get("load_ms") or 0)) / 1000
+                    stamps["assembled"] = h["swapped_ts"] - steps_s
+                for k, t in stamps.items():
+                    if t is not None:
+                        phases[k].append((t - w0) * 1000)
+                s.setdefault("devices_ms", {})[dev["name"]] = {
+                    k: round((t - w0) * 1000, 1) for k, t in stamps.items() if t is not None}
+            cpus = [cpu_in(c, w0, s["done"]) for c in cpu_by_wid.values()]
+            dev_cpu.append(sum(c for c in cpus if c is not None))
+            broker_cpu_s.append(cpu_in(broker_cpu, w0, s["done"]))
+        fl = [f for f in floors if f["size"] == size]
+        floor_last = [x for f in fl for x in f["last_ms"]]
+        floor_first = [x for f in fl for x in f["first_ms"]]
+        floor_dev_cpu = [sum(c for c in (cpu_in(v, f["start"], f["done"]) for v in floor_cpu.values())
+                             if c is not None) for f in fl]
+        r = per_size[size]
+        r["phases_ms"] = {k: {"p50": pct(v, 50), "max": round(max(v), 1) if v else None}
+                          for k, v in phases.items()}
+        r["transport_floor_ms"] = {
+            "subscribers": len(floor_names), "publishes": len(fl),
+            "complete": sum(f["complete"] for f in fl),
+            "first_byte_p50": pct(floor_first, 50),
+            "last_byte": {"p50": pct(floor_last, 50), "p99": pct(floor_last, 99),
+                          "max": round(max(floor_last), 1) if floor_last else None},
+            "publish_ms_p50": pct([(f["published"] - f["start"]) * 1000 for f in fl], 50)}
+        r["cpu_s_per_swap"] = {
+            "devices_sum": pct(dev_cpu, 50, 3),
+            "per_device": pct([c / args.devices for c in dev_cpu], 50, 3) if dev_cpu else None,
+            "broker": pct([c for c in broker_cpu_s if c is not None], 50, 3),
+            "floor_subscribers_sum": pct(floor_dev_cpu, 50, 3),
+            "floor_broker": pct([c for c in (cpu_in(broker_cpu, f["start"], f["done"]) for f in fl)
+                                 if c is not None], 50, 3)}
     probes = {}
     for size in ("small", "large"):
         probe_q: mp.Queue = ctx.Queue()
-        proc = ctx.Process(target=stall_probe, args=(sizes[size], 3, probe_q), daemon=True)
+        proc = ctx.Process(target=stall_probe, args=(sizes[size], 3, probe_q, prepack), daemon=True)
         proc.start()
         probes[size] = probe_q.get(timeout=300)
         proc.join(30)
@@ -425,12 +650,15 @@ def main(argv: list[str] | None = None) -> int:
                          "manifest_to_ready_ms_max": round(ready[-1], 1) if ready else None,
                          "steps_ms_max": {k: max((h.get(k) or 0 for d in results for h in d["history"]
                                                   if h["version"] == s["version"]), default=None)
-                                          for k in ("verify_ms", "stage_ms", "load_ms")}})
+                                          for k in ("verify_ms", "stage_ms", "load_ms")},
+                         "devices_ms": s.get("devices_ms", {})})
     failures = sum(d["failures"] + d["runtime_failures"] for d in results)
     failures += sum(r["failures"] for r in probes.values())
     rejections = sum(d["rejections"] for d in results)
     summary = {
         "config": {"devices": args.devices, "processes": args.procs, "broker": kind, "rate_hz": args.rate,
+                   "order": args.order,
+                   "runtime_options": prepack,
                    "reps_small": args.reps_small, "reps_large": args.reps_large,
                    "layout": "each runtime has its own paho client; runtimes spread over the processes"},
         "sizes": per_size,
@@ -453,6 +681,30 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['manifest_to_ready_ms_p50']!s:>9} "
               f"{r['served_in_swap_windows']:>9}/{r['served_in_quiet_windows']:<9} "
               f"{r['served_ratio']!s:>6} {r['max_gap_ms_swap']!s:>11}/{r['max_gap_ms_quiet']!s:<10}")
+    print("\nwhere the time goes: ms from the publish start, p50/max over devices x swaps; the transport "
+          "floor is the same\nchunks published the same way to bare subscribers (one process each) that only "
+          "count bytes")
+    header = f"{'model':>8} " + " ".join(f"{k.replace('_', ' '):>15}" for k in phase_names) + \
+        f" {'floor last byte p50/p99/max':>28}"
+    print(header)
+    print("-" * len(header))
+    for r in per_size.values():
+        if not r["swaps"]:
+            continue
+        mb = f"{(r['model_bytes'] or 0) / 1e6:.1f}MB"
+        ph = r["phases_ms"]
+        fl = r["transport_floor_ms"]["last_byte"]
+        cells = " ".join(f"{str(ph[k]['p50']) + '/' + str(ph[k]['max']):>15}" for k in phase_names)
+        print(f"{mb:>8} " + cells
+              + f" {str(fl['p50']) + '/' + str(fl['p99']) + '/' + str(fl['max']):>28}")
+    print("\nCPU seconds per swap (median over swaps): all device processes, per device, the broker; "
+          "the floor's subscribers and broker")
+    for r in per_size.values():
+        if r["swaps"]:
+            c = r["cpu_s_per_swap"]
+            print(f"{(r['model_bytes'] or 0) / 1e6:>6.1f}MB devices {c['devices_sum']} "
+                  f"({c['per_device']}/device), broker {c['broker']}; "
+                  f"floor: subscribers {c['floor_subscribers_sum']}, broker {c['floor_broker']}")
     print("\nstall probe: 1 runtime in its own process, inference back to back, 3 swaps fed in-process")
     print(f"{'model':>8} {'inference p50/p99 ms':>21} {'max gap swap ms':>16} {'max gap quiet ms':>17}")
     for r in probes.values():

@@ -20,9 +20,10 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
-from lepton._fs import write_atomic
+from lepton._fs import atomic_file, write_atomic
 from lepton.errors import ModelRejected
 from lepton.protocol import parse_manifest, validate_id
 
@@ -42,13 +43,20 @@ class ModelStore:
         return self.directory / f"{self.model}.v{int(version)}.onnx"
 
     # -- writing ----------------------------------------------------------------------------------
-    def stage(self, version: int, data: bytes) -> Path:
+    def stage(self, version: int, data: bytes | Sequence[bytes]) -> Path:
         """Write a version's ONNX bytes (not yet the last good model); return the file's path.
 
-        Not fsynced yet: :meth:`commit` does it, so a swap does not wait for the disk.
+        ``data`` may be the model's parts in order (a package's ``parts``): they are written one
+        after the other, never joined. Not fsynced yet: :meth:`commit` does it, so a swap does not
+        wait for the disk.
         """
         path = self.onnx_path(version)
-        self._write_atomic(path, data, durable=False)
+        if isinstance(data, (bytes, bytearray, memoryview)):
+            self._write_atomic(path, data, durable=False)
+            return path
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with atomic_file(path, mode=0o600, fsync=False) as fh:
+            _write_parts(fh.fileno(), data)
         return path
 
     def commit(self, manifest_payload: bytes, version: int) -> None:
@@ -112,7 +120,8 @@ class ModelStore:
         except FileNotFoundError:
             return []
 
-    def _write_atomic(self, path: Path, data: bytes, *, durable: bool = True) -> None:
+    def _write_atomic(self, path: Path, data: bytes | bytearray | memoryview, *,
+                      durable: bool = True) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         write_atomic(path, data, mode=0o600, fsync=durable)  # 0600 as before (mkstemp's mode)
 
@@ -122,3 +131,20 @@ class ModelStore:
             path.unlink()
         except FileNotFoundError:
             pass
+
+
+_IOV_MAX = max(16, os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024)
+
+
+def _write_parts(fd: int, parts: Sequence[bytes]) -> None:
+    """Write ``parts`` one after the other with as few ``writev`` calls as the system allows: one
+    system call (and one release of the GIL) for a whole model, not one per chunk."""
+    views = [memoryview(p) for p in parts if len(p)]
+    start = 0
+    while start < len(views):
+        written = os.writev(fd, views[start:start + _IOV_MAX])
+        while start < len(views) and written >= len(views[start]):
+            written -= len(views[start])
+            start += 1
+        if written:  # a short write stopped inside a part
+            views[start] = views[start][written:]

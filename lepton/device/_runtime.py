@@ -55,6 +55,7 @@ from __future__ import annotations
 import logging
 import math
 import queue
+import sys
 import threading
 import time
 from collections import deque
@@ -97,6 +98,16 @@ _ORT_TYPES = {
     "tensor(uint8)": "uint8", "tensor(int8)": "int8", "tensor(int32)": "int32", "tensor(int64)": "int64",
 }
 LATENCY_WINDOW = 2048
+#: Models larger than this are built without ONNX Runtime's weight prepacking. ``predict`` runs one
+#: sample at a time, where a large model is a matrix-vector product bound by memory: prepacking does not
+#: speed it up (0.85 ms with, 0.78 ms without on bench/hotswap.py's 21 MB MLP) but makes a second copy
+#: of every weight and most of the session build (43 -> 26 ms alone; with 10 device processes on 2 cores
+#: see README, "What limits the throughput figures"). Small models keep it (the 1 MB MLP: 0.019 ms
+#: with, 0.028 ms without).
+PREPACK_MAX_BYTES = 8 * 1024 * 1024
+#: The worker drops its reference to a swapped-out model after this long even if someone else still
+#: holds it (see ``_free_retired``).
+RETIRED_MAX_S = 60.0
 ACCURACY_VERSIONS_KEPT = 8
 
 
@@ -147,7 +158,9 @@ class ModelRuntime:
     model's; ``None`` skips that check. ``input_shape`` is the feature shape the pipeline produces,
     without the batch dimension; ``None`` skips the shape check. The limits and timeouts are the
     assembler's (see :class:`~lepton.protocol.ModelAssembler`), except ``max_inbox_bytes``,
-    the bound of the queue between paho's thread and the worker.
+    the bound of the queue between paho's thread and the worker. ``prepack_max_bytes``: a model larger
+    than this is built with ONNX Runtime's weight prepacking off (see :data:`PREPACK_MAX_BYTES`); None
+    always prepacks.
     """
 
     def __init__(
@@ -173,6 +186,7 @@ class ModelRuntime:
         reconnect_quiet: float = 2.0,
         on_resubscribe: Callable[[], None] | None = None,
         warmup_runs: int = 2,
+        prepack_max_bytes: int | None = PREPACK_MAX_BYTES,
     ) -> None:
         self.topics = topics
         self.model = validate_id(model, kind="model")
@@ -185,6 +199,7 @@ class ModelRuntime:
         self.max_inbox_bytes = int(max_inbox_bytes)
         self.on_resubscribe = on_resubscribe
         self.warmup_runs = int(warmup_runs)
+        self.prepack_max_bytes = prepack_max_bytes
         self.store = ModelStore(store_dir, self.model)
 
         self._core = ModelAssembler(
@@ -195,6 +210,7 @@ class ModelRuntime:
             reconnect_quiet=reconnect_quiet)
         self._snapshot: AssemblerStats = self._core.stats()
         self._current: _Loaded | None = None  # THE swap point: assigned whole, read once per predict
+        self._retired: list[tuple[float, _Loaded]] = []  # (when, swapped out): the worker frees them
         self._error: dict[str, Any] | None = None
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._inbox_lock = threading.Lock()
@@ -456,6 +472,7 @@ class ModelRuntime:
             if item is None:
                 return
             try:
+                self._free_retired()
                 if item:
                     parsed, payload, mono, wall = item
                     with self._inbox_lock:
@@ -466,6 +483,7 @@ class ModelRuntime:
                 self._apply(self._core.tick(time.monotonic(), resumed_at=self._resumed_at,
                                             last_heard=self._last_heard,
                                             can_refetch=self.on_resubscribe is not None))
+                self._free_retired()
                 time.sleep(0)  # hand the GIL to a waiting inference thread now, not after the 5 ms interval
             except Exception:  # noqa: BLE001 - a bug here must not stop future swaps
                 log.exception("model runtime: unexpected error while handling a model message")
@@ -492,6 +510,26 @@ class ModelRuntime:
             elif isinstance(event, Cleared):
                 log.info("model %s: retained manifest cleared; keeping v%s", self.model, event.serving)
 
+    def _free_retired(self) -> None:
+        """Free the sessions swapped out, here on the worker, once no inference holds them any more.
+
+        Freeing a large session unmaps tens of MB; done by whichever thread drops the last reference,
+        which would be an inference thread (the one in flight at the swap, or the next one) and pause
+        it for milliseconds. The worker keeps the last reference instead and drops it as soon as the
+        reference count shows nobody else holds it (an inference in flight finishes first).
+        """
+        keep = []
+        now = time.monotonic()
+        while self._retired:
+            since, old = self._retired.pop()
+            # getrefcount counts ``old`` and its own argument: 2 means nobody else holds it (nor its
+            # session: the _Loaded's field and the argument). Someone holding it for a minute (not an
+            # inference) frees it themselves: the worker never keeps old models for good.
+            if (sys.getrefcount(old) > 2 or sys.getrefcount(old.session) > 2) and now - since < RETIRED_MAX_S:
+                keep.append((since, old))
+            del old  # the last reference unless kept: the session is freed here
+        self._retired = keep
+
     def _refetch(self, why: str) -> None:
         if self.on_resubscribe is None:  # it asks only when it can (can_refetch), unless set to None since
             return
@@ -507,7 +545,7 @@ class ModelRuntime:
         t1 = time.perf_counter()
         path: Path | None = None
         try:  # staged on disk first: ONNX Runtime loads a file without holding the GIL for long
-            path = self.store.stage(version, package.data)
+            path = self.store.stage(version, package.parts)  # chunk by chunk: never joined in memory
         except OSError as exc:
             log.warning("model %s v%d: cannot write it to %s (%s); loading it from memory",
                         self.model, version, self.store.directory, exc)
@@ -543,6 +581,7 @@ class ModelRuntime:
                  "manifest_ts": manifest_wall,
                  "ready_ms": round(ready_ms, 3) if ready_ms is not None else None,
                  "swapped_ts": None, "first_inference_ts": None, **(steps or {})}
+        retired = self._current
         with self._stats_lock:
             self._swap_log.append(entry)
             del self._swap_log[:-64]
@@ -550,6 +589,9 @@ class ModelRuntime:
             self._current = loaded  # the swap: one reference assignment
             if loaded.source == "broker":
                 self._swaps += 1
+        if retired is not None:
+            self._retired.append((time.monotonic(), retired))  # freed by the worker (_free_retired)
+        del retired
         self._error = None
         log.info("model %s: now serving v%d (was %s, from %s, %d bytes, sha256 %s)", self.model,
                  loaded.manifest.version, f"v{previous}" if previous else "none", loaded.source,
@@ -595,6 +637,8 @@ class ModelRuntime:
             options.intra_op_num_threads = self.intra_op_threads
             options.inter_op_num_threads = 1
             options.log_severity_level = 3
+            if self.prepack_max_bytes is not None and manifest.size > self.prepack_max_bytes:
+                options.add_session_config_entry("session.disable_prepacking", "1")
             session = ort.InferenceSession(str(path) if path is not None else package.data,
                                            sess_options=options, providers=self.providers)
         except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types

@@ -36,8 +36,9 @@ The rules, each unit-tested in tests/protocol/test_assembler.py:
   ``max_orphan_chunks`` and ``max_orphan_versions`` (O(1) per chunk), dropped after ``orphan_ttl``,
   and checked when their manifest verifies. An empty chunk payload (the cloud clearing a topic)
   removes an orphan and is otherwise ignored.
-* A complete version is joined and checked whole (size, sha256), then refused if the ONNX model
-  names external data files; otherwise it is :class:`Ready`.
+* A complete version is checked whole (size, sha256, hashed chunk by chunk in order: the chunks are
+  not copied into one buffer; ``package.parts`` holds them), then refused if the ONNX model names
+  external data files; otherwise it is :class:`Ready`.
 * Without progress, :meth:`ModelAssembler.tick` asks for a re-subscription (:class:`Refetch`) with
   exponential backoff up to ``REFETCH_MAX_S``; after ``assemble_timeout`` it reports the missing chunks
   once (``missing_chunk``) and keeps waiting. Orphans without a manifest trigger a refetch too, and so
@@ -60,8 +61,9 @@ Where the device's and the serve worker's former copies differed, the stricter r
 
 from __future__ import annotations
 
+import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -188,6 +190,33 @@ class AssemblerStats:
 # ------------------------------------------------------------------------------------------------
 # state
 # ------------------------------------------------------------------------------------------------
+class _Prefix:
+    """The sha256 of chunks ``0 .. count-1`` in order, fed as they arrive, so that the whole model's
+    digest is ready when its last chunk comes instead of costing one more pass over every byte then.
+
+    Only hashing: it decides nothing. The caller feeds it the exact objects it holds, and starts a new
+    one if a chunk it already hashed is replaced.
+    """
+
+    __slots__ = ("count", "hasher", "size")
+
+    def __init__(self) -> None:
+        self.hasher = hashlib.sha256()
+        self.count = 0
+        self.size = 0
+
+    def advance(self, chunks: Mapping[int, bytes]) -> None:
+        while self.count in chunks:
+            data = chunks[self.count]
+            self.hasher.update(data)
+            self.size += len(data)
+            self.count += 1
+
+    def result(self, n_chunks: int) -> tuple[str, int] | None:
+        """``(sha256 hex, size)`` of chunks ``0 .. n_chunks-1``, if exactly those were hashed."""
+        return (self.hasher.hexdigest(), self.size) if self.count == n_chunks else None
+
+
 @dataclass
 class _Assembly:
     """The chunks of the one version whose manifest verified and that is not served yet.
@@ -203,6 +232,7 @@ class _Assembly:
     manifest_seen: float
     manifest_wall: float | None
     chunks: dict[int, bytes] = field(default_factory=dict)
+    whole: _Prefix = field(default_factory=_Prefix)  # over verified chunks only
     nbytes: int = 0
     last_progress: float = 0.0
     refetch_wait: float = 0.0  # seconds without progress before the next re-subscribe
@@ -214,6 +244,7 @@ class _Assembly:
         self.nbytes += len(data) - (len(old) if old is not None else 0)
         self.chunks[index] = data
         self.last_progress = now
+        self.whole.advance(self.chunks)
 
     def complete(self) -> bool:
         return len(self.chunks) == len(self.manifest.chunks)
@@ -221,10 +252,16 @@ class _Assembly:
 
 @dataclass
 class _Orphans:
-    """Chunks of a version without a verified manifest: unverifiable, so bounded and short-lived."""
+    """Chunks of a version without a verified manifest: unverifiable, so bounded and short-lived.
+
+    Each is hashed as it arrives (``digests``; ``whole`` hashes them in order), work the manifest's
+    check then need not wait for: it only compares digests. Nothing is decided before it verifies.
+    """
 
     first_seen: float
     chunks: dict[int, bytes] = field(default_factory=dict)
+    digests: dict[int, str] = field(default_factory=dict)
+    whole: _Prefix = field(default_factory=_Prefix)
     nbytes: int = 0
 
 
@@ -335,13 +372,18 @@ class ModelAssembler:
         self._pending = asm
         events: list[AssemblyEvent] = []
         bad: list[ModelRejected] = []
+        group = self._orphans.get(version)
         for index, data in self._drop_orphans(version).items():
             try:
-                verify_chunk(manifest, index, data)
+                verify_chunk(manifest, index, data, digest=group.digests.get(index) if group else None)
             except ModelRejected as exc:
                 bad.append(exc)
             else:
-                asm.add(index, data, now)
+                asm.chunks[index] = data
+                asm.nbytes += len(data)
+        if group is not None and not bad:
+            asm.whole = group.whole  # it hashed exactly these chunks, in order
+        asm.whole.advance(asm.chunks)
         if len(manifest.chunks) == 1 and manifest.chunks[0] == EMPTY_SHA256:
             asm.add(0, b"", now)  # an empty model: its one chunk is never sent
         if bad:
@@ -486,9 +528,9 @@ class ModelAssembler:
         self._pending = None  # the package holds the bytes now, or the version is refused
         try:
             package = assemble_package(asm.manifest, asm.chunks, signed_by=asm.signed_by,
-                                       chunks_verified=True)
+                                       chunks_verified=True, whole=asm.whole.result(len(asm.manifest.chunks)))
             # before ONNX Runtime sees it: it would open the files external data names
-            check_onnx_self_contained(package.data, what=f"v{asm.version}")
+            check_onnx_self_contained(package.parts, what=f"v{asm.version}")
         except ModelRejected as exc:
             return self.refuse(asm.version, exc)
         return [Ready(package=package, manifest_payload=asm.manifest_payload, manifest_seen=asm.manifest_seen,
@@ -501,7 +543,10 @@ class ModelAssembler:
             if group is not None and index in group.chunks:
                 self._orphan_bytes -= len(group.chunks[index])
                 group.nbytes -= len(group.chunks.pop(index))
+                group.digests.pop(index, None)
                 self._orphan_chunks -= 1
+                if index < group.whole.count:
+                    group.whole = _Prefix()
             return
         old = len(group.chunks[index]) if group is not None and index in group.chunks else None
         growth = len(payload) - (old or 0)
@@ -521,6 +566,10 @@ class ModelAssembler:
                     return
             group = self._orphans[version] = _Orphans(first_seen=now)
         group.chunks[index] = payload
+        group.digests[index] = hashlib.sha256(payload).hexdigest()
+        if index < group.whole.count:  # a chunk it hashed was replaced: start again
+            group.whole = _Prefix()
+        group.whole.advance(group.chunks)
         group.nbytes += growth
         self._orphan_bytes += growth
         if old is None:

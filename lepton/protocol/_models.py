@@ -23,11 +23,15 @@ is imported only when a signature is made or checked.
 from __future__ import annotations
 
 import base64
+import bisect
+import functools
 import hashlib
+import itertools
 import json
 import math
+import re
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,11 +107,21 @@ class ModelManifest:
 
 @dataclass(frozen=True)
 class ModelPackage:
-    """A verified model: manifest plus the exact ONNX bytes."""
+    """A verified model: manifest plus the exact ONNX bytes.
+
+    The bytes are held as ``parts``, the verified chunks in order (a model of tens of MB is never
+    copied whole to be checked or written: see :func:`assemble_package`); ``data`` joins them the first
+    time it is read, for a caller that needs one ``bytes`` object.
+    """
 
     manifest: ModelManifest
-    data: bytes
+    parts: tuple[bytes, ...]
     signed_by: str | None
+
+    @functools.cached_property
+    def data(self) -> bytes:
+        """The ONNX bytes as one object (joined on first use, then kept)."""
+        return bytes(self.parts[0]) if len(self.parts) == 1 else b"".join(self.parts)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -373,8 +387,13 @@ def check_destination(manifest: ModelManifest, *, fleet: str, model: str | None 
                             f"published under {model!r}")
 
 
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
 def _is_sha256(value: object) -> bool:
-    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+    # a regex, not a generator over the characters: a 21 MB model's manifest lists 220 digests, checked
+    # while the runtime's worker holds the GIL (1 ms of a swap's pause otherwise)
+    return isinstance(value, str) and _SHA256_HEX.fullmatch(value) is not None
 
 
 def verify_signature(signed: bytes, signature: dict[str, Any] | None, public_key) -> str | None:
@@ -402,11 +421,15 @@ def verify_signature(signed: bytes, signature: dict[str, Any] | None, public_key
     return key_id(raw)
 
 
-def verify_chunk(manifest: ModelManifest, index: int, data: bytes) -> None:
-    """Check one chunk against the manifest; raise ModelRejected("chunk_hash_mismatch")."""
+def verify_chunk(manifest: ModelManifest, index: int, data: bytes, *, digest: str | None = None) -> None:
+    """Check one chunk against the manifest; raise ModelRejected("chunk_hash_mismatch").
+
+    ``digest`` is the sha256 hex of ``data`` when the caller computed it already (the assembler hashes
+    an orphan chunk as it arrives, before its manifest came); otherwise ``data`` is hashed here.
+    """
     if not 0 <= index < len(manifest.chunks):
         raise ModelRejected("chunk_hash_mismatch", f"chunk {index} is outside 0..{len(manifest.chunks) - 1}")
-    if hashlib.sha256(data).hexdigest() != manifest.chunks[index]:
+    if (digest if digest is not None else hashlib.sha256(data).hexdigest()) != manifest.chunks[index]:
         raise ModelRejected("chunk_hash_mismatch", f"chunk {index} of v{manifest.version} is corrupted")
 
 
@@ -440,12 +463,15 @@ def assemble_package(
     *,
     signed_by: str | None,
     chunks_verified: bool = False,
+    whole: tuple[str, int] | None = None,
 ) -> ModelPackage:
     """Join the chunks of a manifest whose signature the caller has already checked.
 
     Checks that no chunk is missing, each chunk's sha256 (unless ``chunks_verified``: a receiver that
     ran :func:`verify_chunk` on every chunk as it arrived need not hash them again) and the whole
-    model's sha256 and size. Raises ModelRejected with the reason.
+    model's sha256 and size. ``whole`` is ``(sha256 hex, size)`` of exactly these chunks in index order
+    when the caller hashed them as they came (the assembler does); otherwise they are hashed here, chunk
+    by chunk (never joined). Raises ModelRejected with the reason.
     """
     missing = [i for i in range(len(manifest.chunks)) if i not in chunks]
     if missing:
@@ -453,10 +479,15 @@ def assemble_package(
     if not chunks_verified:
         for i in range(len(manifest.chunks)):
             verify_chunk(manifest, i, chunks[i])
-    data = b"".join(chunks[i] for i in range(len(manifest.chunks)))
-    if len(data) != manifest.size or hashlib.sha256(data).hexdigest() != manifest.sha256:
+    parts = tuple(chunks[i] for i in range(len(manifest.chunks)))
+    if whole is None:
+        hasher = hashlib.sha256()  # chunk by chunk: the digest of the joined bytes, without the copy
+        for part in parts:
+            hasher.update(part)
+        whole = (hasher.hexdigest(), sum(len(p) for p in parts))
+    if whole[1] != manifest.size or whole[0] != manifest.sha256:
         raise ModelRejected("hash_mismatch", f"assembled v{manifest.version} does not match its sha256/size")
-    return ModelPackage(manifest=manifest, data=data, signed_by=signed_by)
+    return ModelPackage(manifest=manifest, parts=parts, signed_by=signed_by)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -479,7 +510,7 @@ _TENSOR_NAME, _TENSOR_EXTERNAL_DATA, _TENSOR_DATA_LOCATION = 8, 13, 14
 _ONNX_MAX_DEPTH = 64
 
 
-def onnx_external_data(data: bytes) -> list[str]:
+def onnx_external_data(data: bytes | Sequence[bytes]) -> list[str]:
     """Names of the tensors of an ONNX model that keep their data in external files.
 
     A tensor has external data when its ``data_location`` is EXTERNAL (1) or it carries
@@ -487,15 +518,55 @@ def onnx_external_data(data: bytes) -> list[str]:
     (before 1.24) even through ``../``: a model must be self-contained. This walks the protobuf wire
     format itself (model, graphs, nodes, attributes, subgraphs, sparse tensors, functions, training
     info), so the device needs neither ``onnx`` nor onnxruntime to check it. Raises
-    ModelRejected("load_failed") when ``data`` is not a well-formed protobuf.
+    ModelRejected("load_failed") when ``data`` is not a well-formed protobuf. ``data`` may be the
+    model's parts in order (a :class:`ModelPackage`'s ``parts``): they are read in place, not joined.
     """
     found: list[str] = []
-    view = memoryview(bytes(data))
-    _walk_onnx(view, 0, len(view), _MODEL, 0, found)
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        view: memoryview | _Concat = memoryview(bytes(data))
+    else:
+        view = memoryview(data[0]) if len(data) == 1 else _Concat(data)
+    _walk_onnx(view, 0, len(view), _MODEL, 0, found)  # type: ignore[arg-type]
     return found
 
 
-def check_onnx_self_contained(data: bytes, *, what: str = "the model") -> None:
+class _Concat:
+    """Read access to the concatenation of ``parts`` without joining them: what :func:`_walk_onnx`
+    uses of a memoryview (``len``, one byte ``[i]``, a short slice ``[a:b]``). It reads field keys and
+    lengths only and skips tensor data, so a few thousand lookups cover a model of any size."""
+
+    def __init__(self, parts: Sequence[bytes]) -> None:
+        self._parts = [memoryview(p) for p in parts if len(p)] or [memoryview(b"")]
+        self._ends = list(itertools.accumulate(len(p) for p in self._parts))
+        self._last = 0  # the part of the previous lookup: the walk mostly reads forward
+
+    def __len__(self) -> int:
+        return self._ends[-1]
+
+    def _find(self, pos: int) -> int:
+        i = self._last
+        if not ((self._ends[i - 1] if i else 0) <= pos < self._ends[i]):
+            i = self._last = bisect.bisect_right(self._ends, pos)
+        return i
+
+    def __getitem__(self, key: int | slice) -> int | bytes:
+        if isinstance(key, slice):
+            start, stop, _ = key.indices(len(self))
+            out = bytearray()
+            while start < stop:
+                i = self._find(start)
+                begin = self._ends[i - 1] if i else 0
+                take = min(stop, self._ends[i]) - start
+                out += self._parts[i][start - begin:start - begin + take]
+                start += take
+            return bytes(out)
+        if not 0 <= key < len(self):
+            raise IndexError(key)
+        i = self._find(key)
+        return self._parts[i][key - (self._ends[i - 1] if i else 0)]
+
+
+def check_onnx_self_contained(data: bytes | Sequence[bytes], *, what: str = "the model") -> None:
     """Raise ModelRejected("external_data") when an ONNX model refers to external data files."""
     external = onnx_external_data(data)
     if external:

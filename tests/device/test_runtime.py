@@ -251,6 +251,77 @@ def test_chunks_in_any_order_before_and_after_the_manifest(tmp_path, keys, fleet
         runtime.close()
 
 
+@pytest.mark.parametrize("limit, prepacked", [(None, True), (10**9, True), (1000, False)])
+def test_models_above_prepack_max_bytes_are_built_without_prepacking_and_predict_the_same(
+        tmp_path, keys, fleet, limit, prepacked):
+    private, public, _, _ = keys
+    data = make_onnx(5, hidden=32)
+    assert len(data) > 1000
+    runtime = make_runtime(fleet, tmp_path, public, prepack_max_bytes=limit)
+    try:
+        feed(runtime, messages(Topics(fleet=fleet), 1, *package(fleet, 1, data, private)))
+        wait_for(lambda: runtime.version == 1, what="v1")
+        options = runtime._current.session.get_session_options()  # the session the swap installed
+        try:
+            disabled = options.get_session_config_entry("session.disable_prepacking") == "1"
+        except RuntimeError:  # never set: ONNX Runtime's default, prepacking on
+            disabled = False
+
+        assert disabled is not prepacked
+        assert runtime.predict(PROBE).index == reference(data)
+    finally:
+        runtime.close()
+
+
+def test_a_swapped_out_session_is_freed_by_the_worker_once_no_inference_holds_it(tmp_path, keys, fleet):
+    """Freeing a large session takes milliseconds; the worker does it, not the next inference."""
+    import weakref
+
+    private, public, _, _ = keys
+    topics = Topics(fleet=fleet)
+    runtime = make_runtime(fleet, tmp_path, public)
+    freed_by: list[str] = []
+    try:
+        feed(runtime, messages(topics, 1, *package(fleet, 1, make_onnx(1, hidden=32), private)))
+        wait_for(lambda: runtime.version == 1, what="v1")
+        old = runtime._current  # held across the swap, as by an inference in flight on v1
+        weakref.finalize(old, lambda: freed_by.append(threading.current_thread().name))
+        held = runtime.predict(PROBE)
+
+        feed(runtime, messages(topics, 2, *package(fleet, 2, make_onnx(2, hidden=32), private)))
+        wait_for(lambda: runtime.version == 2, what="v2")
+        after = [runtime.predict(PROBE) for _ in range(3)]
+        del old  # the "inference" returns: without the worker's reference this thread would free it
+        wait_for(lambda: freed_by, what="the old model freed")
+
+        assert held.version == 1 and all(p.version == 2 for p in after)
+        assert freed_by == [f"lepton-runtime-{MODEL}"]  # the worker thread, not this (inference) thread
+    finally:
+        runtime.close()
+
+
+def test_the_worker_lets_go_of_a_swapped_out_model_someone_keeps_holding(tmp_path, keys, fleet, monkeypatch):
+    """Not an inference but a holder that never lets go: the worker drops its own reference after
+    RETIRED_MAX_S instead of keeping every old model."""
+    import lepton.device._runtime as runtime_module
+
+    monkeypatch.setattr(runtime_module, "RETIRED_MAX_S", 0.0)
+    private, public, _, _ = keys
+    topics = Topics(fleet=fleet)
+    runtime = make_runtime(fleet, tmp_path, public)
+    try:
+        feed(runtime, messages(topics, 1, *package(fleet, 1, make_onnx(1, hidden=32), private)))
+        wait_for(lambda: runtime.version == 1, what="v1")
+        old = runtime._current
+        feed(runtime, messages(topics, 2, *package(fleet, 2, make_onnx(2, hidden=32), private)))
+        wait_for(lambda: runtime.version == 2, what="v2")
+
+        wait_for(lambda: not runtime._retired, what="the worker to drop its reference")
+        assert old.manifest.version == 1 and runtime.predict(PROBE).version == 2
+    finally:
+        runtime.close()
+
+
 def test_stale_versions_are_ignored_without_an_error(tmp_path, keys, fleet):
     private, public, _, _ = keys
     topics = Topics(fleet=fleet)

@@ -364,6 +364,38 @@ def test_a_corrupted_orphan_is_reported_when_its_manifest_verifies_and_the_versi
     assert only(c.receive_chunk(1, 0, chunks[0], 2.0), Ready).version == 1
 
 
+@pytest.mark.parametrize("order", ["manifest first", "chunks first"])
+def test_the_whole_sha256_is_checked_even_when_every_chunk_matches(order):
+    """The whole digest is computed as chunks come (orphans included); it is still compared, once."""
+    c = core(public_key=None)  # --no-verify: the edited manifest is taken, its hashes still checked
+    manifest, chunks = pkg(1)
+    wrong = tampered(manifest, sha256="0" * 64)
+
+    if order == "manifest first":
+        events = c.receive_manifest(wrong, 0.0) + chunks_in(c, 1, chunks, 1.0)
+    else:
+        events = chunks_in(c, 1, chunks, 0.0) + c.receive_manifest(wrong, 1.0)
+
+    assert reasons(events) == ["hash_mismatch"] and not [e for e in events if isinstance(e, Ready)]
+
+
+def test_orphans_replaced_removed_or_out_of_order_still_give_the_exact_bytes():
+    """An orphan is hashed on arrival; replacing or removing one that was hashed already starts the
+    running whole digest again, so what is checked is always exactly the chunks held."""
+    c = core()
+    data = onnx_bytes(5 * CHUNK + 7)
+    manifest, chunks = pkg(1, data)
+    c.receive_chunk(1, 0, b"forged chunk zero", 0.0)
+    chunks_in(c, 1, chunks, 0.0, indices=[1, 2])
+    c.receive_chunk(1, 0, chunks[0], 0.1)  # the genuine chunk replaces the forged one
+    c.receive_chunk(1, 2, b"", 0.2)  # cleared, then sent again, after the later ones
+    chunks_in(c, 1, chunks, 0.3, indices=[5, 4, 3, 2])
+
+    events = c.receive_manifest(manifest, 1.0)
+
+    assert reasons(events) == [] and only(events, Ready).package.data == data
+
+
 def test_onnx_external_data_is_refused_before_anything_loads_it():
     c = core()
     manifest, chunks = pkg(1, onnx_with_external_data())

@@ -411,3 +411,45 @@ def test_a_malformed_protobuf_is_load_failed(garbage):
     with pytest.raises(ModelRejected) as info:
         onnx_external_data(garbage)
     assert info.value.reason == "load_failed"
+
+
+@pytest.mark.parametrize("where", [None, "initializer", "subgraph", "sparse"])
+@pytest.mark.parametrize("size", [1, 3, 7, 64])
+def test_external_data_is_found_in_a_model_given_as_parts(where, size):
+    """A package's parts (its chunks, never joined) are walked exactly like the joined bytes, whatever
+    field a part boundary splits."""
+    from lepton.protocol import onnx_external_data
+
+    data = _tiny_model(external_in=where)
+    parts = [data[i:i + size] for i in range(0, len(data), size)]
+
+    assert onnx_external_data(parts) == onnx_external_data(data)
+    assert len(onnx_external_data(parts)) == (0 if where is None else 1)
+
+
+@pytest.mark.parametrize("garbage", [b"\x0a\xff\xff\xff\xff\x0f", b"\x0b", b"\x3a\x05ab", b"\x00\x01"])
+def test_a_malformed_protobuf_in_parts_is_load_failed(garbage):
+    from lepton.protocol import onnx_external_data
+
+    with pytest.raises(ModelRejected) as info:
+        onnx_external_data([garbage[:1], garbage[1:]])
+    assert info.value.reason == "load_failed"
+
+
+def test_a_package_keeps_its_verified_chunks_and_joins_them_only_when_asked():
+    from lepton.protocol import assemble_package
+
+    manifest_payload, chunks = build()
+    manifest = parse_manifest(manifest_payload)[0]
+    package = assemble_package(manifest, dict(enumerate(chunks)), signed_by=None)
+
+    assert len(chunks) == 6 and package.parts == tuple(chunks)
+    assert all(a is b for a, b in zip(package.parts, chunks, strict=True))  # held, not copied
+    assert package.data == ODD_DATA and package.data is package.data  # joined once, then kept
+    swapped = dict(enumerate(chunks))
+    swapped[0], swapped[1] = chunks[1], chunks[0]
+    with pytest.raises(ModelRejected) as each:  # every chunk's hash
+        assemble_package(manifest, swapped, signed_by=None)
+    with pytest.raises(ModelRejected) as whole:  # and the whole, hashed part by part in index order
+        assemble_package(manifest, swapped, signed_by=None, chunks_verified=True)
+    assert (each.value.reason, whole.value.reason) == ("chunk_hash_mismatch", "hash_mismatch")
