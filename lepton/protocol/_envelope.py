@@ -9,7 +9,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from itertools import chain, repeat
 from operator import itemgetter
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import msgpack
 import numpy as np
@@ -332,11 +332,11 @@ def _check_uniform(raws: list[Any], max_tensor_bytes: int) -> SampleColumns | No
     if not kinds <= _LABEL_TYPES:
         return None
     if int in kinds:
-        ints = ys if len(kinds) == 1 else [y for y in ys if type(y) is int]
+        ints = cast("list[int]", ys if len(kinds) == 1 else [y for y in ys if type(y) is int])
         if min(ints) < -(2**63) or max(ints) >= 2**63:
             return None
     if str in kinds:
-        strs = ys if len(kinds) == 1 else [y for y in ys if type(y) is str]
+        strs = cast("list[str]", ys if len(kinds) == 1 else [y for y in ys if type(y) is str])
         if max(map(len, strs)) > MAX_LABEL_CHARS:
             return None
     metas = list(map(dict.get, raws, repeat("meta")))
