@@ -120,6 +120,21 @@ class SqliteIndex(SampleIndex):
         self._db = sqlite3.connect(
             self.path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
         )
+        # Two processes opening a new index at once (two workers of one folder, or a worker and its
+        # store child) race to switch it to WAL: the loser gets "database is locked" at once, without
+        # SQLite's busy handler, so the set-up is retried here for as long as a busy lock is waited for.
+        deadline = time.monotonic() + busy_timeout
+        while True:
+            try:
+                self._set_up()
+                break
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() >= deadline:
+                    self._db.close()
+                    raise
+                time.sleep(0.02)
+
+    def _set_up(self) -> None:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(

@@ -66,3 +66,41 @@ def test_known_and_add_agree_with_a_set(tmp_path, fleet, index_url):
     ranges = index.ranges("d")
     assert all(b + 1 < c for (_, b), (c, _) in zip(ranges, ranges[1:], strict=False))  # merged
     index.close()
+
+
+def _open_at(path: str, start: float, results) -> None:  # noqa: ANN001 - a multiprocessing queue
+    import time
+
+    while time.time() < start:  # every process opens at the same moment
+        pass
+    try:
+        index = SqliteIndex(path)
+        with index.transaction():
+            pass
+        index.close()
+        results.put(None)
+    except Exception as exc:  # reported to the test, which fails on it
+        results.put(repr(exc))
+
+
+def test_processes_opening_a_new_index_at_once_all_succeed(tmp_path):
+    """Two workers of one folder (or a worker and its store child) starting together used to fail with
+    "database is locked": the race to switch a new file to WAL bypasses SQLite's busy handler."""
+    import multiprocessing
+    import time
+
+    ctx = multiprocessing.get_context("fork")
+    errors = []
+    for attempt in range(30):
+        results = ctx.Queue()
+        path = str(tmp_path / f"d{attempt}" / "index.sqlite")
+        (tmp_path / f"d{attempt}").mkdir()
+        start = time.time() + 0.1
+        procs = [ctx.Process(target=_open_at, args=(path, start, results)) for _ in range(3)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(60)
+        errors += [e for e in (results.get(timeout=10) for _ in procs) if e is not None]
+        assert all(p.exitcode == 0 for p in procs)
+    assert errors == []
