@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import json
 import logging
 import os
@@ -250,6 +251,15 @@ def _load_config(path: Path) -> dict[str, Any]:
     if isinstance(auth, dict) and auth.get("password_file") and not Path(auth["password_file"]).is_file():
         raise ConfigError(f"password file {auth['password_file']} named in {path} not found; create it with "
                           "`lepton broker --add-user NAME` (run from the same folder)")
+    if isinstance(plugins, dict):  # a plugin that cannot load is a config error, found before any bind
+        for name in plugins:
+            module, _, attr = str(name).rpartition(".")
+            try:
+                if not hasattr(importlib.import_module(module or attr), attr):
+                    raise ImportError(f"module {module!r} has no {attr!r}")
+            except ImportError as exc:
+                raise ConfigError(f"plugin {name} named in {path} cannot be loaded ({exc}); fix its "
+                                  "dotted name or install its package") from None
     return config
 
 
