@@ -244,12 +244,6 @@ def floor_process(name: str, url: str, fleet: str, events: mp.Queue, control: mp
     events.put(("floor_done", name, cpu))
 
 
-def proc_cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, from /proc (Linux)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def cpu_in(samples: list, lo: float, hi: float) -> float | None:
     """CPU seconds spent between wall-clock times ``lo`` and ``hi``, from (wall, cpu) samples."""
     if len(samples) < 2:
@@ -394,12 +388,16 @@ def main(argv: list[str] | None = None) -> int:
     broker_pid = broker_handle._proc.pid if kind == "mosquitto" and broker_handle._proc else None
 
     def sample_broker() -> None:
-        while broker_pid is not None and not sampling.is_set():
-            try:
-                broker_cpu.append((time.time(), proc_cpu_seconds(broker_pid)))
-            except OSError:
-                return
-            time.sleep(0.02)
+        import psutil
+
+        try:
+            broker = psutil.Process(broker_pid) if broker_pid is not None else None
+            while broker is not None and not sampling.is_set():
+                times = broker.cpu_times()
+                broker_cpu.append((time.time(), times.user + times.system))
+                time.sleep(0.02)
+        except psutil.Error:  # the broker exited: its samples so far stand
+            return
 
     threading.Thread(target=sample_broker, daemon=True).start()
     try:

@@ -70,12 +70,6 @@ def thread_cpu() -> dict[str, float]:
     return out
 
 
-def process_cpu(pid: int) -> float:
-    """CPU seconds (user + system) used so far by process ``pid`` (Linux ``/proc``)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def _cpu_diff(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
     return {k: round(v - before.get(k, 0.0), 3) for k, v in after.items() if v - before.get(k, 0.0) > 0}
 
@@ -190,7 +184,10 @@ def worker_run(
     status["cpu_s"] = _cpu_diff(cpu0, thread_cpu())
     pid = getattr(w, "store_pid", None)
     if pid is not None:  # the store child (started by w.start()): all of its CPU is this drain's
-        status["cpu_s"]["store-child"] = round(process_cpu(pid), 3)
+        import psutil
+
+        times = psutil.Process(pid).cpu_times()
+        status["cpu_s"]["store-child"] = round(times.user + times.system, 3)
     w.stop()
     count = Dataset(root, fleet).count()
     if count != total:

@@ -86,8 +86,6 @@ log = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_WORKER_MAX_PAYLOAD_BYTES", "IngestWorker", "WorkerConfig"]
 
-_TRANSIENT = TRANSIENT
-
 
 @dataclass
 class _Message:
@@ -130,7 +128,7 @@ class IngestWorker:
                 "pass a writable dataset directory"
             ) from None
         self.index = open_index(self.dir, config.index)
-        self._transient = _TRANSIENT + self.index.transient_errors
+        self._transient = TRANSIENT + self.index.transient_errors
         self.quarantine = Quarantine(
             self.quarantine_dir,
             QuarantineLimits(
@@ -190,7 +188,7 @@ class IngestWorker:
         def make_runner(on_state, wait):  # noqa: ANN001, ANN202 - runs in the child
             index = open_index(self.dir, cfg.index)
             own.append(index)
-            return StoreRunner(self._make_store(index), transient=_TRANSIENT + index.transient_errors,
+            return StoreRunner(self._make_store(index), transient=TRANSIENT + index.transient_errors,
                                wait=wait, on_state=on_state, name=cfg.name)
 
         def close() -> None:  # in the child, on its way out
@@ -230,13 +228,20 @@ class IngestWorker:
             raise
 
     def _stop_store(self) -> None:
+        """start() failed after the child was forked: stop it again."""
         self._stop.set()
         if self._child is not None:
             self._child.abandon_retries()
-            self._child.request_stop()
-            if self._results is not None:
-                self._results.join(10)
-            self._child.join(10)
+        self._join_store(10)
+
+    def _join_store(self, timeout: float) -> None:
+        """Ask the store child to exit after the batches already sent; wait for it and its results."""
+        if self._child is None:
+            return
+        self._child.request_stop()
+        if self._results is not None:
+            self._results.join(timeout)
+        self._child.join(timeout)
 
     def _connect(self) -> None:
         cfg = self.config
@@ -290,11 +295,7 @@ class IngestWorker:
             self._child.abandon_retries()  # as in-process: a batch in its retry backoff gives up
         if self._writer is not None:
             self._writer.join(timeout)
-        if self._child is not None:
-            self._child.request_stop()
-            if self._results is not None:
-                self._results.join(timeout)
-            self._child.join(timeout)
+        self._join_store(timeout)
         if self._status_thread is not None:
             self._status_thread.join(timeout)
         self._trainer.stop()

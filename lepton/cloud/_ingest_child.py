@@ -20,6 +20,7 @@ received_at, retain), ...])`` or ``("stop",)``; child -> parent ``("state", Stor
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import multiprocessing
@@ -76,10 +77,8 @@ class StoreChild:
 
     def request_stop(self) -> None:
         """Ask the child to exit after the batches already sent."""
-        try:
+        with contextlib.suppress(OSError):  # the child is gone already: nothing to stop
             self._conn.send(("stop",))
-        except OSError:
-            pass
 
     def join(self, timeout: float) -> int | None:
         self._proc.join(timeout)

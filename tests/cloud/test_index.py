@@ -5,6 +5,7 @@ The model check (known/add agree with a set) runs against both backends."""
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -71,12 +72,11 @@ def test_known_and_add_agree_with_a_set(tmp_path, fleet, index_url):
 def _open_at(path: str, start: float, results) -> None:  # noqa: ANN001 - a multiprocessing queue
     import time
 
-    while time.time() < start:  # every process opens at the same moment
-        pass
+    time.sleep(max(0.0, start - time.time()))  # every process opens at the same moment
     try:
         index = SqliteIndex(path)
-        with index.transaction():
-            pass
+        with index.transaction():  # the write lock too, as a worker's first batch takes it
+            index.add(f"d{os.getpid()}", [0])
         index.close()
         results.put(None)
     except Exception as exc:  # reported to the test, which fails on it

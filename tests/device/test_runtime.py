@@ -273,23 +273,27 @@ def test_models_above_prepack_max_bytes_are_built_without_prepacking_and_predict
         runtime.close()
 
 
+def _serve(runtime, fleet: str, version: int, private) -> None:  # noqa: ANN001
+    """Deliver a small signed model of ``version`` and wait until the runtime serves it."""
+    feed(runtime, messages(Topics(fleet=fleet), version,
+                           *package(fleet, version, make_onnx(version, hidden=32), private)))
+    wait_for(lambda: runtime.version == version, what=f"v{version}")
+
+
 def test_a_swapped_out_session_is_freed_by_the_worker_once_no_inference_holds_it(tmp_path, keys, fleet):
     """Freeing a large session takes milliseconds; the worker does it, not the next inference."""
     import weakref
 
     private, public, _, _ = keys
-    topics = Topics(fleet=fleet)
     runtime = make_runtime(fleet, tmp_path, public)
     freed_by: list[str] = []
     try:
-        feed(runtime, messages(topics, 1, *package(fleet, 1, make_onnx(1, hidden=32), private)))
-        wait_for(lambda: runtime.version == 1, what="v1")
+        _serve(runtime, fleet, 1, private)
         old = runtime._current  # held across the swap, as by an inference in flight on v1
         weakref.finalize(old, lambda: freed_by.append(threading.current_thread().name))
         held = runtime.predict(PROBE)
 
-        feed(runtime, messages(topics, 2, *package(fleet, 2, make_onnx(2, hidden=32), private)))
-        wait_for(lambda: runtime.version == 2, what="v2")
+        _serve(runtime, fleet, 2, private)
         after = [runtime.predict(PROBE) for _ in range(3)]
         del old  # the "inference" returns: without the worker's reference this thread would free it
         wait_for(lambda: freed_by, what="the old model freed")
@@ -307,14 +311,11 @@ def test_the_worker_lets_go_of_a_swapped_out_model_someone_keeps_holding(tmp_pat
 
     monkeypatch.setattr(runtime_module, "RETIRED_MAX_S", 0.0)
     private, public, _, _ = keys
-    topics = Topics(fleet=fleet)
     runtime = make_runtime(fleet, tmp_path, public)
     try:
-        feed(runtime, messages(topics, 1, *package(fleet, 1, make_onnx(1, hidden=32), private)))
-        wait_for(lambda: runtime.version == 1, what="v1")
+        _serve(runtime, fleet, 1, private)
         old = runtime._current
-        feed(runtime, messages(topics, 2, *package(fleet, 2, make_onnx(2, hidden=32), private)))
-        wait_for(lambda: runtime.version == 2, what="v2")
+        _serve(runtime, fleet, 2, private)
 
         wait_for(lambda: not runtime._retired, what="the worker to drop its reference")
         assert old.manifest.version == 1 and runtime.predict(PROBE).version == 2
