@@ -253,8 +253,11 @@ class Demo:
         return {n: p.poll() for n, p in self._procs.items() if n.startswith("dev-")}
 
     def finished(self) -> bool:
-        """All devices streamed their slice, are acknowledged, and the last model reached them
-        (joint: the devices loop until --duration)."""
+        """Every device process has exited (each ends once its slice is streamed and acknowledged, or
+        its --duration runs out). Whether a model reached them before that is the summary's business:
+        on a slow machine the first model can arrive after the slices end, and edge accuracy is then
+        reported as None rather than waited for. Joint demos: the devices loop until --duration, so
+        the run is done once the cloud has answered ``joint_answers`` samples."""
         if self.config.joint:
             # The devices loop; the point is made once the cloud has answered a fair number of samples
             # with its model (or --duration runs out).
